@@ -1,0 +1,54 @@
+# One target per stage. Every stage target takes CONFIG= (a YAML under configs/ or any path) and
+# ROOT= (the dataset root; default: the config's `root`). `make demo` and `make test` install
+# everything they need into .venv first, so they are the only two commands a fresh machine needs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+ROOT   ?=
+STAMP  := $(VENV)/.installed
+CLI    := $(BIN)/python -m four_m
+ARGS    = --config $(CONFIG) $(if $(ROOT),--root $(ROOT))
+
+# torch/torchvision: the pair this machine has on disk (CPU wheels); other pairs download gigabytes.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
+
+.PHONY: install demo test test-all download sample-urls label tokenizers tokenize train sample \
+        card preview bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# Both opencv wheels write cv2/: unpack the headless one last so cv2 needs no libGL.
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall '$(OPENCV_HEADLESS)'
+	$(BIN)/python -m pip check
+	touch $@
+
+demo: $(STAMP)
+	$(CLI) demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Longer suites (crash runs, production-size checks) that stay out of `make test`.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+sample-urls download label tokenizers tokenize train sample card preview: $(STAMP)
+	$(CLI) $@ $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/download.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf data .pytest_cache .ruff_cache build *.egg-info

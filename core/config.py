@@ -1,0 +1,222 @@
+"""Typed run configuration: dataclasses <- YAML <- command-line overrides.
+
+Every field is checked when the config is built: a typo in a key, a wrong type or an out-of-range
+value stops the run before any work, naming the key. The resolved config is written into the
+dataset root by every stage (see ``core.dataset_root``), so a run can always be traced back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from four_m.core.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RUNTIME_ONLY = {"runtime_only": True}
+"""Field metadata: the field tunes speed, not output, so changing it does not make shards stale."""
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None
+    """None starts Ray on this machine; "auto" or "ray://host:10001" joins a running cluster."""
+    num_cpus: int | None = None
+    """CPUs of a locally started Ray (None: all of this machine's)."""
+    object_store_mb: int | None = None
+    """Object store of a locally started Ray (None: Ray's default, 30% of memory)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
+        _check(self.object_store_mb is None or self.object_store_mb >= 64, "ray.object_store_mb", ">= 64")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    urls: str = "urls"
+    """A url list (.tsv, .tsv.gz, .parquet) or a folder of them; relative paths are under the root."""
+    input_format: str = "auto"
+    """tsv | parquet | auto (from the file extension)."""
+    tsv_header: str = "auto"
+    """yes | no | auto. CC12M's tsv has none: auto reads a header only if its first field is `url_col`."""
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    samples_per_shard: int = 10_000
+    image_size: int = 256
+    """Shorter side after resizing: 4M trains on random 224 px crops, so keep a margin above 224."""
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    threads_per_shard: int = field(default=64, metadata=RUNTIME_ONLY)
+    """Concurrent HTTP requests inside one shard task (downloads wait on the network, not the CPU)."""
+    cpus_per_shard: float = field(default=1.0, metadata=RUNTIME_ONLY)
+    """Ray CPUs reserved by one shard task: resizing is the CPU-bound part."""
+    timeout_s: float = 10.0
+    retries: int = 0
+    max_image_pixels: int = 89_478_485
+    """Larger images are refused as decompression bombs (Pillow's own default limit)."""
+    min_image_size: int = 0
+    allowed_schemes: tuple[str, ...] = ("http", "https")
+    """Anything else (file://, ftp://) is a counted failure: urllib would happily read local files."""
+    user_agent_token: str | None = "four-m"
+
+    def __post_init__(self) -> None:
+        _check(self.input_format in ("auto", "tsv", "parquet"), "download.input_format", "auto|tsv|parquet")
+        _check(self.tsv_header in ("auto", "yes", "no"), "download.tsv_header", "auto|yes|no")
+        _check(self.samples_per_shard >= 1, "download.samples_per_shard", "must be >= 1")
+        _check(16 <= self.image_size <= 4096, "download.image_size", "must be in [16, 4096]")
+        _check(self.resize_mode in RESIZE_MODES, "download.resize_mode", "|".join(RESIZE_MODES))
+        _check(self.encode_format in ("jpg", "png", "webp"), "download.encode_format", "jpg|png|webp")
+        _check(self.threads_per_shard >= 1, "download.threads_per_shard", "must be >= 1")
+        _check(self.cpus_per_shard > 0, "download.cpus_per_shard", "must be > 0")
+        _check(self.timeout_s > 0, "download.timeout_s", "must be > 0")
+        _check(self.retries >= 0, "download.retries", "must be >= 0")
+        _check(self.max_image_pixels >= 1, "download.max_image_pixels", "must be >= 1")
+        _check(len(self.allowed_schemes) > 0, "download.allowed_schemes", "must name a scheme")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    enabled: bool = False
+    """The url list is the embedded sample: built under the root if missing, served during download."""
+    host: str = "127.0.0.1"
+    port: int = 47823
+    """Fixed, so the url list (and so the download plan) is the same from one run to the next."""
+    extra_images: str | None = None
+    """A folder of the user's own photos to add to the sample."""
+    plant_failures: bool = True
+    """Add a 404, a non-image body, a truncated JPEG and a file:// url, to show failure accounting."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.port < 65536, "sample.port", "must be in 1..65535")
+
+
+@dataclass(frozen=True)
+class Config:
+    root: str = "data/default"
+    """The dataset root: every stage reads and writes under it."""
+    verify_checksums: bool = True
+    """On resume, re-hash finished shards before trusting them (off for huge runs: sizes still count)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def section_hash(self, section: str) -> str:
+        """A short stable hash of what in one section shapes the output: markers record it."""
+        part = getattr(self, section)
+        shaping = {
+            f.name: getattr(part, f.name)
+            for f in dataclasses.fields(part)
+            if not f.metadata.get("runtime_only")
+        }
+        blob = json.dumps(shaping, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False)
+
+
+def load_config(path: str | Path, overrides: list[str] = (), root: str | None = None) -> Config:
+    """Load a YAML config, apply ``section.key=value`` overrides, and validate everything.
+
+    ``path`` may also be a bare name such as ``default`` for ``configs/default.yaml``.
+    """
+    file = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(data, item)
+    if root is not None:
+        data["root"] = root
+    try:
+        return _build(Config, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{file}: {err}") from None
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    named = CONFIG_DIR / f"{path}.yaml"
+    if named.is_file():
+        return named
+    raise ConfigError(f"config {path!s} not found (neither a file nor a name in {CONFIG_DIR})")
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+    values = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint; the few safe conversions YAML needs happen here."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _check(ok: bool, key: str, requirement: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {requirement}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so the written YAML loads back with yaml.safe_load."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,153 @@
+"""The dataset root, atomic writes and per-shard completion markers: resume for every stage.
+
+A shard is done only when its marker exists under ``_state/<stage>/`` and the files it lists are
+there with the recorded size (and checksum, when verifying). Output files are written to a
+temporary name beside their final place and renamed, and the marker is written last, so a run
+killed at any point leaves either a finished shard or one that the next run redoes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SHARD_DIGITS = 5  # img2dataset's shard naming (00000.parquet), kept by every later stage
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:0{SHARD_DIGITS}d}"
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it into place only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield temp
+        os.replace(temp, final)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def clear_temporaries(folder: Path) -> None:
+    """Remove what a killed run left half-written in ``folder``: temp files and the ``_tmp/`` area.
+
+    Call only at the start of a stage: one run per dataset root and stage at a time.
+    """
+    if folder.is_dir():
+        for temp in folder.glob(".*.tmp"):
+            temp.unlink(missing_ok=True)
+        shutil.rmtree(folder / "_tmp", ignore_errors=True)
+
+
+def write_text_atomic(final: Path, text: str) -> None:
+    with atomic_path(final) as temp:
+        temp.write_text(text)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    path: str
+    """Relative to the dataset root, so a root can be moved or mounted elsewhere."""
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardMarker:
+    shard: int
+    rows: int
+    files: tuple[FileDigest, ...]
+    config_hash: str
+    finished_at: float
+
+
+class DatasetRoot:
+    """Paths of one pipeline run (see docs/DESIGN.md, "Dataset root")."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+
+    def __truediv__(self, relative: str) -> Path:
+        return self.path / relative
+
+    def stage(self, name: str) -> StageState:
+        return StageState(self, name)
+
+    def digest(self, file: Path) -> FileDigest:
+        return FileDigest(str(file.relative_to(self.path)), file.stat().st_size, sha256_file(file))
+
+
+class StageState:
+    """Completion markers of one stage: ``_state/<stage>/<shard>.done.json``."""
+
+    def __init__(self, root: DatasetRoot, stage: str):
+        self.root = root
+        self.stage = stage
+        self.folder = root / f"_state/{stage}"
+
+    def marker_path(self, shard: int) -> Path:
+        return self.folder / f"{shard_name(shard)}.done.json"
+
+    def read_marker(self, shard: int) -> ShardMarker | None:
+        try:
+            raw = json.loads(self.marker_path(shard).read_text())
+            files = tuple(FileDigest(**f) for f in raw.pop("files"))
+            return ShardMarker(files=files, **raw)
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError):
+            return None  # a marker that does not parse is not trusted: the shard is redone
+
+    def is_done(self, shard: int, verify_checksums: bool) -> bool:
+        """True only if the marker exists and every file it lists is intact."""
+        marker = self.read_marker(shard)
+        if marker is None:
+            return False
+        for digest in marker.files:
+            file = self.root / digest.path
+            if not file.is_file() or file.stat().st_size != digest.bytes:
+                return False
+            if verify_checksums and sha256_file(file) != digest.sha256:
+                return False
+        return True
+
+    def mark_done(self, shard: int, rows: int, files: list[Path], config_hash: str) -> ShardMarker:
+        """Record a finished shard; call only after every file in ``files`` is in its final place."""
+        marker = ShardMarker(
+            shard=shard,
+            rows=rows,
+            files=tuple(self.root.digest(f) for f in files),
+            config_hash=config_hash,
+            finished_at=time.time(),
+        )
+        write_text_atomic(self.marker_path(shard), json.dumps(asdict(marker), indent=1))
+        return marker
+
+    def stale_shards(self, shards: list[int], config_hash: str) -> list[int]:
+        """Finished shards that were made with another config of this stage."""
+        markers = (self.read_marker(s) for s in shards)
+        return [m.shard for m in markers if m is not None and m.config_hash != config_hash]
+
+    def write_run_config(self, config_yaml: str) -> Path:
+        """The resolved config of this run, beside the markers it produced."""
+        path = self.folder / "config.yaml"
+        write_text_atomic(path, config_yaml)
+        return path

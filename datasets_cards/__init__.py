@@ -1,0 +1,1 @@
+"""Dataset cards generated from each run's statistics: a later stage."""

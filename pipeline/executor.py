@@ -1,0 +1,89 @@
+"""The thin Ray executor: hand pending shards to Ray tasks, mark them done, report progress.
+
+Stages give it a picklable per-shard callable; it never knows what a shard contains. The same
+code runs on this machine (Ray started locally) and on a cluster (``ray.address``): Ray places
+the tasks, we never run a pool of our own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from four_m.core.config import RayConfig
+from four_m.core.dataset_root import StageState
+from four_m.core.offline import QUIET_NETWORK_ENV
+from four_m.core.summary import ShardReport, StageSummary
+
+ShardTask = Callable[[int], tuple[ShardReport, list[Path]]]
+"""Makes one shard: returns its report and the output files, already in their final place."""
+
+
+@contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Join the configured cluster, or start Ray here; leave an already running session alone."""
+    if ray.is_initialized():
+        yield
+        return
+    local = cfg.address is None
+    ray.init(
+        address=cfg.address,
+        num_cpus=cfg.num_cpus if local else None,
+        object_store_memory=cfg.object_store_mb * 2**20 if local and cfg.object_store_mb else None,
+        include_dashboard=False,
+        runtime_env={"env_vars": dict(QUIET_NETWORK_ENV)},
+        log_to_driver=True,
+        logging_level="warning",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _make_shard(task: ShardTask, shard: int, state: StageState, config_hash: str) -> ShardReport:
+    report, files = task(shard)
+    state.mark_done(shard, report.rows_in, files, config_hash)
+    return report
+
+
+def run_shards(
+    state: StageState,
+    shards: list[int],
+    task: ShardTask,
+    *,
+    config_hash: str,
+    cpus_per_shard: float,
+    verify_checksums: bool,
+    progress: bool = True,
+) -> StageSummary:
+    """Run ``task`` on every shard that is not done; a failing shard is reported, never fatal."""
+    started = time.perf_counter()
+    summary = StageSummary(stage=state.stage)
+    pending = [s for s in shards if not state.is_done(s, verify_checksums)]
+    summary.shards_skipped = len(shards) - len(pending)
+    remote = ray.remote(_make_shard).options(num_cpus=cpus_per_shard)
+    running = {remote.remote(task, shard, state, config_hash): shard for shard in pending}
+    with tqdm(total=len(pending), desc=state.stage, unit="shard", disable=not progress) as bar:
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            shard = running.pop(ready[0])
+            try:
+                summary.add(ray.get(ready[0]))
+            except ray.exceptions.RayTaskError as err:
+                summary.shards_failed[shard] = _first_line(err)
+            bar.update(1)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _first_line(err: ray.exceptions.RayTaskError) -> str:
+    """The task's own exception in one line, not Ray's traceback wall."""
+    cause = err.cause if err.cause is not None else err
+    lines = str(cause).strip().splitlines() or [""]
+    return f"{type(cause).__name__}: {lines[0]}"

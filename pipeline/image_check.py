@@ -1,0 +1,87 @@
+"""A strict decode check in front of img2dataset's resizer.
+
+img2dataset decodes with ``cv2.imdecode(IMREAD_UNCHANGED)``, which (a) returns a grey-filled image
+for a truncated JPEG instead of failing, (b) ignores the EXIF orientation, so rotated phone photos
+end up sideways, (c) has no decompression-bomb limit and (d) cannot re-encode 16-bit or CMYK data
+as JPEG. Pillow sees all four. The common case (an 8-bit RGB or grey JPEG/PNG/WebP, upright) is
+only checked, in draft mode, which decodes a JPEG at 1/8 scale and costs about a millisecond; the
+rest is normalised to an upright 8-bit RGB(A) PNG before img2dataset's resizer sees it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import BinaryIO
+
+from img2dataset.resizer import Resizer
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ORIENTATION_TAG = 0x0112
+PASS_THROUGH_MODES = {"RGB", "L", "RGBA"}
+PASS_THROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}  # what cv2.imdecode reads in every opencv build
+
+# Pillow warns above its own pixel limit from any thread; our limit is checked explicitly below.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageRejected(ValueError):
+    """The bytes are not an image this pipeline will keep; the message is the failure reason."""
+
+
+def checked_image_stream(stream: BinaryIO, max_pixels: int) -> BinaryIO:
+    """Return ``stream`` itself if cv2 can take it as is, else an upright 8-bit PNG of the image."""
+    stream.seek(0)
+    try:
+        with Image.open(stream) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected(f"decompression bomb: {width}x{height} pixels > limit {max_pixels}")
+            upright = image.getexif().get(ORIENTATION_TAG, 1) == 1
+            simple = (
+                upright
+                and image.mode in PASS_THROUGH_MODES
+                and image.format in PASS_THROUGH_FORMATS
+                and not getattr(image, "is_animated", False)
+            )
+            if simple:
+                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                image.load()  # raises on truncated data, at a fraction of a full decode
+                stream.seek(0)
+                return stream
+            image.load()
+            return _as_png(ImageOps.exif_transpose(image))
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image: cannot identify image file") from None
+    except Image.DecompressionBombError as err:
+        raise ImageRejected(f"decompression bomb: {err}") from None
+    except OSError as err:
+        raise ImageRejected(f"broken image: {err}") from None
+
+
+def _as_png(image: Image.Image) -> BinaryIO:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: keep the top 8 bits of the 16-bit range, as viewers show it.
+        image = image.point(lambda v: v / 256).convert("L")
+    elif image.mode not in PASS_THROUGH_MODES:
+        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    out.seek(0)
+    return out
+
+
+class CheckedResizer(Resizer):
+    """img2dataset's Resizer, fed only images that passed ``checked_image_stream``."""
+
+    def __init__(self, *, max_pixels: int, **resizer_args):
+        super().__init__(**resizer_args)
+        self.max_pixels = max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        try:
+            stream = checked_image_stream(img_stream, self.max_pixels)
+        except ImageRejected as err:
+            return None, None, None, None, None, str(err)
+        return super().__call__(stream, blurring_bbox_list)

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from four_m.core.config import CONFIG_DIR, Config, ConfigError, load_config
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert {p.stem for p in SHIPPED} >= {"default", "cc12m"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    config = load_config(path)
+    written = tmp_path / "resolved.yaml"
+    written.write_text(config.to_yaml())
+    assert load_config(written) == config
+
+
+def test_overrides_and_root(tmp_path):
+    config = load_config("default", ["download.image_size=384", "ray.num_cpus=1"], root=str(tmp_path))
+    assert config.download.image_size == 384
+    assert config.ray.num_cpus == 1
+    assert config.root == str(tmp_path)
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"download": {"imgae_size": 3}}, "unknown key download.imgae_size"),
+        ({"download": {"image_size": "big"}}, "download.image_size: expected int"),
+        ({"download": {"image_size": 8}}, "download.image_size: must be in [16, 4096]"),
+        ({"download": {"resize_mode": "stretch"}}, "download.resize_mode"),
+        ({"verify_checksums": 1}, "verify_checksums: expected bool"),
+        ({"download": {"allowed_schemes": "http"}}, "download.allowed_schemes: expected a list"),
+        ({"ray": 3}, "ray: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(_write(tmp_path, data))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("default", ["download.image_size"])
+
+
+def test_section_hash_ignores_speed_knobs_but_not_output_shape():
+    base = Config()
+    faster = load_config("default", ["download.threads_per_shard=99"])
+    bigger = load_config("default", ["download.image_size=512"])
+    default = load_config("default")
+    assert faster.section_hash("download") == default.section_hash("download")
+    assert bigger.section_hash("download") != default.section_hash("download")
+    assert base.section_hash("download") == Config().section_hash("download")

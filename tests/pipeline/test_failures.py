@@ -1,0 +1,25 @@
+import pytest
+
+from four_m.pipeline.failures import failure_reason
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("HTTP Error 404: Not Found", "http_404"),
+        ("HTTP Error 503: Service Unavailable", "http_503"),
+        ("timed out", "timeout"),
+        ("<urlopen error timed out>", "timeout"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+        ("unsupported url scheme 'file' (allowed: http, https)", "unsupported_scheme"),
+        ("empty url", "empty_url"),
+        ("broken image: image file is truncated (3 bytes not processed)", "truncated_image"),
+        ("not an image: cannot identify image file", "not_an_image"),
+        ("decompression bomb: 9000x9000 pixels > limit 100", "decompression_bomb"),
+        ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_robots"),
+        ("something new", "other"),
+        (None, "other"),
+    ],
+)
+def test_messages_map_to_reasons(message, reason):
+    assert failure_reason(message) == reason

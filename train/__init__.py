@@ -1,0 +1,1 @@
+"""The 4M trainer (Lightning) over the Parquet token store: a later stage."""
