@@ -1,5 +1,5 @@
-# One target per stage. Every stage target takes CONFIG= (a YAML under configs/ or any path) and
-# ROOT= (the dataset root; default: the config's `root`). `make demo` and `make test` install
+# One target per stage. Every stage target takes CONFIG= (a YAML under configs/ or any path),
+# ROOT= (the dataset root; default: the config's `root`) and SET="section.key=value ..." overrides. `make demo` and `make test` install
 # everything they need into .venv first, so they are the only two commands a fresh machine needs.
 
 PYTHON ?= python3
@@ -9,7 +9,8 @@ CONFIG ?= configs/default.yaml
 ROOT   ?=
 STAMP  := $(VENV)/.installed
 CLI    := $(BIN)/python -m four_m
-ARGS    = --config $(CONFIG) $(if $(ROOT),--root $(ROOT))
+SET    ?=
+ARGS    = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
 
 # torch/torchvision: the pair this machine has on disk (CPU wheels); other pairs download gigabytes.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
