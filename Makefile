@@ -1,5 +1,6 @@
 # One target per stage. Every stage target takes CONFIG= (a YAML under configs/ or any path),
-# ROOT= (the dataset root; default: the config's `root`) and SET="section.key=value ..." overrides. `make demo` and `make test` install
+# ROOT= (the dataset root; default: the config's `root`) and SET="section.key=value ..." overrides;
+# `make label ONLY=depth,det` reruns chosen labelers without touching the others. `make demo` and `make test` install
 # everything they need into .venv first, so they are the only two commands a fresh machine needs.
 
 PYTHON ?= python3
@@ -10,14 +11,15 @@ ROOT   ?=
 STAMP  := $(VENV)/.installed
 CLI    := $(BIN)/python -m four_m
 SET    ?=
-ARGS    = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
+ONLY   ?=
+ARGS    = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s)) $(if $(ONLY),--only $(ONLY))
 
 # torch/torchvision: the pair this machine has on disk (CPU wheels); other pairs download gigabytes.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
 .PHONY: install demo test test-all download sample-urls label tokenizers tokenize train sample \
-        card preview bench lint clean
+        card preview models bench lint clean
 
 install: $(STAMP)
 
@@ -41,7 +43,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-sample-urls download label tokenizers tokenize train sample card preview: $(STAMP)
+sample-urls download label tokenizers tokenize train sample card preview models: $(STAMP)
 	$(CLI) $@ $(ARGS)
 
 bench: $(STAMP)

@@ -11,7 +11,6 @@ repeats, and the ratio (goal: ours / img2dataset >= 0.9), then the ratio with Ra
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -19,34 +18,15 @@ from pathlib import Path
 import img2dataset
 import pyarrow.parquet as pq
 import ray
-from PIL import Image
+from common import make_images
 
 from four_m.core.config import Config, DownloadConfig, RayConfig, SampleConfig
 from four_m.pipeline.download import run_download
-from four_m.pipeline.sample_site import bundled_photo_paths, serve_directory
+from four_m.pipeline.sample_site import serve_directory
 
 IMAGE_SIZE = 256
 THREADS = 32
 PROCESSES = 2
-
-
-def make_images(folder: Path, count: int, seed: int = 0) -> list[str]:
-    """Distinct CC12M-like JPEGs (random crops of the bundled photos, 400-800 px, varied quality)."""
-    rng = random.Random(seed)
-    sources = [Image.open(p).convert("RGB") for p, _ in bundled_photo_paths()]
-    names = []
-    for index in range(count):
-        source = rng.choice(sources)
-        width, height = source.size
-        crop_w, crop_h = rng.randint(width // 2, width), rng.randint(height // 2, height)
-        left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
-        target = rng.randint(400, 800)
-        image = source.crop((left, top, left + crop_w, top + crop_h))
-        image = image.resize((target, max(1, target * crop_h // crop_w)))
-        name = f"{index:05d}.jpg"
-        image.save(folder / name, quality=rng.randint(75, 95))
-        names.append(name)
-    return names
 
 
 def ours(url_list: Path, out: Path, per_shard: int) -> tuple[float, int]:
@@ -125,7 +105,9 @@ def main() -> None:
     print(f"best: ours {rate['ours']:.1f} images/s, img2dataset multiprocessing {rate['img2dataset']:.1f} images/s")
     print(f"ratio ours / img2dataset: {rate['ours'] / rate['img2dataset']:.2f} (goal >= 0.9)")
     cold = args.images / (best["ours"] + ray_start)
-    print(f"with Ray's start ({ray_start:.1f} s) counted too: {cold:.1f} images/s, ratio {cold / rate['img2dataset']:.2f}")
+    print(
+        f"with Ray's start ({ray_start:.1f} s) counted too: {cold:.1f} images/s, ratio {cold / rate['img2dataset']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,17 +15,15 @@ from four_m.core.errors import UserError
 from four_m.core.summary import StageSummary
 
 NOT_BUILT = {
-    "label": "the pseudo-labelers",
     "tokenizers": "tokenizer training",
     "tokenize": "the token store",
     "train": "the 4M trainer",
     "sample": "generation",
     "card": "dataset cards",
-    "preview": "token previews",
 }
 
 
-def _sample_urls(config: Config, progress: bool) -> int:
+def _sample_urls(config: Config, args: argparse.Namespace) -> int:
     from four_m.core.dataset_root import DatasetRoot
     from four_m.pipeline.sample_site import build_sample
 
@@ -33,14 +31,52 @@ def _sample_urls(config: Config, progress: bool) -> int:
     return 0
 
 
-def _download(config: Config, progress: bool) -> int:
+def _download(config: Config, args: argparse.Namespace) -> int:
     from four_m.pipeline.download import run_download
 
-    return _report(run_download(config, progress=progress))
+    return _report(run_download(config, progress=not args.no_progress))
 
 
-def _demo(config: Config, progress: bool) -> int:
-    status = _download(config, progress)
+def _label(config: Config, args: argparse.Namespace) -> int:
+    from four_m.pipeline.label import run_label
+
+    only = tuple(n.strip() for n in args.only.split(",") if n.strip()) if args.only else ()
+    summary = run_label(config, only=only, progress=not args.no_progress)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _preview(config: Config, args: argparse.Namespace) -> int:
+    from four_m.labelers.preview import write_label_preview
+
+    print(f"preview: wrote {write_label_preview(config, samples=args.samples)}")
+    return 0
+
+
+def _models(config: Config, args: argparse.Namespace) -> int:
+    """Fetch production weights for the configured labelers (needs a reachable hub)."""
+    from pathlib import Path
+
+    from four_m.labelers.registry import LABELERS
+
+    failed = 0
+    for name in config.label.labelers:
+        cfg = config.label.labeler(name)
+        if cfg.model is None or Path(cfg.model).exists():
+            print(f"models: {name}: {cfg.model or 'tiny random-init variant'} (nothing to fetch)")
+            continue
+        try:
+            print(f"models: {name}: {cfg.model} -> {LABELERS[name](cfg, config.label.size).fetch()}")
+        except Exception as err:  # noqa: BLE001 - one line per labeler, then the exit status says it
+            failed += 1
+            print(f"models: {name}: cannot fetch {cfg.model}: {type(err).__name__}: {err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _demo(config: Config, args: argparse.Namespace) -> int:
+    status = _download(config, args)
+    status = max(status, _label(config, args))
+    _preview(config, args)
     print(f"demo: stages not built yet, skipped: {', '.join(NOT_BUILT)}")
     return status
 
@@ -52,9 +88,12 @@ def _report(summary: StageSummary) -> int:
     return 1 if summary.shards_failed else 0
 
 
-VERBS: dict[str, Callable[[Config, bool], int]] = {
+VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "sample-urls": _sample_urls,
     "download": _download,
+    "label": _label,
+    "preview": _preview,
+    "models": _models,
     "demo": _demo,
 }
 
@@ -73,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         help="override one config value, e.g. --set download.image_size=384 (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    parser.add_argument("--only", help="label: run only these labelers, e.g. depth,det (others untouched)")
+    parser.add_argument("--samples", type=int, default=8, help="preview: rows in the grid")
     return parser
 
 
@@ -86,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = load_config(args.config, args.overrides, root=args.root)
-        return VERBS[args.verb](config, not args.no_progress)
+        return VERBS[args.verb](config, args)
     except UserError as err:
         print(f"four_m {args.verb}: error: {err}", file=sys.stderr)
         return 2

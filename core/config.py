@@ -106,6 +106,97 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class LabelerConfig:
+    model: str | None = None
+    """A hub id or a local directory; null builds the tiny random-init variant (labels say so)."""
+    revision: str | None = None
+    input_size: int = 224
+    """Side of the square RGB input; labelers sharing a size share one resize."""
+    batch_size: int = field(default=8, metadata=RUNTIME_ONLY)
+    concurrency: int = field(default=1, metadata=RUNTIME_ONLY)
+    """Actors in this labeler's pool."""
+    num_cpus: float = field(default=0.5, metadata=RUNTIME_ONLY)
+    """Per actor. Fractional on purpose: six whole-CPU pools cannot all be placed on 2 cores."""
+    num_gpus: float = field(default=0.0, metadata=RUNTIME_ONLY)
+    """Per actor; a fraction lets several labelers share one GPU."""
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.input_size <= 2048, "label.*.input_size", "must be in [16, 2048]")
+        _check(self.batch_size >= 1, "label.*.batch_size", "must be >= 1")
+        _check(self.concurrency >= 1, "label.*.concurrency", "must be >= 1")
+        _check(self.num_cpus > 0, "label.*.num_cpus", "must be > 0")
+        _check(self.num_gpus >= 0, "label.*.num_gpus", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DetConfig(LabelerConfig):
+    input_size: int = 640
+    score_threshold: float = 0.25
+    """Boxes below this score are not stored (4M keeps confident boxes only)."""
+    max_boxes: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0.0 <= self.score_threshold <= 1.0, "label.det.score_threshold", "must be in [0, 1]")
+        _check(self.max_boxes >= 1, "label.det.max_boxes", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CaptionConfig(LabelerConfig):
+    input_size: int = 384
+    max_new_tokens: int = 30
+    num_beams: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.max_new_tokens >= 1, "label.caption.max_new_tokens", "must be >= 1")
+        _check(self.num_beams >= 1, "label.caption.num_beams", "must be >= 1")
+
+
+LABELER_NAMES = ("depth", "normal", "semseg", "det", "caption", "clip")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    size: int = 224
+    """Side of the canonical view (centred square of the shorter side) that every label is defined on."""
+    labelers: tuple[str, ...] = LABELER_NAMES
+    shards_per_run: int = field(default=16, metadata=RUNTIME_ONLY)
+    """Shards labelled by one Ray Data execution: bounds memory, keeps actor pools warm across shards."""
+    actor_groups: tuple[tuple[str, ...], ...] = field(default=(), metadata=RUNTIME_ONLY)
+    """Labelers that share one actor pool (e.g. all six on a 2-core machine); others get a pool each.
+
+    A group's actor takes the sum of its members' CPUs and GPUs, the smallest batch size and the
+    largest concurrency.
+    """
+    depth: LabelerConfig = field(default_factory=lambda: LabelerConfig(input_size=384))
+    normal: LabelerConfig = field(default_factory=lambda: LabelerConfig(input_size=384))
+    semseg: LabelerConfig = field(default_factory=lambda: LabelerConfig(input_size=384))
+    det: DetConfig = field(default_factory=DetConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    clip: LabelerConfig = field(default_factory=LabelerConfig)
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.size <= 2048, "label.size", "must be in [16, 2048]")
+        unknown = sorted(set(self.labelers) - set(LABELER_NAMES))
+        _check(not unknown, "label.labelers", f"unknown {unknown}; known: {', '.join(LABELER_NAMES)}")
+        _check(self.shards_per_run >= 1, "label.shards_per_run", "must be >= 1")
+        grouped = [n for group in self.actor_groups for n in group]
+        _check(set(grouped) <= set(LABELER_NAMES), "label.actor_groups", f"names must be among {LABELER_NAMES}")
+        _check(len(grouped) == len(set(grouped)), "label.actor_groups", "a labeler may be in one group only")
+
+    def labeler(self, name: str) -> LabelerConfig:
+        return getattr(self, name)
+
+    def pools(self, names: list[str]) -> list[list[str]]:
+        """The actor pools for running ``names``: the configured groups (restricted), then singles."""
+        pools = [[n for n in group if n in names] for group in self.actor_groups]
+        pools = [p for p in pools if p]
+        grouped = {n for p in pools for n in p}
+        return pools + [[n] for n in names if n not in grouped]
+
+
+@dataclass(frozen=True)
 class Config:
     root: str = "data/default"
     """The dataset root: every stage reads and writes under it."""
@@ -114,20 +205,30 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def section_hash(self, section: str) -> str:
         """A short stable hash of what in one section shapes the output: markers record it."""
-        part = getattr(self, section)
-        shaping = {
-            f.name: getattr(part, f.name)
-            for f in dataclasses.fields(part)
-            if not f.metadata.get("runtime_only")
-        }
-        blob = json.dumps(shaping, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return shaping_hash(getattr(self, section))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False)
+
+
+def shaping_hash(*parts: Any) -> str:
+    """Hash the fields of ``parts`` that shape output (runtime-only fields left out, nested too)."""
+    blob = json.dumps([_shaping(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _shaping(value: Any) -> Any:
+    if not dataclasses.is_dataclass(value):
+        return value
+    return {
+        f.name: _shaping(getattr(value, f.name))
+        for f in dataclasses.fields(value)
+        if not f.metadata.get("runtime_only")
+    }
 
 
 def load_config(path: str | Path, overrides: list[str] = (), root: str | None = None) -> Config:

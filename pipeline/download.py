@@ -72,8 +72,7 @@ class ShardDownloader:
         table = _with_rejected(fetched, rows, rejected, shard, self.cfg.samples_per_shard)
         if table.num_rows != rows.num_rows or len(set(table["key"].to_pylist())) != rows.num_rows:
             raise RuntimeError(
-                f"shard {shard_name(shard)}: img2dataset returned {table.num_rows} rows"
-                f" for {rows.num_rows} urls"
+                f"shard {shard_name(shard)}: img2dataset returned {table.num_rows} rows for {rows.num_rows} urls"
             )
         report = _report(shard, table, seconds)
         return report, self._write(root, shard, table, report)
@@ -133,9 +132,7 @@ class ShardDownloader:
         with atomic_path(images) as temp:
             pq.write_table(table, temp, row_group_size=ROW_GROUP_ROWS)
         errors = Counter(m for m in table["error_message"].to_pylist() if m is not None)
-        write_text_atomic(
-            stats, json.dumps({**asdict(report), "errors": dict(errors.most_common(50))}, indent=1)
-        )
+        write_text_atomic(stats, json.dumps({**asdict(report), "errors": dict(errors.most_common(50))}, indent=1))
         return [images, stats]
 
 
@@ -152,9 +149,7 @@ def _rejected_urls(urls: list[str | None], allowed: tuple[str, ...]) -> dict[int
     return rejected
 
 
-def _with_rejected(
-    fetched: pa.Table, rows: pa.Table, rejected: dict[int, str], shard: int, per_shard: int
-) -> pa.Table:
+def _with_rejected(fetched: pa.Table, rows: pa.Table, rejected: dict[int, str], shard: int, per_shard: int) -> pa.Table:
     """All rows of the shard, sorted by img2dataset key (derived from each row's place in the list)."""
     digits = math.ceil(math.log10(per_shard)) if per_shard > 1 else 1
     if rejected:
@@ -167,10 +162,7 @@ def _with_rejected(
             "error_message": pa.array([rejected[i] for i in indices]),
         }
         extra = pa.table(
-            {
-                n: columns.get(n, pa.nulls(len(indices), fetched.schema.field(n).type))
-                for n in fetched.column_names
-            }
+            {n: columns.get(n, pa.nulls(len(indices), fetched.schema.field(n).type)) for n in fetched.column_names}
         )
         fetched = pa.concat_tables([fetched, extra.cast(fetched.schema)])
     keys = [compute_key(i, shard, digits, SHARD_DIGITS) for i in fetched["row_index"].to_pylist()]

@@ -159,9 +159,7 @@ def _read_parquet(file: Path, cfg: DownloadConfig) -> pa.Table:
 
 def _select(table: pa.Table, file: Path, cfg: DownloadConfig) -> pa.Table:
     if cfg.url_col not in table.column_names:
-        raise UrlListError(
-            f"{file}: no url column {cfg.url_col!r} (columns: {', '.join(table.column_names)})"
-        )
+        raise UrlListError(f"{file}: no url column {cfg.url_col!r} (columns: {', '.join(table.column_names)})")
     if cfg.caption_col and cfg.caption_col not in table.column_names:
         raise UrlListError(
             f"{file}: no caption column {cfg.caption_col!r} (columns: {', '.join(table.column_names)});"

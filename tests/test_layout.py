@@ -26,9 +26,7 @@ def test_stage_folders_are_subpackages_of_one_package():
 def test_cv2_is_the_pinned_headless_build():
     import cv2
 
-    pins = dict(
-        line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line
-    )
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
     assert cv2.__version__ == pins["opencv-python-headless"].rsplit(".", 1)[0]
     gui = [line for line in cv2.getBuildInformation().splitlines() if line.strip().startswith("GUI:")]
     assert gui and gui[0].split(":", 1)[1].strip() == "NONE", gui

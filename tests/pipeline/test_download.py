@@ -49,9 +49,7 @@ def _rows(server: str, site: Path) -> list[tuple[str, str]]:
 def _config(root: Path, rows, **download) -> Config:
     (root / "urls").mkdir(parents=True, exist_ok=True)
     (root / "urls/list.tsv").write_text("".join(f"{u}\t{c}\n" for u, c in rows))
-    settings = dict(
-        samples_per_shard=5, image_size=IMAGE_SIZE, timeout_s=1.0, threads_per_shard=8, cpus_per_shard=0.5
-    )
+    settings = dict(samples_per_shard=5, image_size=IMAGE_SIZE, timeout_s=1.0, threads_per_shard=8, cpus_per_shard=0.5)
     return Config(
         root=str(root),
         ray=RayConfig(num_cpus=2),
@@ -113,10 +111,7 @@ def test_shards_carry_provenance_and_stats(finished):
     stats = [json.loads(p.read_text()) for p in sorted((root / "images").glob("*_stats.json"))]
     assert sum(s["rows_in"] for s in stats) == summary.rows_in
     assert Counter() + sum((Counter(s["failures"]) for s in stats), Counter()) == summary.failures
-    assert (
-        yaml.safe_load((root / "_state/download/config.yaml").read_text())["download"]["image_size"]
-        == IMAGE_SIZE
-    )
+    assert yaml.safe_load((root / "_state/download/config.yaml").read_text())["download"]["image_size"] == IMAGE_SIZE
 
 
 def test_a_rerun_skips_finished_shards_and_redoes_broken_ones(finished):

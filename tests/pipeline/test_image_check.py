@@ -60,9 +60,7 @@ def test_sixteen_bit_png_becomes_eight_bit():
 
 
 def test_cmyk_jpeg_becomes_rgb():
-    fixed = Image.open(
-        checked_image_stream(_encode(Image.new("CMYK", (16, 16), (0, 255, 0, 0)), "JPEG"), LIMIT)
-    )
+    fixed = Image.open(checked_image_stream(_encode(Image.new("CMYK", (16, 16), (0, 255, 0, 0)), "JPEG"), LIMIT))
     assert fixed.mode == "RGB"
     red, green, blue = np.asarray(fixed)[8, 8]
     assert red > 200 and green < 60 and blue > 200  # magenta
@@ -71,12 +69,8 @@ def test_cmyk_jpeg_becomes_rgb():
 def test_resizer_returns_an_upright_resized_jpeg():
     exif = Image.Exif()
     exif[0x0112] = 6
-    resizer = CheckedResizer(
-        max_pixels=LIMIT, image_size=16, resize_mode="keep_ratio", resize_only_if_bigger=False
-    )
-    img, width, height, original_width, original_height, error = resizer(
-        _encode(_photo(64, 32), "JPEG", exif=exif)
-    )
+    resizer = CheckedResizer(max_pixels=LIMIT, image_size=16, resize_mode="keep_ratio", resize_only_if_bigger=False)
+    img, width, height, original_width, original_height, error = resizer(_encode(_photo(64, 32), "JPEG", exif=exif))
     assert error is None
     assert (original_width, original_height) == (32, 64)
     assert (width, height) == (16, 32)
@@ -84,8 +78,6 @@ def test_resizer_returns_an_upright_resized_jpeg():
 
 
 def test_resizer_reports_rejections_as_errors():
-    resizer = CheckedResizer(
-        max_pixels=LIMIT, image_size=16, resize_mode="keep_ratio", resize_only_if_bigger=False
-    )
+    resizer = CheckedResizer(max_pixels=LIMIT, image_size=16, resize_mode="keep_ratio", resize_only_if_bigger=False)
     *_, error = resizer(io.BytesIO(b"GIF89a broken"))
     assert error.startswith("not an image") or error.startswith("broken image")

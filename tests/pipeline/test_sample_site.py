@@ -23,11 +23,7 @@ def test_extra_images_folder_is_added(tmp_path, photos):
     extra.mkdir()
     (extra / "my_dog.jpg").write_bytes(photos[0][0].read_bytes())
     root = DatasetRoot(tmp_path / "root")
-    lines = (
-        build_sample(root, SampleConfig(extra_images=str(extra), plant_failures=False))
-        .read_text()
-        .splitlines()
-    )
+    lines = build_sample(root, SampleConfig(extra_images=str(extra), plant_failures=False)).read_text().splitlines()
     assert lines[-1].endswith("_my_dog.jpg\tmy dog")
     assert len(lines) == len(photos) + 1
 

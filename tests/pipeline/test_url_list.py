@@ -27,9 +27,7 @@ def test_tsv_with_or_without_header(tmp_path, header):
 def test_gzipped_tsv_and_parquet(tmp_path):
     gz = tmp_path / "l.tsv.gz"
     gz.write_bytes(gzip.compress(_tsv(tmp_path / "x.tsv", ROWS).read_bytes()))
-    pq.write_table(
-        pa.table({"URL": [u for u, _ in ROWS], "TEXT": [c for _, c in ROWS]}), tmp_path / "l.parquet"
-    )
+    pq.write_table(pa.table({"URL": [u for u, _ in ROWS], "TEXT": [c for _, c in ROWS]}), tmp_path / "l.parquet")
     cfg = DownloadConfig()
     assert read_url_file(gz, cfg)[0].num_rows == 3
     parquet = read_url_file(tmp_path / "l.parquet", DownloadConfig(url_col="URL", caption_col="TEXT"))[0]

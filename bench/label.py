@@ -1,0 +1,156 @@
+"""Label-stage throughput (six labelers) against a naive loop with the same models, in one run.
+
+The naive baseline labels one image at a time, and each labeler decodes and resizes the JPEG on
+its own, as a quick script would. The stage decodes once, resizes once per input size, batches,
+and runs the labelers as concurrent Ray actor pools. Both use the configured models (the tiny
+random-init ones by default); the baseline's model loading is not timed, the stage's is (its
+actors load their models inside the run). Also printed: each labeler's share of batched model
+time, and the peak resident memory of all processes (driver, Ray, workers).
+
+    .venv/bin/python bench/label.py [--images 48] [--config default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from common import make_images
+from PIL import Image
+
+from four_m.core.config import load_config
+from four_m.core.dataset_root import DatasetRoot
+from four_m.labelers.registry import LABELERS
+from four_m.pipeline.label import run_label
+from four_m.pipeline.views import centre_square, decode_rgb, resize_square
+
+
+class PeakMemory:
+    """Samples the summed RSS of this process and all its descendants (Ray's too) every 0.2 s."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.wait(0.2):
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak = max(self.peak, total)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def write_images_root(root: Path, photos: list[Path], per_shard: int) -> list[bytes]:
+    """images/ shards with 256 px JPEGs, as the download stage leaves them; returns the JPEGs."""
+    jpegs = []
+    for path in photos:
+        image = Image.open(path).convert("RGB")
+        image.thumbnail((384, 256))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=95)
+        jpegs.append(out.getvalue())
+    state = DatasetRoot(root).stage("download")
+    for shard, start in enumerate(range(0, len(jpegs), per_shard)):
+        part = jpegs[start : start + per_shard]
+        table = pa.table(
+            {
+                "key": [f"{shard:05d}{i:04d}" for i in range(len(part))],
+                "jpg": part,
+                "status": ["success"] * len(part),
+                "error_message": pa.nulls(len(part), pa.string()),
+                "caption": [f"bench image {start + i}" for i in range(len(part))],
+            }
+        )
+        file = root / f"images/{shard:05d}.parquet"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, file)
+        state.mark_done(shard, len(part), [file], "bench")
+    return jpegs
+
+
+def naive(labelers, jpegs: list[bytes]) -> float:
+    """One image at a time; every labeler decodes and resizes for itself."""
+    started = time.perf_counter()
+    for data in jpegs:
+        for labeler in labelers.values():
+            view = resize_square(centre_square(decode_rgb(data)), labeler.cfg.input_size)
+            labeler.label(view[None])
+    return time.perf_counter() - started
+
+
+def batched_shares(labelers, jpegs: list[bytes], batch: int = 8) -> dict[str, float]:
+    """Seconds of batched model time per labeler over the same images (decoded once)."""
+    squares = [centre_square(decode_rgb(d)) for d in jpegs]
+    shares = {}
+    for name, labeler in labelers.items():
+        views = np.stack([resize_square(s, labeler.cfg.input_size) for s in squares])
+        started = time.perf_counter()
+        for start in range(0, len(views), batch):
+            labeler.label(views[start : start + batch])
+        shares[name] = time.perf_counter() - started
+    return shares
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--per-shard", type=int, default=16)
+    parser.add_argument("--config", default="default")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "photos").mkdir()
+        photos = [tmp / "photos" / n for n in make_images(tmp / "photos", args.images)]
+        config = load_config(args.config, root=str(tmp / "root"))
+        jpegs = write_images_root(tmp / "root", photos, args.per_shard)
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level="warning")
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            summary = run_label(config, progress=False)
+            stage = time.perf_counter() - started
+        assert all(summary.labelled[n] == args.images for n in config.label.labelers), summary.lines()
+        ray.shutdown()
+        labelers = {}
+        for name in config.label.labelers:
+            labelers[name] = LABELERS[name](config.label.labeler(name), config.label.size, tmp / f"root/_models/{name}")
+            labelers[name].setup()
+        naive(labelers, jpegs[:2])  # warm-up, not timed
+        baseline = naive(labelers, jpegs)
+        shares = batched_shares(labelers, jpegs)
+    total = sum(shares.values())
+    print(f"images: {args.images} ({args.per_shard} per shard), config {args.config}, labelers: {', '.join(labelers)}")
+    print(
+        f"stage (Ray Data, 6 actor pools, model loading included): {stage:6.1f} s  {args.images / stage:6.2f} images/s"
+    )
+    print(
+        f"naive loop (one image at a time, decode per labeler):    {baseline:6.1f} s  {args.images / baseline:6.2f} images/s"
+    )
+    print(f"ratio stage / naive: {baseline / stage:.2f}x (goal >= 3x on 2 CPU cores)")
+    print("batched model time share: " + ", ".join(f"{n} {100 * s / total:.0f}%" for n, s in shares.items()))
+    print(f"peak resident memory, all processes during the stage: {memory.peak / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""What the DPT labelers (depth, normals) share: the tiny variant, loading and the forward pass.
+
+Both are a ViT encoder, the DPT reassemble/fusion neck and a dense head; they differ only in the
+head class and in how its output becomes a map. Production checkpoints are DPT-Hybrid (a ResNet
+stem under the ViT); the tiny variant uses the plain ViT backbone, which is the same code path from
+the neck on and needs no second (BiT) config to build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from transformers import DPTConfig, DPTImageProcessor
+from transformers.models.dpt.modeling_dpt import DPTPreTrainedModel
+
+from four_m.core.errors import UserError
+from four_m.labelers.base import Labeler, normalised
+from four_m.labelers.hf import load_model, normalisation
+
+TINY_DPT: dict[str, Any] = {
+    "is_hybrid": False,
+    "patch_size": 16,
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    # One neck input per encoder layer: the neck needs exactly len(neck_hidden_sizes) of them.
+    "backbone_out_indices": [0, 1, 2, 3],
+    "neck_hidden_sizes": [16, 32, 32, 32],
+    # The last fusion block and the head run at half and full input resolution: keep them thin.
+    "fusion_hidden_size": 32,
+}
+"""About 0.3 M parameters; the production defaults (hidden 768, fusion 256) are ~1000x that."""
+
+DPT_MEAN_STD = [0.5, 0.5, 0.5]
+"""MiDaS, DPT and Omnidata all standardise with mean = std = 0.5, i.e. pixels to [-1, 1]."""
+
+
+class DPTLabeler(Labeler):
+    """A labeler whose model is a transformers DPT; subclasses pick the head and read its output."""
+
+    model_cls: ClassVar[type[DPTPreTrainedModel]]
+    tiny_head: ClassVar[dict[str, Any]] = {}
+    """Config fields the subclass's head needs on top of ``TINY_DPT`` (e.g. ``num_labels``)."""
+
+    def build_tiny(self, directory: Path) -> None:
+        size = self.cfg.input_size
+        config = DPTConfig(**TINY_DPT, **self.tiny_head, image_size=size)
+        self.model_cls(config).save_pretrained(directory)
+        processor = DPTImageProcessor(
+            size={"height": size, "width": size}, image_mean=DPT_MEAN_STD, image_std=DPT_MEAN_STD
+        )
+        processor.save_pretrained(directory)
+
+    def load(self, source: str, revision: str | None) -> None:
+        self.model = load_model(self.model_cls, source, revision, self.device)
+        self.mean, self.std = normalisation(source, revision)
+        _check_hybrid_size(self.model.config, self.cfg.input_size, self.name)
+
+    def forward(self, pixels: np.ndarray) -> Any:
+        """One batched forward of (B, S, S, 3) uint8 pixels; the caller holds inference mode."""
+        return self.model(pixel_values=normalised(pixels, self.mean, self.std, self.device))
+
+
+def _check_hybrid_size(config: DPTConfig, input_size: int, name: str) -> None:
+    """Fail at setup, not on the first batch: DPT-Hybrid's embeddings accept only their own size.
+
+    transformers interpolates the position embeddings of the plain ViT backbone for any input, but
+    ``DPTModel`` calls the hybrid embeddings without ``interpolate_pos_encoding``, so they raise on
+    any other size. Not a ValueError on purpose: ``setup`` would report it as missing weights.
+    """
+    if not config.is_hybrid:
+        return
+    image_size = config.image_size
+    expected = tuple(image_size) if isinstance(image_size, list | tuple) else (image_size, image_size)
+    if expected != (input_size, input_size):
+        raise UserError(
+            f"{name}: this DPT-Hybrid checkpoint takes {expected[0]}x{expected[1]} inputs only; "
+            f"set label.{name}.input_size to {expected[0]}"
+        )

@@ -1,0 +1,119 @@
+"""A PNG grid to look at the labels: image | depth | normals | segmentation | boxes | CLIP | caption.
+
+One renderer per modality (a mapping, not a chain of ifs), each turning one stored row into an
+RGB tile of the label view's size, so the grid shows exactly what is on disk.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from four_m.core.config import Config
+from four_m.core.dataset_root import DatasetRoot
+from four_m.labelers.base import RANDOM_INIT
+from four_m.labelers.encode import decode_png
+from four_m.pipeline.views import centre_square, decode_rgb, resize_square
+
+Tile = np.ndarray  # (S, S, 3) uint8
+
+
+def render_depth(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    depth = decode_png(row["depth"]).astype(np.float32) / 65535.0
+    return (matplotlib.colormaps["magma"](depth)[:, :, :3] * 255).astype(np.uint8)
+
+
+def render_normal(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    return decode_png(row["normal"])
+
+
+def render_semseg(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    classes = decode_png(row["semseg"])
+    palette = np.random.default_rng(0).integers(40, 256, size=(256, 3), dtype=np.uint8)
+    palette[255] = 0
+    return palette[classes]
+
+
+def render_det(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    image = Image.fromarray(view.copy())
+    draw = ImageDraw.Draw(image)
+    side = view.shape[0]
+    for box in row["det"]:
+        corners = [box["x0"] * side, box["y0"] * side, box["x1"] * side, box["y1"] * side]
+        draw.rectangle(corners, outline=(255, 40, 40), width=2)
+        draw.text((corners[0] + 2, corners[1] + 1), f"{box['class']} {box['score']:.2f}", fill=(255, 255, 0))
+    return np.asarray(image)
+
+
+def render_clip(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    """The first three principal components of the patch features, as colours."""
+    grid, _, dim = (int(n) for n in meta[b"four_m.clip_shape"].split(b"x"))
+    patches = np.asarray(row["clip"], np.float32).reshape(grid * grid, dim)
+    centred = patches - patches.mean(0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:3].T
+    projected = (projected - projected.min(0)) / (np.ptp(projected, 0) + 1e-6)
+    small = (projected.reshape(grid, grid, 3) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize(view.shape[:2], Image.NEAREST))
+
+
+def render_caption(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    image = Image.new("RGB", view.shape[:2], (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    text = f"caption: {row['caption']}\n\nalt-text: {row.get('alt_text') or ''}"
+    wrapped = "\n".join(textwrap.fill(p, width=view.shape[0] // 7) for p in text.split("\n"))
+    draw.multiline_text((6, 6), wrapped, fill=(20, 20, 20))
+    return np.asarray(image)
+
+
+Renderer = Callable[[dict, Tile, dict[bytes, bytes]], Tile]
+"""(stored row, label view, the file's metadata) -> RGB tile."""
+
+RENDERERS: dict[str, Renderer] = {
+    "depth": render_depth,
+    "normal": render_normal,
+    "semseg": render_semseg,
+    "det": render_det,
+    "clip": render_clip,
+    "caption": render_caption,
+}
+
+
+def write_label_preview(config: Config, samples: int = 8, shard: int = 0) -> Path:
+    """Write ``<root>/preview/labels.png`` for the first ``samples`` labelled rows of one shard."""
+    root = DatasetRoot(config.root)
+    size = config.label.size
+    images = pq.read_table(root / f"images/{shard:05d}.parquet").to_pylist()
+    modalities = [n for n in RENDERERS if (root / f"labels/{n}/{shard:05d}.parquet").is_file()]
+    tables = {n: pq.read_table(root / f"labels/{n}/{shard:05d}.parquet") for n in modalities}
+    rows = {n: t.to_pylist() for n, t in tables.items()}
+    chosen = [i for i, r in enumerate(images) if r["status"] == "success"][:samples]
+    header = 18
+    grid = Image.new("RGB", ((1 + len(modalities)) * size, header + len(chosen) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, name in enumerate(["image", *modalities]):
+        random_init = name in tables and tables[name].schema.metadata.get(b"four_m.model") == RANDOM_INIT.encode()
+        draw.text((column * size + 4, 3), f"{name}{' (RANDOM-INIT)' if random_init else ''}", fill=(0, 0, 0))
+    for line, index in enumerate(chosen):
+        view = resize_square(centre_square(decode_rgb(images[index]["jpg"])), size)
+        tiles = [view] + [_tile(RENDERERS[n], rows[n][index], view, tables[n].schema.metadata) for n in modalities]
+        for column, tile in enumerate(tiles):
+            grid.paste(Image.fromarray(tile), (column * size, header + line * size))
+    out = root / "preview/labels.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
+
+
+def _tile(render: Renderer, row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    if row.get("error"):
+        tile = Image.new("RGB", view.shape[:2], (60, 60, 60))
+        ImageDraw.Draw(tile).multiline_text((6, 6), textwrap.fill(row["error"], 30), fill=(255, 200, 200))
+        return np.asarray(tile)
+    return render(row, view, meta)

@@ -1,0 +1,339 @@
+"""The label stage: ``images/`` shards -> ``labels/<modality>/`` shards, on Ray Data.
+
+One Ray Data execution covers up to ``label.shards_per_run`` shards: a task pool decodes each
+image once and cuts its views (``pipeline.views``), then one actor pool per labeler (batch size,
+concurrency, CPU and GPU share from config) adds that labeler's columns. Execution preserves
+order, so the driver receives rows in ``images/`` order, streams each labeler's columns into that
+shard's file under a temporary name, and renames it and writes its marker once the shard's last
+row has arrived. Markers are per labeler and shard (``_state/label/<modality>/``): a rerun, or
+``--only depth,det``, redoes exactly what is missing and never touches the other folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from four_m import __version__
+from four_m.core.config import Config, shaping_hash
+from four_m.core.dataset_root import DatasetRoot, clear_temporaries, shard_name, write_text_atomic
+from four_m.core.errors import UserError
+from four_m.labelers.base import Labeler
+from four_m.labelers.registry import LABELERS
+from four_m.pipeline.executor import ray_session
+from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_column, pixels_of
+
+STAGE = "label"
+ERROR = "error"
+ROW_GROUP_ROWS = 256
+TASK_CPUS = 0.25
+"""CPUs of a read or decode task: small, so tasks still fit beside the labelers' actor pools."""
+
+
+class LabelStageError(UserError):
+    """The label stage cannot start (nothing downloaded, stale shards, an unknown labeler)."""
+
+
+def column(labeler: str, name: str) -> str:
+    """Labelers' columns travel side by side through the pipeline, prefixed by modality."""
+    return f"{labeler}.{name}"
+
+
+class LabelerActor:
+    """One actor of a pool: loads its labelers' weights once, then labels batch after batch.
+
+    Usually one labeler per pool; ``label.actor_groups`` puts several in one actor where a
+    machine is too small for a process per labeler (each process imports torch and friends).
+    """
+
+    def __init__(self, names: list[str], config: Config, models_dir: str):
+        cpus = sum(config.label.labeler(n).num_cpus for n in names)
+        torch.set_num_threads(max(1, int(cpus)))
+        self.labelers = []
+        for name in names:
+            labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name)
+            labeler.setup()
+            self.labelers.append((labeler, labeler.schema()))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for labeler, schema in self.labelers:
+            batch = _apply(labeler, schema, batch)
+        return batch
+
+
+def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
+    """Append one labeler's payload and error columns to a pipeline batch."""
+    errors = batch[VIEW_ERROR].to_pylist()
+    rows = [i for i, error in enumerate(errors) if error is None]
+    payloads: list[dict | None] = [None] * batch.num_rows
+    if rows:
+        pixels = pixels_of(batch, labeler.cfg.input_size)[rows]
+        for row, payload, error in _label_isolated(labeler, pixels, rows):
+            payloads[row] = payload
+            errors[row] = error
+    table = pa.Table.from_pylist([p or {} for p in payloads], schema=schema)
+    for field_ in schema:
+        batch = batch.append_column(column(labeler.name, field_.name), table[field_.name])
+    return batch.append_column(column(labeler.name, ERROR), pa.array(errors, pa.string()))
+
+
+def _label_isolated(labeler: Labeler, pixels, rows: list[int]) -> list[tuple[int, dict | None, str | None]]:
+    """Label the batch; if that fails, row by row, so one bad image costs only its own row."""
+    try:
+        return [(row, payload, None) for row, payload in zip(rows, labeler.label(pixels), strict=True)]
+    except Exception:  # noqa: BLE001 - the culprit is isolated below
+        pass
+    results = []
+    for index, row in enumerate(rows):
+        try:
+            (payload,) = labeler.label(pixels[index : index + 1])
+            results.append((row, payload, None))
+        except Exception as err:  # noqa: BLE001 - counted and stored with the row
+            results.append((row, None, f"{labeler.name} failed: {type(err).__name__}: {err}"))
+    return results
+
+
+@dataclass
+class LabelSummary:
+    """Per labeler: rows, labelled rows, failures by reason, shards done/skipped."""
+
+    seconds: float = 0.0
+    rows: Counter = field(default_factory=Counter)
+    labelled: Counter = field(default_factory=Counter)
+    failures: dict[str, Counter] = field(default_factory=dict)
+    shards_done: Counter = field(default_factory=Counter)
+    shards_skipped: Counter = field(default_factory=Counter)
+    random_init: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        lines = []
+        for name in sorted(set(self.shards_done) | set(self.shards_skipped)):
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.failures.get(name, {}).items()))
+            warning = "  [RANDOM-INIT WEIGHTS: not real labels]" if name in self.random_init else ""
+            lines.append(
+                f"label/{name}: rows {self.rows[name]}, labelled {self.labelled[name]},"
+                f" failed {self.rows[name] - self.labelled[name]}{f' ({reasons})' if reasons else ''};"
+                f" shards done {self.shards_done[name]}, skipped {self.shards_skipped[name]}{warning}"
+            )
+        lines.append(f"label: {self.seconds:.1f} s")
+        return lines
+
+
+def failure_reason(error: str) -> str:
+    return "no_image" if error.startswith("no image") else "labeler_error"
+
+
+@dataclass
+class _ShardSink:
+    """Streams one labeler's columns of one shard into a temporary file; renamed when complete."""
+
+    final: Path
+    schema: pa.Schema
+    writer: pq.ParquetWriter | None = None
+    temp: Path | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.temp = self.final.with_name(f".{self.final.name}.tmp")
+            self.writer = pq.ParquetWriter(self.temp, self.schema)
+        self.writer.write_table(table.cast(self.schema), row_group_size=ROW_GROUP_ROWS)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.temp.replace(self.final)
+
+
+def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True) -> LabelSummary:
+    """Label every finished download shard with the configured (or ``only`` the named) labelers."""
+    started = time.perf_counter()
+    root = DatasetRoot(config.root)
+    names = only or config.label.labelers
+    unknown = sorted(set(names) - set(LABELERS))
+    if unknown:
+        raise LabelStageError(f"unknown labelers {unknown}; known: {', '.join(LABELERS)}")
+    labelers = {n: LABELERS[n](config.label.labeler(n), config.label.size, root / f"_models/{n}") for n in names}
+    shards = _downloaded_shards(root, config)
+    states = {n: root.stage(f"{STAGE}/{n}") for n in names}
+    hashes = {n: shaping_hash(config.label.size, config.label.labeler(n)) for n in names}
+    for n in names:
+        stale = states[n].stale_shards(shards, hashes[n])
+        if stale:
+            raise LabelStageError(
+                f"{len(stale)} finished {n} shards were made with another label config; "
+                f"use a new root or delete labels/{n}/ and _state/label/{n}/"
+            )
+    summary = LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init])
+    pending = {n: [s for s in shards if not states[n].is_done(s, config.verify_checksums)] for n in names}
+    for n in names:
+        summary.shards_skipped[n] = len(shards) - len(pending[n])
+        summary.shards_done[n] += 0
+        clear_temporaries(root / f"labels/{n}")
+        states[n].write_run_config(config.to_yaml())
+    todo = sorted({s for p in pending.values() for s in p})
+    if todo:
+        for labeler in labelers.values():
+            labeler.prepare()  # tiny variants are built once here, not raced by actors
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown the summary
+        with ray_session(config.ray):
+            for start in range(0, len(todo), config.label.shards_per_run):
+                chunk = todo[start : start + config.label.shards_per_run]
+                active = [n for n in names if set(pending[n]) & set(chunk)]
+                work = {n: set(pending[n]) & set(chunk) for n in active}
+                _run_chunk(root, config, chunk, {n: labelers[n] for n in active}, work, states, hashes, summary)
+    summary.seconds = time.perf_counter() - started
+    write_text_atomic(root / f"_state/{STAGE}/summary.json", json.dumps(_summary_dict(summary), indent=1))
+    return summary
+
+
+def _downloaded_shards(root: DatasetRoot, config: Config) -> list[int]:
+    download = root.stage("download")
+    shards = sorted(int(p.name.split(".")[0]) for p in download.folder.glob("*.done.json"))
+    shards = [s for s in shards if download.is_done(s, verify_checksums=False)]
+    if not shards:
+        raise LabelStageError(f"no finished download shards under {root.path}: run the download stage first")
+    return shards
+
+
+def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, hashes, summary) -> None:
+    """Label one chunk of shards in one Ray Data execution; ``work`` = shards to write per labeler."""
+    files = [str(root / f"images/{shard_name(s)}.parquet") for s in chunk]
+    expected = {s: pq.ParquetFile(f).metadata.num_rows for f, s in zip(files, chunk, strict=True)}
+    sizes = tuple(sorted({lab.cfg.input_size for lab in labelers.values()}))
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # The shards are read by our own small generator task rather than read_parquet, whose file
+    # listing takes a whole CPU that six actor pools on two cores would never leave free.
+    dataset = (
+        ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+        .map_batches(read_images, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
+        .map_batches(add_views, fn_kwargs={"sizes": sizes}, batch_format="pyarrow", batch_size=32, num_cpus=TASK_CPUS)
+    )
+    pools = config.label.pools(list(labelers))
+    _check_resources(config, pools)
+    for group in pools:
+        cfgs = [config.label.labeler(n) for n in group]
+        dataset = dataset.map_batches(
+            LabelerActor,
+            fn_constructor_kwargs={"names": group, "config": config, "models_dir": str(root / "_models")},
+            batch_format="pyarrow",
+            batch_size=min(c.batch_size for c in cfgs),
+            compute=ray.data.ActorPoolStrategy(size=max(c.concurrency for c in cfgs)),
+            num_cpus=sum(c.num_cpus for c in cfgs),
+            num_gpus=sum(c.num_gpus for c in cfgs) or None,
+        )
+    pixel_columns = [pixels_column(size) for size in sizes]
+    dataset = dataset.drop_columns(pixel_columns)
+    schemas = {n: _file_schema(lab, config, hashes[n]) for n, lab in labelers.items()}
+    sinks: dict[tuple[str, int], _ShardSink] = {}
+    seen: Counter = Counter()
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for path, offset, length in _runs(batch["path"].to_pylist()):
+            shard = int(Path(path).name.split(".")[0])
+            part = batch.slice(offset, length)
+            for name in labelers:
+                if shard in work[name]:
+                    final = root / f"labels/{name}/{shard_name(shard)}.parquet"
+                    sink = sinks.setdefault((name, shard), _ShardSink(final, schemas[name]))
+                    sink.write(_modality_table(part, name, schemas[name]))
+            seen[shard] += length
+            if seen[shard] == expected[shard]:
+                _finish_shard(root, shard, labelers, states, hashes, sinks, summary)
+
+
+def _check_resources(config: Config, pools: list[list[str]]) -> None:
+    """Fail now, not hang later: actor pools that hold every CPU starve the read tasks (ray #44687)."""
+    cfgs = [[config.label.labeler(n) for n in pool] for pool in pools]
+    cpus = sum(sum(c.num_cpus for c in pool) * max(c.concurrency for c in pool) for pool in cfgs) + 2 * TASK_CPUS
+    gpus = sum(sum(c.num_gpus for c in pool) * max(c.concurrency for c in pool) for pool in cfgs)
+    have = ray.cluster_resources()
+    if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
+        raise LabelStageError(
+            f"the labeler pools {pools} need {cpus:g} CPUs and {gpus:g} GPUs (with read and decode tasks) but the"
+            f" Ray cluster has {have.get('CPU', 0):g} and {have.get('GPU', 0):g}: lower label.<name>.num_cpus,"
+            " num_gpus or concurrency, or group labelers into one pool with label.actor_groups"
+        )
+
+
+def read_images(batch: pa.Table):
+    """Stream one images/ shard (a one-row batch naming it) in row groups, tagged with its path."""
+    (path,) = batch["path"].to_pylist()
+    columns = ["key", "jpg", "status", "error_message", "caption"]
+    for part in pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns):
+        yield pa.Table.from_batches([part]).append_column("path", pa.array([path] * part.num_rows))
+
+
+def _runs(paths: list[str]):
+    """(path, offset, length) of each run of equal consecutive paths in a batch."""
+    start = 0
+    for index in range(1, len(paths) + 1):
+        if index == len(paths) or paths[index] != paths[start]:
+            yield paths[start], start, index - start
+            start = index
+
+
+def _modality_table(part: pa.Table, name: str, schema: pa.Schema) -> pa.Table:
+    """One labeler's file columns from the pipeline's: key, its payload, alt_text, its error."""
+    shared = {"key": "key", "alt_text": "caption"}
+    return pa.table({f.name: part[shared.get(f.name, column(name, f.name))] for f in schema})
+
+
+def _file_schema(labeler: Labeler, config: Config, config_hash: str) -> pa.Schema:
+    fields = [pa.field("key", pa.string())]
+    fields += list(labeler.schema())
+    if labeler.keeps_alt_text:
+        fields.append(pa.field("alt_text", pa.string()))
+    fields.append(pa.field(ERROR, pa.string()))
+    provenance = {
+        "stage": STAGE,
+        "package": f"four-m {__version__}",
+        "config_hash": config_hash,
+        "label_view": f"centre square of the shorter side, {config.label.size} px",
+        **labeler.provenance(),
+    }
+    return pa.schema(fields, metadata={f"four_m.{k}": v for k, v in provenance.items()})
+
+
+def _finish_shard(root, shard, labelers, states, hashes, sinks, summary) -> None:
+    image_keys = pq.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"]
+    for name in labelers:
+        sink = sinks.pop((name, shard), None)
+        if sink is None:
+            continue
+        sink.close()
+        written = pq.read_table(sink.final, columns=["key", ERROR])
+        if not written["key"].equals(image_keys):
+            sink.final.unlink()
+            raise RuntimeError(f"labels/{name}/{shard_name(shard)}: keys are not those of images/ (row order broken)")
+        errors = [e for e in written[ERROR].to_pylist() if e is not None]
+        summary.rows[name] += written.num_rows
+        summary.labelled[name] += written.num_rows - len(errors)
+        summary.failures.setdefault(name, Counter()).update(failure_reason(e) for e in errors)
+        summary.shards_done[name] += 1
+        states[name].mark_done(shard, written.num_rows, [sink.final], hashes[name])
+
+
+def _summary_dict(summary: LabelSummary) -> dict:
+    return {
+        "seconds": round(summary.seconds, 3),
+        "random_init": summary.random_init,
+        "labelers": {
+            name: {
+                "rows": summary.rows[name],
+                "labelled": summary.labelled[name],
+                "failures": dict(summary.failures.get(name, {})),
+                "shards_done": summary.shards_done[name],
+                "shards_skipped": summary.shards_skipped[name],
+            }
+            for name in sorted(set(summary.shards_done) | set(summary.shards_skipped))
+        },
+    }

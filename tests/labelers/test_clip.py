@@ -1,0 +1,46 @@
+import numpy as np
+import pyarrow as pa
+import torch
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from four_m.core.config import LabelerConfig
+from four_m.labelers.clip import ClipLabeler
+
+INPUT, VIEW, GRID, DIM = 224, 32, 14, 512  # 4M's CLIP-B/16 map at 224 px: 14 x 14 x 512
+
+
+def _reference(labeler: ClipLabeler, pixels: np.ndarray) -> np.ndarray:
+    """Projected patch tokens in float32, normalised by hand with CLIP's mean and std."""
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    values = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    model = labeler.model
+    with torch.inference_mode():
+        tokens = model(pixel_values=values).last_hidden_state[:, 1:]  # (B, N, hidden), CLS dropped
+        features = model.visual_projection(model.vision_model.post_layernorm(tokens))  # (B, N, D)
+    return features.flatten(1).numpy()
+
+
+def test_features_are_the_projected_patch_tokens(built):
+    labeler, production, pixels, payloads = built(ClipLabeler, INPUT, VIEW)
+    assert labeler.schema().field("clip").type == pa.list_(pa.float16(), GRID * GRID * DIM)
+    reference = _reference(production, pixels)
+    rows = np.stack([payload["clip"] for payload in payloads])
+    assert rows.dtype == np.float16 and rows.shape == (len(pixels), GRID * GRID * DIM)
+    assert np.isfinite(rows).all()
+    np.testing.assert_allclose(rows.astype(np.float32), reference, rtol=2e-3, atol=2e-3)
+    assert not np.array_equal(rows[0], rows[3])  # the features depend on the image
+
+
+def test_another_input_size_interpolates_the_position_embeddings(built):
+    labeler = built(ClipLabeler, INPUT, VIEW).random_init
+    smaller = ClipLabeler(LabelerConfig(model=str(labeler.tiny_dir), input_size=160), VIEW, None)
+    smaller.setup()
+    pixels = np.random.default_rng(1).integers(0, 256, size=(2, 160, 160, 3), dtype=np.uint8)
+    payloads = smaller.label(pixels)
+    pa.Table.from_pylist(payloads, schema=smaller.schema())
+    assert smaller.schema().field("clip").type.list_size == 10 * 10 * DIM  # a 10 x 10 grid at 160 px
+    assert all(p["clip"].shape == (10 * 10 * DIM,) and np.isfinite(p["clip"]).all() for p in payloads)
+
+
+def test_missing_weights_name_the_path(missing_weights):
+    missing_weights(ClipLabeler)

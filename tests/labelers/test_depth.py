@@ -1,0 +1,49 @@
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from four_m.labelers.depth import DepthLabeler
+from four_m.labelers.encode import decode_png
+
+INPUT, VIEW = 64, 48  # the view is smaller than the input here: maps are resized, inputs are not
+
+
+def _reference(labeler: DepthLabeler, pixels: np.ndarray) -> np.ndarray:
+    """The model's disparity at the view's size, normalised by hand (DPT: mean = std = 0.5)."""
+    values = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    with torch.inference_mode():
+        disparity = labeler.model(pixel_values=values).predicted_depth
+    return F.interpolate(disparity[:, None], size=(VIEW, VIEW), mode="bilinear")[:, 0].numpy()
+
+
+def test_depth_maps_decode_to_the_models_disparity(built):
+    labeler, production, pixels, payloads = built(DepthLabeler, INPUT, VIEW)
+    reference = _reference(production, pixels)
+    for payload, expected in zip(payloads, reference, strict=True):
+        codes = decode_png(payload["depth"])
+        assert codes.dtype == np.uint16 and codes.shape == (VIEW, VIEW)
+        low, high = payload["depth_min"], payload["depth_max"]
+        assert np.isfinite([low, high]).all() and low <= high
+        depth = low + codes / 65535 * (high - low)
+        np.testing.assert_allclose(depth, expected, rtol=0, atol=(high - low) / 65535 + 1e-12)
+        np.testing.assert_allclose([low, high], [expected.min(), expected.max()], rtol=1e-6)
+    for payload in payloads[:3]:  # random images: a real range, spread over all 16 bits
+        codes = decode_png(payload["depth"])
+        assert payload["depth_max"] > payload["depth_min"]
+        assert codes.min() == 0 and codes.max() == 65535
+    assert "disparity" in labeler.provenance()["depth_kind"]
+
+
+def test_a_constant_map_stores_zeros(built):
+    labeler, _, pixels, _ = built(DepthLabeler, INPUT, VIEW)
+    # At the view's size already, so no resize adds float noise to the constant.
+    labeler.forward = lambda batch: SimpleNamespace(predicted_depth=torch.full((len(batch), VIEW, VIEW), 2.5))
+    for payload in labeler.label(pixels):
+        assert payload["depth_min"] == payload["depth_max"] == 2.5
+        assert not decode_png(payload["depth"]).any()
+
+
+def test_missing_weights_name_the_path(missing_weights):
+    missing_weights(DepthLabeler)
