@@ -144,9 +144,8 @@ def main() -> None:
     print(
         f"stage (Ray Data, 6 actor pools, model loading included): {stage:6.1f} s  {args.images / stage:6.2f} images/s"
     )
-    print(
-        f"naive loop (one image at a time, decode per labeler):    {baseline:6.1f} s  {args.images / baseline:6.2f} images/s"
-    )
+    naive_rate = args.images / baseline
+    print(f"naive loop (one image at a time, decode per labeler):    {baseline:6.1f} s  {naive_rate:6.2f} images/s")
     print(f"ratio stage / naive: {baseline / stage:.2f}x (goal >= 3x on 2 CPU cores)")
     print("batched model time share: " + ", ".join(f"{n} {100 * s / total:.0f}%" for n, s in shares.items()))
     print(f"peak resident memory, all processes during the stage: {memory.peak / 2**30:.2f} GiB")
