@@ -48,6 +48,7 @@ sample-urls download label tokenizers tokenize train sample card preview models:
 
 bench: $(STAMP)
 	$(BIN)/python bench/download.py
+	$(BIN)/python bench/label.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

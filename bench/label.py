@@ -7,7 +7,7 @@ random-init ones by default); the baseline's model loading is not timed, the sta
 actors load their models inside the run). Also printed: each labeler's share of batched model
 time, and the peak resident memory of all processes (driver, Ray, workers).
 
-    .venv/bin/python bench/label.py [--images 48] [--config default]
+    .venv/bin/python bench/label.py [--images 144] [--config default] [--set label.actor_groups=...]
 """
 
 from __future__ import annotations
@@ -115,15 +115,16 @@ def batched_shares(labelers, jpegs: list[bytes], batch: int = 8) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=144)
     parser.add_argument("--per-shard", type=int, default=16)
     parser.add_argument("--config", default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "photos").mkdir()
         photos = [tmp / "photos" / n for n in make_images(tmp / "photos", args.images)]
-        config = load_config(args.config, root=str(tmp / "root"))
+        config = load_config(args.config, args.overrides, root=str(tmp / "root"))
         jpegs = write_images_root(tmp / "root", photos, args.per_shard)
         ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level="warning")
         with PeakMemory() as memory:
@@ -141,9 +142,9 @@ def main() -> None:
         shares = batched_shares(labelers, jpegs)
     total = sum(shares.values())
     print(f"images: {args.images} ({args.per_shard} per shard), config {args.config}, labelers: {', '.join(labelers)}")
-    print(
-        f"stage (Ray Data, 6 actor pools, model loading included): {stage:6.1f} s  {args.images / stage:6.2f} images/s"
-    )
+    pools = len(config.label.pools(list(config.label.labelers)))
+    stage_rate = args.images / stage
+    print(f"stage (Ray Data, {pools} pool(s), model loading included):   {stage:6.1f} s  {stage_rate:6.2f} images/s")
     naive_rate = args.images / baseline
     print(f"naive loop (one image at a time, decode per labeler):    {baseline:6.1f} s  {naive_rate:6.2f} images/s")
     print(f"ratio stage / naive: {baseline / stage:.2f}x (goal >= 3x on 2 CPU cores)")

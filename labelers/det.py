@@ -61,6 +61,10 @@ class DetLabeler(Labeler):
 
     def load(self, source: str, revision: str | None) -> None:
         from ultralytics import YOLO
+        from ultralytics.utils import patches
+
+        # ultralytics' patched Image.open would pip-install pi-heif on the first unknown image.
+        patches._pil_plugins_registered = True
 
         if not Path(source).is_file():
             raise FileNotFoundError(f"no YOLO weights file at {source}")

@@ -11,6 +11,7 @@ rest is normalised to an upright 8-bit RGB(A) PNG before img2dataset's resizer s
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from typing import BinaryIO
 
@@ -25,6 +26,13 @@ PASS_THROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}  # what cv2.imdecode reads in eve
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _pil_open(stream: BinaryIO) -> Image.Image:
+    """Pillow's own ``Image.open``: importing ultralytics replaces it with a wrapper that, on an
+    unidentified image, pip-installs pi-heif at run time instead of raising."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open)(stream)
+
+
 class ImageRejected(ValueError):
     """The bytes are not an image this pipeline will keep; the message is the failure reason."""
 
@@ -33,7 +41,7 @@ def checked_image_stream(stream: BinaryIO, max_pixels: int) -> BinaryIO:
     """Return ``stream`` itself if cv2 can take it as is, else an upright 8-bit PNG of the image."""
     stream.seek(0)
     try:
-        with Image.open(stream) as image:
+        with _pil_open(stream) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected(f"decompression bomb: {width}x{height} pixels > limit {max_pixels}")

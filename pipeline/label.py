@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class LabelerActor:
 
     def __init__(self, names: list[str], config: Config, models_dir: str):
         cpus = sum(config.label.labeler(n).num_cpus for n in names)
-        torch.set_num_threads(max(1, int(cpus)))
+        torch.set_num_threads(max(1, math.ceil(cpus)))  # the CPUs Ray reserved for this actor
         self.labelers = []
         for name in names:
             labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name)

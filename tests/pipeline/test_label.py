@@ -30,17 +30,22 @@ SMALL = [
 ]
 
 
-def _jpeg(path: Path) -> bytes:
-    image = Image.open(path).convert("RGB")
-    image.thumbnail((256, 256))
+def _jpeg(path: Path, mode: str = "RGB", size: int = 256) -> bytes:
+    image = Image.open(path).convert(mode)
+    image.thumbnail((size, size))
     out = io.BytesIO()
     image.save(out, "JPEG")
     return out.getvalue()
 
 
 def make_images_root(root: Path, photos, per_shard: int = 4) -> list[list[str]]:
-    """images/ shards as the download stage writes them, with a corrupt image and a failed row."""
+    """images/ shards as the download stage writes them, with a corrupt image and a failed row.
+
+    Also a greyscale and a 1x1 image: both must be labelled, not failed.
+    """
     rows = [dict(jpg=_jpeg(p), status="success", error_message=None, caption=c) for p, c in photos[:6]]
+    rows.append(dict(jpg=_jpeg(photos[0][0], "L"), status="success", error_message=None, caption="grey"))
+    rows.append(dict(jpg=_jpeg(photos[1][0], size=1), status="success", error_message=None, caption="1x1"))
     rows.insert(2, dict(jpg=b"\xff\xd8 not really a jpeg", status="success", error_message=None, caption="corrupt"))
     rows.insert(5, dict(jpg=None, status="failed_to_download", error_message="HTTP Error 404: x", caption="gone"))
     state = DatasetRoot(root).stage("download")
