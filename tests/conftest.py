@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +26,28 @@ class SlowCapableHandler(QuietHandler):
             time.sleep(SLOW_SECONDS)
             self.path = self.path[len("/slow") :]
         super().do_GET()
+
+
+def _kill_after_first_marker(verb: str, config_file: Path, markers: Path, limit_s: float = 300) -> int:
+    """Run a stage's CLI, SIGKILL its whole process group (Ray included) as soon as one shard's
+    marker appears, and return how many markers there were at the kill."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "four_m", verb, "--config", str(config_file), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + limit_s
+    while not list(markers.glob("*.done.json")) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    return len(list(markers.glob("*.done.json")))
+
+
+@pytest.fixture
+def kill_after_first_marker():
+    return _kill_after_first_marker
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -140,21 +137,14 @@ def _cli(*args: str, **popen) -> subprocess.Popen:
     )
 
 
-def test_a_killed_run_resumes_with_every_key_exactly_once(tmp_path, ray_local, server, site):
+def test_a_killed_run_resumes_with_every_key_exactly_once(tmp_path, ray_local, server, site, kill_after_first_marker):
     root = tmp_path / "root"
     good = [(f"{server}/slow/{p.name}", p.stem) for p in sorted(site.glob("0*"))]
     rows = (good * 3)[:24]  # every row waits SLOW_SECONDS: 6 shards take a while
     config = _config(root, rows, samples_per_shard=4, timeout_s=10.0, threads_per_shard=1)
     config_file = tmp_path / "c.yaml"
     config_file.write_text(config.to_yaml())
-    run = _cli("download", "--config", str(config_file), start_new_session=True)
-    markers = root / "_state/download"
-    deadline = time.monotonic() + 240
-    while not list(markers.glob("*.done.json")) and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.2)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    done_at_kill = len(list(markers.glob("*.done.json")))
+    done_at_kill = kill_after_first_marker("download", config_file, root / "_state/download")
     assert 1 <= done_at_kill < 6, "the kill should land mid-run"
 
     resumed = run_download(config, progress=False)

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -123,24 +118,12 @@ def test_only_reruns_the_named_labelers_and_leaves_others_byte_identical(labelle
     assert sum(again.shards_done.values()) == 0
 
 
-def test_a_killed_run_resumes_with_every_key_exactly_once(tmp_path, ray_local, photos):
+def test_a_killed_run_resumes_with_every_key_exactly_once(tmp_path, ray_local, photos, kill_after_first_marker):
     root = tmp_path / "root"
     keys = make_images_root(root, photos * 3, per_shard=3)
     config_file = tmp_path / "c.yaml"
     config_file.write_text(_config(root, "label.labelers=[depth, clip]").to_yaml())
-    run = subprocess.Popen(
-        [sys.executable, "-m", "four_m", "label", "--config", str(config_file), "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    markers = root / "_state/label/clip"
-    deadline = time.monotonic() + 300
-    while not list(markers.glob("*.done.json")) and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.2)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    done = len(list(markers.glob("*.done.json")))
+    done = kill_after_first_marker("label", config_file, root / "_state/label/clip")
     assert 1 <= done < len(keys), "the kill should land mid-run"
     summary = run_label(load_config(config_file), progress=False)
     assert summary.shards_done["clip"] == len(keys) - done
