@@ -177,7 +177,6 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
     pending = {n: [s for s in shards if not states[n].is_done(s, config.verify_checksums)] for n in names}
     for n in names:
         summary.shards_skipped[n] = len(shards) - len(pending[n])
-        summary.shards_done[n] += 0
         clear_temporaries(root / f"labels/{n}")
         states[n].write_run_config(config.to_yaml())
     todo = sorted({s for p in pending.values() for s in p})
