@@ -195,6 +195,17 @@ class LabelConfig:
         grouped = {n for p in pools for n in p}
         return pools + [[n] for n in names if n not in grouped]
 
+    def pool_settings(self, pool: list[str]) -> LabelerConfig:
+        """One actor pool's resources: its members' CPUs and GPUs summed, the smallest batch, the
+        largest concurrency (see ``actor_groups``)."""
+        members = [self.labeler(n) for n in pool]
+        return LabelerConfig(
+            batch_size=min(c.batch_size for c in members),
+            concurrency=max(c.concurrency for c in members),
+            num_cpus=sum(c.num_cpus for c in members),
+            num_gpus=sum(c.num_gpus for c in members),
+        )
+
 
 @dataclass(frozen=True)
 class Config:

@@ -57,8 +57,8 @@ class LabelerActor:
     """
 
     def __init__(self, names: list[str], config: Config, models_dir: str):
-        cpus = sum(config.label.labeler(n).num_cpus for n in names)
-        torch.set_num_threads(max(1, math.ceil(cpus)))  # the CPUs Ray reserved for this actor
+        # As many threads as CPUs Ray reserved for this actor.
+        torch.set_num_threads(max(1, math.ceil(config.label.pool_settings(names).num_cpus)))
         self.labelers = []
         for name in names:
             labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name)
@@ -163,7 +163,7 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
     if unknown:
         raise LabelStageError(f"unknown labelers {unknown}; known: {', '.join(LABELERS)}")
     labelers = {n: LABELERS[n](config.label.labeler(n), config.label.size, root / f"_models/{n}") for n in names}
-    shards = _downloaded_shards(root, config)
+    shards = _downloaded_shards(root)
     states = {n: root.stage(f"{STAGE}/{n}") for n in names}
     hashes = {n: shaping_hash(config.label.size, config.label.labeler(n)) for n in names}
     for n in names:
@@ -188,15 +188,15 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
         with ray_session(config.ray):
             for start in range(0, len(todo), config.label.shards_per_run):
                 chunk = todo[start : start + config.label.shards_per_run]
-                active = [n for n in names if set(pending[n]) & set(chunk)]
-                work = {n: set(pending[n]) & set(chunk) for n in active}
+                work = {n: set(pending[n]) & set(chunk) for n in names}
+                active = [n for n in names if work[n]]
                 _run_chunk(root, config, chunk, {n: labelers[n] for n in active}, work, states, hashes, summary)
     summary.seconds = time.perf_counter() - started
     write_text_atomic(root / f"_state/{STAGE}/summary.json", json.dumps(_summary_dict(summary), indent=1))
     return summary
 
 
-def _downloaded_shards(root: DatasetRoot, config: Config) -> list[int]:
+def _downloaded_shards(root: DatasetRoot) -> list[int]:
     download = root.stage("download")
     shards = sorted(int(p.name.split(".")[0]) for p in download.folder.glob("*.done.json"))
     shards = [s for s in shards if download.is_done(s, verify_checksums=False)]
@@ -221,15 +221,15 @@ def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, 
     pools = config.label.pools(list(labelers))
     _check_resources(config, pools)
     for group in pools:
-        cfgs = [config.label.labeler(n) for n in group]
+        pool = config.label.pool_settings(group)
         dataset = dataset.map_batches(
             LabelerActor,
             fn_constructor_kwargs={"names": group, "config": config, "models_dir": str(root / "_models")},
             batch_format="pyarrow",
-            batch_size=min(c.batch_size for c in cfgs),
-            compute=ray.data.ActorPoolStrategy(size=max(c.concurrency for c in cfgs)),
-            num_cpus=sum(c.num_cpus for c in cfgs),
-            num_gpus=sum(c.num_gpus for c in cfgs) or None,
+            batch_size=pool.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus or None,
         )
     pixel_columns = [pixels_column(size) for size in sizes]
     dataset = dataset.drop_columns(pixel_columns)
@@ -252,9 +252,9 @@ def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, 
 
 def _check_resources(config: Config, pools: list[list[str]]) -> None:
     """Fail now, not hang later: actor pools that hold every CPU starve the read tasks (ray #44687)."""
-    cfgs = [[config.label.labeler(n) for n in pool] for pool in pools]
-    cpus = sum(sum(c.num_cpus for c in pool) * max(c.concurrency for c in pool) for pool in cfgs) + 2 * TASK_CPUS
-    gpus = sum(sum(c.num_gpus for c in pool) * max(c.concurrency for c in pool) for pool in cfgs)
+    settings = [config.label.pool_settings(pool) for pool in pools]
+    cpus = sum(s.num_cpus * s.concurrency for s in settings) + 2 * TASK_CPUS
+    gpus = sum(s.num_gpus * s.concurrency for s in settings)
     have = ray.cluster_resources()
     if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
         raise LabelStageError(

@@ -29,6 +29,12 @@ def table_of(labeler: Labeler, payloads: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(payloads, schema=labeler.schema())
 
 
+@pytest.fixture
+def batch() -> Callable[[int], np.ndarray]:
+    """``batch(size)``: the standard test batch of ``batch_of``, for tests that build labelers themselves."""
+    return batch_of
+
+
 class Built(NamedTuple):
     random_init: Labeler
     production: Labeler

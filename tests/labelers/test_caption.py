@@ -1,4 +1,3 @@
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -22,12 +21,6 @@ def tiny(tmp_path_factory):
     return labeler, folder
 
 
-def _pixels(count: int = 4, size: int = SIZE) -> np.ndarray:
-    pixels = np.random.default_rng(0).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
-    pixels[-1] = 0
-    return pixels
-
-
 def _check_captions(labeler: CaptionLabeler, out: list[dict]) -> None:
     table = pa.Table.from_pylist(out, schema=labeler.schema())
     assert table.num_rows == len(out) and table.column_names == ["caption"]
@@ -39,10 +32,10 @@ def _check_captions(labeler: CaptionLabeler, out: list[dict]) -> None:
         assert len(labeler.tokenizer.tokenize(text)) <= MAX_NEW_TOKENS
 
 
-def test_captions_follow_the_schema_and_length(tiny):
+def test_captions_follow_the_schema_and_length(tiny, batch):
     labeler, _ = tiny
     assert CaptionLabeler.keeps_alt_text
-    out = labeler.label(_pixels())
+    out = labeler.label(batch(SIZE))
     _check_captions(labeler, out)
     assert len({row["caption"] for row in out}) > 1, "captions should depend on the image"
 
@@ -55,22 +48,22 @@ def test_tiny_tokenizer_knows_its_words(tiny):
     assert labeler.tokenizer.tokenize("a person sitting on a couch") == ["a", "person", "sitting", "on", "a", "couch"]
 
 
-def test_saved_weights_load_through_the_production_path(tiny):
+def test_saved_weights_load_through_the_production_path(tiny, batch):
     labeler, folder = tiny
     loaded = CaptionLabeler(_config(model=str(folder)), view_size=48)
     loaded.setup()
-    assert loaded.label(_pixels()) == labeler.label(_pixels())
+    assert loaded.label(batch(SIZE)) == labeler.label(batch(SIZE))
     assert labeler.provenance()["model"] == RANDOM_INIT
     assert loaded.provenance()["model"] == str(folder)
     assert loaded.provenance()["revision"] != RANDOM_INIT
 
 
-def test_other_input_sizes_interpolate_position_embeddings(tiny):
+def test_other_input_sizes_interpolate_position_embeddings(tiny, batch):
     _, folder = tiny
     larger = CaptionLabeler(_config(model=str(folder), input_size=96, num_beams=1), view_size=48)
     larger.setup()
     assert larger.interpolate
-    _check_captions(larger, larger.label(_pixels(size=96)))
+    _check_captions(larger, larger.label(batch(96)))
 
 
 def test_missing_weights_name_the_path(tmp_path):

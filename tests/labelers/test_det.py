@@ -1,4 +1,3 @@
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -18,17 +17,11 @@ def tiny(tmp_path_factory):
     return labeler, folder
 
 
-def _pixels(count: int = 3) -> np.ndarray:
-    pixels = np.random.default_rng(0).integers(0, 256, size=(count, SIZE, SIZE, 3), dtype=np.uint8)
-    pixels[-1] = 0
-    return pixels
-
-
-def test_boxes_follow_the_schema_and_ranges(tiny):
+def test_boxes_follow_the_schema_and_ranges(tiny, batch):
     labeler, _ = tiny
-    out = labeler.label(_pixels())
+    out = labeler.label(batch(SIZE))
     table = pa.Table.from_pylist(out, schema=labeler.schema())
-    assert table.num_rows == 3
+    assert table.num_rows == 4
     boxes = [box for row in out for box in row["det"]]
     assert boxes, "with a zero threshold the random detector still returns boxes"
     assert all(len(row["det"]) <= 5 for row in out)
@@ -37,20 +30,20 @@ def test_boxes_follow_the_schema_and_ranges(tiny):
         assert box["class"] in COCO_THINGS and 0.0 <= box["score"] <= 1.0
 
 
-def test_score_threshold_drops_boxes(tiny):
+def test_score_threshold_drops_boxes(tiny, batch):
     _, folder = tiny
     strict = DetLabeler(DetConfig(input_size=SIZE, score_threshold=1.0), view_size=64, tiny_dir=folder)
     strict.setup()
-    assert all(row["det"] == [] for row in strict.label(_pixels()))
+    assert all(row["det"] == [] for row in strict.label(batch(SIZE)))
 
 
-def test_saved_weights_load_through_the_production_path(tiny):
+def test_saved_weights_load_through_the_production_path(tiny, batch):
     labeler, folder = tiny
     loaded = DetLabeler(
         DetConfig(model=str(folder / TINY_WEIGHTS), input_size=SIZE, score_threshold=0.0, max_boxes=5), view_size=64
     )
     loaded.setup()
-    assert loaded.label(_pixels()) == labeler.label(_pixels())
+    assert loaded.label(batch(SIZE)) == labeler.label(batch(SIZE))
     assert labeler.provenance()["model"] == RANDOM_INIT
     assert loaded.provenance()["model"] == str(folder / TINY_WEIGHTS)
 

@@ -24,15 +24,9 @@ def tiny(tmp_path_factory):
     return labeler, folder
 
 
-def _pixels(count: int = 4) -> np.ndarray:
-    pixels = np.random.default_rng(0).integers(0, 256, size=(count, SIZE, SIZE, 3), dtype=np.uint8)
-    pixels[-1] = 0
-    return pixels
-
-
-def test_maps_follow_the_schema_and_ranges(tiny):
+def test_maps_follow_the_schema_and_ranges(tiny, batch):
     labeler, _ = tiny
-    out = labeler.label(_pixels())
+    out = labeler.label(batch(SIZE))
     table = pa.Table.from_pylist(out, schema=labeler.schema())
     assert table.num_rows == 4 and table.column_names == ["semseg"]
     maps = [decode_png(row["semseg"]) for row in out]
@@ -42,10 +36,10 @@ def test_maps_follow_the_schema_and_ranges(tiny):
     assert not all(np.array_equal(maps[0], other) for other in maps[1:]), "maps should depend on the image"
 
 
-def test_maps_are_the_argmax_of_mask2former_semantic_inference(tiny):
+def test_maps_are_the_argmax_of_mask2former_semantic_inference(tiny, batch):
     """Recomputed image by image from the raw outputs, as the reference implementation does it."""
     labeler, _ = tiny
-    pixels = _pixels()
+    pixels = batch(SIZE)
     ours = np.stack([decode_png(row["semseg"]) for row in labeler.label(pixels)])
     with torch.inference_mode():
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
@@ -71,11 +65,11 @@ def test_class_table_travels_with_the_checkpoint(tiny):
     assert json.loads(unloaded.provenance()["classes"]) == classes
 
 
-def test_saved_weights_load_through_the_production_path(tiny):
+def test_saved_weights_load_through_the_production_path(tiny, batch):
     labeler, folder = tiny
     loaded = SemsegLabeler(LabelerConfig(model=str(folder), input_size=SIZE), view_size=VIEW)
     loaded.setup()
-    assert loaded.label(_pixels()) == labeler.label(_pixels())
+    assert loaded.label(batch(SIZE)) == labeler.label(batch(SIZE))
     assert labeler.provenance()["model"] == RANDOM_INIT
     assert loaded.provenance()["model"] == str(folder)
     assert loaded.provenance()["revision"] != RANDOM_INIT
