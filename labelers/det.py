@@ -74,7 +74,19 @@ class DetLabeler(Labeler):
         self.class_names = [COCO_THINGS[i] if numeric else names[i] for i in sorted(names)]
 
     def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:
-        results = self.model.predict(
+        import torch
+
+        # ultralytics' select_device() sets torch's CPU threads to cpu_count - 1 for the whole
+        # process (1 on two cores), slowing every other labeler in it: keep the caller's setting.
+        threads = torch.get_num_threads()
+        try:
+            results = self._predict(pixels)
+        finally:
+            torch.set_num_threads(threads)
+        return [{"det": self._boxes(result)} for result in results]
+
+    def _predict(self, pixels: np.ndarray) -> list:
+        return self.model.predict(
             [image[:, :, ::-1] for image in pixels],  # ultralytics takes BGR arrays, like cv2
             imgsz=self.cfg.input_size,
             conf=self.cfg.score_threshold,
@@ -82,7 +94,6 @@ class DetLabeler(Labeler):
             device=str(self.device),
             verbose=False,
         )
-        return [{"det": self._boxes(result)} for result in results]
 
     def _boxes(self, result) -> list[dict[str, Any]]:
         boxes = result.boxes

@@ -1,5 +1,6 @@
 import pyarrow as pa
 import pytest
+import torch
 
 from four_m.core.config import DetConfig
 from four_m.labelers.base import RANDOM_INIT, MissingWeightsError
@@ -35,6 +36,20 @@ def test_score_threshold_drops_boxes(tiny, batch):
     strict = DetLabeler(DetConfig(input_size=SIZE, score_threshold=1.0), view_size=64, tiny_dir=folder)
     strict.setup()
     assert all(row["det"] == [] for row in strict.label(batch(SIZE)))
+
+
+def test_torch_threads_of_the_process_are_left_alone(tiny, batch):
+    """ultralytics resets them to its own count; the other labelers in the actor need ours."""
+    from ultralytics.utils import NUM_THREADS
+
+    labeler, _ = tiny
+    before = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS + 1)
+    try:
+        labeler.label(batch(SIZE))
+        assert torch.get_num_threads() == NUM_THREADS + 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_saved_weights_load_through_the_production_path(tiny, batch):
