@@ -207,6 +207,110 @@ class LabelConfig:
         )
 
 
+MAP_TOKENIZERS = ("rgb", "depth", "normal", "semseg", "clip")
+SEQUENCE_TOKENIZERS = ("caption", "det")
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """One map modality's VQ tokenizer: its size and how it is trained (``make tokenizers``)."""
+
+    codebook_size: int = 1024
+    """Token vocabulary of this modality (4M uses 8k-16k for rgb at scale; small runs need fewer)."""
+    code_dim: int = 32
+    """Width of a code vector: low-dimensional, l2-normalised codes stay alive (ViT-VQGAN's finding)."""
+    width: int = 64
+    """Channels of the first encoder stage; doubled at each downsampling, capped at 4x."""
+    grid: int = 14
+    """Tokens per side: 14 x 14 at 224 px, as 4M."""
+    steps: int = 300
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    commitment: float = 0.25
+    """Weight of the encoder's commitment loss (VQ-VAE's beta)."""
+    ema_decay: float = 0.99
+    """Codebook vectors follow an exponential moving average of their assigned encodings."""
+    dead_after: int = 50
+    """A code unused for this many steps is restarted on a random recent encoding."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.codebook_size <= 65536, "tokenize.*.codebook_size", "must be in [2, 65536] (uint16 ids)")
+        _check(self.code_dim >= 2, "tokenize.*.code_dim", "must be >= 2")
+        _check(self.width >= 4, "tokenize.*.width", "must be >= 4")
+        _check(self.grid >= 1, "tokenize.*.grid", "must be >= 1")
+        _check(self.steps >= 1, "tokenize.*.steps", "must be >= 1")
+        _check(self.batch_size >= 1, "tokenize.*.batch_size", "must be >= 1")
+        _check(self.learning_rate > 0, "tokenize.*.learning_rate", "must be > 0")
+        _check(0.0 < self.ema_decay < 1.0, "tokenize.*.ema_decay", "must be in (0, 1)")
+        _check(self.dead_after >= 1, "tokenize.*.dead_after", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TextTokenizerConfig:
+    """The WordPiece vocabulary shared by captions and boxes, as in 4M."""
+
+    vocab_size: int = 30_000
+    """WordPiece's target size for words; special, sentinel, coordinate and class tokens come on top."""
+    file: str | None = None
+    """A saved tokenizer folder to load instead of training one on the run's captions."""
+    sentinels: int = 100
+    """Sentinel tokens for T5-style span masking in training."""
+    coordinate_bins: int = 1000
+    """Bins per box coordinate: tokens v0=0..v3=999."""
+    max_tokens: int = 256
+    """Cap per caption or box sequence, the end token included."""
+    min_box_score: float = 0.25
+    """Boxes below this score are dropped from the det sequence."""
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 16, "tokenize.text.vocab_size", "must be >= 16")
+        _check(self.sentinels >= 1, "tokenize.text.sentinels", "must be >= 1")
+        _check(2 <= self.coordinate_bins <= 10_000, "tokenize.text.coordinate_bins", "must be in [2, 10000]")
+        _check(self.max_tokens >= 8, "tokenize.text.max_tokens", "must be >= 8")
+        _check(0.0 <= self.min_box_score <= 1.0, "tokenize.text.min_box_score", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    modalities: tuple[str, ...] = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
+    batch_size: int = field(default=32, metadata=RUNTIME_ONLY)
+    """Samples per tokenizer call in the tokenize stage."""
+    caption_source: str = "alt_text"
+    """alt_text (the url list's caption, 4M's caption modality on CC12M) or generated (the captioner's)."""
+    num_cpus: float = field(default=1.0, metadata=RUNTIME_ONLY)
+    """Per tokenize actor and per tokenizer-training task."""
+    concurrency: int = field(default=2, metadata=RUNTIME_ONLY)
+    """Most tokenize actors at once (each holds every tokenizer); Ray starts fewer if CPUs are short."""
+    num_gpus: float = field(default=0.0, metadata=RUNTIME_ONLY)
+    """Per task, for VQ encoders and tokenizer training (0: CPU)."""
+    train_samples: int = 20_000
+    """At most this many samples (from the first shards) train each tokenizer."""
+    row_group_rows: int = field(default=1024, metadata=RUNTIME_ONLY)
+    """Rows per Parquet row group of tokens/: a streaming reader's unit."""
+    text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
+    rgb: VQConfig = field(default_factory=VQConfig)
+    depth: VQConfig = field(default_factory=VQConfig)
+    normal: VQConfig = field(default_factory=VQConfig)
+    semseg: VQConfig = field(default_factory=VQConfig)
+    clip: VQConfig = field(default_factory=VQConfig)
+
+    def __post_init__(self) -> None:
+        known = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
+        unknown = sorted(set(self.modalities) - set(known))
+        _check(not unknown, "tokenize.modalities", f"unknown {unknown}; known: {', '.join(known)}")
+        _check(self.batch_size >= 1, "tokenize.batch_size", "must be >= 1")
+        _check(self.num_cpus > 0, "tokenize.num_cpus", "must be > 0")
+        _check(self.concurrency >= 1, "tokenize.concurrency", "must be >= 1")
+        sources = ("alt_text", "generated")
+        _check(self.caption_source in sources, "tokenize.caption_source", f"must be one of {sources}")
+        _check(self.train_samples >= 1, "tokenize.train_samples", "must be >= 1")
+        _check(self.row_group_rows >= 1, "tokenize.row_group_rows", "must be >= 1")
+
+    def vq(self, modality: str) -> VQConfig:
+        return getattr(self, modality)
+
+
 @dataclass(frozen=True)
 class Config:
     root: str = "data/default"
@@ -217,6 +321,7 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     def section_hash(self, section: str) -> str:
         """A short stable hash of what in one section shapes the output: markers record it."""
