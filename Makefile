@@ -19,7 +19,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
 .PHONY: install demo test test-all download sample-urls label tokenizers tokenize train sample \
-        card preview models bench lint clean
+        card preview preview-tokens models bench lint clean
 
 install: $(STAMP)
 
@@ -43,12 +43,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-sample-urls download label tokenizers tokenize train sample card preview models: $(STAMP)
+sample-urls download label tokenizers tokenize train sample card preview preview-tokens models: $(STAMP)
 	$(CLI) $@ $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/label.py
+	$(BIN)/python bench/tokens.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

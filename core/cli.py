@@ -15,8 +15,6 @@ from four_m.core.errors import UserError
 from four_m.core.summary import StageSummary
 
 NOT_BUILT = {
-    "tokenizers": "tokenizer training",
-    "tokenize": "the token store",
     "train": "the 4M trainer",
     "sample": "generation",
     "card": "dataset cards",
@@ -53,6 +51,29 @@ def _preview(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizers(config: Config, args: argparse.Namespace) -> int:
+    from four_m.pipeline.tokenizers import run_tokenizer_training
+
+    summary = run_tokenizer_training(config)
+    print("\n".join(summary.lines()))
+    return 1 if summary.failed else 0
+
+
+def _tokenize(config: Config, args: argparse.Namespace) -> int:
+    from four_m.pipeline.tokenize import run_tokenize
+
+    summary = run_tokenize(config, progress=not args.no_progress)
+    print("\n".join(summary.lines()))
+    return 1 if summary.shards_failed else 0
+
+
+def _preview_tokens(config: Config, args: argparse.Namespace) -> int:
+    from four_m.tokenize.preview import write_token_preview
+
+    print(f"preview-tokens: wrote {write_token_preview(config, samples=args.samples)}")
+    return 0
+
+
 def _models(config: Config, args: argparse.Namespace) -> int:
     """Fetch production weights for the configured labelers (needs a reachable hub)."""
     from pathlib import Path
@@ -77,6 +98,9 @@ def _demo(config: Config, args: argparse.Namespace) -> int:
     status = _download(config, args)
     status = max(status, _label(config, args))
     _preview(config, args)
+    status = max(status, _tokenizers(config, args))
+    status = max(status, _tokenize(config, args))
+    _preview_tokens(config, args)
     print(f"demo: stages not built yet, skipped: {', '.join(NOT_BUILT)}")
     return status
 
@@ -93,6 +117,9 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "download": _download,
     "label": _label,
     "preview": _preview,
+    "tokenizers": _tokenizers,
+    "tokenize": _tokenize,
+    "preview-tokens": _preview_tokens,
     "models": _models,
     "demo": _demo,
 }

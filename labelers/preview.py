@@ -47,7 +47,8 @@ def render_det(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
     for box in row["det"]:
         corners = [box["x0"] * side, box["y0"] * side, box["x1"] * side, box["y1"] * side]
         draw.rectangle(corners, outline=(255, 40, 40), width=2)
-        draw.text((corners[0] + 2, corners[1] + 1), f"{box['class']} {box['score']:.2f}", fill=(255, 255, 0))
+        score = f" {box['score']:.2f}" if box.get("score") is not None else ""  # decoded boxes have none
+        draw.text((corners[0] + 2, corners[1] + 1), f"{box['class']}{score}", fill=(255, 255, 0))
     return np.asarray(image)
 
 

@@ -109,7 +109,10 @@ class SemsegLabeler(Labeler):
         outputs = self.model(pixel_values=normalised(pixels, self.mean, self.std, self.device))
         class_probs = outputs.class_queries_logits.float().softmax(dim=-1)[..., :-1]  # (B, Q, C)
         mask_probs = resize_maps(outputs.masks_queries_logits.float(), self.view_size).sigmoid_()  # (B, Q, V, V)
-        return [{"semseg": encode_png(_best_classes(p, m).cpu().numpy())} for p, m in zip(class_probs, mask_probs)]
+        return [
+            {"semseg": encode_png(_best_classes(p, m).cpu().numpy())}
+            for p, m in zip(class_probs, mask_probs, strict=True)
+        ]
 
 
 def _best_classes(class_probs: torch.Tensor, mask_probs: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from four_m.core.config import LABELER_NAMES
+from four_m.core.modalities import MAP_MODALITIES as MAPS
+from four_m.core.modalities import MODALITIES
 
 
 def _free_port() -> int:
@@ -16,7 +18,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_demo_downloads_labels_and_previews_the_embedded_sample(tmp_path):
+def test_demo_downloads_labels_tokenizes_and_previews_the_embedded_sample(tmp_path):
     root = tmp_path / "root"
     run = subprocess.run(
         [
@@ -28,6 +30,7 @@ def test_demo_downloads_labels_and_previews_the_embedded_sample(tmp_path):
             str(root),
             "--set",
             f"sample.port={_free_port()}",
+            *[arg for m in MAPS for arg in ("--set", f"tokenize.{m}.steps=6")],  # training itself is tested elsewhere
             "--no-progress",
         ],
         capture_output=True,
@@ -43,4 +46,11 @@ def test_demo_downloads_labels_and_previews_the_embedded_sample(tmp_path):
         assert [t["key"].to_pylist() for t in labels] == [t["key"].to_pylist() for t in images]
     preview = Image.open(root / "preview/labels.png")
     assert preview.width == 224 * (1 + len(LABELER_NAMES)) and preview.height > 224 * 8
+    for name in MODALITIES:
+        absent = 0 if name == "caption" else 4  # the alt-text of a failed download still exists
+        assert f"tokenize/{name}: rows in 14, rows out {14 - absent}" in run.stdout
+        tokens = [pq.read_table(root / f"tokens/{name}/{p.name}") for p in sorted((root / "images").glob("*.parquet"))]
+        assert [t["key"].to_pylist() for t in tokens] == [t["key"].to_pylist() for t in images]
+    reconstructions = Image.open(root / "preview/tokens.png")
+    assert reconstructions.width == 224 * 2 * len(MODALITIES)
     assert "stages not built yet" in run.stdout

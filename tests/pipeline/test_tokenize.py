@@ -1,0 +1,151 @@
+"""Tokenizer training and the tokenize stage for real: tiny VQ tokenizers and WordPiece, on Ray Data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from four_m.core.config import load_config
+from four_m.core.dataset_root import DatasetRoot
+from four_m.core.modalities import MODALITIES
+from four_m.pipeline.tokenize import TokenizeStageError, run_tokenize
+from four_m.pipeline.tokenizers import TokenizerTrainingError, run_tokenizer_training
+from four_m.tokenize.registry import TRAINED
+
+MAPS = ("rgb", "depth", "normal", "semseg", "clip")
+TINY_TOKENIZERS = [
+    "tokenize.train_samples=64",
+    "tokenize.text.vocab_size=200",
+    "tokenize.text.min_box_score=0.0",
+    *(f"tokenize.{m}.{k}" for m in MAPS for k in ("grid=4", "width=8", "steps=12", "codebook_size=32", "batch_size=4")),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, labelled):
+    """A copy of the session's labelled root, with trained tokenizers and tokens/."""
+    labelled_config, keys, _ = labelled
+    root = tmp_path_factory.mktemp("tokenize") / "root"
+    shutil.copytree(labelled_config.root, root, ignore=shutil.ignore_patterns("tokens", "tokenizers"))
+    config = load_config("default", [*_small(labelled_config), *TINY_TOKENIZERS], root=str(root))
+    trained = run_tokenizer_training(config)
+    return config, keys, trained, run_tokenize(config, progress=False)
+
+
+def _small(config) -> list[str]:
+    """The labelled root's label settings, so the tokenize config matches what is on disk."""
+    return [f"label.size={config.label.size}", "ray.num_cpus=2"]
+
+
+def test_every_tokenizer_trains_and_records_its_metrics(tokenized):
+    config, _, trained, _ = tokenized
+    assert not trained.failed
+    root = DatasetRoot(config.root)
+    for modality in MODALITIES:
+        record = json.loads((root / f"tokenizers/{modality}/{TRAINED}").read_text())
+        assert record["modality"] == modality and record["samples"] > 0
+    assert set(trained.trained) == set(MODALITIES)
+    again = run_tokenizer_training(config)
+    assert sorted(again.skipped) == sorted(MODALITIES) and not again.trained
+
+
+def test_tokens_align_with_images_and_absent_labels_stay_absent(tokenized):
+    config, keys, _, summary = tokenized
+    root = Path(config.root)
+    assert not summary.shards_failed
+    for modality in MODALITIES:
+        for shard, shard_keys in enumerate(keys):
+            table = pq.read_table(root / f"tokens/{modality}/{shard:05d}.parquet")
+            assert table["key"].to_pylist() == shard_keys, modality
+            failed = _failed_upstream(root, modality, shard)
+            tokens = table["tokens"].to_pylist()
+            assert [t is None for t in tokens] == failed, modality
+            assert all(
+                e.startswith("absent: ") for t, e in zip(tokens, table["error"].to_pylist(), strict=True) if t is None
+            )
+        stats = summary.modalities[modality]
+        assert stats.rows_in == sum(len(k) for k in keys)
+        assert stats.rows_out + stats.failures.get("absent_upstream", 0) == stats.rows_in
+
+
+def _failed_upstream(root: Path, modality: str, shard: int) -> list[bool]:
+    """Rows whose value is missing upstream: no image (as the labelers saw it), no alt-text, or a label error."""
+    if modality == "rgb":
+        labels = pq.read_table(root / f"labels/depth/{shard:05d}.parquet")
+        return [(e or "").startswith("no image") for e in labels["error"].to_pylist()]
+    source = pq.read_table(root / f"{MODALITIES[modality].folder}/{shard:05d}.parquet")
+    if modality == "caption":
+        return [not (t or "").strip() for t in source["alt_text"].to_pylist()]
+    return [e is not None for e in source["error"].to_pylist()]
+
+
+def test_ids_lie_in_the_vocabulary_and_maps_have_the_grid(tokenized):
+    config, _, _, _ = tokenized
+    for modality, spec in MODALITIES.items():
+        table = pq.read_table(Path(config.root) / f"tokens/{modality}/00000.parquet")
+        meta = table.schema.metadata
+        vocab = int(meta[b"four_m.vocab_size"])
+        rows = [np.asarray(t) for t in table["tokens"].to_pylist() if t is not None]
+        assert rows and all(r.max() < vocab for r in rows), modality
+        if spec.kind == "map":
+            assert all(len(r) == 16 for r in rows) and vocab == 32
+        else:
+            assert all(1 <= len(r) <= config.tokenize.text.max_tokens for r in rows)
+        assert meta[b"four_m.tokenizer"].startswith(modality.encode())
+
+
+def test_hugging_face_datasets_reads_the_token_store(tokenized, tmp_path):
+    from datasets import load_dataset
+
+    config, keys, _, _ = tokenized
+    files = sorted(str(p) for p in (Path(config.root) / "tokens/depth").glob("*.parquet"))
+    dataset = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path))
+    assert dataset["key"] == [k for shard in keys for k in shard]
+    assert dataset.features["tokens"].length == 16
+
+
+def test_a_rerun_skips_finished_shards_and_a_new_tokenizer_makes_tokens_stale(tokenized):
+    config, keys, _, _ = tokenized
+    again = run_tokenize(config, progress=False)
+    assert all(s.shards_done == 0 and s.shards_skipped == len(keys) for s in again.modalities.values())
+    with pytest.raises(TokenizerTrainingError, match="another config"):
+        run_tokenizer_training(
+            load_config("default", [*_small(config), *TINY_TOKENIZERS, "tokenize.rgb.steps=13"], root=config.root)
+        )
+    trained = Path(config.root) / "tokenizers/rgb/trained.json"
+    backup = trained.read_bytes()
+    trained.write_bytes(backup.replace(b'"samples"', b'"samples_"'))  # the tokenizer's id changes
+    try:
+        with pytest.raises(TokenizeStageError, match="tokens/rgb"):
+            run_tokenize(config, progress=False)
+    finally:
+        trained.write_bytes(backup)
+
+
+def test_a_killed_run_resumes_with_every_key_exactly_once(
+    tmp_path, ray_local, photos, make_images_root, kill_after_first_marker
+):
+    root = tmp_path / "root"
+    keys = make_images_root(root, photos * 3, per_shard=1)
+    config = load_config(
+        "default",
+        ["label.size=64", *TINY_TOKENIZERS, "tokenize.modalities=[rgb]", "tokenize.concurrency=1"],
+        root=str(root),
+    )
+    run_tokenizer_training(config)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(config.to_yaml())
+    done = kill_after_first_marker("tokenize", config_file, root / "_state/tokenize/rgb")
+    assert 1 <= done < len(keys), "the kill should land mid-run"
+    summary = run_tokenize(config, progress=False)
+    assert summary.modalities["rgb"].shards_done == len(keys) - done
+    written = [
+        k for s in range(len(keys)) for k in pq.read_table(root / f"tokens/rgb/{s:05d}.parquet")["key"].to_pylist()
+    ]
+    assert written == [k for shard in keys for k in shard]
+    assert not list((root / "tokens/rgb").glob(".*.tmp"))

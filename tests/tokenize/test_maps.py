@@ -1,0 +1,233 @@
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from four_m.core.errors import UserError
+from four_m.core.modalities import MAP_MODALITIES
+from four_m.labelers.encode import encode_png
+from four_m.pipeline.views import centre_square, resize_square
+from four_m.tokenize.base import TokenizerInputError
+from four_m.tokenize.maps import ADAPTERS, configured
+
+SIZE = 16
+CLASSES = 5
+GRID, DIM = 4, 8
+PARAMS = {"rgb": {}, "depth": {}, "normal": {}, "semseg": {"classes": CLASSES}, "clip": {"dim": DIM}}
+SIDES = {**dict.fromkeys(PARAMS, SIZE), "clip": GRID}
+UPSTREAM = "labeler failed: out of memory"
+
+
+def adapter(modality: str):
+    return configured(modality, SIDES[modality], PARAMS[modality])
+
+
+def through_parquet(table: pa.Table, tmp_path) -> pa.Table:
+    """The table as a label file stores and returns it."""
+    pq.write_table(table, tmp_path / "labels.parquet")
+    return pq.read_table(tmp_path / "labels.parquet")
+
+
+def label_table(column: str, payloads: list, fields: list[pa.Field], metadata=None, **extra) -> pa.Table:
+    """A label file: key, the payload (null where the labeler failed), extra columns, error."""
+    schema = pa.schema([pa.field("key", pa.string()), *fields, pa.field("error", pa.string())], metadata=metadata)
+    errors = [None if p is not None else UPSTREAM for p in payloads]
+    columns = {"key": [f"{i:04d}" for i in range(len(payloads))], column: payloads, **extra, "error": errors}
+    return pa.table(columns, schema=schema)
+
+
+def stored_depth(rng):
+    codes = rng.integers(0, 65536, (SIZE, SIZE), dtype=np.uint16)
+    table = label_table(
+        "depth",
+        [encode_png(codes), None],
+        [pa.field("depth", pa.binary()), pa.field("depth_min", pa.float32()), pa.field("depth_max", pa.float32())],
+        depth_min=[0.5, None],
+        depth_max=[2.5, None],
+    )
+    return table, (codes / 65535)[None]
+
+
+def stored_normal(rng):
+    colours = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    table = label_table("normal", [encode_png(colours), None], [pa.field("normal", pa.binary())])
+    return table, colours.transpose(2, 0, 1) / 255 * 2 - 1
+
+
+def stored_semseg(rng):
+    ids = rng.integers(0, CLASSES, (SIZE, SIZE), dtype=np.uint8)
+    ids[0, :4] = 255
+    metadata = {"four_m.classes": json.dumps([f"class {i}" for i in range(CLASSES)])}
+    table = label_table("semseg", [encode_png(ids), None], [pa.field("semseg", pa.binary())], metadata)
+    return table, ids.astype(np.int64)
+
+
+def stored_clip(rng):
+    features = rng.normal(size=(GRID, GRID, DIM)).astype(np.float16)  # stored (G, G, D)
+    field = pa.field("clip", pa.list_(pa.float16(), GRID * GRID * DIM))
+    metadata = {"four_m.clip_shape": f"{GRID}x{GRID}x{DIM}"}
+    table = label_table("clip", [features.ravel(), None], [field], metadata)
+    return table, features.transpose(2, 0, 1)
+
+
+def stored_rgb(rng):
+    """An images/ shard: a 20 x 28 image (cut to its centred square), then a failed download."""
+    image = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    table = pa.table(
+        {
+            "key": ["0000", "0001"],
+            "jpg": [encode_png(image), None],  # PNG: lossless, so the value is known exactly
+            "status": ["success", "failed_to_download"],
+            "error_message": [None, "HTTP Error 404: Not Found"],
+        }
+    )
+    return table, resize_square(centre_square(image), SIZE).transpose(2, 0, 1) / 255
+
+
+STORED = {
+    "rgb": stored_rgb,
+    "depth": stored_depth,
+    "normal": stored_normal,
+    "semseg": stored_semseg,
+    "clip": stored_clip,
+}
+
+
+def test_there_is_one_adapter_per_map_modality_in_a_read_only_registry():
+    assert tuple(ADAPTERS) == MAP_MODALITIES
+    assert all(a.modality == m for m, a in ADAPTERS.items())
+    with pytest.raises(TypeError):
+        ADAPTERS["rgb"] = ADAPTERS["depth"]  # type: ignore[index]
+    assert adapter("semseg").classes == CLASSES and ADAPTERS["semseg"].classes == 133
+
+
+@pytest.mark.parametrize("modality", MAP_MODALITIES)
+def test_reading_gives_values_and_keeps_failed_rows_in_place(modality, tmp_path):
+    table, expected = STORED[modality](np.random.default_rng(0))
+    values, errors = adapter(modality).read(through_parquet(table, tmp_path))
+    assert len(values) == len(errors) == 2
+    assert errors[0] is None and values[1] is None
+    adapter(modality).check(values[0])  # dtype, shape and range of a value
+    np.testing.assert_allclose(values[0], expected, rtol=0, atol=1e-6)
+    expected_error = "no image: download failed (http_404)" if modality == "rgb" else UPSTREAM
+    assert errors[1] == expected_error
+
+
+@pytest.mark.parametrize("modality", ["depth", "normal", "semseg"])
+def test_undecodable_payloads_and_wrong_png_formats_read_as_errors(modality, tmp_path):
+    table, _ = STORED[modality](np.random.default_rng(0))
+    wrong_format = encode_png(np.zeros((SIZE, SIZE, 3) if modality != "normal" else (SIZE, SIZE), np.uint8))
+    table = table.set_column(1, modality, pa.array([b"not a png", wrong_format]))
+    table = table.set_column(table.num_columns - 1, "error", pa.nulls(2, pa.string()))
+    values, errors = adapter(modality).read(through_parquet(table, tmp_path))
+    assert values == [None, None]
+    assert errors[0] == f"{modality}: not a PNG label map"
+    assert errors[1].startswith(f"{modality}: expected") and "PNG" in errors[1]
+
+
+def test_an_image_that_does_not_decode_or_is_missing_reads_as_an_error(tmp_path):
+    table = pa.table({"jpg": [b"garbage", None], "status": ["success"] * 2, "error_message": [None, None]})
+    values, errors = adapter("rgb").read(table)
+    assert values == [None, None]
+    assert errors == ["rgb: cannot decode the stored image", "rgb: no jpg payload"]
+
+
+def test_label_files_give_their_adapter_params(tmp_path):
+    rng = np.random.default_rng(0)
+    assert ADAPTERS["semseg"].params_of(stored_semseg(rng)[0].schema) == {"classes": CLASSES}
+    assert ADAPTERS["clip"].params_of(stored_clip(rng)[0].schema) == {"dim": DIM}
+    assert ADAPTERS["depth"].params_of(stored_depth(rng)[0].schema) == {}
+    table = stored_clip(rng)[0].replace_schema_metadata(None)
+    with pytest.raises(TokenizerInputError, match="clip: .*four_m.clip_shape"):
+        ADAPTERS["clip"].read(table)
+
+
+def test_configured_rejects_unknown_modalities_and_params():
+    with pytest.raises(UserError, match="caption"):
+        configured("caption", SIZE, {})
+    with pytest.raises(UserError, match=r"semseg: unknown adapter params \['dim'\]"):
+        configured("semseg", SIZE, {"dim": 3})
+
+
+def good(modality: str) -> np.ndarray:
+    return adapter(modality).read(STORED[modality](np.random.default_rng(0))[0])[0][0]
+
+
+BAD = {
+    "rgb": [
+        np.zeros((SIZE, SIZE, 3), np.float32),
+        np.zeros((3, SIZE, SIZE)),
+        np.full((3, SIZE, SIZE), 255, np.float32),
+    ],
+    "depth": [
+        np.zeros((SIZE, SIZE), np.float32),
+        np.zeros((1, SIZE, SIZE), np.float16),
+        -np.ones((1, SIZE, SIZE), np.float32),
+    ],
+    "normal": [
+        np.zeros((3, 8, 8), np.float32),
+        np.zeros((3, SIZE, SIZE), np.uint8),
+        np.full((3, SIZE, SIZE), 2, np.float32),
+    ],
+    "semseg": [np.zeros((1, SIZE, SIZE), np.int64), np.zeros((SIZE, SIZE), np.uint8), np.full((SIZE, SIZE), CLASSES)],
+    "clip": [
+        np.zeros((DIM + 1, GRID, GRID), np.float32),
+        np.zeros((DIM, GRID, GRID), np.float16),
+        np.full((DIM, GRID, GRID), np.nan, np.float32),
+    ],
+}
+"""Per modality: a wrong shape, a wrong dtype, then wrong contents (range, class count, NaN)."""
+
+
+@pytest.mark.parametrize("modality", MAP_MODALITIES)
+def test_wrong_values_raise_naming_the_modality_and_what_was_expected(modality):
+    checker = adapter(modality)
+    checker.check(good(modality))
+    for value in [*BAD[modality], good(modality).tolist()]:
+        with pytest.raises(
+            TokenizerInputError, match=rf"^{modality}: expected .*{re.escape(str(checker.shape))}.*, got "
+        ):
+            checker.check(value)
+
+
+def test_class_ids_beyond_the_class_count_name_them():
+    value = good("semseg")
+    value[1, 1], value[2, 2] = CLASSES, 200
+    with pytest.raises(TokenizerInputError, match=rf"ids in \[0, {CLASSES}\) or 255.*got class ids \[5, 200\]"):
+        adapter("semseg").check(value)
+
+
+@pytest.mark.parametrize("modality", MAP_MODALITIES)
+def test_a_perfect_reconstruction_scores_best_and_renders_as_rgb(modality):
+    checker = adapter(modality)
+    values = np.stack([good(modality)] * 2)
+    score = checker.metric(checker.metric_sums(values, values) * 3)  # sums add up over batches
+    best = {"psnr_db": 100.0, "abs_rel": 0.0, "angular_error_deg": 0.0, "miou": 1.0, "cosine": 1.0}
+    assert score == pytest.approx(best[checker.metric_name], abs=0.05)
+    tile = checker.render(values[0])
+    assert tile.dtype == np.uint8 and tile.shape == (*values.shape[-2:], 3)
+
+
+def test_miou_counts_classes_present_in_the_targets_and_skips_unlabelled_pixels():
+    checker = adapter("semseg")
+    targets = np.array([[[0, 0, 1, 1, 255]]])
+    predictions = np.array([[[0, 1, 1, 1, 4]]])  # IoU 1/2 for class 0, 2/3 for class 1; 4 is unlabelled
+    assert checker.metric(checker.metric_sums(predictions, targets)) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert checker.metric(checker.metric_sums(predictions, np.full_like(targets, 255))) is None
+
+
+def test_semseg_loss_ignores_unlabelled_pixels_and_stays_finite_without_labels():
+    checker = adapter("semseg")
+    logits = torch.randn(2, CLASSES, 3, 3)
+    unlabelled = torch.full((2, 3, 3), 255)
+    assert checker.loss(logits, unlabelled).item() == 0.0
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, CLASSES, (2, 3, 3), generator=generator)
+    confident = torch.nn.functional.one_hot(targets, CLASSES).permute(0, 3, 1, 2).float() * 50
+    mixed = torch.where(torch.rand(2, 3, 3, generator=generator) < 0.5, targets, unlabelled)
+    assert (mixed != 255).any()
+    assert checker.loss(confident, mixed).item() < 1e-3  # confident and right where labelled

@@ -1,0 +1,149 @@
+"""Train one tokenizer on a run's own data (``make tokenizers``): the pure part, no Ray here.
+
+Captions and boxes share one WordPiece vocabulary (4M's design), so they are trained together as
+the ``text`` group: the vocabulary is learned from the alt-texts and generated captions, then
+saved for ``caption`` and, wrapped as a box-sequence tokenizer, for ``det``. Every map modality
+gets its own VQ tokenizer. Each tokenizer folder is written under a temporary name, completed
+with ``trained.json`` (config hash, samples, metrics) and renamed into place: a folder that
+exists is finished, and a killed run leaves only a temporary folder, cleared on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from four_m import __version__
+from four_m.core.config import Config, shaping_hash
+from four_m.core.dataset_root import DatasetRoot, shard_name
+from four_m.core.modalities import MAP_MODALITIES, MODALITIES
+from four_m.tokenize.boxes import BoxSequenceTokenizer
+from four_m.tokenize.maps import ADAPTERS
+from four_m.tokenize.registry import TRAINED, tokenizer_dir
+from four_m.tokenize.sources import read_rows, source_file
+from four_m.tokenize.text import TextTokenizer
+from four_m.tokenize.vq_training import train_vq
+
+TEXT = "text"
+"""The group of the modalities that share the WordPiece vocabulary."""
+TEXT_MODALITIES = ("caption", "det")
+
+
+def groups_of(modalities: tuple[str, ...]) -> list[str]:
+    """Training units for ``modalities``: ``text`` (if caption or det is asked for), then each map."""
+    text = [TEXT] if set(modalities) & set(TEXT_MODALITIES) else []
+    return text + [m for m in MAP_MODALITIES if m in modalities]
+
+
+def members(group: str) -> tuple[str, ...]:
+    return TEXT_MODALITIES if group == TEXT else (group,)
+
+
+def fit_hash(config: Config, group: str) -> str:
+    """What shapes a trained tokenizer; a change makes the finished one stale."""
+    if group == TEXT:
+        return shaping_hash(config.tokenize.text, config.tokenize.train_samples)
+    return shaping_hash(config.tokenize.vq(group), config.label.size, config.tokenize.train_samples)
+
+
+def trained_hash(root: DatasetRoot, modality: str) -> str | None:
+    """The config hash a finished tokenizer was trained with, None if there is none."""
+    try:
+        return json.loads((tokenizer_dir(root, modality) / TRAINED).read_text())["config_hash"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def fit_group(root: DatasetRoot, group: str, config: Config, shards: list[int]) -> dict[str, dict]:
+    """Train the group's tokenizer(s) on the first ``train_samples`` usable rows; returns metrics."""
+    started = time.perf_counter()
+    if group == TEXT:
+        results = _fit_text(root, config, shards)
+    else:
+        values = list(_values(root, group, config, shards))
+        if not values:
+            raise ValueError(f"{group}: no usable rows in the first shards to train a tokenizer on")
+        # A label file's metadata gives the adapter's settings (semseg classes, clip width).
+        params = ADAPTERS[group].params_of(pq.read_schema(source_file(root, group, shards[0])))
+        with _finished_folder(root, group) as folder:
+            size = values[0].shape[-1]  # the label view, or clip's feature grid
+            accelerator = "gpu" if config.tokenize.num_gpus > 0 else "cpu"
+            metrics = train_vq(group, values, config.tokenize.vq(group), size, folder, params, accelerator)
+            _write_trained(folder, group, fit_hash(config, group), len(values), metrics)
+        results = {group: {"samples": len(values), **metrics}}
+    for result in results.values():
+        result["seconds"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def _fit_text(root: DatasetRoot, config: Config, shards: list[int]) -> dict[str, dict]:
+    cfg = config.tokenize.text
+    texts = [] if cfg.file else list(_caption_texts(root, shards, config.tokenize.train_samples))
+    text = TextTokenizer.from_config(cfg, texts)
+    metrics = {"samples": len(texts), "vocab_size": text.vocab_size}
+    for modality, tokenizer in (("caption", text), ("det", BoxSequenceTokenizer(text))):
+        with _finished_folder(root, modality) as folder:
+            tokenizer.save(folder)
+            _write_trained(folder, modality, fit_hash(config, TEXT), len(texts), metrics)
+    return {m: dict(metrics) for m in TEXT_MODALITIES}
+
+
+def _caption_texts(root: DatasetRoot, shards: list[int], limit: int) -> Iterator[str]:
+    """Alt-texts and generated captions of the first ``limit`` rows: the vocabulary's corpus."""
+    rows = 0
+    for shard in shards:
+        path = root / f"{MODALITIES['caption'].folder}/{shard_name(shard)}.parquet"
+        table = pq.read_table(path, columns=["alt_text", "caption"])
+        for alt_text, caption in zip(table["alt_text"].to_pylist(), table["caption"].to_pylist(), strict=True):
+            yield from (t for t in (alt_text, caption) if isinstance(t, str) and t.strip())
+            rows += 1
+            if rows >= limit:
+                return
+
+
+def _values(root: DatasetRoot, modality: str, config: Config, shards: list[int]) -> Iterator:
+    """Present values of the first shards, up to ``train_samples``; absent rows are skipped."""
+    count = 0
+    for shard in shards:
+        for value in read_rows(root, modality, shard, config).values:
+            if value is not None:
+                yield value
+                count += 1
+                if count >= config.tokenize.train_samples:
+                    return
+
+
+class _finished_folder:
+    """A temporary folder beside ``tokenizers/<modality>``, renamed into place if the block succeeds."""
+
+    def __init__(self, root: DatasetRoot, modality: str):
+        self.final = tokenizer_dir(root, modality)
+        self.temp = self.final.with_name(f".{modality}.{uuid.uuid4().hex[:8]}.tmp")
+
+    def __enter__(self) -> Path:
+        self.temp.mkdir(parents=True)
+        return self.temp
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:
+            shutil.rmtree(self.final, ignore_errors=True)  # only ever an unfinished or stale one
+            os.replace(self.temp, self.final)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _write_trained(folder: Path, modality: str, config_hash: str, samples: int, metrics: dict) -> None:
+    record = {
+        "modality": modality,
+        "config_hash": config_hash,
+        "samples": samples,
+        "package": f"four-m {__version__}",
+        "metrics": metrics,
+    }
+    (folder / TRAINED).write_text(json.dumps(record, indent=1))

@@ -1,0 +1,478 @@
+"""One adapter per map modality: everything the shared VQ tokenizer needs to know about it.
+
+The VQ architecture (``tokenize.vq``) is the same for every map; an adapter owns what differs:
+reading the stored labels into values, the model's input layer and output head, the training loss,
+the reconstruction metric, turning model outputs back into values, checking values, and rendering
+one for previews.
+
+========  ============================  ==========================  ===================================
+modality  value (one numpy array)       stored as                   loss / metric
+========  ============================  ==========================  ===================================
+rgb       float32 (3, S, S) in [0, 1]   images/ ``jpg``, label view  L1 + MSE / PSNR in dB
+depth     float32 (1, S, S) in [0, 1]   16-bit PNG, v / 65535        L1 / abs-rel of 1 + depth
+normal    float32 (3, S, S) in [-1, 1]  8-bit RGB PNG, v / 255*2-1   1 - cos + L1 / angular error, deg
+semseg    int64 (S, S), 255 = no class  8-bit PNG of class ids       cross-entropy / mIoU
+clip      float32 (D, G, G)             float16 list in (G, G, D)    1 - cos + MSE / cosine similarity
+========  ============================  ==========================  ===================================
+
+Adapters are frozen dataclasses. ``ADAPTERS`` holds 4M's settings (224 px maps, 133 classes,
+14 x 14 x 512 CLIP features) and is never mutated; a tokenizer of another size or class count
+gets its own copy from ``configured``. Reading never depends on those settings: label files carry
+their own shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import cv2
+import matplotlib
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from four_m.core.errors import UserError
+from four_m.labelers.coco import COCO_PANOPTIC, SEMSEG_IGNORE
+from four_m.labelers.encode import decode_png
+from four_m.pipeline.failures import failure_reason
+from four_m.pipeline.views import centre_square, decode_rgb, resize_square
+from four_m.tokenize.base import TokenizerInputError
+
+ReadResult = tuple[list[np.ndarray | None], list[str | None]]
+"""What reading a table gives: one value per row (None where absent) and why it is absent."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MapAdapter(ABC):
+    size: int = 224
+    """Side of the value maps: the label view (for clip, its feature grid)."""
+
+    modality: ClassVar[str]
+    column: ClassVar[str]
+    """The stored table's payload column."""
+    dtype: ClassVar[type[np.generic]]
+    flippable: ClassVar[bool]
+    """Whether a horizontally flipped value is still a true value (the training augmentation)."""
+    metric_name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    @abstractmethod
+    def expected(self) -> str:
+        """What a value must be, in words, for error messages."""
+
+    def params(self) -> dict[str, Any]:
+        """What a saved tokenizer records besides the size (class count, CLIP width)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "size"}
+
+    @classmethod
+    def params_of(cls, schema: pa.Schema) -> dict[str, Any]:
+        """The params a label file implies, from its metadata: a tokenizer for it is built with these."""
+        return {}
+
+    # --- reading stored labels ---
+
+    def read(self, table: pa.Table) -> ReadResult:
+        """A stored table -> (values, errors), row for row; a failed or empty row is None + why."""
+        values: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for payload, error in zip(self._payloads(table), self._failures(table), strict=True):
+            value = None
+            if error is None and payload is None:
+                error = f"{self.modality}: no {self.column} payload"
+            elif error is None:
+                try:
+                    value = self.parse(payload)
+                except (ValueError, cv2.error) as err:
+                    error = f"{self.modality}: {err}"
+            values.append(value)
+            errors.append(error)
+        return values, errors
+
+    def _payloads(self, table: pa.Table) -> list[Any]:
+        return table[self.column].to_pylist()
+
+    def _failures(self, table: pa.Table) -> list[str | None]:
+        return table["error"].to_pylist()
+
+    @abstractmethod
+    def parse(self, payload: Any) -> np.ndarray:
+        """One stored payload -> its value; ValueError for one that cannot be decoded."""
+
+    # --- checking values ---
+
+    def check(self, value: Any) -> None:
+        """Raise ``TokenizerInputError`` unless ``value`` is a value of this modality at this size."""
+        if not isinstance(value, np.ndarray) or value.dtype != self.dtype or value.shape != self.shape:
+            got = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise TokenizerInputError(f"{self.modality}: expected {self.expected}, got {got}")
+        problem = self._range_problem(value)
+        if problem:
+            raise TokenizerInputError(f"{self.modality}: expected {self.expected}, got {problem}")
+
+    @abstractmethod
+    def _range_problem(self, value: np.ndarray) -> str | None: ...
+
+    # --- the model's ends, its loss and metric ---
+
+    @abstractmethod
+    def input_layer(self, width: int) -> nn.Module:
+        """(B, *value shape) batch -> (B, width, S, S) features."""
+
+    @abstractmethod
+    def head(self, width: int) -> nn.Module:
+        """(B, width, S, S) features -> (B, outputs, S, S) raw outputs."""
+
+    @abstractmethod
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Raw outputs and the batch of values they reconstruct -> scalar reconstruction loss."""
+
+    @abstractmethod
+    def to_values(self, output: torch.Tensor) -> torch.Tensor:
+        """Raw outputs -> a (B, *value shape) batch of values."""
+
+    @abstractmethod
+    def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Additive statistics of one (B, *value shape) batch: summed over batches, ``metric`` reads them."""
+
+    @abstractmethod
+    def metric(self, sums: np.ndarray) -> float | None:
+        """The reconstruction metric from summed ``metric_sums``; None where it is undefined."""
+
+    @abstractmethod
+    def render(self, value: np.ndarray) -> np.ndarray:
+        """One value -> (S, S, 3) uint8 RGB for previews."""
+
+
+class FloatMapAdapter(MapAdapter):
+    """Maps of ``channels`` floats per pixel within [low, high]: 3x3 convolutions at both ends."""
+
+    dtype = np.float32
+    low: ClassVar[float]
+    high: ClassVar[float]
+
+    @property
+    @abstractmethod
+    def channels(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.channels, self.size, self.size)
+
+    @property
+    def expected(self) -> str:
+        bounds = f"in [{self.low:g}, {self.high:g}]" if math.isfinite(self.low) else "finite"
+        return f"float32 {self.shape} {bounds}"
+
+    def _range_problem(self, value: np.ndarray) -> str | None:
+        low, high = value.min(), value.max()
+        # Written so that NaN fails too: every comparison with NaN is False.
+        return None if self.low <= low and high <= self.high else f"values in [{low:g}, {high:g}]"
+
+    def input_layer(self, width: int) -> nn.Module:
+        return nn.Conv2d(self.channels, width, 3, padding=1)
+
+    def head(self, width: int) -> nn.Module:
+        return nn.Conv2d(width, self.channels, 3, padding=1)
+
+    def to_values(self, output: torch.Tensor) -> torch.Tensor:
+        return output.clamp(self.low, self.high)
+
+    def metric(self, sums: np.ndarray) -> float | None:
+        """Float maps sum (total, count) of a per-item quantity; the metric is its mean."""
+        total, count = sums
+        return float(total / count) if count else None
+
+
+class RgbAdapter(FloatMapAdapter):
+    modality = "rgb"
+    column = "jpg"
+    channels = 3
+    low, high = 0.0, 1.0
+    flippable = True
+    metric_name = "psnr_db"
+
+    def _failures(self, table: pa.Table) -> list[str | None]:
+        statuses, messages = table["status"].to_pylist(), table["error_message"].to_pylist()
+        return [
+            None if status == "success" else f"no image: download failed ({failure_reason(message)})"
+            for status, message in zip(statuses, messages, strict=True)
+        ]
+
+    def parse(self, payload: bytes) -> np.ndarray:
+        # The label view, cut exactly as the labels were: centred square of the shorter side, resized.
+        pixels = resize_square(centre_square(decode_rgb(payload)), self.size)  # (S, S, 3) uint8
+        return pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(output, target) + F.mse_loss(output, target)
+
+    def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """(sum, count) of per-image PSNR; a perfect image counts as 100 dB (MSE floored at 1e-10)."""
+        mse = ((predictions - targets) ** 2).mean(axis=(1, 2, 3), dtype=np.float64)  # (B,)
+        psnr = 10 * np.log10(1 / np.maximum(mse, 1e-10))
+        return np.array([psnr.sum(), len(psnr)])
+
+    def render(self, value: np.ndarray) -> np.ndarray:
+        return (value.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+class DepthAdapter(FloatMapAdapter):
+    """Per-image normalised relative inverse depth; ``depth_min``/``depth_max`` are not part of the value."""
+
+    modality = "depth"
+    column = "depth"
+    channels = 1
+    low, high = 0.0, 1.0
+    flippable = True
+    metric_name = "abs_rel"
+
+    def parse(self, payload: bytes) -> np.ndarray:
+        codes = decode_png(payload)
+        if codes.dtype != np.uint16 or codes.ndim != 2:
+            raise ValueError(f"expected a 16-bit one-channel PNG, got {codes.dtype} {codes.shape}")
+        return (codes.astype(np.float32) / np.float32(65535))[None]  # (1, S, S)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(output, target)
+
+    def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """(sum, count) of |p - t| / (1 + t): abs-rel of the depths shifted by 1.
+
+        Values are normalised to [0, 1] per image and include 0, where plain abs-rel divides by zero;
+        shifting both sides by 1 keeps the measure relative and bounded (at most 1 per pixel).
+        """
+        relative = np.abs(predictions - targets) / (1 + targets)
+        return np.array([relative.sum(dtype=np.float64), relative.size])
+
+    def render(self, value: np.ndarray) -> np.ndarray:
+        return (matplotlib.colormaps["magma"](value[0])[:, :, :3] * 255).astype(np.uint8)
+
+
+class NormalAdapter(FloatMapAdapter):
+    """Surface normals; not flipped in training, since a mirror would also negate the horizontal axis."""
+
+    modality = "normal"
+    column = "normal"
+    channels = 3
+    low, high = -1.0, 1.0
+    flippable = False
+    metric_name = "angular_error_deg"
+
+    def parse(self, payload: bytes) -> np.ndarray:
+        colours = decode_png(payload)
+        if colours.dtype != np.uint8 or colours.ndim != 3 or colours.shape[2] != 3:
+            raise ValueError(f"expected an 8-bit RGB PNG, got {colours.dtype} {colours.shape}")
+        return colours.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - 1  # v / 255 * 2 - 1
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # The angle is what matters; L1 also pins the length, which the cosine alone leaves free.
+        return (1 - F.cosine_similarity(output, target, dim=1)).mean() + F.l1_loss(output, target)
+
+    def to_values(self, output: torch.Tensor) -> torch.Tensor:
+        return F.normalize(output, dim=1).clamp(-1.0, 1.0)
+
+    def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """(sum, count) of per-pixel angles in degrees, over pixels whose target has a direction.
+
+        A labeler's zero vector is stored as mid-grey and reads back about 0.007 long; any real
+        normal is about 1 long, so a target shorter than 0.5 has no direction to compare with.
+        """
+        dot = (predictions * targets).sum(axis=1)  # (B, S, S)
+        lengths = np.linalg.norm(predictions, axis=1) * np.linalg.norm(targets, axis=1)
+        valid = np.linalg.norm(targets, axis=1) > 0.5
+        cosine = np.clip(dot[valid] / np.maximum(lengths[valid], 1e-12), -1.0, 1.0)
+        return np.array([np.degrees(np.arccos(cosine)).sum(dtype=np.float64), valid.sum()])
+
+    def render(self, value: np.ndarray) -> np.ndarray:
+        return ((value.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+class ClassEmbedding(nn.Module):
+    """(B, S, S) class ids -> (B, width, S, S): a one-hot 1x1 convolution without the one-hot."""
+
+    def __init__(self, classes: int, width: int):
+        super().__init__()
+        self.classes = classes
+        self.table = nn.Embedding(classes + 1, width)  # row ``classes``: no class (255)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.where(ids == SEMSEG_IGNORE, self.classes, ids)
+        # contiguous: convolutions on the permuted view fall back to a slow, copying kernel
+        return self.table(ids).permute(0, 3, 1, 2).contiguous()  # (B, S, S, width) -> (B, width, S, S)
+
+
+_PALETTE = np.random.default_rng(0).integers(40, 256, size=(256, 3), dtype=np.uint8)
+_PALETTE[SEMSEG_IGNORE] = 0  # no class: black
+
+
+@dataclass(frozen=True, kw_only=True)
+class SemsegAdapter(MapAdapter):
+    """Class-id maps; decoded maps are the argmax over classes, so they never say "no class"."""
+
+    classes: int = len(COCO_PANOPTIC)
+
+    modality = "semseg"
+    column = "semseg"
+    dtype = np.int64
+    flippable = True
+    metric_name = "miou"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.size, self.size)
+
+    @property
+    def expected(self) -> str:
+        return f"int64 {self.shape} of class ids in [0, {self.classes}) or {SEMSEG_IGNORE} (no class)"
+
+    @classmethod
+    def params_of(cls, schema: pa.Schema) -> dict[str, Any]:
+        names = (schema.metadata or {}).get(b"four_m.classes")
+        if names is None:
+            raise TokenizerInputError("semseg: the label file has no four_m.classes metadata (its class names)")
+        return {"classes": len(json.loads(names))}
+
+    def parse(self, payload: bytes) -> np.ndarray:
+        ids = decode_png(payload)
+        if ids.dtype != np.uint8 or ids.ndim != 2:
+            raise ValueError(f"expected an 8-bit one-channel PNG, got {ids.dtype} {ids.shape}")
+        return ids.astype(np.int64)
+
+    def _range_problem(self, value: np.ndarray) -> str | None:
+        bad = (value < 0) | ((value >= self.classes) & (value != SEMSEG_IGNORE))
+        return f"class ids {np.unique(value[bad])[:5].tolist()}" if bad.any() else None
+
+    def input_layer(self, width: int) -> nn.Module:
+        return ClassEmbedding(self.classes, width)
+
+    def head(self, width: int) -> nn.Module:
+        # A per-pixel classifier, the mirror of the embedding: a 3x3 conv to 133 channels at full
+        # resolution would cost more than the rest of the model.
+        return nn.Conv2d(width, self.classes, 1)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Summed then divided by the labelled pixels: the mean alone is NaN for a batch without any.
+        summed = F.cross_entropy(output, target, ignore_index=SEMSEG_IGNORE, reduction="sum")
+        return summed / (target != SEMSEG_IGNORE).sum().clamp_min(1)
+
+    def to_values(self, output: torch.Tensor) -> torch.Tensor:
+        return output.argmax(dim=1)
+
+    def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Per class: (intersection, target area, predicted area) over labelled pixels, flattened."""
+        labelled = targets != SEMSEG_IGNORE
+        truth, guess = targets[labelled], predictions[labelled]
+        areas = [truth[truth == guess], truth, guess]
+        return np.concatenate([np.bincount(a, minlength=self.classes)[: self.classes] for a in areas])
+
+    def metric(self, sums: np.ndarray) -> float | None:
+        """Mean IoU over the classes present in the targets."""
+        intersection, truth, guess = sums.reshape(3, self.classes).astype(np.float64)
+        present = truth > 0
+        if not present.any():
+            return None
+        return float((intersection[present] / (truth + guess - intersection)[present]).mean())
+
+    def render(self, value: np.ndarray) -> np.ndarray:
+        return _PALETTE[value]
+
+
+def clip_shape(schema: pa.Schema) -> tuple[int, int, int]:
+    """(grid, grid, dim) of a clip label file, from its ``four_m.clip_shape`` metadata ("14x14x512")."""
+    shape = (schema.metadata or {}).get(b"four_m.clip_shape")
+    if shape is None:
+        raise TokenizerInputError("clip: the label file has no four_m.clip_shape metadata (like 14x14x512)")
+    rows, columns, dim = (int(n) for n in shape.split(b"x"))
+    return rows, columns, dim
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipAdapter(FloatMapAdapter):
+    """CLIP patch features; their grid is the token grid, so ``size`` is that grid (no resampling).
+
+    Not flipped in training: CLIP features of a mirrored image are not the mirrored features.
+    """
+
+    size: int = 14
+    dim: int = 512
+
+    modality = "clip"
+    column = "clip"
+    low, high = -math.inf, math.inf
+    flippable = False
+    metric_name = "cosine"
+
+    @property
+    def channels(self) -> int:
+        return self.dim
+
+    @classmethod
+    def params_of(cls, schema: pa.Schema) -> dict[str, Any]:
+        return {"dim": clip_shape(schema)[2]}
+
+    def _payloads(self, table: pa.Table) -> list[Any]:
+        """(G, G, D) float16 arrays, None for null rows, without a Python float per feature."""
+        shape = clip_shape(table.schema)
+        column = table[self.column].combine_chunks()
+        present = ~column.is_null().to_numpy(zero_copy_only=False)
+        flat = column.flatten().to_numpy(zero_copy_only=False)  # nulls left out
+        if flat.size != present.sum() * math.prod(shape):
+            raise TokenizerInputError(
+                f"clip: {flat.size} features in {present.sum()} rows; expected {'x'.join(map(str, shape))} per row"
+            )
+        rows = iter(flat.reshape(-1, *shape))
+        return [next(rows) if here else None for here in present]
+
+    def parse(self, payload: np.ndarray) -> np.ndarray:
+        return payload.transpose(2, 0, 1).astype(np.float32)  # (G, G, D) -> (D, G, G)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (1 - F.cosine_similarity(output, target, dim=1)).mean() + F.mse_loss(output, target)
+
+    def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """(sum, count) of the cosine similarity of each grid cell's feature vector."""
+        dot = (predictions * targets).sum(axis=1)  # (B, G, G)
+        lengths = np.linalg.norm(predictions, axis=1) * np.linalg.norm(targets, axis=1)
+        cosine = dot / np.maximum(lengths, 1e-12)
+        return np.array([cosine.sum(dtype=np.float64), cosine.size])
+
+    def render(self, value: np.ndarray) -> np.ndarray:
+        """The first three principal components of the features, as colours, at the grid's size."""
+        dim, rows, columns = value.shape
+        features = value.reshape(dim, -1).T  # (G*G, D)
+        centred = features - features.mean(0)
+        _, _, components = np.linalg.svd(centred, full_matrices=False)
+        projected = centred @ components[:3].T  # (G*G, <=3)
+        projected = (projected - projected.min(0)) / (np.ptp(projected, 0) + 1e-6)
+        colours = np.zeros((len(features), 3), np.float32)
+        colours[:, : projected.shape[1]] = projected
+        return (colours.reshape(rows, columns, 3) * 255).astype(np.uint8)
+
+
+ADAPTERS: Mapping[str, MapAdapter] = MappingProxyType(
+    {a.modality: a for a in (RgbAdapter(), DepthAdapter(), NormalAdapter(), SemsegAdapter(), ClipAdapter())}
+)
+"""Map modality -> its adapter at 4M's settings. Read-only: use ``configured`` for other settings."""
+
+
+def configured(modality: str, size: int, params: Mapping[str, Any]) -> MapAdapter:
+    """The registry's adapter for ``modality`` at ``size`` with ``params`` (e.g. ``{"classes": 5}``)."""
+    if modality not in ADAPTERS:
+        raise UserError(f"no VQ adapter for {modality!r}; known: {', '.join(ADAPTERS)}")
+    adapter = ADAPTERS[modality]
+    unknown = sorted(set(params) - set(adapter.params()))
+    if unknown:
+        raise UserError(f"{modality}: unknown adapter params {unknown}; known: {sorted(adapter.params())}")
+    return replace(adapter, size=size, **params)

@@ -1,0 +1,43 @@
+"""Tokenizers by modality key, and what identifies a trained one. Never mutated at run time."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from types import MappingProxyType
+
+from four_m.core.dataset_root import DatasetRoot
+from four_m.core.modalities import MAP_MODALITIES
+from four_m.tokenize.base import Tokenizer
+from four_m.tokenize.boxes import BoxSequenceTokenizer
+from four_m.tokenize.text import TextTokenizer
+from four_m.tokenize.vq import VQTokenizer
+
+TOKENIZERS: MappingProxyType[str, type[Tokenizer]] = MappingProxyType(
+    {**{m: VQTokenizer for m in MAP_MODALITIES}, "caption": TextTokenizer, "det": BoxSequenceTokenizer}
+)
+
+
+def tokenizer_dir(root: DatasetRoot, modality: str) -> Path:
+    return root / f"tokenizers/{modality}"
+
+
+def load_tokenizer(root: DatasetRoot, modality: str) -> Tokenizer:
+    directory = tokenizer_dir(root, modality)
+    if not (directory / TRAINED).is_file():
+        raise FileNotFoundError(f"no trained {modality} tokenizer in {directory}: run `make tokenizers` first")
+    return TOKENIZERS[modality].load(directory)
+
+
+TRAINED = "trained.json"
+"""Written last into a tokenizer's folder (config hash, samples, metrics): its presence means done."""
+
+
+def tokenizer_id(root: DatasetRoot, modality: str) -> str:
+    """``<modality>-<hash of every file>``: retraining changes it, so tokens made before go stale."""
+    digest = hashlib.sha256()
+    directory = tokenizer_dir(root, modality)
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(directory)).encode())
+        digest.update(file.read_bytes())
+    return f"{modality}-{digest.hexdigest()[:12]}"

@@ -1,0 +1,75 @@
+"""Tokenize one shard: every requested modality's rows -> ``tokens/<modality>/<shard>.parquet``.
+
+A pure function of the dataset root and the loaded tokenizers (no Ray here): the executor in
+``pipeline.tokenize`` hands shards to it and records markers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from four_m.core.config import Config
+from four_m.core.dataset_root import DatasetRoot, shard_name
+from four_m.core.summary import ShardReport
+from four_m.tokenize.base import Tokenizer, TokenizerInputError
+from four_m.tokenize.sources import ModalityRows, read_rows, source_file
+from four_m.tokenize.store import token_schema, token_table, write_tokens
+
+ABSENT = "absent_upstream"
+"""The one failure reason here: the image or label of that row failed in an earlier stage."""
+
+
+def token_file(root: DatasetRoot, modality: str, shard: int):
+    return root / f"tokens/{modality}/{shard_name(shard)}.parquet"
+
+
+def tokenize_shard(
+    root: DatasetRoot,
+    shard: int,
+    tokenizers: Mapping[str, Tokenizer],
+    config: Config,
+    provenance: Mapping[str, dict[str, str]],
+) -> dict[str, ShardReport]:
+    """Write the shard's token file of every modality in ``tokenizers``; one report per modality."""
+    image_keys = pq.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"].to_pylist()
+    reports = {}
+    for modality, tokenizer in tokenizers.items():
+        started = time.perf_counter()
+        rows = read_rows(root, modality, shard, config)
+        if rows.keys != image_keys:
+            raise ValueError(f"{source_file(root, modality, shard)}: keys are not those of images/ (row order broken)")
+        ids = _encode(tokenizer, rows, config.tokenize.batch_size, where=str(source_file(root, modality, shard)))
+        fixed = tokenizer.max_tokens if tokenizer.fixed_length else None
+        schema = token_schema(fixed, provenance[modality])
+        errors = [None if i is not None else f"absent: {e}" for i, e in zip(ids, rows.errors, strict=True)]
+        table = token_table(rows.keys, ids, errors, schema)
+        write_tokens(token_file(root, modality, shard), table, config.tokenize.row_group_rows)
+        absent = sum(i is None for i in ids)
+        reports[modality] = ShardReport(
+            shard=shard,
+            rows_in=len(ids),
+            rows_out=len(ids) - absent,
+            failures={ABSENT: absent} if absent else {},
+            seconds=time.perf_counter() - started,
+        )
+    return reports
+
+
+def _encode(tokenizer: Tokenizer, rows: ModalityRows, batch_size: int, where: str) -> list[np.ndarray | None]:
+    """Ids for the present rows, in batches; None for absent ones. Ids are range-checked here."""
+    ids: list[np.ndarray | None] = [None] * len(rows.values)
+    present = [i for i, value in enumerate(rows.values) if value is not None]
+    for start in range(0, len(present), batch_size):
+        chosen = present[start : start + batch_size]
+        try:
+            encoded = tokenizer.encode([rows.values[i] for i in chosen])
+        except TokenizerInputError as err:
+            raise TokenizerInputError(f"{where}: {err}") from None
+        for index, row_ids in zip(chosen, encoded, strict=True):
+            tokenizer.check_ids(row_ids, where)
+            ids[index] = row_ids
+    return ids
