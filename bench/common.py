@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
+from four_m.core.dataset_root import DatasetRoot
 from four_m.pipeline.sample_site import bundled_photo_paths
 
 
@@ -27,3 +31,31 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[str]:
         image.save(folder / name, quality=rng.randint(75, 95))
         names.append(name)
     return names
+
+
+def write_images_root(root: Path, photos: list[Path], per_shard: int) -> list[bytes]:
+    """images/ shards with 256 px JPEGs, as the download stage leaves them; returns the JPEGs."""
+    jpegs = []
+    for path in photos:
+        image = Image.open(path).convert("RGB")
+        image.thumbnail((384, 256))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=95)
+        jpegs.append(out.getvalue())
+    state = DatasetRoot(root).stage("download")
+    for shard, start in enumerate(range(0, len(jpegs), per_shard)):
+        part = jpegs[start : start + per_shard]
+        table = pa.table(
+            {
+                "key": [f"{shard:05d}{i:04d}" for i in range(len(part))],
+                "jpg": part,
+                "status": ["success"] * len(part),
+                "error_message": pa.nulls(len(part), pa.string()),
+                "caption": [f"bench image {start + i}" for i in range(len(part))],
+            }
+        )
+        file = root / f"images/{shard:05d}.parquet"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, file)
+        state.mark_done(shard, len(part), [file], "bench")
+    return jpegs

@@ -15,7 +15,6 @@ start-up once per many thousand images.
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 import threading
 import time
@@ -24,14 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
-from common import make_images
-from PIL import Image
+from common import make_images, write_images_root
 
 from four_m.core.config import load_config
-from four_m.core.dataset_root import DatasetRoot
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.label import run_label
 from four_m.pipeline.views import centre_square, decode_rgb, resize_square
@@ -63,34 +58,6 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-
-
-def write_images_root(root: Path, photos: list[Path], per_shard: int) -> list[bytes]:
-    """images/ shards with 256 px JPEGs, as the download stage leaves them; returns the JPEGs."""
-    jpegs = []
-    for path in photos:
-        image = Image.open(path).convert("RGB")
-        image.thumbnail((384, 256))
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=95)
-        jpegs.append(out.getvalue())
-    state = DatasetRoot(root).stage("download")
-    for shard, start in enumerate(range(0, len(jpegs), per_shard)):
-        part = jpegs[start : start + per_shard]
-        table = pa.table(
-            {
-                "key": [f"{shard:05d}{i:04d}" for i in range(len(part))],
-                "jpg": part,
-                "status": ["success"] * len(part),
-                "error_message": pa.nulls(len(part), pa.string()),
-                "caption": [f"bench image {start + i}" for i in range(len(part))],
-            }
-        )
-        file = root / f"images/{shard:05d}.parquet"
-        file.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, file)
-        state.mark_done(shard, len(part), [file], "bench")
-    return jpegs
 
 
 def naive(labelers, jpegs: list[bytes]) -> float:
@@ -163,8 +130,10 @@ def main() -> None:
     print(f"stage (Ray Data, {pools} pool(s), model loading included):   {stage:6.1f} s  {stage_rate:6.2f} images/s")
     print(f"  of which start-up (a one-shard run of {args.per_shard} images):      {startup:6.1f} s")
     print(f"  each further image (steady state):                            {steady_rate:6.2f} images/s")
-    print(f"ratio stage / naive: {stage_rate / naive_rate:.2f}x end to end, {steady_rate / naive_rate:.2f}x steady state"
-          " (goal >= 3x on 2 CPU cores)")
+    print(
+        f"ratio stage / naive: {stage_rate / naive_rate:.2f}x end to end, {steady_rate / naive_rate:.2f}x steady state"
+        " (goal >= 3x on 2 CPU cores)"
+    )
     print("batched model time share: " + ", ".join(f"{n} {100 * s / total:.0f}%" for n, s in shares.items()))
     print(f"peak resident memory, all processes during the stage: {peak / 2**30:.2f} GiB")
 

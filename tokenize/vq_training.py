@@ -9,6 +9,7 @@ tokenizer, ``metrics.json`` and the CSV training log into one folder.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -117,6 +118,8 @@ def train_vq(
     sampler = RandomSampler(dataset, num_samples=cfg.steps * cfg.batch_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
     training = VQTraining(tokenizer.model, cfg)
+    # Lightning's INFO lines (no GPU, max_steps reached) repeat per tokenizer and drown the summary.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,

@@ -7,15 +7,19 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from four_m.core.config import load_config
-from four_m.core.dataset_root import DatasetRoot
+from four_m.core.dataset_root import DatasetRoot, sha256_file
 from four_m.core.modalities import MODALITIES
+from four_m.labelers.encode import encode_png
 from four_m.pipeline.tokenize import TokenizeStageError, run_tokenize
 from four_m.pipeline.tokenizers import TokenizerTrainingError, run_tokenizer_training
-from four_m.tokenize.registry import TRAINED
+from four_m.tokenize.base import TokenizerInputError
+from four_m.tokenize.registry import TRAINED, load_tokenizer
+from four_m.tokenize.shard import tokenize_shard
 
 MAPS = ("rgb", "depth", "normal", "semseg", "clip")
 TINY_TOKENIZERS = [
@@ -149,3 +153,21 @@ def test_a_killed_run_resumes_with_every_key_exactly_once(
     ]
     assert written == [k for shard in keys for k in shard]
     assert not list((root / "tokens/rgb").glob(".*.tmp"))
+
+
+def test_a_label_of_the_wrong_class_count_stops_its_shard_naming_modality_file_and_expectation(tokenized, tmp_path):
+    config, _, _, _ = tokenized
+    root = DatasetRoot(tmp_path / "root")
+    shutil.copytree(config.root, root.path)
+    path = root / "labels/semseg/00000.parquet"
+    table = pq.read_table(path)
+    size = config.label.size
+    bad = encode_png(np.full((size, size), 200, np.uint8))  # COCO has 133 classes; 255 means none
+    payloads = [bad if p is not None else None for p in table["semseg"].to_pylist()]
+    pq.write_table(table.set_column(1, "semseg", pa.array(payloads, pa.binary())), path)
+    tokenizer = load_tokenizer(root, "semseg")
+    tokens = root / "tokens/semseg/00000.parquet"
+    before = sha256_file(tokens)
+    with pytest.raises(TokenizerInputError, match=r"labels/semseg/00000\.parquet: semseg: .*\[200\]"):
+        tokenize_shard(root, 0, {"semseg": tokenizer}, config, {"semseg": {}})
+    assert sha256_file(tokens) == before, "a failed shard must leave the finished file alone"
