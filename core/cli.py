@@ -15,7 +15,6 @@ from four_m.core.errors import UserError
 from four_m.core.summary import StageSummary
 
 NOT_BUILT = {
-    "train": "the 4M trainer",
     "sample": "generation",
     "card": "dataset cards",
 }
@@ -74,6 +73,13 @@ def _preview_tokens(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(config: Config, args: argparse.Namespace) -> int:
+    from four_m.train.run import run_train
+
+    print("\n".join(run_train(config).lines()))
+    return 0
+
+
 def _models(config: Config, args: argparse.Namespace) -> int:
     """Fetch production weights for the configured labelers (needs a reachable hub)."""
     from pathlib import Path
@@ -120,6 +126,7 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "tokenizers": _tokenizers,
     "tokenize": _tokenize,
     "preview-tokens": _preview_tokens,
+    "train": _train,
     "models": _models,
     "demo": _demo,
 }

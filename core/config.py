@@ -316,6 +316,57 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """One 4M training run (``make train``): model size, masking budgets, optimisation, devices."""
+
+    run: str = "tiny"
+    """The run's folder: ``<root>/runs/<run>/`` (checkpoints, logs, loss curve, final weights)."""
+    modalities: tuple[str, ...] = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
+    model: str = "tiny"
+    """A named size: tiny (6+6 layers, 384), small (8+8, 512), base (12+12, 768), large (24+24, 1024)."""
+    input_budget: int = 128
+    """Input tokens per sample, split across the sample's modalities by a Dirichlet draw."""
+    target_budget: int = 128
+    alpha: float = 1.0
+    """Dirichlet concentration of both splits (4M uses 0.2-1.0 depending on the mixture)."""
+    mixtures: tuple[str, ...] = ("all2all",)
+    """Per-sample masking mixtures: all2all, rgb2all."""
+    span_mean: float = 3.0
+    batch_size: int = 32
+    """Per device."""
+    max_steps: int = 300
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    gradient_clip: float = 1.0
+    precision: str = "auto"
+    """auto: bf16-mixed where the accelerator supports it, else 32-true; or any Lightning precision."""
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    """auto, ddp, fsdp, ...: Lightning's strategies; nodes and devices above make multi-GPU runs."""
+    num_workers: int = field(default=0, metadata=RUNTIME_ONLY)
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    log_every_n_steps: int = field(default=10, metadata=RUNTIME_ONLY)
+    checkpoint_every_n_steps: int = field(default=100, metadata=RUNTIME_ONLY)
+
+    def __post_init__(self) -> None:
+        known = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
+        unknown = sorted(set(self.modalities) - set(known))
+        _check(not unknown, "train.modalities", f"unknown {unknown}; known: {', '.join(known)}")
+        _check(self.input_budget >= 1 and self.target_budget >= 1, "train.input_budget/target_budget", "must be >= 1")
+        _check(self.alpha > 0, "train.alpha", "must be > 0")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps", "must be in [0, max_steps)")
+        _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices/num_nodes", "must be >= 1")
+        _check(self.checkpoint_every_n_steps >= 1, "train.checkpoint_every_n_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     root: str = "data/default"
     """The dataset root: every stage reads and writes under it."""
@@ -326,6 +377,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def section_hash(self, section: str) -> str:
         """A short stable hash of what in one section shapes the output: markers record it."""

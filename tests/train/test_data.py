@@ -1,0 +1,277 @@
+"""The training data pipeline on tiny real token stores: zipping, splitting, shuffling, resuming."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from four_m.tokenize.store import token_schema, token_table, write_tokens
+from four_m.train.batch import MaskedBatch
+from four_m.train.data import (
+    TokenDataModule,
+    TokenShards,
+    TokenStoreError,
+    TokenStream,
+    check_store,
+    store_vocabularies,
+)
+from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
+
+GRID = 16
+INFOS = (
+    ModalityInfo("rgb", "map", GRID),
+    ModalityInfo("depth", "map", GRID),
+    ModalityInfo("caption", "sequence", 12, num_sentinels=4),
+    ModalityInfo("det", "sequence", 12, num_sentinels=4),
+)
+NAMES = tuple(m.name for m in INFOS)
+MASKING = MaskingConfig(input_budget=24, target_budget=20, seed=3)
+SHARD_ROWS = (10, 7, 4)  # uneven on purpose
+ROW_GROUP = 3
+EMPTY_KEY = "00000_0005"  # every modality absent: skipped
+NULL_RGB = {"00000_0002", "00001_0000", "00002_0003"}
+
+
+def _ids(rng: np.random.Generator, info: ModalityInfo) -> np.ndarray:
+    if info.kind == "map":
+        return rng.integers(0, 64, size=GRID).astype(np.uint16)
+    words = rng.integers(info.sentinel_ids.stop, 64, size=int(rng.integers(1, info.num_tokens)))
+    return np.array([*words, info.eos_id], np.uint16)
+
+
+def write_store(root: Path, shard_rows=SHARD_ROWS, infos=INFOS) -> dict[str, dict[str, np.ndarray | None]]:
+    """Token files for every modality and shard; returns key -> the sample written."""
+    rng = np.random.default_rng(0)
+    written: dict[str, dict[str, np.ndarray | None]] = {}
+    for shard, rows in enumerate(shard_rows):
+        keys = [f"{shard:05d}_{i:04d}" for i in range(rows)]
+        for info in infos:
+            absent = [k == EMPTY_KEY or (info.name == "rgb" and k in NULL_RGB) for k in keys]
+            ids = [None if gone else _ids(rng, info) for gone in absent]
+            for key, row in zip(keys, ids, strict=True):
+                written.setdefault(key, {})[info.name] = row
+            meta = {
+                "modality": info.name,
+                "vocab_size": "64",
+                "max_tokens": str(info.num_tokens),
+                "tokenizer": f"{info.name}-abc123",
+            }
+            schema = token_schema(GRID if info.kind == "map" else None, meta)
+            errors = [None if i is not None else "absent: failed" for i in ids]
+            path = root / f"tokens/{info.name}/{shard:05d}.parquet"
+            write_tokens(path, token_table(keys, ids, errors, schema), ROW_GROUP)
+    return written
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("root")
+    return root, write_store(root)
+
+
+def stream(root: Path, **kwargs) -> TokenStream:
+    options = {"batch_size": 4, "shuffle_buffer": 5, "seed": 7, "rank": 0, "world_size": 1} | kwargs
+    return TokenStream(TokenShards(root, NAMES), Masker(INFOS, MASKING), **options)
+
+
+def loader_order(s: TokenStream, workers: int, count: int) -> list[MaskedBatch]:
+    """What a DataLoader with ``workers`` workers yields: worker i % workers gives batch i."""
+    iterators = [s.worker_batches(w, workers) for w in range(workers)]
+    return [next(iterators[i % workers]) for i in range(count)]
+
+
+def assert_same(a: MaskedBatch, b: MaskedBatch) -> None:
+    for f in fields(MaskedBatch):
+        assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
+
+
+def same(a: MaskedBatch, b: MaskedBatch) -> bool:
+    return all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(MaskedBatch))
+
+
+def test_shards_zip_modalities_by_key_and_skip_rows_with_nothing(store):
+    root, written = store
+    shards = TokenShards(root, NAMES)
+    assert [s.name for s in shards.shards] == ["00000", "00001", "00002"]
+    read = [row for shard in shards.shards for row in shards.read(shard)]
+    assert [key for key, _ in read] == [k for k in sorted(written) if k != EMPTY_KEY]
+    assert shards.empty_rows == 1
+    for key, sample in read:
+        assert sample.keys() == set(NAMES)
+        for name in NAMES:
+            want = written[key][name]
+            assert (sample[name] is None) if want is None else np.array_equal(sample[name], want)
+    assert all(read_sample["rgb"] is None for key, read_sample in read if key in NULL_RGB)
+
+
+def test_misaligned_or_missing_shards_raise_naming_the_file(tmp_path):
+    write_store(tmp_path, shard_rows=(4, 3))
+    depth = tmp_path / "tokens/depth/00001.parquet"
+    keys = ["00001_0000", "00001_0002", "00001_0001"]  # rows swapped
+    schema = token_schema(GRID, {"modality": "depth"})
+    write_tokens(depth, token_table(keys, [np.zeros(GRID, np.uint16)] * 3, [None] * 3, schema), ROW_GROUP)
+    shards = TokenShards(tmp_path, NAMES)
+    list(shards.read(shards.shards[0]))
+    with pytest.raises(TokenStoreError, match=r"row 1: keys differ.*depth/00001\.parquet: '00001_0002'"):
+        list(shards.read(shards.shards[1]))
+
+    write_tokens(depth, token_table(keys[:2], [None] * 2, ["absent"] * 2, schema), ROW_GROUP)
+    with pytest.raises(TokenStoreError, match=r"different row counts.*depth/00001\.parquet: 2"):
+        list(shards.read(shards.shards[1]))
+
+    depth.unlink()
+    with pytest.raises(TokenStoreError, match=r"missing .*tokens/depth/00001\.parquet"):
+        TokenShards(tmp_path, NAMES)
+    kept = TokenShards(tmp_path, NAMES, skip_incomplete=True)
+    assert [s.name for s in kept.shards] == ["00000"] and kept.skipped == ("00001",)
+    with pytest.raises(TokenStoreError, match="no token shards for modality 'clip'"):
+        TokenShards(tmp_path, ["rgb", "clip"])
+
+
+@pytest.mark.parametrize("world, workers", [(1, 1), (1, 3), (2, 2), (3, 3)], ids=["1x1", "1x3", "2x2", "3x3"])
+def test_streams_of_ranks_and_workers_are_disjoint_and_cover_the_store(store, world, workers):
+    root, written = store
+    streams = world * workers
+    seen: list[str] = []
+    for rank, worker in itertools.product(range(world), range(workers)):
+        s = stream(root, rank=rank, world_size=world)
+        keys = [key for key, _ in s.epoch_samples(rank * workers + worker, streams, epoch=0)]
+        assert keys, f"stream {rank}/{worker} got nothing"
+        seen += keys
+    assert sorted(seen) == [k for k in sorted(written) if k != EMPTY_KEY]  # once each
+    # More streams than shards: each shard is cut into row-strided parts.
+    assert stream(root).units(0, streams)[0].parts == math.ceil(streams / len(SHARD_ROWS))
+
+
+def test_same_seed_same_batches_and_epochs_reshuffle(store):
+    root, _ = store
+    first = list(itertools.islice(stream(root), 6))
+    again = list(itertools.islice(stream(root), 6))
+    for a, b in zip(first, again, strict=True):
+        assert_same(a, b)
+    other = list(itertools.islice(stream(root, seed=8), 6))
+    assert not all(same(a, b) for a, b in zip(first, other, strict=True))
+
+    s = stream(root)
+    epoch0 = [k for k, _ in s.epoch_samples(0, 1, 0)]
+    epoch1 = [k for k, _ in s.epoch_samples(0, 1, 1)]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    epochs = [epoch for epoch, _, _ in itertools.islice(s.samples(0, 1), 3 * len(epoch0))]
+    assert epochs == [0] * len(epoch0) + [1] * len(epoch0) + [2] * len(epoch0)  # repeats forever
+
+
+def test_every_rank_yields_as_many_batches_as_asked_with_uneven_shards(store):
+    root, _ = store
+    ranks = [stream(root, rank=r, world_size=2, batch_size=3) for r in range(2)]
+    rows = [sum(1 for _ in r.epoch_samples(r.rank, 2, 0)) for r in ranks]
+    assert rows[0] != rows[1]  # shards 0 + 2 against shard 1
+    steps = 3 * max(rows)  # several epochs of either rank
+    assert [sum(1 for _ in itertools.islice(r, steps)) for r in ranks] == [steps, steps]
+
+
+@pytest.mark.parametrize("workers, k", [(1, 4), (2, 5), (3, 7)])
+def test_resume_after_k_batches_continues_with_batch_k_plus_one(store, workers, k):
+    root, _ = store
+    whole = loader_order(stream(root), workers, k + 4)
+    resumed = loader_order(stream(root, start_batch=k), workers, 4)
+    for a, b in zip(whole[k:], resumed, strict=True):
+        assert_same(a, b)
+
+
+def test_absent_modality_flows_through_and_batches_have_the_budget_shapes(store):
+    root, written = store
+    s = stream(root, batch_size=1, shuffle_buffer=0)  # in order: batch i is the i-th kept row
+    keys = [k for k in sorted(written) if k != EMPTY_KEY]
+    rgb = NAMES.index("rgb")
+    for key, batch in zip(keys, itertools.islice(s, len(keys)), strict=True):
+        used = torch.cat([batch.input_modality[batch.input_mask], batch.target_modality[batch.target_mask]])
+        if key in NULL_RGB:
+            assert rgb not in used.tolist()
+        assert used.numel() > 0
+    batch = next(iter(stream(root, batch_size=5)))
+    for f in fields(MaskedBatch):
+        budget = MASKING.input_budget if f.name.startswith("input") else MASKING.target_budget
+        assert getattr(batch, f.name).shape == (5, budget), f.name
+    assert batch.input_mask.dtype == torch.bool and batch.input_ids.dtype == torch.long
+
+
+def test_dataloader_with_two_workers_matches_the_stream_and_resumes(store):
+    root, _ = store
+    expected = loader_order(stream(root), 2, 5)
+    loader = DataLoader(stream(root), batch_size=None, num_workers=2)
+    for a, b in zip(expected, itertools.islice(loader, 5), strict=True):
+        assert_same(a, b)
+    resumed = DataLoader(stream(root, start_batch=3), batch_size=None, num_workers=2)
+    for a, b in zip(expected[3:], itertools.islice(resumed, 2), strict=True):
+        assert_same(a, b)
+
+
+def test_store_vocabularies_read_the_metadata_and_check_the_run(store, tmp_path):
+    root, _ = store
+    vocabularies = store_vocabularies(root, NAMES)
+    assert vocabularies["rgb"] == {
+        "vocab_size": 64,
+        "max_tokens": GRID,
+        "tokenizer": "rgb-abc123",
+        "fixed_length": True,
+    }
+    assert vocabularies["caption"]["max_tokens"] == 12 and not vocabularies["caption"]["fixed_length"]
+    check_store(vocabularies, INFOS)
+    with pytest.raises(TokenStoreError, match="rgb: the run wants maps of 9 tokens"):
+        check_store(vocabularies, [ModalityInfo("rgb", "map", 9)])
+
+    write_store(tmp_path, shard_rows=(2, 2), infos=INFOS[:1])
+    schema = token_schema(GRID, {"vocab_size": "65", "max_tokens": str(GRID), "tokenizer": "rgb-other"})
+    write_tokens(tmp_path / "tokens/rgb/00001.parquet", token_table(["a"], [None], ["x"], schema), ROW_GROUP)
+    with pytest.raises(TokenStoreError, match=r"00000\.parquet has .*rgb-abc123.* but .*00001\.parquet has"):
+        store_vocabularies(tmp_path, ["rgb"])
+
+
+class Recorder(L.LightningModule):
+    """Trains nothing much; records a fingerprint of every batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[int] = []
+
+    def training_step(self, batch: MaskedBatch, batch_idx: int):
+        self.seen.append(int((batch.input_ids * torch.arange(batch.input_ids.shape[1])).sum()))
+        return self.weight * batch.target_ids.float().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(root: Path, steps: int, ckpt: Path | None = None, save: Path | None = None) -> Recorder:
+    model = Recorder()
+    data = TokenDataModule(root, Masker(INFOS, MASKING), batch_size=3, modalities=NAMES, shuffle_buffer=5, seed=1)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return model
+
+
+def test_lightning_checkpoint_resumes_the_stream_mid_epoch(store, tmp_path):
+    root, _ = store
+    whole = fit(root, 8).seen  # 24 samples: more than one epoch of the 20 kept rows
+    first = fit(root, 3, save=tmp_path / "mid.ckpt").seen
+    assert torch.load(tmp_path / "mid.ckpt", weights_only=False)["TokenDataModule"]["batches_consumed"] == 3
+    rest = fit(root, 8, ckpt=tmp_path / "mid.ckpt").seen
+    assert first + rest == whole

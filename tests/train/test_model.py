@@ -1,0 +1,284 @@
+"""The 4M encoder-decoder, made tiny: shapes, masking of padding, the decoder's attention pattern,
+that it can learn (overfits a few samples), bf16 autocast, and its config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from four_m.core.config import ConfigError
+from four_m.core.modalities import MODALITIES
+from four_m.train.batch import MaskedBatch
+from four_m.train.model import SIZES, FourM, ModelConfig, ModelModality, decoder_attention_mask
+
+TINY = ModelConfig(dim=32, encoder_layers=2, decoder_layers=2, heads=4)
+MODALITIES_4 = (
+    ModelModality("rgb", "map", vocab_size=16, positions=16),  # a 4 x 4 grid
+    ModelModality("depth", "map", vocab_size=12, positions=16),
+    ModelModality("caption", "sequence", vocab_size=20, positions=8),
+    ModelModality("det", "sequence", vocab_size=20, positions=8),  # the same (text) vocabulary as caption
+)
+RGB, DEPTH, CAPTION, DET = range(4)
+SOS = 1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds contention (and the CI shares these cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(seed: int = 0, config: ModelConfig = TINY) -> FourM:
+    torch.manual_seed(seed)
+    return FourM(config, MODALITIES_4).eval()
+
+
+def _sample(generator: torch.Generator, tgt_caption_len: int = 4, tgt_det_len: int = 3) -> tuple[list, list]:
+    """One sample: inputs = some rgb tokens + a caption prefix; targets = other rgb tokens, some depth
+    tokens, a caption and a det sequence. Tokens are (id, modality, position[, decoder input])."""
+
+    def randint(high: int, n: int) -> list[int]:
+        return torch.randint(2, high, (n,), generator=generator).tolist()
+
+    grid = torch.randperm(16, generator=generator).tolist()
+    inputs = [(i, RGB, p) for i, p in zip(randint(16, 5), grid[:5], strict=True)]
+    inputs += [(i, CAPTION, p) for p, i in enumerate(randint(20, 3))]
+    targets = [(i, RGB, p, 0) for i, p in zip(randint(16, 4), grid[5:9], strict=True)]
+    depth_cells = torch.randperm(16, generator=generator)[:3].tolist()
+    targets += [(i, DEPTH, p, 0) for i, p in zip(randint(12, 3), depth_cells, strict=True)]
+    for modality, length in ((CAPTION, tgt_caption_len), (DET, tgt_det_len)):
+        ids = randint(20, length)
+        targets += [(i, modality, p, prev) for p, (i, prev) in enumerate(zip(ids, [SOS] + ids[:-1], strict=True))]
+    return inputs, targets
+
+
+def make_batch(samples: list[tuple[list, list]], n_in: int = 12, n_tgt: int = 18) -> MaskedBatch:
+    """Pad by hand, as the masking will: ids 0, modality 0, position 0, mask False."""
+    B = len(samples)
+    batch = MaskedBatch(
+        input_ids=torch.zeros(B, n_in, dtype=torch.long),
+        input_modality=torch.zeros(B, n_in, dtype=torch.long),
+        input_position=torch.zeros(B, n_in, dtype=torch.long),
+        input_mask=torch.zeros(B, n_in, dtype=torch.bool),
+        target_ids=torch.zeros(B, n_tgt, dtype=torch.long),
+        target_modality=torch.zeros(B, n_tgt, dtype=torch.long),
+        target_position=torch.zeros(B, n_tgt, dtype=torch.long),
+        target_mask=torch.zeros(B, n_tgt, dtype=torch.bool),
+        decoder_input_ids=torch.zeros(B, n_tgt, dtype=torch.long),
+    )
+    for b, (inputs, targets) in enumerate(samples):
+        for j, (i, m, p) in enumerate(inputs):
+            batch.input_ids[b, j], batch.input_modality[b, j], batch.input_position[b, j] = i, m, p
+            batch.input_mask[b, j] = True
+        for j, (i, m, p, prev) in enumerate(targets):
+            batch.target_ids[b, j], batch.target_modality[b, j], batch.target_position[b, j] = i, m, p
+            batch.decoder_input_ids[b, j] = prev
+            batch.target_mask[b, j] = True
+    return batch
+
+
+def random_batch(seed: int = 0, size: int = 3) -> MaskedBatch:
+    generator = torch.Generator().manual_seed(seed)
+    # Samples of different lengths, so every sample but the longest has padding.
+    return make_batch([_sample(generator, tgt_caption_len=2 + b, tgt_det_len=3 - b % 2) for b in range(size)])
+
+
+def copy(batch: MaskedBatch) -> MaskedBatch:
+    return MaskedBatch(**{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)})
+
+
+def assert_same_logits(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor], modalities=None) -> None:
+    for m in modalities if modalities is not None else a:
+        torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
+
+
+def test_output_shapes():
+    model, batch = make_model(), random_batch()
+    with torch.no_grad():
+        memory, memory_real = model.encode(batch)
+        hidden = model.decode(batch, memory, memory_real)
+        logits = model(batch)
+    assert memory.shape == (3, 1 + 12, 32) and memory_real.shape == (3, 13)
+    assert hidden.shape == (3, 18, 32)
+    assert sorted(logits) == [RGB, DEPTH, CAPTION, DET]
+    for m, modality in enumerate(MODALITIES_4):
+        n_m = int(((batch.target_modality == m) & batch.target_mask).sum())
+        assert logits[m].shape == (n_m, modality.vocab_size)
+        assert torch.isfinite(logits[m]).all()
+
+
+def test_padding_does_not_change_the_real_tokens_outputs():
+    model, batch = make_model(), random_batch()
+    with torch.no_grad():
+        before = model(batch)
+        changed = copy(batch)
+        pad_in, pad_tgt = ~batch.input_mask, ~batch.target_mask
+        assert pad_in.any() and pad_tgt.any()
+        changed.input_ids[pad_in] = 7
+        changed.input_modality[pad_in] = DEPTH
+        changed.input_position[pad_in] = 3
+        changed.target_modality[pad_tgt] = CAPTION
+        changed.target_position[pad_tgt] = 0
+        changed.decoder_input_ids[pad_tgt] = 5
+        changed.target_ids[pad_tgt] = 9
+        assert_same_logits(before, model(changed))
+        # More padding on both sides changes nothing either.
+        wider = make_batch([], 0, 0)
+        for f in dataclasses.fields(batch):
+            value = getattr(batch, f.name)
+            setattr(wider, f.name, torch.cat([value, torch.zeros_like(value)[:, :5]], dim=1))
+        assert_same_logits(before, model(wider))
+
+
+def test_decoder_attends_only_within_a_modality():
+    model, batch = make_model(), random_batch()
+    with torch.no_grad():
+        before = model(batch)
+        # A different caption to teacher-force: only the caption's own logits may change.
+        changed = copy(batch)
+        caption = batch.target_modality == CAPTION
+        changed.decoder_input_ids[caption] = (batch.decoder_input_ids[caption] + 3) % 20
+        after = model(changed)
+        assert_same_logits(before, after, [RGB, DEPTH, DET])
+        assert not torch.allclose(before[CAPTION], after[CAPTION])
+        # rgb targets at other grid cells: depth and the sequences do not see it.
+        changed = copy(batch)
+        rgb = batch.target_modality == RGB
+        changed.target_position[rgb] = (batch.target_position[rgb] + 1) % 16
+        after = model(changed)
+        assert_same_logits(before, after, [DEPTH, CAPTION, DET])
+        assert not torch.allclose(before[RGB], after[RGB])
+
+
+def test_sequences_are_causal():
+    model = make_model()
+    generator = torch.Generator().manual_seed(1)
+    batch = make_batch([_sample(generator, tgt_caption_len=6)])
+    caption = ((batch.target_modality == CAPTION) & batch.target_mask)[0].nonzero().squeeze(1)  # flat slots
+    with torch.no_grad():
+        before = model(batch)[CAPTION]  # (6, V), in position order
+        changed = copy(batch)
+        changed.decoder_input_ids[0, caption[3]] = (batch.decoder_input_ids[0, caption[3]] + 1) % 20
+        after = model(changed)[CAPTION]
+    torch.testing.assert_close(before[:3], after[:3], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before[3], after[3])
+
+
+def test_decoder_attention_mask():
+    #              rgb rgb cap cap cap pad
+    modality = torch.tensor([[0, 0, 2, 2, 2, 0]])
+    position = torch.tensor([[5, 1, 2, 0, 1, 0]])  # a sequence given out of order on purpose
+    real = torch.tensor([[True] * 5 + [False]])
+    allowed = decoder_attention_mask(modality, position, modality == 0, real)[0].int()
+    assert allowed.tolist() == [
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [1, 1, 0, 0, 0, 1],  # padding: sees itself, so never a fully masked (NaN) row
+    ]
+
+
+def test_a_sample_without_inputs_or_targets_stays_finite():
+    model, batch = make_model(), random_batch()
+    batch.input_mask[1] = False  # unconditional: nothing to encode
+    batch.target_mask[2] = False  # nothing to predict
+    total, _ = model.loss(batch)
+    total.backward()
+    assert torch.isfinite(total)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_loss_is_the_mean_over_modalities_of_their_mean_cross_entropy():
+    model, batch = make_model(), random_batch()
+    with torch.no_grad():
+        total, metrics = model.loss(batch)
+        logits = model(batch)
+    per_modality = []
+    for m, modality in enumerate(MODALITIES_4):
+        target = batch.target_ids[(batch.target_modality == m) & batch.target_mask]
+        per_modality.append(torch.nn.functional.cross_entropy(logits[m], target))
+        torch.testing.assert_close(metrics[f"loss/{modality.name}"], per_modality[-1])
+        assert 0.0 <= metrics[f"accuracy/{modality.name}"] <= 1.0
+    torch.testing.assert_close(total, torch.stack(per_modality).mean())
+    # A modality absent from the batch is left out of the mean, not counted as zero.
+    batch.target_mask &= batch.target_modality != DEPTH
+    with torch.no_grad():
+        total, metrics = model.loss(batch)
+    assert "loss/depth" not in metrics
+    torch.testing.assert_close(total, torch.stack([metrics[f"loss/{n}"] for n in ("rgb", "caption", "det")]).mean())
+
+
+def test_runs_under_bf16_autocast():
+    model, batch = make_model().train(), random_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, metrics = model.loss(batch)
+        assert model(batch)[RGB].dtype == torch.bfloat16
+    total.backward()
+    assert torch.isfinite(total) and model.heads["rgb"].weight.grad is not None
+
+
+def test_overfits_a_few_samples():
+    model, batch = make_model().train(), random_batch(seed=3, size=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(100):
+        total, metrics = model.loss(batch)
+        first = first if first is not None else total.item()
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    # From ~ln(vocab) = 2.8 to ~0.02 in practice; ask for 10x.
+    assert total.item() < first / 10, (first, total.item())
+    assert all(metrics[f"accuracy/{m.name}"] == 1.0 for m in MODALITIES_4)
+
+
+def test_named_sizes():
+    expected = {"tiny": (6, 384, 6), "small": (8, 512, 8), "base": (12, 768, 12), "large": (24, 1024, 16)}
+    for name, (layers, dim, heads) in expected.items():
+        config = ModelConfig.named(name)
+        assert config is SIZES[name]
+        assert (config.encoder_layers, config.decoder_layers, config.dim, config.heads) == (layers, layers, dim, heads)
+    with torch.device("meta"):  # shapes only: skips the seconds random init takes at this size
+        model = FourM(ModelConfig.named("tiny"), MODALITIES_4)
+    assert len(model.encoder) == len(model.decoder) == 6
+    assert model.parameter_count() == sum(p.numel() for p in model.parameters())
+    assert 15e6 < model.parameter_count() < 40e6
+
+
+def test_the_registry_modalities_fit():
+    modalities = [ModelModality.from_spec(spec, vocab_size=64) for spec in MODALITIES.values()]
+    assert [m.grid for m in modalities[:5]] == [14] * 5 and modalities[5].positions == 256
+    with pytest.raises(ConfigError, match="caption.vocab_size"):
+        ModelModality.from_spec(MODALITIES["caption"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"dim": 30}, "model.dim"),
+        ({"dim": 32, "heads": 5}, "model.heads"),
+        ({"encoder_layers": 0}, "model.encoder_layers"),
+        ({"decoder_layers": -1}, "model.decoder_layers"),
+        ({"mlp_ratio": 0}, "model.mlp_ratio"),
+        ({"dropout": 1.0}, "model.dropout"),
+    ],
+)
+def test_config_errors_name_the_field(fields, key):
+    with pytest.raises(ConfigError, match=key):
+        ModelConfig(**fields)
+
+
+def test_other_errors_name_what_is_wrong():
+    with pytest.raises(ConfigError, match="model.size"):
+        ModelConfig.named("huge")
+    with pytest.raises(ConfigError, match="rgb.positions"):
+        ModelModality("rgb", "map", vocab_size=16, positions=15)
+    with pytest.raises(ConfigError, match="model.modalities"):
+        FourM(TINY, [MODALITIES_4[0], MODALITIES_4[0]])

@@ -1,0 +1,462 @@
+"""Training data: the token store (``tokens/<modality>/<shard>.parquet``) streamed as masked batches.
+
+Three layers, each usable alone:
+
+- :class:`TokenShards` finds the shards every requested modality has and reads one shard by
+  zipping its modality files row by row, one Parquet row group at a time, checking that the keys
+  agree. A row where every modality is absent is skipped and counted (``empty_rows``).
+- :class:`TokenStream`, the ``IterableDataset``: Lightning adds no distributed sampler to an
+  iterable dataset, so the stream splits the work across DDP ranks *and* DataLoader workers itself,
+  shuffles, masks and collates (in the workers), and repeats forever.
+- :class:`TokenDataModule` hands it to Lightning and carries the resume position in checkpoints.
+
+Choices (the why is in each docstring):
+
+- A shard must exist for every requested modality: one missing is an error that names the file,
+  unless ``skip_incomplete`` (then it is left out and listed in ``TokenShards.skipped``). Token
+  files are written atomically, so a file that exists is complete.
+- Work is split in *units*, dealt round-robin by index to the ``world_size * num_workers``
+  streams. A unit is a whole shard; when there are more streams than shards, each shard is cut into
+  ``ceil(streams / shards)`` row-strided parts (row ``i`` of a shard goes to part ``i % parts``), so
+  no stream is left without data (it still reads whole row groups, the price of few shards).
+- Every stream repeats its units epoch after epoch (its own epoch counter) and never ends, so every
+  rank yields as many batches as the trainer asks for: train to ``max_steps``. Unequal shard sizes
+  only make some streams start their next epoch sooner.
+- Everything is a function of (seed, epoch, stream, streams): the unit order and the shuffle buffer
+  use ``default_rng((seed, epoch, stream, streams))``; a sample's mask uses
+  ``masker.sample_rng(hash(key), epoch)``, so it does not depend on which worker drew it.
+- Resume: the position is the number of batches the trainer has consumed on a rank. A resumed
+  stream recomputes the shuffle up to there and skips the masking and collation of the skipped
+  samples; DataLoader workers hand out batches round-robin, so a resumed loader rotates the
+  workers' roles to continue with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from four_m.core.errors import UserError
+from four_m.train.batch import MaskedBatch
+from four_m.train.masking import Masker, ModalityInfo
+
+TOKENS = "tokens"
+Sample = dict[str, np.ndarray | None]
+"""Modality -> its uint16 ids, None where absent (the masker's input)."""
+
+
+class TokenStoreError(UserError):
+    """A token store the trainer cannot use: missing or misaligned shards, disagreeing metadata."""
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    name: str
+    """The shard's file stem (``00000``), the same in every modality's folder."""
+    files: Mapping[str, Path]
+    """Modality -> its token file."""
+
+
+def _shard_files(root: Path, modality: str) -> dict[str, Path]:
+    folder = root / TOKENS / modality
+    files = {p.stem: p for p in folder.glob("*.parquet") if not p.name.startswith(".")}
+    if not files:
+        raise TokenStoreError(f"no token shards for modality {modality!r} in {folder}; run the tokenize stage")
+    return files
+
+
+class TokenShards:
+    """The shards of a dataset root's token store that every requested modality has.
+
+    Args:
+        root: the dataset root (holding ``tokens/<modality>/``).
+        modalities: the run's modalities; a sample is the zip of their files.
+        skip_incomplete: leave out a shard that some modality lacks (and list it in ``skipped``)
+            instead of raising. Off by default: training silently on a subset of the data is worse
+            than being told the tokenize stage has not finished.
+    """
+
+    def __init__(self, root: str | Path, modalities: Sequence[str], *, skip_incomplete: bool = False) -> None:
+        self.root = Path(root)
+        self.modalities = tuple(modalities)
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"needs distinct modalities, got {self.modalities}")
+        found = {m: _shard_files(self.root, m) for m in self.modalities}
+        names = sorted(set().union(*found.values()))
+        incomplete = {n: [m for m in self.modalities if n not in found[m]] for n in names}
+        incomplete = {n: missing for n, missing in incomplete.items() if missing}
+        if incomplete and not skip_incomplete:
+            lines = [f"{self.root / TOKENS / m / n}.parquet" for n, missing in incomplete.items() for m in missing]
+            more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
+            raise TokenStoreError(
+                f"{len(incomplete)} shard(s) lack a modality's tokens: missing {', '.join(lines[:5])}{more}; "
+                "run the tokenize stage for them, or skip them with skip_incomplete"
+            )
+        self.skipped: tuple[str, ...] = tuple(incomplete)
+        self.shards = tuple(
+            TokenShard(n, {m: found[m][n] for m in self.modalities}) for n in names if n not in incomplete
+        )
+        if not self.shards:
+            raise TokenStoreError(f"no shard under {self.root / TOKENS} has tokens for all of {self.modalities}")
+        self.empty_rows = 0
+        """Rows skipped because every modality was absent, counted each time they are read (in this process)."""
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def read(self, shard: TokenShard, part: int = 0, parts: int = 1) -> Iterator[tuple[str, Sample]]:
+        """``(key, sample)`` for the rows of ``shard`` whose index ``i`` has ``i % parts == part``.
+
+        Reads one row group of every modality file at a time. Raises :class:`TokenStoreError`
+        naming the files when their row counts or keys (row by row) differ.
+        """
+        with ExitStack() as stack:
+            files = [stack.enter_context(pq.ParquetFile(shard.files[m])) for m in self.modalities]
+            rows = {shard.files[m]: f.metadata.num_rows for m, f in zip(self.modalities, files, strict=True)}
+            if len(set(rows.values())) > 1:
+                listed = ", ".join(f"{path}: {n}" for path, n in rows.items())
+                raise TokenStoreError(f"shard {shard.name}: the modality files have different row counts ({listed})")
+            columns = zip(*(_file_rows(f) for f in files), strict=True)
+            for index, row in enumerate(columns):
+                key = row[0][0]
+                if any(other != key for other, _ in row[1:]):
+                    keys = (k for k, _ in row)
+                    listed = ", ".join(f"{shard.files[m]}: {k!r}" for m, k in zip(self.modalities, keys, strict=True))
+                    raise TokenStoreError(f"shard {shard.name}, row {index}: keys differ ({listed})")
+                if index % parts != part:
+                    continue
+                if all(ids is None for _, ids in row):
+                    self.empty_rows += 1
+                    continue
+                yield key, {m: ids for m, (_, ids) in zip(self.modalities, row, strict=True)}
+
+
+def _file_rows(file: pq.ParquetFile) -> Iterator[tuple[str, np.ndarray | None]]:
+    for group in range(file.num_row_groups):
+        table = file.read_row_group(group, columns=["key", TOKENS])
+        yield from zip(table.column("key").to_pylist(), _token_rows(table.column(TOKENS)), strict=True)
+
+
+def _token_rows(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """One uint16 array per row (views of one buffer), None for null rows; lists and fixed-size lists."""
+    array = column.combine_chunks()
+    if len(array) == 0:
+        return []
+    lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(array).to_numpy(zero_copy_only=False)  # skips null rows' slots
+    pieces = np.split(flat, np.cumsum(lengths)[:-1])
+    nulls = array.is_null().to_numpy(zero_copy_only=False)
+    return [None if null else ids for null, ids in zip(nulls, pieces, strict=True)]
+
+
+VOCABULARY_KEYS = ("vocab_size", "max_tokens", "tokenizer")
+"""The token files' metadata (``four_m.<key>``) that :func:`store_vocabularies` reads."""
+
+
+def store_vocabularies(root: str | Path, modalities: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per modality, what its token files say about their ids: ``vocab_size`` (int), ``max_tokens``
+    (int), ``tokenizer`` (``<modality>-<hash of the tokenizer's files>``) and ``fixed_length`` (bool,
+    True for maps: a fixed-size list column). For the trainer to check against the model.
+
+    Every file of the modality is read (footers only); :class:`TokenStoreError` names two files that
+    disagree (a tokenizer changed between shards) or a file without the metadata.
+    """
+    out = {}
+    for modality in modalities:
+        first: tuple[dict[str, Any], Path] | None = None
+        for path in sorted(_shard_files(Path(root), modality).values()):
+            schema = pq.read_schema(path)
+            meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+            missing = [k for k in VOCABULARY_KEYS if f"four_m.{k}" not in meta]
+            if missing:
+                raise TokenStoreError(f"{path}: no {missing} in its metadata (not written by the tokenize stage?)")
+            vocabulary = {
+                "vocab_size": int(meta["four_m.vocab_size"]),
+                "max_tokens": int(meta["four_m.max_tokens"]),
+                "tokenizer": meta["four_m.tokenizer"],
+                "fixed_length": isinstance(schema.field(TOKENS).type, pa.FixedSizeListType),
+            }
+            if first is None:
+                first = vocabulary, path
+            elif vocabulary != first[0]:
+                raise TokenStoreError(f"{modality}: {first[1]} has {first[0]} but {path} has {vocabulary}")
+        assert first is not None  # _shard_files raises when there is no file
+        out[modality] = first[0]
+    return out
+
+
+def check_store(vocabularies: Mapping[str, Mapping[str, Any]], modalities: Sequence[ModalityInfo]) -> None:
+    """The stored tokens fit the run's modalities: maps hold exactly their grid, sequences at most their cap."""
+    problems = []
+    for info in modalities:
+        stored = vocabularies[info.name]
+        fixed, length = stored["fixed_length"], stored["max_tokens"]
+        if info.kind == "map" and (not fixed or length != info.num_tokens):
+            problems.append(f"{info.name}: the run wants maps of {info.num_tokens} tokens, the store has {stored}")
+        if info.kind == "sequence" and (fixed or length > info.num_tokens):
+            problems.append(f"{info.name}: the run wants sequences of <= {info.num_tokens} tokens, has {stored}")
+    if problems:
+        raise TokenStoreError("; ".join(problems))
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def key_index(key: str) -> int:
+    """A stable 63-bit index of a sample key, for :meth:`Masker.sample_rng` (Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows ``i % parts == part`` of shard number ``shard``: what one stream reads in one go."""
+
+    shard: int
+    part: int
+    parts: int
+
+
+class TokenStream(IterableDataset):
+    """Endless masked batches of one rank, split across that rank's DataLoader workers.
+
+    Use with ``DataLoader(stream, batch_size=None)``: batches are collated here, in the workers.
+
+    Args:
+        shards: the token store.
+        masker: masks each sample and collates; its modalities should be ``shards.modalities``.
+        batch_size: samples per batch (per rank).
+        shuffle_buffer: samples held for shuffling; 0 reads units and rows in order (evaluation,
+            tests). Mixing is across the units a stream reads in turn, whose order is shuffled per epoch.
+        seed: of the unit order and the shuffle buffer (the masks follow ``masker.cfg.seed``).
+        rank, world_size: this process's place in DDP; None reads the initialised process group
+            (at construction, in the main process: workers may not see it) or else 0 of 1.
+        start_batch: batches of this rank already consumed, in DataLoader order (resume).
+    """
+
+    def __init__(
+        self,
+        shards: TokenShards,
+        masker: Masker,
+        batch_size: int,
+        *,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        start_batch: int = 0,
+    ) -> None:
+        super().__init__()
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if rank is None or world_size is None:
+            rank, world_size = distributed_rank_world()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        if batch_size < 1 or shuffle_buffer < 0 or seed < 0 or start_batch < 0:
+            raise ValueError("batch_size must be >= 1; shuffle_buffer, seed and start_batch >= 0")
+        self.shards = shards
+        self.masker = masker
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = start_batch
+
+    def units(self, stream: int, streams: int) -> list[Unit]:
+        """What stream ``stream`` of ``streams`` reads each epoch: units dealt round-robin by index."""
+        parts = math.ceil(streams / len(self.shards))
+        every = (Unit(s, p, parts) for s in range(len(self.shards)) for p in range(parts))
+        return [unit for i, unit in enumerate(every) if i % streams == stream]
+
+    def epoch_samples(self, stream: int, streams: int, epoch: int) -> Iterator[tuple[str, Sample]]:
+        """One epoch of one stream: its units in a shuffled order, rows through the shuffle buffer."""
+        units = self.units(stream, streams)
+        rng = np.random.default_rng((self.seed, epoch, stream, streams))
+        if self.shuffle_buffer:
+            units = [units[i] for i in rng.permutation(len(units))]
+        rows = (row for u in units for row in self.shards.read(self.shards.shards[u.shard], u.part, u.parts))
+        return _shuffled(rows, self.shuffle_buffer, rng) if self.shuffle_buffer else rows
+
+    def samples(self, stream: int, streams: int) -> Iterator[tuple[int, str, Sample]]:
+        """``(epoch, key, sample)`` forever: epoch after epoch of :meth:`epoch_samples`."""
+        for epoch in count():
+            rows = 0
+            for key, sample in self.epoch_samples(stream, streams, epoch):
+                rows += 1
+                yield epoch, key, sample
+            if rows == 0:  # would loop forever without yielding
+                raise TokenStoreError(
+                    f"data stream {stream} of {streams} has no rows with any modality present "
+                    f"(units {self.units(stream, streams)} of {[s.name for s in self.shards.shards]})"
+                )
+
+    def worker_batches(self, worker: int = 0, workers: int = 1) -> Iterator[MaskedBatch]:
+        """What DataLoader worker ``worker`` of ``workers`` yields, resuming at ``start_batch``.
+
+        The DataLoader takes batch ``i`` from worker ``i % workers``. After ``start_batch`` batches,
+        the next one is due from the worker role ``start_batch % workers``; a new loader asks worker
+        0 first, so worker ``w`` plays role ``(w + start_batch) % workers`` (same stream, same
+        shuffle) and skips the batches that role had delivered.
+        """
+        offset = self.start_batch % workers
+        role = (worker + offset) % workers
+        skip = (self.start_batch // workers + (role < offset)) * self.batch_size
+        batch = []
+        for epoch, key, sample in self.samples(self.rank * workers + role, self.world_size * workers):
+            if skip:  # fast-forward: the order is recomputed, the masks need not be
+                skip -= 1
+                continue
+            batch.append(self.masker(sample, self.masker.sample_rng(key_index(key), epoch)))
+            if len(batch) == self.batch_size:
+                yield self.masker.collate(batch)
+                batch = []
+
+    def __iter__(self) -> Iterator[MaskedBatch]:
+        info = get_worker_info()
+        return self.worker_batches(info.id, info.num_workers) if info else self.worker_batches()
+
+
+def _shuffled(rows: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """A shuffle buffer: each new row replaces a random held one, which is yielded; the rest at the end."""
+    buffer = []
+    for row in rows:
+        if len(buffer) < size:
+            buffer.append(row)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = row
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
+
+
+class TokenDataModule(L.LightningDataModule):
+    """The token store as Lightning's training data, resumable mid-epoch.
+
+    The modalities are the masker's. ``state_dict()`` (saved in Lightning checkpoints) holds the
+    number of training batches consumed on this rank, counted in :meth:`on_before_batch_transfer`
+    as the training loop takes each batch (after Lightning's prefetch, so it is what the model
+    saw). Every rank consumes as many, so rank 0's count is every rank's. Lightning calls only one
+    ``on_before_batch_transfer``: a LightningModule that overrides it must call this one's.
+
+    Args:
+        root: the dataset root.
+        masker: the run's masker (modalities and masking config).
+        batch_size: per rank.
+        modalities: the run's modality names; optional, must be the masker's (in its order).
+        num_workers: DataLoader workers (persistent when > 0).
+        shuffle_buffer, seed: see :class:`TokenStream`.
+        skip_incomplete: see :class:`TokenShards`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        masker: Masker,
+        batch_size: int,
+        *,
+        modalities: Sequence[str] | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        skip_incomplete: bool = False,
+    ) -> None:
+        super().__init__()
+        names = tuple(m.name for m in masker.modalities)
+        if modalities is not None and tuple(modalities) != names:
+            raise ValueError(f"modalities {tuple(modalities)} are not the masker's {names}")
+        self.root = Path(root)
+        self.masker = masker
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.skip_incomplete = skip_incomplete
+        self.shards: TokenShards | None = None
+        self.vocabularies: dict[str, dict[str, Any]] | None = None
+        self.batches_consumed = 0
+        self._stream: TokenStream | None = None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.masker.modalities)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find the shards and check the stored tokens against the masker's modalities (once)."""
+        if self.shards is None:
+            self.vocabularies = store_vocabularies(self.root, self.modalities)
+            check_store(self.vocabularies, self.masker.modalities)
+            self.shards = TokenShards(self.root, self.modalities, skip_incomplete=self.skip_incomplete)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.shards is not None
+        self._stream = TokenStream(
+            self.shards,
+            self.masker,
+            self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            start_batch=self.batches_consumed,
+        )
+        # pin_memory stays off: MaskedBatch has no pin_memory(), so the DataLoader could not pin it.
+        return DataLoader(
+            self._stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is None or self.trainer.training:
+            self.batches_consumed += 1
+        return batch
+
+    def _layout(self) -> dict[str, Any]:
+        """What must not change for a resumed stream to be the exact continuation."""
+        shard_names = [s.name for s in self.shards.shards] if self.shards is not None else None
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "world_size": distributed_rank_world()[1],
+            "num_workers": self.num_workers,
+            "modalities": list(self.modalities),
+            "masking": repr(self.masker.cfg),
+            "shards": hashlib.sha256(repr(shard_names).encode()).hexdigest()[:16] if shard_names else None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_consumed": self.batches_consumed, "layout": self._layout()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume after ``batches_consumed`` batches. With another layout (world size, workers, seed,
+        shards...) the stream still skips that many batches, but it is not the same stream: warned."""
+        self.setup()
+        saved, now = state_dict.get("layout", {}), self._layout()
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        if changed:
+            rank_zero_warn(
+                f"resuming the token stream after {state_dict['batches_consumed']} batches, but {changed} changed "
+                "since the checkpoint: the data order is not the exact continuation"
+            )
+        self.batches_consumed = int(state_dict["batches_consumed"])
+        if self._stream is not None:  # a loader made before the restore starts its workers later
+            self._stream.start_batch = self.batches_consumed

@@ -1,0 +1,393 @@
+"""The 4M encoder-decoder: tokens of any modalities in, tokens of any modalities out.
+
+Reads top to bottom: the config and its named sizes, what the model needs to know about each of the
+run's modalities, the fixed positional embeddings, the transformer blocks, then the model itself
+(embed -> encode -> decode -> one head per modality) and 4M's loss.
+
+A ``MaskedBatch`` is one flat, padded run of tokens per sample in which every token carries its
+modality and its position inside that modality, so the model never cares which mix of modalities a
+sample drew: a token's embedding is its id's (in its modality's table) + its modality's + its
+position's. The decoder predicts every target token at once. Map targets start from a learned mask
+token and attend to the other targets of their modality (MaskGIT-style); sequence targets are
+teacher-forced and causal within their sequence. Both read the encoder through cross-attention.
+
+Shapes in comments: B batch, N_in input tokens, N_tgt target tokens, S = 1 + N_in encoder tokens,
+D width, H heads, M modalities, n_m the real target tokens of modality m in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from four_m.core.config import ConfigError
+from four_m.core.modalities import ModalitySpec
+from four_m.train.batch import MaskedBatch
+
+
+def _check(ok: bool, key: str, requirement: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {requirement}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 384
+    """Width of every token; a multiple of 4 (2D sin-cos: half for rows, half for columns, sin + cos)."""
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    heads: int = 6
+    """Attention heads; must divide ``dim``."""
+    mlp_ratio: float = 4.0
+    """MLP width over ``dim`` as for a GELU MLP; SwiGLU uses 2/3 of it, so its three matrices cost the same."""
+    dropout: float = 0.0
+    """On embeddings, attention weights and residual branches. 4M pre-trains without dropout."""
+
+    def __post_init__(self) -> None:
+        _check(self.dim >= 4 and self.dim % 4 == 0, "model.dim", "must be a positive multiple of 4")
+        _check(self.heads >= 1, "model.heads", "must be >= 1")
+        _check(self.dim % self.heads == 0, "model.heads", f"must divide model.dim ({self.dim})")
+        _check(self.encoder_layers >= 1, "model.encoder_layers", "must be >= 1")
+        _check(self.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
+        _check(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+    @classmethod
+    def named(cls, size: str) -> ModelConfig:
+        """One of ``SIZES`` (tiny, small, base, large)."""
+        _check(size in SIZES, "model.size", f"unknown {size!r}; one of {', '.join(SIZES)}")
+        return SIZES[size]
+
+
+SIZES = MappingProxyType(
+    {
+        # 4M's sizes: encoder and decoder of equal depth, 64-wide heads.
+        "tiny": ModelConfig(dim=384, encoder_layers=6, decoder_layers=6, heads=6),
+        "small": ModelConfig(dim=512, encoder_layers=8, decoder_layers=8, heads=8),
+        "base": ModelConfig(dim=768, encoder_layers=12, decoder_layers=12, heads=12),
+        "large": ModelConfig(dim=1024, encoder_layers=24, decoder_layers=24, heads=16),
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's modalities, as the model sees them
+
+
+@dataclass(frozen=True)
+class ModelModality:
+    """One modality of the run; the model's list of them is ordered, and a token's modality index
+    (``MaskedBatch.input_modality``/``target_modality``) indexes that list."""
+
+    name: str
+    kind: Literal["map", "sequence"]
+    vocab_size: int
+    """Size of the modality's token table and output head. Modalities sharing a vocabulary (caption
+    and det share the text tokenizer's) still get a table and a head each: simplest, and it lets the
+    model learn that the same word means different things in a caption and in a box list."""
+    positions: int
+    """Maps: the grid's token count (side * side, row-major positions). Sequences: the cap the masking
+    truncates to; the 1D sin-cos is computed from the position itself, so it sets no hard limit."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "modality.name", "must not be empty")
+        _check(self.kind in ("map", "sequence"), f"modality {self.name}.kind", "map|sequence")
+        _check(self.vocab_size >= 1, f"modality {self.name}.vocab_size", "must be >= 1")
+        _check(self.positions >= 1, f"modality {self.name}.positions", "must be >= 1")
+        if self.kind == "map":
+            _check(math.isqrt(self.positions) ** 2 == self.positions, f"modality {self.name}.positions", "a square")
+
+    @property
+    def grid(self) -> int:
+        """Side of a map's token grid (1 for sequences, where it is not used)."""
+        return math.isqrt(self.positions) if self.kind == "map" else 1
+
+    @classmethod
+    def from_spec(cls, spec: ModalitySpec, vocab_size: int | None = None) -> ModelModality:
+        """From the registry's spec; ``vocab_size`` overrides the spec's (known once tokenizers exist)."""
+        vocab_size = vocab_size if vocab_size is not None else spec.vocab_size
+        _check(vocab_size is not None, f"modality {spec.name}.vocab_size", "unknown: train its tokenizer first")
+        return cls(spec.name, spec.kind, vocab_size, spec.max_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed positional embeddings (not learned: the same for every modality of a kind, and they
+# extend to positions never seen in training)
+
+
+def sincos_1d(position: Tensor, dim: int) -> Tensor:
+    """(...) integer positions -> (..., dim): the Transformer's sinusoids, sines then cosines."""
+    frequency = 10000.0 ** -(torch.arange(dim // 2, device=position.device, dtype=torch.float32) / (dim // 2))
+    angle = position.float()[..., None] * frequency  # (..., dim/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)  # (..., dim)
+
+
+def sincos_2d(row: Tensor, col: Tensor, dim: int) -> Tensor:
+    """(...) grid rows and columns -> (..., dim): half the width for the row, half for the column (as MAE)."""
+    return torch.cat([sincos_1d(row, dim // 2), sincos_1d(col, dim // 2)], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer blocks: pre-norm, bias-free layer norms and linears, SwiGLU
+
+
+class Attention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (itself for self-attention).
+
+    ``allowed`` is boolean, True where a query may look at a key: a boolean mask stays valid under
+    bf16 autocast (an additive float mask would have to match the activations' dtype).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.dropout = config.dropout
+        self.query = nn.Linear(config.dim, config.dim, bias=False)
+        self.key_value = nn.Linear(config.dim, 2 * config.dim, bias=False)
+        self.out = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, context: Tensor, allowed: Tensor) -> Tensor:
+        B, L, D = x.shape
+        S = context.shape[1]
+        q = self.query(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, H, L, D/H)
+        k, v = self.key_value(context).view(B, S, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        # k, v: (B, H, S, D/H); allowed: (B, L or 1, S) -> (B, 1, L or 1, S), the same for every head
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, L, D/H)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = int(2 * config.mlp_ratio * config.dim / 3)
+        self.gate_up = nn.Linear(config.dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x (B, L, hidden)
+        return self.down(F.silu(gate) * up)  # (B, L, D)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.dim, bias=False)
+        self.attention = Attention(config)
+        self.mlp_norm = nn.LayerNorm(config.dim, bias=False)
+        self.mlp = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        h = self.attention_norm(x)  # (B, S, D)
+        x = x + self.dropout(self.attention(h, h, allowed))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attention_norm = nn.LayerNorm(config.dim, bias=False)
+        self.self_attention = Attention(config)
+        self.cross_attention_norm = nn.LayerNorm(config.dim, bias=False)
+        self.cross_attention = Attention(config)
+        self.mlp_norm = nn.LayerNorm(config.dim, bias=False)
+        self.mlp = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, self_allowed: Tensor, memory: Tensor, cross_allowed: Tensor) -> Tensor:
+        h = self.self_attention_norm(x)  # (B, N_tgt, D)
+        x = x + self.dropout(self.self_attention(h, h, self_allowed))
+        x = x + self.dropout(self.cross_attention(self.cross_attention_norm(x), memory, cross_allowed))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+def decoder_attention_mask(modality: Tensor, position: Tensor, is_map: Tensor, real: Tensor) -> Tensor:
+    """(B, N_tgt) each -> (B, N_tgt, N_tgt) bool, True where target i may attend to target j.
+
+    Only targets of the same modality: all of them for a map, the earlier ones (by position, so the
+    flat order does not matter) and itself for a sequence; never padding. Every token may attend to
+    itself, so a padding row is never fully masked (which would make attention NaN).
+    """
+    same = modality[:, :, None] == modality[:, None, :]  # (B, N_tgt, N_tgt)
+    not_later = position[:, None, :] <= position[:, :, None]  # key position <= query position
+    allowed = same & real[:, None, :] & (is_map[:, :, None] | not_later)
+    itself = torch.eye(modality.shape[1], dtype=torch.bool, device=modality.device)
+    return allowed | itself
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class FourM(nn.Module):
+    """The 4M encoder-decoder over the run's ``modalities`` (their order defines modality indices).
+
+    ``forward(batch)`` gives, per modality index present among the batch's real targets, the logits
+    of those targets in ``batch.target_ids[(batch.target_modality == m) & batch.target_mask]``
+    order. A batch lacking a modality leaves that modality's head without a gradient: under DDP use
+    ``find_unused_parameters`` (Lightning: ``strategy="ddp_find_unused_parameters_true"``).
+    """
+
+    def __init__(self, config: ModelConfig, modalities: Sequence[ModelModality]):
+        super().__init__()
+        names = [m.name for m in modalities]
+        _check(len(names) >= 1, "model.modalities", "needs at least one modality")
+        _check(len(set(names)) == len(names), "model.modalities", f"names repeat: {names}")
+        self.config = config
+        self.modalities = tuple(modalities)
+        D = config.dim
+
+        # Per-modality lookups by modality index: is it a map, and its grid side.
+        self.register_buffer("is_map", torch.tensor([m.kind == "map" for m in modalities]), persistent=False)
+        self.register_buffer("grid", torch.tensor([m.grid for m in modalities]), persistent=False)
+
+        # Embeddings. Token tables are shared by the encoder's inputs and the decoder's teacher-forced
+        # sequence inputs; the modality embeddings are not: "an input of m" and "predict m" differ.
+        self.token_embeddings = nn.ModuleDict({m.name: nn.Embedding(m.vocab_size, D) for m in modalities})
+        self.input_modality_embedding = nn.Embedding(len(modalities), D)
+        self.target_modality_embedding = nn.Embedding(len(modalities), D)
+        self.mask_token = nn.Parameter(torch.zeros(D))
+        """The decoder's query content for a map target: the token it has to predict is unknown."""
+        self.context_token = nn.Parameter(torch.zeros(D))
+        """Leads every sample's encoder tokens, so a sample with no inputs (unconditional generation,
+        classifier-free guidance) still has one key to cross-attend to instead of a NaN row."""
+        self.embedding_dropout = nn.Dropout(config.dropout)
+
+        self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(D, bias=False)
+        self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(D, bias=False)
+        self.heads = nn.ModuleDict({m.name: nn.Linear(D, m.vocab_size, bias=False) for m in modalities})
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As nanoGPT: N(0, 0.02) truncated at 2 std; the projections that write into the residual
+        # stream scaled by 1/sqrt(their count), so the stream's variance does not grow with depth.
+        def normal(t: Tensor, std: float = 0.02) -> None:
+            nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                normal(module.weight)
+        residual_writes = 2 * self.config.encoder_layers + 3 * self.config.decoder_layers
+        for name, parameter in self.named_parameters():
+            if name.endswith(("attention.out.weight", "mlp.down.weight")):
+                normal(parameter, 0.02 / math.sqrt(residual_writes))
+        normal(self.mask_token)
+        normal(self.context_token)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def embed_tokens(self, ids: Tensor, modality: Tensor) -> Tensor:
+        """(B, N) ids and modality indices -> (B, N, D): each id looked up in its modality's table."""
+        x = self.mask_token.new_zeros(*ids.shape, self.config.dim)  # (B, N, D)
+        for m, table in enumerate(self.token_embeddings.values()):
+            here = modality == m  # (B, N)
+            x[here] = table(ids[here])  # (tokens of m, D)
+        return x
+
+    def embed_positions(self, modality: Tensor, position: Tensor) -> Tensor:
+        """(B, N) -> (B, N, D): 2D sin-cos of (row, column) for map tokens, 1D sin-cos for sequences."""
+        grid = self.grid[modality]  # (B, N)
+        maps = sincos_2d(position // grid, position % grid, self.config.dim)  # (B, N, D)
+        sequences = sincos_1d(position, self.config.dim)  # (B, N, D)
+        return torch.where(self.is_map[modality][..., None], maps, sequences)
+
+    # -- encoder ------------------------------------------------------------------------------
+
+    def encode(self, batch: MaskedBatch) -> tuple[Tensor, Tensor]:
+        """-> memory (B, S, D), the encoder's output with the context token first, and its
+        real-token mask (B, S) for cross-attention."""
+        real = batch.input_mask  # (B, N_in)
+        # Padding may carry any ids/modality/position: make them valid indices, they are never attended.
+        modality = batch.input_modality.where(real, 0)
+        position = batch.input_position.where(real, 0)
+        x = (
+            self.embed_tokens(batch.input_ids.where(real, 0), modality)
+            + self.input_modality_embedding(modality)
+            + self.embed_positions(modality, position)
+        )  # (B, N_in, D)
+        B = x.shape[0]
+        x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, S, D)
+        real = torch.cat([real.new_ones(B, 1), real], dim=1)  # (B, S)
+        x = self.embedding_dropout(x)
+
+        # Every token, padding included, sees the sample's real tokens: the context token at least,
+        # so no row is fully masked (NaN).
+        allowed = real[:, None, :]  # (B, 1, S), the same for every query
+        for block in self.encoder:
+            x = block(x, allowed)
+        return self.encoder_norm(x), real
+
+    # -- decoder ------------------------------------------------------------------------------
+
+    def decode(self, batch: MaskedBatch, memory: Tensor, memory_real: Tensor) -> Tensor:
+        """-> (B, N_tgt, D): the decoder's output for every target slot (padding slots included)."""
+        real = batch.target_mask  # (B, N_tgt)
+        modality = batch.target_modality.where(real, 0)
+        position = batch.target_position.where(real, 0)
+        is_map = self.is_map[modality]  # (B, N_tgt)
+        # Map targets ask with the mask token; sequence targets see the previous token (teacher forcing).
+        teacher = self.embed_tokens(batch.decoder_input_ids.where(real & ~is_map, 0), modality)  # (B, N_tgt, D)
+        x = (
+            torch.where(is_map[..., None], self.mask_token.to(teacher.dtype), teacher)
+            + self.target_modality_embedding(modality)
+            + self.embed_positions(modality, position)
+        )  # (B, N_tgt, D)
+        x = self.embedding_dropout(x)
+
+        self_allowed = decoder_attention_mask(modality, position, is_map, real)  # (B, N_tgt, N_tgt)
+        cross_allowed = memory_real[:, None, :]  # (B, 1, S): the same real encoder tokens for every query
+        for block in self.decoder:
+            x = block(x, self_allowed, memory, cross_allowed)
+        return self.decoder_norm(x)
+
+    # -- heads, forward, loss -----------------------------------------------------------------
+
+    def logits(self, hidden: Tensor, batch: MaskedBatch) -> dict[int, Tensor]:
+        """Decoder output (B, N_tgt, D) -> {modality index: (n_m, V_m)} for the modalities with real targets."""
+        out = {}
+        for m, head in enumerate(self.heads.values()):
+            here = (batch.target_modality == m) & batch.target_mask  # (B, N_tgt)
+            if here.any():
+                out[m] = head(hidden[here])  # (n_m, V_m)
+        return out
+
+    def forward(self, batch: MaskedBatch) -> dict[int, Tensor]:
+        memory, memory_real = self.encode(batch)
+        return self.logits(self.decode(batch, memory, memory_real), batch)
+
+    def loss(self, batch: MaskedBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """4M's loss: each target modality's mean token cross-entropy, averaged over the modalities
+        present in the batch, so a 196-token map does not outweigh a 10-token caption.
+
+        Returns the total and detached metrics ``loss/<name>`` and ``accuracy/<name>`` (top-1).
+        """
+        logits = self(batch)
+        if not logits:
+            raise ValueError("the batch has no real target tokens (target_mask is all False)")
+        losses, metrics = [], {}
+        for m, modality_logits in logits.items():
+            name = self.modalities[m].name
+            target = batch.target_ids[(batch.target_modality == m) & batch.target_mask]  # (n_m,)
+            loss = F.cross_entropy(modality_logits.float(), target)
+            losses.append(loss)
+            metrics[f"loss/{name}"] = loss.detach()
+            metrics[f"accuracy/{name}"] = (modality_logits.argmax(dim=-1) == target).float().mean()
+        return torch.stack(losses).mean(), metrics

@@ -1,0 +1,70 @@
+"""The LightningModule that trains a 4M model: loss, optimiser, schedule and what gets logged.
+
+Everything Lightning saves in a checkpoint's hyperparameters is plain data (the model size's
+fields and the run's modalities with their vocabularies), so a checkpoint says by itself which
+tokenizers it was trained for, and a resumed run can refuse one that does not match.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+
+from four_m.train.batch import MaskedBatch
+from four_m.train.model import FourM, ModelConfig, ModelModality
+
+
+class FourMTraining(L.LightningModule):
+    """AdamW (betas 0.9/0.95, decoupled weight decay on matrices only), linear warmup then cosine
+    decay to 10 % of the peak rate; per-modality loss and accuracy logged every step."""
+
+    def __init__(
+        self,
+        model: dict,
+        modalities: list[dict],
+        learning_rate: float,
+        warmup_steps: int,
+        max_steps: int,
+        weight_decay: float,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = FourM(ModelConfig(**model), [ModelModality(**m) for m in modalities])
+
+    @classmethod
+    def create(cls, config: ModelConfig, modalities: list[ModelModality], **optimisation) -> FourMTraining:
+        return cls(asdict(config), [asdict(m) for m in modalities], **optimisation)
+
+    def training_step(self, batch: MaskedBatch, batch_index: int) -> torch.Tensor:
+        loss, metrics = self.model.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch.input_ids.shape[0])
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.ndim >= 2]  # matrices and embedding tables; not norm scales
+        rest = [p for p in self.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=hp.learning_rate,
+            betas=(0.9, 0.95),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, hp.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
+    """Step -> learning-rate factor: linear from 0 to 1 over ``warmup``, then cosine down to ``floor``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,186 @@
+"""``make train``: train a 4M model on a dataset root's token store, resumably, with Lightning.
+
+Before any step the run checks that the three sides agree: the token store (each shard's
+``four_m.vocab_size`` and ``four_m.tokenizer``), the trained tokenizers under ``tokenizers/``, and,
+when resuming, the checkpoint's own modalities and vocabularies. A mismatch stops with a message
+naming both sides. Single process, multi-GPU and multi-node runs differ only in
+``train.strategy``/``devices``/``num_nodes``: Lightning launches and places the processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from safetensors.torch import save_model
+
+from four_m.core.config import Config
+from four_m.core.dataset_root import DatasetRoot, write_text_atomic
+from four_m.core.errors import UserError
+from four_m.core.modalities import MODALITIES
+from four_m.tokenize.registry import load_tokenizer, tokenizer_id
+from four_m.train.data import TokenDataModule, store_vocabularies
+from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
+from four_m.train.model import ModelConfig, ModelModality
+from four_m.train.module import FourMTraining
+
+LAST = "last.ckpt"
+
+
+class TrainingMismatchError(UserError):
+    """Token store, tokenizers and checkpoint disagree on modalities or vocabularies."""
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_dir: Path
+    steps: int
+    losses: list[tuple[int, float]]
+    """(step, logged train loss), over every launch of the run."""
+    seconds: float
+
+    def lines(self) -> list[str]:
+        curve = f"loss {self.losses[0][1]:.3f} -> {self.losses[-1][1]:.3f}" if self.losses else "no loss logged yet"
+        return [
+            f"train: {self.steps} steps, {curve}; {self.seconds:.1f} s",
+            f"train: wrote {self.run_dir / 'loss.png'} and {self.run_dir / 'model.safetensors'}",
+        ]
+
+
+def run_train(config: Config) -> TrainSummary:
+    started = time.perf_counter()
+    root = DatasetRoot(config.root)
+    cfg = config.train
+    modalities = model_modalities(root, cfg.modalities)
+    run_dir = root / f"runs/{cfg.run}"
+    resume = run_dir / "checkpoints" / LAST
+    if resume.is_file():
+        check_checkpoint(resume, modalities)
+    infos = [ModalityInfo(m.name, m.kind, m.positions) for m in modalities]
+    masking = MaskingConfig(
+        input_budget=cfg.input_budget,
+        target_budget=cfg.target_budget,
+        alphas=cfg.alpha,
+        mixtures=cfg.mixtures,
+        span_mean=cfg.span_mean,
+        seed=cfg.seed,
+    )
+    data = TokenDataModule(
+        root=root.path,
+        modalities=[m.name for m in modalities],
+        masker=Masker(infos, masking),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+    )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = FourMTraining.create(
+        ModelConfig.named(cfg.model),
+        modalities,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        weight_decay=cfg.weight_decay,
+    )
+    trainer = L.Trainer(
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=precision(cfg.precision),
+        gradient_clip_val=cfg.gradient_clip,
+        # A new log version per launch: a resumed run appends a segment instead of overwriting the curve.
+        logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True
+            )
+        ],
+        log_every_n_steps=cfg.log_every_n_steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    write_text_atomic(run_dir / "config.yaml", config.to_yaml())
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None)
+    if trainer.is_global_zero:
+        save_model(module.model, str(run_dir / "model.safetensors"))
+        write_text_atomic(
+            run_dir / "model.json",
+            json.dumps({"model": asdict(module.model.config), "modalities": [asdict(m) for m in modalities]}, indent=1),
+        )
+    losses = read_losses(run_dir / "logs")
+    plot_losses(losses, run_dir / "loss.png")
+    return TrainSummary(run_dir, trainer.global_step, losses, time.perf_counter() - started)
+
+
+def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelModality]:
+    """The run's modalities with their vocabularies, once the store and the tokenizers agree."""
+    store = store_vocabularies(root.path, list(names))
+    modalities = []
+    for name in names:
+        tokenizer = load_tokenizer(root, name)
+        side = store[name]
+        if side["vocab_size"] != tokenizer.vocab_size or side["tokenizer"] != tokenizer_id(root, name):
+            raise TrainingMismatchError(
+                f"{name}: tokens/{name} were made by tokenizer {side['tokenizer']} with {side['vocab_size']} ids,"
+                f" but tokenizers/{name} is {tokenizer_id(root, name)} with {tokenizer.vocab_size}:"
+                " rerun `make tokenize` after retraining a tokenizer"
+            )
+        modalities.append(ModelModality(name, MODALITIES[name].kind, side["vocab_size"], side["max_tokens"]))
+    return modalities
+
+
+def check_checkpoint(path: Path, modalities: list[ModelModality]) -> None:
+    """A resumed run must be the same model over the same vocabularies."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]["modalities"]
+    now = [asdict(m) for m in modalities]
+    if saved != now:
+        raise TrainingMismatchError(
+            f"checkpoint {path} was trained on {_describe(saved)}, the token store now has {_describe(now)}:"
+            " use a new train.run name, or retokenize with the checkpoint's tokenizers"
+        )
+
+
+def _describe(modalities: list[dict]) -> str:
+    return ", ".join(f"{m['name']} ({m['vocab_size']} ids)" for m in modalities)
+
+
+def precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def read_losses(logs: Path) -> list[tuple[int, float]]:
+    """(step, train loss) rows of Lightning's CSV logs, one version per launch of a resumed run."""
+    rows = []
+    for metrics in sorted(logs.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        with metrics.open() as handle:
+            rows += [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(handle) if r.get("train/loss")]
+    return sorted(dict(rows).items())
+
+
+def plot_losses(losses: list[tuple[int, float]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    axis.plot([s for s, _ in losses], [v for _, v in losses])
+    axis.set_xlabel("step")
+    axis.set_ylabel("train loss (mean over target modalities)")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
