@@ -107,6 +107,7 @@ def _demo(config: Config, args: argparse.Namespace) -> int:
     status = max(status, _tokenizers(config, args))
     status = max(status, _tokenize(config, args))
     _preview_tokens(config, args)
+    status = max(status, _train(config, args))
     print(f"demo: stages not built yet, skipped: {', '.join(NOT_BUILT)}")
     return status
 

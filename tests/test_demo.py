@@ -31,6 +31,7 @@ def test_demo_downloads_labels_tokenizes_and_previews_the_embedded_sample(tmp_pa
             "--set",
             f"sample.port={_free_port()}",
             *[arg for m in MAPS for arg in ("--set", f"tokenize.{m}.steps=6")],  # training itself is tested elsewhere
+            *("--set", "train.model=nano", "--set", "train.max_steps=12", "--set", "train.warmup_steps=2"),
             "--no-progress",
         ],
         capture_output=True,
@@ -53,4 +54,6 @@ def test_demo_downloads_labels_tokenizes_and_previews_the_embedded_sample(tmp_pa
         assert [t["key"].to_pylist() for t in tokens] == [t["key"].to_pylist() for t in images]
     reconstructions = Image.open(root / "preview/tokens.png")
     assert reconstructions.width == 224 * 2 * len(MODALITIES)
+    assert "train: 12 steps, loss " in run.stdout
+    assert (root / "runs/tiny/loss.png").is_file() and (root / "runs/tiny/model.safetensors").is_file()
     assert "stages not built yet" in run.stdout

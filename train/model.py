@@ -72,6 +72,8 @@ class ModelConfig:
 
 SIZES = MappingProxyType(
     {
+        # Not a 4M size: the smallest model that exercises every part, for tests and CPU smoke runs.
+        "nano": ModelConfig(dim=64, encoder_layers=2, decoder_layers=2, heads=4),
         # 4M's sizes: encoder and decoder of equal depth, 64-wide heads.
         "tiny": ModelConfig(dim=384, encoder_layers=6, decoder_layers=6, heads=6),
         "small": ModelConfig(dim=512, encoder_layers=8, decoder_layers=8, heads=8),
@@ -377,11 +379,16 @@ class FourM(nn.Module):
         """4M's loss: each target modality's mean token cross-entropy, averaged over the modalities
         present in the batch, so a 196-token map does not outweigh a 10-token caption.
 
-        Returns the total and detached metrics ``loss/<name>`` and ``accuracy/<name>`` (top-1).
+        Returns the total and detached metrics ``loss/<name>`` and ``accuracy/<name>`` (top-1); a
+        batch without any target gives a zero loss and no metrics.
         """
-        logits = self(batch)
+        memory, memory_real = self.encode(batch)
+        hidden = self.decode(batch, memory, memory_real)  # (B, N_tgt, D)
+        logits = self.logits(hidden, batch)
         if not logits:
-            raise ValueError("the batch has no real target tokens (target_mask is all False)")
+            # Possible on tiny data (e.g. only captions, each shown whole). A zero loss still tied to
+            # the graph keeps every DDP rank's backward and gradient all-reduce in step.
+            return hidden.sum() * 0.0, {}
         losses, metrics = [], {}
         for m, modality_logits in logits.items():
             name = self.modalities[m].name

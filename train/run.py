@@ -95,7 +95,7 @@ def run_train(config: Config) -> TrainSummary:
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
+        strategy=strategy(cfg.strategy),
         precision=precision(cfg.precision),
         gradient_clip_val=cfg.gradient_clip,
         # A new log version per launch: a resumed run appends a segment instead of overwriting the curve.
@@ -111,14 +111,12 @@ def run_train(config: Config) -> TrainSummary:
     )
     write_text_atomic(run_dir / "config.yaml", config.to_yaml())
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None)
-    if trainer.is_global_zero:
-        save_model(module.model, str(run_dir / "model.safetensors"))
-        write_text_atomic(
-            run_dir / "model.json",
-            json.dumps({"model": asdict(module.model.config), "modalities": [asdict(m) for m in modalities]}, indent=1),
-        )
     losses = read_losses(run_dir / "logs")
-    plot_losses(losses, run_dir / "loss.png")
+    if trainer.is_global_zero:  # one writer: every DDP rank returns here
+        save_model(module.model, str(run_dir / "model.safetensors"))
+        described = {"model": asdict(module.model.config), "modalities": [asdict(m) for m in modalities]}
+        write_text_atomic(run_dir / "model.json", json.dumps(described, indent=1))
+        plot_losses(losses, run_dir / "loss.png")
     return TrainSummary(run_dir, trainer.global_step, losses, time.perf_counter() - started)
 
 
@@ -152,6 +150,11 @@ def check_checkpoint(path: Path, modalities: list[ModelModality]) -> None:
 
 def _describe(modalities: list[dict]) -> str:
     return ", ".join(f"{m['name']} ({m['vocab_size']} ids)" for m in modalities)
+
+
+def strategy(setting: str) -> str:
+    """ddp with unused-parameter detection: a batch without some modality leaves its head unused."""
+    return "ddp_find_unused_parameters_true" if setting == "ddp" else setting
 
 
 def precision(setting: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +14,8 @@ from PIL import Image
 from four_m.core.config import load_config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.pipeline.label import run_label
+from four_m.pipeline.tokenize import run_tokenize
+from four_m.pipeline.tokenizers import run_tokenizer_training
 
 SMALL = [
     "label.size=64",
@@ -76,3 +79,34 @@ def make_images_root():
 @pytest.fixture
 def small_config():
     return _small_config
+
+
+MAPS = ("rgb", "depth", "normal", "semseg", "clip")
+TINY_TOKENIZERS = [
+    "tokenize.train_samples=64",
+    "tokenize.text.vocab_size=200",
+    "tokenize.text.min_box_score=0.0",
+    *(f"tokenize.{m}.{k}" for m in MAPS for k in ("grid=4", "width=8", "steps=12", "codebook_size=32", "batch_size=4")),
+]
+
+
+@pytest.fixture(scope="session")
+def tokenized(tmp_path_factory, labelled):
+    """A copy of the session's labelled root, with trained tokenizers and tokens/."""
+    labelled_config, keys, _ = labelled
+    root = tmp_path_factory.mktemp("tokenize") / "root"
+    shutil.copytree(labelled_config.root, root, ignore=shutil.ignore_patterns("tokens", "tokenizers"))
+    config = load_config("default", [*small_tokenize_overrides(labelled_config), *TINY_TOKENIZERS], root=str(root))
+    trained = run_tokenizer_training(config)
+    return config, keys, trained, run_tokenize(config, progress=False)
+
+
+def small_tokenize_overrides(config) -> list[str]:
+    """The labelled root's label settings, so the tokenize config matches what is on disk."""
+    return [f"label.size={config.label.size}", "ray.num_cpus=2"]
+
+
+@pytest.fixture
+def tiny_tokenizers() -> list[str]:
+    """Overrides for tokenizers that train in seconds (tiny VQ models, a small WordPiece)."""
+    return list(TINY_TOKENIZERS)

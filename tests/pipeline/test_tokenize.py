@@ -21,30 +21,6 @@ from four_m.tokenize.base import TokenizerInputError
 from four_m.tokenize.registry import TRAINED, load_tokenizer
 from four_m.tokenize.shard import tokenize_shard
 
-MAPS = ("rgb", "depth", "normal", "semseg", "clip")
-TINY_TOKENIZERS = [
-    "tokenize.train_samples=64",
-    "tokenize.text.vocab_size=200",
-    "tokenize.text.min_box_score=0.0",
-    *(f"tokenize.{m}.{k}" for m in MAPS for k in ("grid=4", "width=8", "steps=12", "codebook_size=32", "batch_size=4")),
-]
-
-
-@pytest.fixture(scope="module")
-def tokenized(tmp_path_factory, labelled):
-    """A copy of the session's labelled root, with trained tokenizers and tokens/."""
-    labelled_config, keys, _ = labelled
-    root = tmp_path_factory.mktemp("tokenize") / "root"
-    shutil.copytree(labelled_config.root, root, ignore=shutil.ignore_patterns("tokens", "tokenizers"))
-    config = load_config("default", [*_small(labelled_config), *TINY_TOKENIZERS], root=str(root))
-    trained = run_tokenizer_training(config)
-    return config, keys, trained, run_tokenize(config, progress=False)
-
-
-def _small(config) -> list[str]:
-    """The labelled root's label settings, so the tokenize config matches what is on disk."""
-    return [f"label.size={config.label.size}", "ray.num_cpus=2"]
-
 
 def test_every_tokenizer_trains_and_records_its_metrics(tokenized):
     config, _, trained, _ = tokenized
@@ -113,13 +89,17 @@ def test_hugging_face_datasets_reads_the_token_store(tokenized, tmp_path):
     assert dataset.features["tokens"].length == 16
 
 
-def test_a_rerun_skips_finished_shards_and_a_new_tokenizer_makes_tokens_stale(tokenized):
+def test_a_rerun_skips_finished_shards_and_a_new_tokenizer_makes_tokens_stale(tokenized, tiny_tokenizers):
     config, keys, _, _ = tokenized
     again = run_tokenize(config, progress=False)
     assert all(s.shards_done == 0 and s.shards_skipped == len(keys) for s in again.modalities.values())
     with pytest.raises(TokenizerTrainingError, match="another config"):
         run_tokenizer_training(
-            load_config("default", [*_small(config), *TINY_TOKENIZERS, "tokenize.rgb.steps=13"], root=config.root)
+            load_config(
+                "default",
+                [f"label.size={config.label.size}", *tiny_tokenizers, "tokenize.rgb.steps=13"],
+                root=config.root,
+            )
         )
     trained = Path(config.root) / "tokenizers/rgb/trained.json"
     backup = trained.read_bytes()
@@ -132,13 +112,13 @@ def test_a_rerun_skips_finished_shards_and_a_new_tokenizer_makes_tokens_stale(to
 
 
 def test_a_killed_run_resumes_with_every_key_exactly_once(
-    tmp_path, ray_local, photos, make_images_root, kill_after_first_marker
+    tmp_path, ray_local, photos, make_images_root, kill_after_first_marker, tiny_tokenizers
 ):
     root = tmp_path / "root"
     keys = make_images_root(root, photos * 3, per_shard=1)
     config = load_config(
         "default",
-        ["label.size=64", *TINY_TOKENIZERS, "tokenize.modalities=[rgb]", "tokenize.concurrency=1"],
+        ["label.size=64", *tiny_tokenizers, "tokenize.modalities=[rgb]", "tokenize.concurrency=1"],
         root=str(root),
     )
     run_tokenizer_training(config)

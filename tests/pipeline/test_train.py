@@ -1,0 +1,99 @@
+"""Training a 4M model for real on the token store the pipeline made: Lightning, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from four_m.core.config import load_config
+from four_m.train.run import TrainingMismatchError, read_losses, run_train
+
+NANO = [
+    "train.model=nano",
+    "train.batch_size=4",
+    "train.input_budget=24",
+    "train.target_budget=24",
+    "train.warmup_steps=2",
+    "train.log_every_n_steps=1",
+    "train.shuffle_buffer=8",
+]
+
+
+@pytest.fixture
+def root(tokenized, tmp_path) -> Path:
+    """A private copy of the tokenized root: runs write under it."""
+    config, _, _, _ = tokenized
+    copy = tmp_path / "root"
+    shutil.copytree(config.root, copy)
+    return copy
+
+
+def _config(root: Path, *extra: str):
+    return load_config("default", ["label.size=64", "ray.num_cpus=2", *NANO, *extra], root=str(root))
+
+
+def test_training_lowers_the_loss_writes_the_curve_and_weights(root):
+    summary = run_train(_config(root, "train.max_steps=60", "train.learning_rate=0.003"))
+    losses = [loss for _, loss in summary.losses]
+    assert summary.steps == 60 and len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10, "the loss should fall by 30 % on 14 samples"
+    run = root / "runs/tiny"
+    assert (run / "loss.png").stat().st_size > 0 and (run / "model.safetensors").is_file()
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_with_the_uninterrupted_losses(root, tmp_path):
+    """SIGKILL once the step-5 checkpoint exists; the rerun must continue exactly (same batches, same
+    optimiser and schedule state), so steps 5..7 have the losses of a run never interrupted."""
+    whole = run_train(_config(root, "train.max_steps=8", "train.run=whole"))
+    config = _config(root, "train.max_steps=8", "train.run=split", "train.checkpoint_every_n_steps=5")
+    config_file = tmp_path / "split.yaml"
+    config_file.write_text(config.to_yaml())
+    run = subprocess.Popen(
+        [sys.executable, "-m", "four_m", "train", "--config", str(config_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    checkpoints = root / "runs/split/checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*step=5.ckpt")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not list(checkpoints.glob("*step=8.ckpt")), "the kill should land before the end"
+    resumed = run_train(config)
+    assert resumed.steps == 8
+    split = dict(read_losses(root / "runs/split/logs"))
+    assert [split[s] for s in (5, 6, 7)] == pytest.approx([dict(whole.losses)[s] for s in (5, 6, 7)], rel=1e-5)
+
+
+def test_store_tokenizer_and_checkpoint_mismatches_stop_before_training(root):
+    run_train(_config(root, "train.max_steps=2", "train.warmup_steps=0"))
+    with pytest.raises(TrainingMismatchError, match="trained on rgb .* the token store now has rgb"):
+        run_train(_config(root, "train.max_steps=3", "train.warmup_steps=0", "train.modalities=[rgb, depth]"))
+    trained = root / "tokenizers/depth/trained.json"
+    trained.write_text(trained.read_text().replace('"samples"', '"samples_"'))  # another tokenizer now
+    with pytest.raises(TrainingMismatchError, match="tokens/depth were made by tokenizer depth-.* tokenizers/depth"):
+        run_train(_config(root, "train.max_steps=3", "train.run=other"))
+
+
+def test_two_process_ddp_on_cpu_finishes_with_equal_steps(root, tmp_path):
+    config_file = tmp_path / "ddp.yaml"
+    extra = ["train.max_steps=4", "train.strategy=ddp", "train.devices=2", "train.accelerator=cpu", "train.run=ddp"]
+    config_file.write_text(_config(root, *extra).to_yaml())
+    run = subprocess.run(
+        [sys.executable, "-m", "four_m", "train", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "train: 4 steps" in run.stdout
+    assert (root / "runs/ddp/checkpoints/last.ckpt").is_file()
