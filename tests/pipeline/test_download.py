@@ -167,6 +167,6 @@ def test_cli_stops_on_a_malformed_list_before_any_work(tmp_path):
 
 
 def test_unbuilt_stages_fail_in_one_line():
-    run = _cli("train")
+    run = _cli("sample")
     out, err = run.communicate(timeout=60)
     assert run.returncode == 2 and "not built yet" in err and err.strip().count("\n") == 0
