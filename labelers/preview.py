@@ -10,7 +10,6 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
@@ -20,13 +19,14 @@ from four_m.core.dataset_root import DatasetRoot
 from four_m.labelers.base import RANDOM_INIT
 from four_m.labelers.encode import decode_png
 from four_m.pipeline.views import centre_square, decode_rgb, resize_square
+from four_m.tokenize.maps import ADAPTERS
 
 Tile = np.ndarray  # (S, S, 3) uint8
 
 
 def render_depth(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
     depth = decode_png(row["depth"]).astype(np.float32) / 65535.0
-    return (matplotlib.colormaps["magma"](depth)[:, :, :3] * 255).astype(np.uint8)
+    return ADAPTERS["depth"].render(depth[None])
 
 
 def render_normal(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
@@ -34,10 +34,7 @@ def render_normal(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
 
 
 def render_semseg(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
-    classes = decode_png(row["semseg"])
-    palette = np.random.default_rng(0).integers(40, 256, size=(256, 3), dtype=np.uint8)
-    palette[255] = 0
-    return palette[classes]
+    return ADAPTERS["semseg"].render(decode_png(row["semseg"]))
 
 
 def render_det(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
@@ -55,12 +52,8 @@ def render_det(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
 def render_clip(row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
     """The first three principal components of the patch features, as colours."""
     grid, _, dim = (int(n) for n in meta[b"four_m.clip_shape"].split(b"x"))
-    patches = np.asarray(row["clip"], np.float32).reshape(grid * grid, dim)
-    centred = patches - patches.mean(0)
-    _, _, components = np.linalg.svd(centred, full_matrices=False)
-    projected = centred @ components[:3].T
-    projected = (projected - projected.min(0)) / (np.ptp(projected, 0) + 1e-6)
-    small = (projected.reshape(grid, grid, 3) * 255).astype(np.uint8)
+    features = np.asarray(row["clip"], np.float32).reshape(grid, grid, dim).transpose(2, 0, 1)  # (D, G, G)
+    small = ADAPTERS["clip"].render(features)
     return np.asarray(Image.fromarray(small).resize(view.shape[:2], Image.NEAREST))
 
 

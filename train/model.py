@@ -27,15 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from four_m.core.config import ConfigError
+from four_m.core.config import _check
 from four_m.core.modalities import ModalitySpec
 from four_m.train.batch import MaskedBatch
-
-
-def _check(ok: bool, key: str, requirement: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {requirement}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Config
