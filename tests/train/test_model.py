@@ -17,8 +17,8 @@ TINY = ModelConfig(dim=32, encoder_layers=2, decoder_layers=2, heads=4)
 MODALITIES_4 = (
     ModelModality("rgb", "map", vocab_size=16, positions=16),  # a 4 x 4 grid
     ModelModality("depth", "map", vocab_size=12, positions=16),
-    ModelModality("caption", "sequence", vocab_size=20, positions=8),
-    ModelModality("det", "sequence", vocab_size=20, positions=8),  # the same (text) vocabulary as caption
+    ModelModality("caption", "sequence", vocab_size=20, positions=8, vocabulary="text"),
+    ModelModality("det", "sequence", vocab_size=20, positions=8, vocabulary="text"),
 )
 RGB, DEPTH, CAPTION, DET = range(4)
 SOS = 1
@@ -282,3 +282,19 @@ def test_other_errors_name_what_is_wrong():
         ModelModality("rgb", "map", vocab_size=16, positions=15)
     with pytest.raises(ConfigError, match="model.modalities"):
         FourM(TINY, [MODALITIES_4[0], MODALITIES_4[0]])
+
+
+def test_modalities_of_one_vocabulary_share_its_table_and_head():
+    model = FourM(TINY, MODALITIES_4)
+    assert list(model.heads) == list(model.token_embeddings) == ["rgb", "depth", "text"]
+    assert model.head(CAPTION) is model.head(DET) is model.heads["text"]
+    assert model.table(CAPTION) is model.table(DET) and model.table(RGB) is not model.table(DEPTH)
+    # A caption token and a det token with the same id differ only by their modality embedding.
+    ids = torch.tensor([[5, 5]])
+    tokens = model.embed_tokens(ids, torch.tensor([[CAPTION, DET]]))
+    assert torch.equal(tokens[0, 0], tokens[0, 1])
+
+
+def test_a_vocabulary_has_one_size():
+    with pytest.raises(ConfigError, match="det.vocab_size"):
+        FourM(TINY, [MODALITIES_4[2], dataclasses.replace(MODALITIES_4[3], vocab_size=21)])
