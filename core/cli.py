@@ -1,7 +1,7 @@
 """``python -m four_m <verb> --config ... [--root ...] [--set section.key=value ...]``: a verb per stage.
 
-Verbs of stages that are not built yet fail with one line, never a silent success. Expected
-problems (a bad config, a malformed url list, a busy port) end with one line too, not a traceback.
+Expected problems (a bad config, a malformed url list, a busy port, a run that does not match the
+tokenizers) end with one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -14,11 +14,6 @@ from four_m.core.config import Config, load_config
 from four_m.core.errors import UserError
 from four_m.core.summary import StageSummary
 
-NOT_BUILT = {
-    "sample": "generation",
-    "card": "dataset cards",
-}
-
 
 def _sample_urls(config: Config, args: argparse.Namespace) -> int:
     from four_m.core.dataset_root import DatasetRoot
@@ -29,8 +24,14 @@ def _sample_urls(config: Config, args: argparse.Namespace) -> int:
 
 
 def _download(config: Config, args: argparse.Namespace) -> int:
-    from four_m.pipeline.download import run_download
+    from four_m.pipeline.download import run_download, run_retry_failed
 
+    if args.retry_failed:
+        retry = run_retry_failed(config, progress=not args.no_progress)
+        print(retry.line())
+        for shard, error in sorted(retry.shards_failed.items()):
+            print(f"  shard {shard:05d} failed: {error}", file=sys.stderr)
+        return 1 if retry.shards_failed else 0
     return _report(run_download(config, progress=not args.no_progress))
 
 
@@ -80,6 +81,39 @@ def _train(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(config: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from four_m.train.sample import write_samples
+
+    image = Path(args.image) if args.image else None
+    print(f"sample: wrote {write_samples(config, image=image, caption=args.caption)}")
+    return 0
+
+
+def _eval(config: Config, args: argparse.Namespace) -> int:
+    from four_m.train.evaluate import run_eval
+
+    print("\n".join(run_eval(config).lines()))
+    return 0
+
+
+def _card(config: Config, args: argparse.Namespace) -> int:
+    from four_m.datasets_cards.card import write_card
+
+    print(f"card: wrote {write_card(config)}")
+    return 0
+
+
+def _bad_input(config: Config, args: argparse.Namespace) -> int:
+    """The bad-input corpus through download, label, tokenizers and tokenize, then its audit."""
+    from four_m.pipeline.bad_inputs import run_bad_input
+
+    run = run_bad_input(config, progress=not args.no_progress)
+    print("\n".join([*run.lines, run.audit.line(), *(f"  {p}" for p in run.audit.problems)]))
+    return 1 if run.audit.problems or run.audit.lost else 0
+
+
 def _models(config: Config, args: argparse.Namespace) -> int:
     """Fetch production weights for the configured labelers (needs a reachable hub)."""
     from pathlib import Path
@@ -108,8 +142,9 @@ def _demo(config: Config, args: argparse.Namespace) -> int:
     status = max(status, _tokenize(config, args))
     _preview_tokens(config, args)
     status = max(status, _train(config, args))
-    print(f"demo: stages not built yet, skipped: {', '.join(NOT_BUILT)}")
-    return status
+    status = max(status, _sample(config, args))
+    status = max(status, _eval(config, args))
+    return max(status, _card(config, args))
 
 
 def _report(summary: StageSummary) -> int:
@@ -128,14 +163,18 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "tokenize": _tokenize,
     "preview-tokens": _preview_tokens,
     "train": _train,
+    "sample": _sample,
+    "eval": _eval,
+    "card": _card,
     "models": _models,
+    "bad-input": _bad_input,
     "demo": _demo,
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m four_m", description=__doc__.splitlines()[0])
-    parser.add_argument("verb", choices=[*VERBS, *NOT_BUILT])
+    parser.add_argument("verb", choices=list(VERBS))
     parser.add_argument("--config", default="default", help="YAML file, or a name in configs/ (default)")
     parser.add_argument("--root", help="dataset root (default: the config's root)")
     parser.add_argument(
@@ -148,18 +187,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     parser.add_argument("--only", help="label: run only these labelers, e.g. depth,det (others untouched)")
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="download: re-fetch only the failed rows of finished shards, merged into place",
+    )
     parser.add_argument("--samples", type=int, default=8, help="preview: rows in the grid")
+    parser.add_argument("--image", help="sample: generate from this image file instead of the held-out shards")
+    parser.add_argument("--caption", help="sample: generate from this caption (with FROM=caption)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.verb in NOT_BUILT:
-        print(
-            f"four_m {args.verb}: not built yet ({NOT_BUILT[args.verb]} come in a later stage)",
-            file=sys.stderr,
-        )
-        return 2
     try:
         config = load_config(args.config, args.overrides, root=args.root)
         return VERBS[args.verb](config, args)

@@ -33,7 +33,8 @@ class ConfigError(UserError):
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None = None
-    """None starts Ray on this machine; "auto" or "ray://host:10001" joins a running cluster."""
+    """None: the cluster in ``RAY_ADDRESS`` if set (``ray job submit`` sets it), else Ray started on
+    this machine; "auto" or "ray://host:10001" joins a running cluster."""
     num_cpus: int | None = None
     """CPUs of a locally started Ray (None: all of this machine's)."""
     object_store_mb: int | None = None
@@ -332,6 +333,9 @@ class TrainConfig:
     mixtures: tuple[str, ...] = ("all2all",)
     """Per-sample masking mixtures: all2all, rgb2all."""
     span_mean: float = 3.0
+    unconditional_rate: float = 0.0
+    """Share of samples trained with no input at all, so classifier-free guidance (generate.guidance)
+    has an unconditional model to contrast with; 0.1 is a common choice."""
     batch_size: int = 32
     """Per device."""
     max_steps: int = 300
@@ -349,6 +353,8 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata=RUNTIME_ONLY)
     shuffle_buffer: int = 1000
     seed: int = 0
+    holdout_shards: int = 0
+    """The last N token shards (by name) are never trained on: ``make eval`` and ``make sample`` read them."""
     log_every_n_steps: int = field(default=10, metadata=RUNTIME_ONLY)
     checkpoint_every_n_steps: int = field(default=100, metadata=RUNTIME_ONLY)
 
@@ -364,6 +370,72 @@ class TrainConfig:
         _check(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps", "must be in [0, max_steps)")
         _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices/num_nodes", "must be >= 1")
         _check(self.checkpoint_every_n_steps >= 1, "train.checkpoint_every_n_steps", "must be >= 1")
+        _check(self.holdout_shards >= 0, "train.holdout_shards", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """``make sample`` and ``make eval``: any-to-any generation with the trained run ``train.run``."""
+
+    given: tuple[str, ...] = ("rgb",)
+    """Modalities the model is shown (``make sample FROM=rgb``); eval always predicts from rgb."""
+    targets: tuple[str, ...] = ()
+    """Generated in this order, each joining the conditioning of the next (``TO=depth,normal``);
+    empty: every other modality of the run."""
+    samples: int = 6
+    """Rows of the sample grid, from the held-out shards."""
+    steps: int = 8
+    """Map decoding steps (MaskGIT / ROAR): every one of the 196 positions is filled once over them."""
+    order: str = "maskgit"
+    """maskgit (most confident first) or roar (random order)."""
+    schedule: str = "cosine"
+    """Tokens committed per map step: cosine (few first, 4M and MaskGIT's choice) or linear."""
+    temperature: float = 1.0
+    """Sampling temperature of ``make sample`` (0: greedy). ``make eval`` decodes greedily."""
+    temperature_schedule: str = "constant"
+    """constant, or linear/cosine decay towards 0 over the steps."""
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance: float = 1.0
+    """Classifier-free guidance scale (1: conditional logits only, no extra pass)."""
+    max_tokens: int = 0
+    """Cap on a generated sequence's tokens, EOS included (0: the modality's cap, 256)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        known = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
+        for key, names in (("given", self.given), ("targets", self.targets)):
+            unknown = sorted(set(names) - set(known))
+            _check(not unknown, f"generate.{key}", f"unknown {unknown}; known: {', '.join(known)}")
+            _check(len(set(names)) == len(names), f"generate.{key}", f"names repeat: {list(names)}")
+        both = sorted(set(self.given) & set(self.targets))
+        _check(not both, "generate.targets", f"{both} also given: a target cannot be an input")
+        _check(self.samples >= 1, "generate.samples", "must be >= 1")
+        _check(self.max_tokens >= 0, "generate.max_tokens", "must be >= 0 (0: the modality's cap)")
+
+
+@dataclass(frozen=True)
+class CardConfig:
+    """What a dataset card (``make card``) says that the data cannot: its name, terms and sources."""
+
+    pretty_name: str = "four-m dataset"
+    description: str = ""
+    """The card's opening paragraph: where the images and their captions come from."""
+    license: str = "unknown"
+    """A Hub license id; ``other`` for custom terms, named by ``license_name`` and ``license_link``."""
+    license_name: str | None = None
+    license_link: str | None = None
+    source_datasets: tuple[str, ...] = ("original",)
+    language: tuple[str, ...] = ("en",)
+    model_licenses: dict[str, str] = field(default_factory=dict)
+    """Labeler weights (as in ``label.<name>.model``) -> their license: labels inherit their terms."""
+    stats_rows: int = 10_000
+    """Label statistics and token-id usage read at most this many rows per modality (first shards
+    first); row counts and failures always cover every shard."""
+
+    def __post_init__(self) -> None:
+        _check(self.license != "other" or bool(self.license_name), "card.license_name", "needed with license: other")
+        _check(self.stats_rows >= 1, "card.stats_rows", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -378,6 +450,8 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    card: CardConfig = field(default_factory=CardConfig)
 
     def section_hash(self, section: str) -> str:
         """A short stable hash of what in one section shapes the output: markers record it."""
@@ -474,6 +548,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(args[0], v, key) for v in value)
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):

@@ -18,7 +18,7 @@ from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.labelers.base import RANDOM_INIT
 from four_m.labelers.encode import decode_png
-from four_m.pipeline.views import centre_square, decode_rgb, resize_square
+from four_m.pipeline.views import label_view
 from four_m.tokenize.maps import ADAPTERS
 
 Tile = np.ndarray  # (S, S, 3) uint8
@@ -87,7 +87,8 @@ def write_label_preview(config: Config, samples: int = 8, shard: int = 0) -> Pat
     modalities = [n for n in RENDERERS if (root / f"labels/{n}/{shard:05d}.parquet").is_file()]
     tables = {n: pq.read_table(root / f"labels/{n}/{shard:05d}.parquet") for n in modalities}
     rows = {n: t.to_pylist() for n, t in tables.items()}
-    chosen = [i for i, r in enumerate(images) if r["status"] == "success"][:samples]
+    views = {i: label_view(r["jpg"], size) for i, r in enumerate(images) if r["status"] == "success"}
+    chosen = [i for i, view in views.items() if view is not None][:samples]
     header = 18
     grid = Image.new("RGB", ((1 + len(modalities)) * size, header + len(chosen) * size), "white")
     draw = ImageDraw.Draw(grid)
@@ -95,7 +96,7 @@ def write_label_preview(config: Config, samples: int = 8, shard: int = 0) -> Pat
         random_init = name in tables and tables[name].schema.metadata.get(b"four_m.model") == RANDOM_INIT.encode()
         draw.text((column * size + 4, 3), f"{name}{' (RANDOM-INIT)' if random_init else ''}", fill=(0, 0, 0))
     for line, index in enumerate(chosen):
-        view = resize_square(centre_square(decode_rgb(images[index]["jpg"])), size)
+        view = views[index]
         tiles = [view] + [_tile(RENDERERS[n], rows[n][index], view, tables[n].schema.metadata) for n in modalities]
         for column, tile in enumerate(tiles):
             grid.paste(Image.fromarray(tile), (column * size, header + line * size))

@@ -51,6 +51,15 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def label_view(data: bytes | None, size: int) -> np.ndarray | None:
+    """The (size, size, 3) label view of stored image bytes; None where there are none or they do not
+    decode (the stages count such rows as failed; a preview just leaves them out)."""
+    try:
+        return resize_square(centre_square(decode_rgb(data)), size) if data else None
+    except ValueError:
+        return None
+
+
 def add_views(batch: pa.Table, sizes: tuple[int, ...]) -> pa.Table:
     """Ray Data batch function: images/ columns in, one pixel tensor column per input size out."""
     count = batch.num_rows

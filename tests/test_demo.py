@@ -18,7 +18,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_demo_downloads_labels_tokenizes_and_previews_the_embedded_sample(tmp_path):
+def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
     root = tmp_path / "root"
     run = subprocess.run(
         [
@@ -32,6 +32,7 @@ def test_demo_downloads_labels_tokenizes_and_previews_the_embedded_sample(tmp_pa
             f"sample.port={_free_port()}",
             *[arg for m in MAPS for arg in ("--set", f"tokenize.{m}.steps=6")],  # training itself is tested elsewhere
             *("--set", "train.model=nano", "--set", "train.max_steps=12", "--set", "train.warmup_steps=2"),
+            *("--set", "generate.max_tokens=12", "--set", "generate.steps=4"),
             "--no-progress",
         ],
         capture_output=True,
@@ -56,4 +57,8 @@ def test_demo_downloads_labels_tokenizes_and_previews_the_embedded_sample(tmp_pa
     assert reconstructions.width == 224 * 2 * len(MODALITIES)
     assert "train: 12 steps, loss " in run.stdout
     assert (root / "runs/tiny/loss.png").is_file() and (root / "runs/tiny/model.safetensors").is_file()
-    assert "stages not built yet" in run.stdout
+    targets = [m for m in MODALITIES if m != "rgb"]
+    grid = Image.open(root / f"runs/tiny/samples/rgb-to-{'+'.join(targets)}.png")
+    assert grid.width == 224 * (1 + 2 * len(targets))
+    assert "eval: " in run.stdout and "| depth | abs_rel |" in run.stdout
+    assert (root / "runs/tiny/eval/metrics.json").is_file() and (root / "README.md").is_file()

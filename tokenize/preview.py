@@ -19,7 +19,7 @@ from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.modalities import MODALITIES
 from four_m.labelers.preview import render_det
-from four_m.pipeline.views import centre_square, decode_rgb, resize_square
+from four_m.pipeline.views import label_view
 from four_m.tokenize.maps import ADAPTERS
 from four_m.tokenize.registry import load_tokenizer
 from four_m.tokenize.shard import token_file
@@ -35,8 +35,8 @@ def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Pat
     size = config.label.size
     modalities = [m for m in MODALITIES if m in config.tokenize.modalities and token_file(root, m, shard).is_file()]
     images = pq.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg", "status"]).to_pylist()
-    chosen = [i for i, row in enumerate(images) if row["status"] == "success"][:samples]
-    views = {i: resize_square(centre_square(decode_rgb(images[i]["jpg"])), size) for i in chosen}
+    views = {i: label_view(row["jpg"], size) for i, row in enumerate(images) if row["status"] == "success"}
+    chosen = [i for i, view in views.items() if view is not None][:samples]
     columns = [f"{m} {kind}" for m in modalities for kind in ("original", "from tokens")]
     grid = Image.new("RGB", (len(columns) * size, HEADER + len(chosen) * size), "white")
     draw = ImageDraw.Draw(grid)
@@ -51,7 +51,7 @@ def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Pat
             if ids[index] is not None:
                 (decoded,) = tokenizer.decode([ids[index]])
             for offset, value in enumerate((original, decoded)):
-                tile = _render(modality, value, views[index], size)
+                tile = render_value(modality, value, views[index], size)
                 grid.paste(Image.fromarray(tile), ((2 * m_index + offset) * size, HEADER + line * size))
     out = root / "preview/tokens.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,9 +59,10 @@ def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Pat
     return out
 
 
-def _render(modality: str, value, view: np.ndarray, size: int) -> np.ndarray:
+def render_value(modality: str, value, view: np.ndarray, size: int) -> np.ndarray:
+    """One modality's value (as a tokenizer decodes it, or as read from labels/) as a size x size RGB tile."""
     if value is None:
-        return _text_tile("absent", size, background=(60, 60, 60), colour=(255, 200, 200))
+        return text_tile("absent", size, background=(60, 60, 60), colour=(255, 200, 200))
     return RENDERERS[modality](value, view, size)
 
 
@@ -73,7 +74,7 @@ def _render_map(modality: str):
     return render
 
 
-def _text_tile(text: str, size: int, background=(250, 250, 250), colour=(20, 20, 20)) -> np.ndarray:
+def text_tile(text: str, size: int, background=(250, 250, 250), colour=(20, 20, 20)) -> np.ndarray:
     image = Image.new("RGB", (size, size), background)
     ImageDraw.Draw(image).multiline_text((6, 6), textwrap.fill(text, width=size // 7), fill=colour)
     return np.asarray(image)
@@ -82,6 +83,6 @@ def _text_tile(text: str, size: int, background=(250, 250, 250), colour=(20, 20,
 RENDERERS = {
     **{m: _render_map(m) for m in ADAPTERS},
     "det": lambda boxes, view, size: render_det({"det": boxes}, view, {}),
-    "caption": lambda text, view, size: _text_tile(text, size),
+    "caption": lambda text, view, size: text_tile(text, size),
 }
 """Per modality: (value, the image's label view, tile side) -> RGB tile."""

@@ -89,9 +89,14 @@ class TokenShards:
         skip_incomplete: leave out a shard that some modality lacks (and list it in ``skipped``)
             instead of raising. Off by default: training silently on a subset of the data is worse
             than being told the tokenize stage has not finished.
+        holdout: the last ``holdout`` complete shards (by name) go to ``held_out`` instead of
+            ``shards``: never trained on, they are what ``make eval`` and ``make sample`` read. By
+            name, so the split is the same on every rank and every rerun.
     """
 
-    def __init__(self, root: str | Path, modalities: Sequence[str], *, skip_incomplete: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, modalities: Sequence[str], *, skip_incomplete: bool = False, holdout: int = 0
+    ) -> None:
         self.root = Path(root)
         self.modalities = tuple(modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
@@ -108,11 +113,16 @@ class TokenShards:
                 "run the tokenize stage for them, or skip them with skip_incomplete"
             )
         self.skipped: tuple[str, ...] = tuple(incomplete)
-        self.shards = tuple(
-            TokenShard(n, {m: found[m][n] for m in self.modalities}) for n in names if n not in incomplete
-        )
-        if not self.shards:
+        complete = [TokenShard(n, {m: found[m][n] for m in self.modalities}) for n in names if n not in incomplete]
+        if not complete:
             raise TokenStoreError(f"no shard under {self.root / TOKENS} has tokens for all of {self.modalities}")
+        if not 0 <= holdout < len(complete):
+            raise TokenStoreError(
+                f"cannot hold out {holdout} of the {len(complete)} complete token shard(s) under {self.root / TOKENS}:"
+                " training needs at least one (lower train.holdout_shards, or tokenize more shards)"
+            )
+        self.shards = tuple(complete[: len(complete) - holdout])
+        self.held_out = tuple(complete[len(complete) - holdout :])
         self.empty_rows = 0
         """Rows skipped because every modality was absent, counted each time they are read (in this process)."""
 
@@ -366,7 +376,7 @@ class TokenDataModule(L.LightningDataModule):
         modalities: the run's modality names; optional, must be the masker's (in its order).
         num_workers: DataLoader workers (persistent when > 0).
         shuffle_buffer, seed: see :class:`TokenStream`.
-        skip_incomplete: see :class:`TokenShards`.
+        skip_incomplete, holdout: see :class:`TokenShards`.
     """
 
     def __init__(
@@ -380,6 +390,7 @@ class TokenDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1024,
         seed: int = 0,
         skip_incomplete: bool = False,
+        holdout: int = 0,
     ) -> None:
         super().__init__()
         names = tuple(m.name for m in masker.modalities)
@@ -392,6 +403,7 @@ class TokenDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.skip_incomplete = skip_incomplete
+        self.holdout = holdout
         self.shards: TokenShards | None = None
         self.vocabularies: dict[str, dict[str, Any]] | None = None
         self.batches_consumed = 0
@@ -406,7 +418,9 @@ class TokenDataModule(L.LightningDataModule):
         if self.shards is None:
             self.vocabularies = store_vocabularies(self.root, self.modalities)
             check_store(self.vocabularies, self.masker.modalities)
-            self.shards = TokenShards(self.root, self.modalities, skip_incomplete=self.skip_incomplete)
+            self.shards = TokenShards(
+                self.root, self.modalities, skip_incomplete=self.skip_incomplete, holdout=self.holdout
+            )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

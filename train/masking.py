@@ -73,6 +73,9 @@ class MaskingConfig:
     """Caps on one modality's input tokens and, separately, its target tokens."""
     span_mean: float = 3.0
     """Mean length of a hidden span in a sequence (T5's default: 3)."""
+    unconditional_rate: float = 0.0
+    """Share of samples shown no input at all (only targets): the model then also learns the
+    unconditional distribution, which classifier-free guidance contrasts the conditional one with."""
     seed: int = 0
     """Base of :meth:`Masker.sample_rng`: the mask of a sample depends on (seed, epoch, index) only,
     not on which worker drew it."""
@@ -95,6 +98,7 @@ class MaskingConfig:
             for name, cap in self.max_tokens_per_modality.items():
                 _check(int(cap) >= 1, f"max_tokens_per_modality.{name}", "must be >= 1")
         _check(self.span_mean >= 1, "span_mean", "must be >= 1")
+        _check(0.0 <= self.unconditional_rate < 1.0, "unconditional_rate", "must be in [0, 1)")
 
 
 _FIRST_SENTINEL = len(SPECIAL_TOKENS)  # the layout of tokenize.text: specials, then sentinels
@@ -301,7 +305,9 @@ class Masker:
         input_available = np.zeros(len(self.modalities), np.int64)
         for i in input_from:
             input_available[i] = min(len(tokens[i]), self._caps[i])
-        input_counts = split_budget(cfg.input_budget, input_shares, input_available)
+        # Drawn only when enabled, so a run without it keeps the random stream (and masks) it always had.
+        unconditional = cfg.unconditional_rate > 0 and rng.random() < cfg.unconditional_rate
+        input_counts = split_budget(0 if unconditional else cfg.input_budget, input_shares, input_available)
 
         inputs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (modality, ids, positions)
         rest: dict[int, np.ndarray] = {}  # maps: unused positions in random order; sequences: the target

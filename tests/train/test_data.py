@@ -112,6 +112,15 @@ def test_shards_zip_modalities_by_key_and_skip_rows_with_nothing(store):
     assert all(read_sample["rgb"] is None for key, read_sample in read if key in NULL_RGB)
 
 
+def test_holdout_sets_the_last_shards_aside_and_keeps_one_for_training(store):
+    root, _ = store
+    split = TokenShards(root, NAMES, holdout=1)
+    assert [s.name for s in split.shards] == ["00000", "00001"] and [s.name for s in split.held_out] == ["00002"]
+    assert TokenShards(root, NAMES).held_out == ()
+    with pytest.raises(TokenStoreError, match="cannot hold out 3 of the 3 complete token shard"):
+        TokenShards(root, NAMES, holdout=3)
+
+
 def test_misaligned_or_missing_shards_raise_naming_the_file(tmp_path):
     write_store(tmp_path, shard_rows=(4, 3))
     depth = tmp_path / "tokens/depth/00001.parquet"

@@ -95,6 +95,15 @@ def test_budgets_are_used_exactly_when_the_sample_has_the_tokens():
     assert (batch.target_modality[batch.target_mask] >= 3).any()
 
 
+def test_an_unconditional_share_of_samples_gets_no_input_but_full_targets():
+    masker = Masker(RUN, MaskingConfig(input_budget=24, target_budget=24, unconditional_rate=0.25))
+    rng = np.random.default_rng(2)
+    batch = masker.collate([masked(masker, random_sample(rng, RUN), seed) for seed in SEEDS])
+    empty = batch.input_mask.sum(1) == 0
+    assert 0.15 < empty.float().mean() < 0.35  # 200 samples at 25 %
+    assert (batch.input_mask.sum(1)[~empty] == 24).all() and (batch.target_mask.sum(1) == 24).all()
+
+
 def test_a_sample_with_too_few_tokens_is_padded():
     infos = synthetic_maps(2)
     masker = Masker(infos, MaskingConfig(input_budget=12, target_budget=12))

@@ -1,0 +1,70 @@
+"""The held-out token shards (``train.holdout_shards``), row by row with their pseudo-labels and images:
+what ``make sample`` shows and ``make eval`` scores, never what ``make train`` saw."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from four_m.core.config import Config
+from four_m.core.dataset_root import DatasetRoot
+from four_m.core.errors import UserError
+from four_m.tokenize.maps import ADAPTERS
+from four_m.tokenize.sources import read_rows
+from four_m.train.data import Sample, TokenShards
+
+
+class NothingHeldOutError(UserError):
+    """No shard was kept out of training, or none of them has what was asked for."""
+
+
+@dataclass(frozen=True)
+class HeldOutRow:
+    shard: int
+    key: str
+    tokens: Sample
+    """Modality -> its stored ids (None where absent)."""
+
+
+def held_out_rows(config: Config, modalities: Sequence[str], needed: Sequence[str] = ()) -> Iterator[HeldOutRow]:
+    """Rows of the held-out shards, in order, that have tokens for every modality in ``needed``."""
+    holdout = config.train.holdout_shards
+    if holdout < 1:
+        raise NothingHeldOutError(
+            "train.holdout_shards is 0: every token shard was trained on, so nothing is held out to sample or"
+            " evaluate on; set it to 1 or more and retrain"
+        )
+    shards = TokenShards(config.root, modalities, holdout=holdout)
+    for shard in shards.held_out:
+        for key, sample in shards.read(shard):
+            if all(sample[m] is not None for m in needed):
+                yield HeldOutRow(int(shard.name), key, sample)
+
+
+class Labels:
+    """Pseudo-labels and image views of held-out rows by (shard, key), each shard file read once."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.root = DatasetRoot(config.root)
+
+    def value(self, modality: str, row: HeldOutRow) -> Any:
+        """The label as a tokenizer encodes it (None where the labeler failed for that row)."""
+        return self._values(modality, row.shard).get(row.key)
+
+    def view(self, row: HeldOutRow) -> np.ndarray:
+        """The (size, size, 3) uint8 label view of the row's image; grey where it has none."""
+        pixels = self.value("rgb", row)
+        return ADAPTERS["rgb"].render(pixels) if pixels is not None else self.blank()
+
+    def blank(self) -> np.ndarray:
+        return np.full((self.config.label.size, self.config.label.size, 3), 128, np.uint8)
+
+    @cache  # noqa: B019 - one Labels per command; the cache dies with it
+    def _values(self, modality: str, shard: int) -> dict[str, Any]:
+        rows = read_rows(self.root, modality, shard, self.config)
+        return dict(zip(rows.keys, rows.values, strict=True))

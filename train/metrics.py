@@ -1,0 +1,585 @@
+"""RGB -> X evaluation: one metric and one trivial baseline per predicted modality, in numpy.
+
+A trained 4M predicts each modality from rgb; its tokens, decoded by the modality's tokenizer, are
+values in the form of ``tokenize.maps`` and ``tokenize.boxes`` and are compared here with the
+pseudo-labels of a held-out shard. Every metric pools over all samples (pixels, boxes, tokens), so
+updating sample by sample gives the same figures as one sample that holds them all; a figure with
+nothing to average over is NaN.
+
+========  ==========================================  =============================================
+modality  prediction and label of one sample          result keys (each result also has ``samples``)
+========  ==========================================  =============================================
+depth     float (1, H, W): normalised inverse depth   ``abs_rel``, ``delta_1.25`` (of 1 + value)
+normal    float (3, H, W)                             ``angular_error_deg``, ``within_11.25deg``
+semseg    int (H, W) class ids, 255 = no class        ``miou``, ``pixel_accuracy``
+det       list of box dicts (``tokenize.boxes``)      ``map_50``
+caption   1-D token ids, ``[EOS]`` last               ``token_accuracy``
+clip      float (D, G, G) features                    ``cosine``
+========  ==========================================  =============================================
+
+Baselines predict one fixed value for every sample, fitted on labels (say, the training shards):
+they are the floor a model has to beat, as the tokenizer's own reconstruction is its ceiling.
+``results_table`` lays such columns side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
+from types import MappingProxyType
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from four_m.core.errors import UserError
+from four_m.labelers.coco import COCO_PANOPTIC, SEMSEG_IGNORE
+from four_m.tokenize.boxes import CORNERS
+from four_m.tokenize.text import EOS, SPECIAL_TOKENS
+
+EOS_ID = SPECIAL_TOKENS.index(EOS)
+"""``[EOS]`` in the shared text vocabulary: where a caption ends."""
+DEPTH_OFFSET = 1.0
+"""Added to both depth maps before relative errors are taken (see ``DepthMetric``)."""
+DELTA_THRESHOLD = 1.25
+NORMAL_MIN_LENGTH = 0.5
+"""A label normal shorter than this has no direction: the labeler's zero vector is stored as
+mid-grey and reads back about 0.007 long, while a real normal is about 1 long."""
+NORMAL_CLOSE_DEG = 11.25
+DET_IOU = 0.5
+
+
+class MetricInputError(UserError):
+    """A prediction, label or baseline input that cannot be used; the message names the modality and why."""
+
+
+class Metric(Protocol):
+    """Accumulates one modality's figures, one sample at a time."""
+
+    name: str
+
+    def update(self, prediction: Any, label: Any) -> None: ...
+
+    def result(self) -> dict[str, float]:
+        """The figures over every sample so far, and ``samples``: their count."""
+        ...
+
+
+class Baseline(Protocol):
+    """Predicts one fixed value of its modality for every sample, fitted on labels."""
+
+    name: str
+
+    def fit(self, labels: Iterable[Any]) -> None:
+        """Fit on ``labels`` alone (a refit starts over)."""
+        ...
+
+    def predict(self) -> Any: ...
+
+
+# --- checking inputs ---------------------------------------------------------------------------
+
+
+def _float_map(name: str, value: Any, channels: int | None, role: str) -> np.ndarray:
+    """``value`` as a finite float64 (C, H, W) array, C = ``channels`` where given."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim != 3 or (channels is not None and array.shape[0] != channels):
+        wanted = f"({channels}, H, W)" if channels is not None else "(C, H, W)"
+        raise MetricInputError(f"{name}: expected a {wanted} {role}, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise MetricInputError(f"{name}: the {role} has non-finite values")
+    return array
+
+
+def _class_map(name: str, value: Any, classes: int, role: str) -> np.ndarray:
+    """``value`` as an (H, W) integer array of class ids, or ``SEMSEG_IGNORE`` where ``role`` is a label."""
+    array = np.asarray(value)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise MetricInputError(f"{name}: expected an (H, W) integer {role}, got {array.dtype} {array.shape}")
+    bad = (array < 0) | (array >= classes)
+    if role == "label":
+        bad &= array != SEMSEG_IGNORE
+    if bad.any():
+        raise MetricInputError(f"{name}: {role} class ids {np.unique(array[bad])[:5].tolist()} not in [0, {classes})")
+    return array.astype(np.int64)
+
+
+def _same_shape(name: str, prediction: np.ndarray, label: np.ndarray) -> None:
+    if prediction.shape != label.shape:
+        raise MetricInputError(f"{name}: prediction shape {prediction.shape} differs from label shape {label.shape}")
+
+
+def _ids(name: str, value: Any, role: str) -> np.ndarray:
+    """A 1-D integer id array (an empty one of any dtype is fine)."""
+    array = np.asarray(value)
+    if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise MetricInputError(f"{name}: expected 1-D integer token ids as the {role}, got {array.dtype} {array.shape}")
+    return array.astype(np.int64)
+
+
+def _until_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """The ids up to and including the first ``[EOS]``: what a decoder would have stopped at."""
+    ends = np.flatnonzero(ids == eos_id)
+    return ids[: ends[0] + 1] if ends.size else ids
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise MetricInputError(f"det: {what} must be a finite number, got {value!r:.80}")
+    return float(value)
+
+
+def _boxes(boxes: Any, role: str) -> tuple[np.ndarray, list[str], list[float]]:
+    """One image's box dicts -> corners (N, 4), class names, scores (absent or None: 1.0)."""
+    if isinstance(boxes, str | bytes | Mapping) or not isinstance(boxes, Sequence):
+        raise MetricInputError(f"det: expected a list of box dicts as the {role}, got {type(boxes).__name__}")
+    corners, names, scores = [], [], []
+    for box in boxes:
+        if not isinstance(box, Mapping) or not isinstance(box.get("class"), str):
+            raise MetricInputError(f"det: expected box dicts with a class name in the {role}, got {box!r:.80}")
+        corners.append([_number(box.get(key), f"{role} box {key!r}") for key in CORNERS])
+        names.append(box["class"])
+        score = box.get("score")
+        scores.append(1.0 if score is None else _number(score, f"{role} box 'score'"))
+    return np.asarray(corners, dtype=np.float64).reshape(-1, len(CORNERS)), names, scores
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+class _PixelMeans(ABC):
+    """Means of per-pixel quantities over the valid pixels of all samples together."""
+
+    name: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]]
+    channels: ClassVar[int | None]
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._sums = np.zeros(len(self.keys))
+        self._pixels = 0
+
+    def update(self, prediction: Any, label: Any) -> None:
+        predicted = _float_map(self.name, prediction, self.channels, "prediction")
+        truth = _float_map(self.name, label, self.channels, "label")
+        _same_shape(self.name, predicted, truth)
+        quantities = self._per_pixel(predicted, truth)  # (len(keys), valid pixels)
+        self._sums += quantities.sum(axis=1)
+        self._pixels += quantities.shape[1]
+        self.samples += 1
+
+    def result(self) -> dict[str, float]:
+        means = self._sums / self._pixels if self._pixels else np.full(len(self.keys), np.nan)
+        return {**dict(zip(self.keys, means.tolist(), strict=True)), "samples": self.samples}
+
+    @abstractmethod
+    def _per_pixel(self, prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
+        """One sample's (C, H, W) maps -> (len(keys), valid pixels) per-pixel quantities."""
+
+
+class DepthMetric(_PixelMeans):
+    """abs-rel, mean |p - g| / g, and delta, the share of pixels with max(p/g, g/p) < 1.25.
+
+    Labels are relative inverse depth min-max normalised per image to [0, 1] (``labelers.depth``);
+    the model predicts the same normalised map. That normalisation already fixes the scale and
+    shift relative depth leaves open, so nothing is aligned per image: median or least-squares
+    scaling would pardon a prediction for a range the labels pin down. But a normalised map is 0 at
+    its farthest pixel, where abs-rel divides by zero, and near 0 over whole far regions (sky),
+    where a tiny absolute error becomes a huge relative one. So p and g are the values plus 1, as in
+    the depth tokenizer's own metric (``DepthAdapter.metric_sums``): the tokenizer-ceiling figure is
+    the tokenizer's. Read as disparity, 1 + value is a scene whose farthest point is twice as far as
+    its nearest: abs-rel is at most 1 per pixel and delta is lenient (a difference of 0.25 passes
+    at the far end). Every pixel of such a label is valid (g >= 1).
+    """
+
+    name = "depth"
+    keys = ("abs_rel", f"delta_{DELTA_THRESHOLD:g}")
+    channels = 1
+
+    def _per_pixel(self, prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
+        predicted, truth = prediction + DEPTH_OFFSET, label + DEPTH_OFFSET
+        valid = truth > 0
+        predicted, truth = predicted[valid], truth[valid]
+        # Without division: a prediction at or below zero is never within the threshold.
+        within = (predicted > 0) & (np.maximum(predicted, truth) < DELTA_THRESHOLD * np.minimum(predicted, truth))
+        return np.stack([np.abs(predicted - truth) / truth, within])
+
+
+def _cosines(prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """(C, N) vectors -> (N,) cosine similarities; a zero-length vector has cosine 0 with anything."""
+    lengths = np.linalg.norm(prediction, axis=0) * np.linalg.norm(label, axis=0)
+    return np.clip((prediction * label).sum(axis=0) / np.maximum(lengths, 1e-12), -1.0, 1.0)
+
+
+class NormalMetric(_PixelMeans):
+    """Mean angle in degrees between predicted and label normals, and the share under 11.25 degrees.
+
+    Both are normalised first, so only directions count; pixels whose label has no direction
+    (shorter than ``NORMAL_MIN_LENGTH``) are left out.
+    """
+
+    name = "normal"
+    keys = ("angular_error_deg", f"within_{NORMAL_CLOSE_DEG:g}deg")
+    channels = 3
+
+    def _per_pixel(self, prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
+        valid = np.linalg.norm(label, axis=0) > NORMAL_MIN_LENGTH  # (H, W)
+        angles = np.degrees(np.arccos(_cosines(prediction[:, valid], label[:, valid])))
+        return np.stack([angles, angles < NORMAL_CLOSE_DEG])
+
+
+class ClipMetric(_PixelMeans):
+    """Mean cosine similarity of the predicted and label feature vectors at each grid position."""
+
+    name = "clip"
+    keys = ("cosine",)
+    channels = None
+
+    def _per_pixel(self, prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
+        return _cosines(prediction.reshape(len(prediction), -1), label.reshape(len(label), -1))[None]
+
+
+class SemsegMetric:
+    """mIoU and pixel accuracy from one confusion matrix over all samples' labelled pixels.
+
+    The mean runs over the classes seen in the labels or the predictions of the whole set: a
+    class predicted but never labelled counts with IoU 0 (the tokenizer's own metric averages only
+    over labelled classes). Pixels labelled ``SEMSEG_IGNORE`` (no class) are left out.
+    """
+
+    name = "semseg"
+
+    def __init__(self, classes: int = len(COCO_PANOPTIC)) -> None:
+        self.classes = classes
+        self.samples = 0
+        self.confusion = np.zeros((classes, classes), dtype=np.int64)  # [label, prediction]
+
+    def update(self, prediction: Any, label: Any) -> None:
+        predicted = _class_map(self.name, prediction, self.classes, "prediction")
+        truth = _class_map(self.name, label, self.classes, "label")
+        _same_shape(self.name, predicted, truth)
+        labelled = truth != SEMSEG_IGNORE
+        pairs = truth[labelled] * self.classes + predicted[labelled]
+        self.confusion += np.bincount(pairs, minlength=self.classes**2).reshape(self.classes, self.classes)
+        self.samples += 1
+
+    def result(self) -> dict[str, float]:
+        hits = np.diag(self.confusion).astype(np.float64)
+        union = self.confusion.sum(axis=0) + self.confusion.sum(axis=1) - hits
+        seen = union > 0
+        pixels = self.confusion.sum()
+        return {
+            "miou": float((hits[seen] / union[seen]).mean()) if seen.any() else math.nan,
+            "pixel_accuracy": float(hits.sum() / pixels) if pixels else math.nan,
+            "samples": self.samples,
+        }
+
+
+def _iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """(P, 4) and (L, 4) corner boxes -> (P, L) intersection over union; 0 where the union is empty."""
+    low = np.maximum(boxes[:, None, :2], others[None, :, :2])
+    high = np.minimum(boxes[:, None, 2:], others[None, :, 2:])
+    intersection = np.clip(high - low, 0, None).prod(axis=2)
+
+    def area(b: np.ndarray) -> np.ndarray:
+        return np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+
+    union = area(boxes)[:, None] + area(others)[None, :] - intersection
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+def _average_precision(hits: np.ndarray, positives: int) -> float:
+    """All-point interpolated AP of ranked predictions (True: a true positive) against ``positives`` boxes."""
+    true_positives = np.cumsum(hits)
+    precision = true_positives / np.arange(1, len(hits) + 1)
+    recall = true_positives / positives
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
+    return float((np.diff(recall, prepend=0.0) * envelope).sum())
+
+
+class DetMetric:
+    """Box mAP at IoU 0.5: per class, all-point interpolated AP (VOC 2010+ / COCO style), then the mean.
+
+    Within an image, predictions are matched in order of score to the unmatched label box of
+    their class with the highest IoU of at least 0.5 (COCO's greedy matching). A prediction without
+    a score (decoded boxes carry None) counts as 1.0; ties keep the given order, image after
+    image, so unscored predictions are ranked as they come. Label boxes' scores are ignored.
+    Classes without label boxes are left out of the mean; with no label box at all, ``map_50``
+    is NaN.
+    """
+
+    name = "det"
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._positives: Counter[str] = Counter()
+        self._ranked: list[tuple[str, float, int, bool]] = []  # class, score, arrival, true positive
+
+    def update(self, prediction: Any, label: Any) -> None:
+        boxes, names, scores = _boxes(prediction, "prediction")
+        label_boxes, label_names, _ = _boxes(label, "label")
+        self._positives.update(label_names)
+        overlaps = _iou(boxes, label_boxes)  # (P, L)
+        same_class = np.asarray([[n == m for m in label_names] for n in names], dtype=bool).reshape(overlaps.shape)
+        candidates = np.where(same_class & (overlaps >= DET_IOU), overlaps, -1.0)
+        for i in sorted(range(len(names)), key=lambda i: -scores[i]):  # stable: ties keep the given order
+            best = int(candidates[i].argmax()) if label_names else -1
+            hit = best >= 0 and candidates[i, best] >= 0
+            if hit:
+                candidates[:, best] = -1.0  # matched: no other prediction can take it
+            self._ranked.append((names[i], scores[i], len(self._ranked), hit))
+        self.samples += 1
+
+    def result(self) -> dict[str, float]:
+        ranked = sorted(self._ranked, key=lambda r: (-r[1], r[2]))
+        precisions = [
+            _average_precision(np.asarray([hit for name, _, _, hit in ranked if name == cls], dtype=bool), count)
+            for cls, count in self._positives.items()
+        ]
+        return {"map_50": float(np.mean(precisions)) if precisions else math.nan, "samples": self.samples}
+
+
+class CaptionMetric:
+    """Token accuracy: position-wise equal ids over the label's length, ``[EOS]`` included.
+
+    Both sides end at their first ``[EOS]`` (what follows it is not part of the caption, so it can
+    neither score nor hide); a prediction shorter than the label misses the rest.
+    """
+
+    name = "caption"
+
+    def __init__(self, eos_id: int = EOS_ID) -> None:
+        self.eos_id = eos_id
+        self.samples = 0
+        self._correct = 0
+        self._tokens = 0
+
+    def update(self, prediction: Any, label: Any) -> None:
+        predicted = _until_eos(_ids(self.name, prediction, "prediction"), self.eos_id)
+        truth = _until_eos(_ids(self.name, label, "label"), self.eos_id)
+        shared = min(len(predicted), len(truth))
+        self._correct += int((predicted[:shared] == truth[:shared]).sum())
+        self._tokens += len(truth)
+        self.samples += 1
+
+    def result(self) -> dict[str, float]:
+        accuracy = self._correct / self._tokens if self._tokens else math.nan
+        return {"token_accuracy": accuracy, "samples": self.samples}
+
+
+METRICS: Mapping[str, type[Metric]] = MappingProxyType(
+    {m.name: m for m in (DepthMetric, NormalMetric, SemsegMetric, DetMetric, CaptionMetric, ClipMetric)}
+)
+"""Predicted modality -> its metric class; ``METRICS[name]()`` starts an empty accumulator."""
+
+
+# --- baselines ---------------------------------------------------------------------------------
+
+
+def _unfitted(name: str) -> MetricInputError:
+    return MetricInputError(f"{name}: the baseline has seen no labels; fit it on at least one")
+
+
+class _MeanMapBaseline:
+    """The per-pixel mean of the labels' valid pixels: the best constant map in squared error."""
+
+    name: ClassVar[str]
+    channels: ClassVar[int | None]
+
+    def __init__(self) -> None:
+        self._sum: np.ndarray | None = None  # (C, H, W)
+        self._count: np.ndarray | None = None  # (H, W) valid labels per pixel
+
+    def fit(self, labels: Iterable[Any]) -> None:
+        self._sum = self._count = None
+        for label in labels:
+            value = _float_map(self.name, label, self.channels, "label")
+            if self._sum is None:
+                self._sum, self._count = np.zeros_like(value), np.zeros(value.shape[1:])
+            _same_shape(self.name, value, self._sum)
+            valid = self._valid(value)
+            self._sum += np.where(valid, value, 0.0)
+            self._count += valid
+
+    def predict(self) -> np.ndarray:
+        if self._sum is None:
+            raise _unfitted(self.name)
+        return (self._sum / np.maximum(self._count, 1)).astype(np.float32)
+
+    def _valid(self, label: np.ndarray) -> np.ndarray:
+        return np.ones(label.shape[1:], dtype=bool)
+
+
+class DepthBaseline(_MeanMapBaseline):
+    name = "depth"
+    channels = 1
+
+
+class ClipBaseline(_MeanMapBaseline):
+    name = "clip"
+    channels = None
+
+
+class NormalBaseline(_MeanMapBaseline):
+    """The per-pixel mean direction: the mean of the labels with a direction, normalised."""
+
+    name = "normal"
+    channels = 3
+
+    def predict(self) -> np.ndarray:
+        mean = super().predict()
+        return mean / np.maximum(np.linalg.norm(mean, axis=0), 1e-12)
+
+    def _valid(self, label: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(label, axis=0) > NORMAL_MIN_LENGTH
+
+
+class SemsegBaseline:
+    """The per-pixel most frequent labelled class; pixels never labelled get the overall most frequent one."""
+
+    name = "semseg"
+
+    def __init__(self, classes: int = len(COCO_PANOPTIC)) -> None:
+        self.classes = classes
+        self._counts: np.ndarray | None = None  # (classes, H, W)
+
+    def fit(self, labels: Iterable[Any]) -> None:
+        self._counts = None
+        for label in labels:
+            value = _class_map(self.name, label, self.classes, "label")
+            if self._counts is None:
+                self._counts = np.zeros((self.classes, *value.shape), dtype=np.int64)
+            _same_shape(self.name, value, self._counts[0])
+            rows, columns = np.nonzero(value != SEMSEG_IGNORE)
+            self._counts[value[rows, columns], rows, columns] += 1  # each pixel once: no repeated index
+
+    def predict(self) -> np.ndarray:
+        if self._counts is None:
+            raise _unfitted(self.name)
+        overall = self._counts.sum(axis=(1, 2))
+        if not overall.any():
+            raise MetricInputError(f"{self.name}: the labels have no labelled pixel to fit the baseline on")
+        return np.where(self._counts.any(axis=0), self._counts.argmax(axis=0), overall.argmax())
+
+
+class DetBaseline:
+    """One box: the most frequent label class, at the mean corners of that class's label boxes, score 1.
+
+    Predicting no boxes would score 0 by construction and say nothing; this box is what the labels
+    alone suggest. Labels without any box give no boxes.
+    """
+
+    name = "det"
+
+    def __init__(self) -> None:
+        self._boxes: dict[str, list[np.ndarray]] | None = None
+
+    def fit(self, labels: Iterable[Any]) -> None:
+        boxes: dict[str, list[np.ndarray]] = {}
+        samples = 0
+        for label in labels:
+            corners, names, _ = _boxes(label, "label")
+            for box, name in zip(corners, names, strict=True):
+                boxes.setdefault(name, []).append(box)
+            samples += 1
+        self._boxes = boxes if samples else None
+
+    def predict(self) -> list[dict[str, Any]]:
+        if self._boxes is None:
+            raise _unfitted(self.name)
+        if not self._boxes:
+            return []
+        # Ties go to the class seen first.
+        name = max(self._boxes, key=lambda n: len(self._boxes[n]))
+        mean = np.mean(self._boxes[name], axis=0)
+        return [{**dict(zip(CORNERS, mean.tolist(), strict=True)), "class": name, "score": 1.0}]
+
+
+class CaptionBaseline:
+    """At each position, the most frequent label token among the labels that reach it, to the first ``[EOS]``.
+
+    Labels that ended earlier do not vote, and ``[EOS]`` is a token like any other, so the
+    sequence ends where most captions still running end there. Ties go to the smaller id. A single
+    most frequent caption would be no baseline: real captions are almost all distinct.
+    """
+
+    name = "caption"
+
+    def __init__(self, eos_id: int = EOS_ID) -> None:
+        self.eos_id = eos_id
+        self._votes: list[Counter[int]] | None = None  # one per position
+
+    def fit(self, labels: Iterable[Any]) -> None:
+        votes: list[Counter[int]] = []
+        samples = 0
+        for label in labels:
+            ids = _until_eos(_ids(self.name, label, "label"), self.eos_id).tolist()
+            votes.extend(Counter() for _ in range(len(ids) - len(votes)))
+            for position, token in enumerate(ids):
+                votes[position][token] += 1
+            samples += 1
+        self._votes = votes if samples else None
+
+    def predict(self) -> np.ndarray:
+        if self._votes is None:
+            raise _unfitted(self.name)
+        ids = []
+        for votes in self._votes:
+            ids.append(min(votes, key=lambda token: (-votes[token], token)))
+            if ids[-1] == self.eos_id:
+                break
+        else:
+            ids.append(self.eos_id)  # every caption ends with [EOS], even one no label ran past
+        return np.asarray(ids, dtype=np.int64)
+
+
+BASELINES: Mapping[str, type[Baseline]] = MappingProxyType(
+    {b.name: b for b in (DepthBaseline, NormalBaseline, SemsegBaseline, DetBaseline, CaptionBaseline, ClipBaseline)}
+)
+"""Predicted modality -> its baseline class; ``BASELINES[name]()`` is unfitted."""
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def _cell(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "n/a"
+    return str(int(value)) if metric == "samples" else f"{value:.4g}"
+
+
+def _json_number(value: float, metric: str) -> float | int | None:
+    return None if math.isnan(value) else int(value) if metric == "samples" else value
+
+
+def results_table(columns: Mapping[str, Mapping[str, Mapping[str, float]]]) -> tuple[str, dict[str, Any]]:
+    """Columns of results side by side: a Markdown table and the same figures as JSON-ready data.
+
+    Args:
+        columns: column name (say ``baseline``, ``model``, ``tokenizer ceiling``) -> modality ->
+            that modality's ``result()``.
+
+    Returns:
+        The table, one row per modality and metric in the order first seen, "-" where a column has
+        no such figure and "n/a" where it is NaN; and ``{"columns": [...], "results": {modality:
+        {metric: {column: value}}}}`` with NaN as None (JSON has no NaN).
+    """
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    for column, modalities in columns.items():
+        for modality, result in modalities.items():
+            for metric, value in result.items():
+                figures.setdefault(modality, {}).setdefault(metric, {})[column] = float(value)
+    names = list(columns)
+    lines = ["| " + " | ".join(["modality", "metric", *names]) + " |", "|" + "---|" * (len(names) + 2)]
+    for modality, metrics in figures.items():
+        for metric, cells in metrics.items():
+            lines.append("| " + " | ".join([modality, metric, *(_cell(cells.get(c), metric) for c in names)]) + " |")
+    results = {
+        modality: {metric: {c: _json_number(v, metric) for c, v in cells.items()} for metric, cells in metrics.items()}
+        for modality, metrics in figures.items()
+    }
+    return "\n".join(lines) + "\n", {"columns": names, "results": results}

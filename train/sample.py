@@ -1,0 +1,156 @@
+"""``make sample FROM=rgb TO=depth,normal,...``: a trained 4M predicts modalities from others, and a
+PNG grid shows, per row, the inputs | each target's pseudo-label | its prediction.
+
+Rows come from the held-out token shards (never trained on), or from an image and/or caption the
+user passes (``IMAGE=``, ``CAPTION=``), tokenized on the fly by the run's own tokenizers; such a
+row has no pseudo-label. Targets are generated in order and chained: each joins the conditioning
+of the next, as ``generate.targets`` documents. Every generated token sequence goes back through
+its tokenizer's decoder and the renderers of ``make preview-tokens``, so depth is colour-mapped,
+normals are RGB, semseg has the palette, boxes are drawn on the image and captions are text.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from four_m.core.config import Config, GenerateConfig
+from four_m.core.dataset_root import atomic_path
+from four_m.core.errors import UserError
+from four_m.tokenize.maps import configured
+from four_m.tokenize.preview import HEADER, render_value, text_tile
+from four_m.train.generate import Decoding, Generator
+from four_m.train.held_out import Labels, held_out_rows
+from four_m.train.trained import TrainedRun, load_trained
+
+NO_LABEL = "no pseudo-label: a user input"
+
+
+class SampleInputError(UserError):
+    """A user image or caption that cannot be tokenized, or FROM/TO that do not fit the run."""
+
+
+@dataclass
+class SampleRows:
+    """What the grid shows besides the predictions, one entry per row."""
+
+    given: dict[str, list[np.ndarray | None]]
+    """Modality -> ids the model is shown."""
+    shown: dict[str, list[Any]]
+    """Modality -> the value to draw for a given modality or a target's pseudo-label (None: none)."""
+    views: list[np.ndarray]
+    """The row's image view, for drawing boxes on."""
+
+
+def write_samples(config: Config, image: Path | None = None, caption: str | None = None) -> Path:
+    """Generate and write ``runs/<run>/samples/<from>-to-<to>.png``; returns its path."""
+    run = load_trained(config)
+    given, targets = plan(config.generate, run)
+    user = image is not None or caption is not None
+    rows = user_rows(config, run, given, image, caption) if user else held_out_sample_rows(config, run, given, targets)
+    predicted = Generator(run.model).generate(
+        rows.given, [(t, decoding(config.generate)) for t in targets], seed=config.generate.seed
+    )
+    decoded = {t: run.tokenizers[t].decode(predicted[t]) for t in targets}
+    grid = draw_grid(config.label.size, given, targets, rows, decoded)
+    out = run.directory / f"samples/{'+'.join(given)}-to-{'+'.join(targets)}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as temp:
+        grid.save(temp, format="PNG")
+    return out
+
+
+def plan(cfg: GenerateConfig, run: TrainedRun) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(given, targets) checked against the run's modalities; no targets means every other one."""
+    targets = cfg.targets or tuple(m for m in run.modalities if m not in cfg.given)
+    unknown = sorted((set(cfg.given) | set(targets)) - set(run.modalities))
+    if unknown:
+        raise SampleInputError(f"run {run.directory.name} has no {unknown}; it knows {', '.join(run.modalities)}")
+    if not targets:
+        raise SampleInputError(f"nothing to generate: generate.given covers all of {', '.join(run.modalities)}")
+    return cfg.given, targets
+
+
+def decoding(cfg: GenerateConfig, temperature: float | None = None) -> Decoding:
+    """The generate section as one target's decoding (``temperature`` overrides the section's)."""
+    return Decoding(
+        steps=cfg.steps,
+        order=cfg.order,
+        schedule=cfg.schedule,
+        temperature=cfg.temperature if temperature is None else temperature,
+        temperature_schedule=cfg.temperature_schedule,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        guidance=cfg.guidance,
+        max_tokens=cfg.max_tokens or None,
+    )
+
+
+def held_out_sample_rows(
+    config: Config, run: TrainedRun, given: tuple[str, ...], targets: tuple[str, ...]
+) -> SampleRows:
+    """The first ``generate.samples`` held-out rows that have tokens for every given modality."""
+    chosen = list(itertools.islice(held_out_rows(config, run.modalities, needed=given), config.generate.samples))
+    if not chosen:
+        raise SampleInputError(f"no held-out row has tokens for all of {', '.join(given)}")
+    labels = Labels(config)
+    return SampleRows(
+        given={m: [row.tokens[m] for row in chosen] for m in given},
+        shown={m: [labels.value(m, row) for row in chosen] for m in (*given, *targets)},
+        views=[labels.view(row) for row in chosen],
+    )
+
+
+def user_rows(
+    config: Config, run: TrainedRun, given: tuple[str, ...], image: Path | None, caption: str | None
+) -> SampleRows:
+    """One row from the user's image and/or caption, tokenized here by the run's tokenizers."""
+    supplied: dict[str, Any] = {}
+    if image is not None:
+        try:
+            supplied["rgb"] = configured("rgb", config.label.size, {}).parse(Path(image).read_bytes())
+        except (OSError, ValueError) as err:
+            raise SampleInputError(f"cannot use image {image}: {err}") from None
+    if caption is not None:
+        supplied["caption"] = caption
+    missing = sorted(set(given) - set(supplied))
+    if missing:
+        raise SampleInputError(
+            f"generate.given is {', '.join(given)}, but only {', '.join(supplied)} was supplied (IMAGE= is rgb,"
+            " CAPTION= is caption): set FROM to what you pass"
+        )
+    ids = {m: run.tokenizers[m].encode([supplied[m]]) for m in given}
+    view = configured("rgb", config.label.size, {}).render(supplied["rgb"]) if "rgb" in supplied else None
+    return SampleRows(
+        given={m: list(ids[m]) for m in given},
+        shown={m: [supplied.get(m)] for m in given},
+        views=[view if view is not None else np.full((config.label.size,) * 2 + (3,), 128, np.uint8)],
+    )
+
+
+def draw_grid(
+    size: int,
+    given: tuple[str, ...],
+    targets: tuple[str, ...],
+    rows: SampleRows,
+    decoded: dict[str, list[Any]],
+) -> Image.Image:
+    """Columns: each given modality, then per target its pseudo-label and the prediction."""
+    columns = [(f"{m} (given)", rows.shown[m]) for m in given]
+    for t in targets:
+        labels = rows.shown.get(t, [NO_LABEL] * len(rows.views))
+        columns += [(f"{t} pseudo-label", labels), (f"{t} predicted", decoded[t])]
+    kinds = [*given, *(t for t in targets for _ in range(2))]
+    grid = Image.new("RGB", (len(columns) * size, HEADER + len(rows.views) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, ((title, values), modality) in enumerate(zip(columns, kinds, strict=True)):
+        draw.text((c * size + 4, 3), title, fill=(0, 0, 0))
+        for r, (value, view) in enumerate(zip(values, rows.views, strict=True)):
+            tile = text_tile(NO_LABEL, size) if value is NO_LABEL else render_value(modality, value, view, size)
+            grid.paste(Image.fromarray(tile), (c * size, HEADER + r * size))
+    return grid
