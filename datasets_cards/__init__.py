@@ -1,1 +1,1 @@
-"""Dataset cards generated from each run's statistics: a later stage."""
+"""Dataset cards generated from a run's statistics (``make card``): stats -> plots -> README.md."""

@@ -43,6 +43,9 @@ def _write(tmp_path: Path, data: dict) -> Path:
         ({"verify_checksums": 1}, "verify_checksums: expected bool"),
         ({"download": {"allowed_schemes": "http"}}, "download.allowed_schemes: expected a list"),
         ({"ray": 3}, "ray: expected a mapping"),
+        ({"card": {"model_licenses": ["apache-2.0"]}}, "card.model_licenses: expected a mapping"),
+        ({"card": {"model_licenses": {"m": 2}}}, "card.model_licenses.m: expected str"),
+        ({"card": {"license": "other"}}, "card.license_name: needed with license: other"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):

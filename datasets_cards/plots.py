@@ -1,0 +1,165 @@
+"""The card's pictures: plots drawn from the statistics, and small copies of the root's own images.
+
+Everything the card embeds is written under ``<root>/card/``, so ``README.md`` and ``card/``
+render anywhere together (the committed sample card too): plots (matplotlib, Agg) drawn only from
+``DatasetStats``, downscaled preview grids, and the training runs' loss curves. A plot without data
+(no boxes found, say) is not drawn; the card says why in words.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image
+
+from four_m.core.dataset_root import DatasetRoot, atomic_path
+from four_m.datasets_cards.stats import DatasetStats
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+
+FOLDER = "card"
+TOP_CLASSES = 20
+PREVIEW_WIDTH = 720
+"""Preview grids are 1.5-3k px photo mosaics; this width keeps a copy readable and about 0.5 MB."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: str
+    """Relative to the root: how README.md links it."""
+    caption: str
+
+
+def write_figures(stats: DatasetStats, root: DatasetRoot) -> dict[str, Figure]:
+    """Draw and copy every picture the card shows into ``<root>/card/``; keyed by what it shows.
+
+    Pictures left there by an earlier card that this one does not show are removed.
+    """
+    folder = root / FOLDER
+    figures: dict[str, Figure] = {}
+    for key, (draw, caption) in PLOTS.items():
+        figure = draw(stats)
+        if figure is not None:
+            figures[key] = Figure(_save_plot(figure, folder / f"{key}.png", root), caption)
+    for preview in stats.previews:
+        name = Path(preview).stem
+        figures[f"preview_{name}"] = Figure(
+            _save_thumbnail(root / preview, folder / f"preview_{name}.png", root), f"{preview}, downscaled"
+        )
+    for run in stats.runs:
+        curve = root / f"runs/{run.name}/loss.png"
+        if curve.is_file():
+            with atomic_path(folder / f"loss_{run.name}.png") as temp:
+                shutil.copyfile(curve, temp)
+            figures[f"loss_{run.name}"] = Figure(f"{FOLDER}/loss_{run.name}.png", f"runs/{run.name}: training loss")
+    kept = {root / f.path for f in figures.values()}
+    for stale in folder.glob("*.png"):
+        if stale not in kept:
+            stale.unlink()
+    return figures
+
+
+def _save_plot(figure: plt.Figure, final: Path, root: DatasetRoot) -> str:
+    figure.tight_layout()
+    with atomic_path(final) as temp:
+        figure.savefig(temp, format="png")
+    plt.close(figure)
+    return str(final.relative_to(root.path))
+
+
+def _save_thumbnail(source: Path, final: Path, root: DatasetRoot) -> str:
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        image.thumbnail((PREVIEW_WIDTH, PREVIEW_WIDTH * 4))
+        with atomic_path(final) as temp:
+            image.quantize(256).save(temp, format="PNG", optimize=True)  # a palette: a third of the bytes
+    return str(final.relative_to(root.path))
+
+
+def _bars(names: list[str], values: list[float], xlabel: str, title: str) -> plt.Figure:
+    figure, axis = plt.subplots(figsize=(6, 0.25 * len(names) + 1.2), dpi=100)
+    axis.barh(names[::-1], values[::-1], color="#4c72b0")
+    axis.set_xlabel(xlabel)
+    axis.set_title(title, fontsize=10)
+    axis.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def _det_classes(stats: DatasetStats) -> plt.Figure | None:
+    det = stats.labels.get("det")
+    if det is None or not det.details.get("boxes"):
+        return None
+    top = list(det.details["class_boxes"].items())[:TOP_CLASSES]
+    return _bars([n for n, _ in top], [v for _, v in top], "boxes", f"det: boxes per class ({det.sampled_rows} images)")
+
+
+def _semseg_classes(stats: DatasetStats) -> plt.Figure | None:
+    semseg = stats.labels.get("semseg")
+    if semseg is None or not semseg.details.get("class_pixel_share"):
+        return None
+    top = list(semseg.details["class_pixel_share"].items())[:TOP_CLASSES]
+    title = f"semseg: share of pixels per class ({semseg.sampled_rows} images)"
+    return _bars([n for n, _ in top], [100 * v for _, v in top], "% of pixels", title)
+
+
+def _depth_values(stats: DatasetStats) -> plt.Figure | None:
+    depth = stats.labels.get("depth")
+    if depth is None or not depth.sampled_rows:
+        return None
+    counts = np.asarray(depth.details["normalised_histogram"], np.float64)
+    edges = np.linspace(0, 1, depth.details["bins"] + 1)
+    figure, axis = plt.subplots(figsize=(6, 3), dpi=100)
+    axis.bar(edges[:-1], counts / counts.sum(), width=np.diff(edges), align="edge", color="#55a868", edgecolor="white")
+    axis.set_xlabel("stored value (per-image min..max of relative inverse depth -> 0..1)")
+    axis.set_ylabel("share of pixels")
+    axis.set_title(f"depth: value histogram ({depth.sampled_rows} images)", fontsize=10)
+    return figure
+
+
+def _caption_lengths(stats: DatasetStats) -> plt.Figure | None:
+    caption = stats.labels.get("caption")
+    if caption is None or not caption.sampled_rows:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3), dpi=100)
+    for name, label in (("caption", "generated captions"), ("alt_text", "alt-texts")):
+        histogram = caption.details["words"][name]["histogram"]
+        axis.bar([int(k) for k in histogram], list(histogram.values()), alpha=0.6, label=label)
+    axis.set_xlabel("words per caption")
+    axis.set_ylabel("captions")
+    axis.legend()
+    axis.set_title(f"caption lengths ({caption.sampled_rows} labelled images)", fontsize=10)
+    return figure
+
+
+def _codebook_usage(stats: DatasetStats) -> plt.Figure | None:
+    trained = {m: s.metrics.get("codebook_usage", 0.0) for m, s in stats.tokenizers.items() if s is not None}
+    stored = {m: s.ids_used for m, s in stats.tokens.items() if s is not None}
+    names = list(dict.fromkeys([*trained, *stored]))
+    if not names:
+        return None
+    x = np.arange(len(names))
+    figure, axis = plt.subplots(figsize=(6, 3), dpi=100)
+    axis.bar(x - 0.2, [trained.get(m, 0.0) for m in names], 0.4, label="training batches (trained.json)")
+    axis.bar(x + 0.2, [stored.get(m, 0.0) for m in names], 0.4, label="stored tokens (ids used / vocabulary)")
+    axis.set_xticks(x, names)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("share of the vocabulary")
+    axis.legend(fontsize=8)
+    axis.set_title("codebook usage", fontsize=10)
+    return figure
+
+
+PLOTS: dict[str, tuple[Callable[[DatasetStats], plt.Figure | None], str]] = {
+    "det_classes": (_det_classes, "Boxes per class (most frequent classes)"),
+    "semseg_classes": (_semseg_classes, "Share of pixels per class (most frequent classes)"),
+    "depth_values": (_depth_values, "Depth: histogram of the stored, per-image normalised values"),
+    "caption_lengths": (_caption_lengths, "Words per generated caption and per alt-text"),
+    "codebook_usage": (_codebook_usage, "Share of each vocabulary in use: while training, and in the stored tokens"),
+}
+"""Plot key -> (draw from the stats or return None, caption)."""
