@@ -77,6 +77,9 @@ class ShardMarker:
     files: tuple[FileDigest, ...]
     config_hash: str
     finished_at: float
+    inputs: tuple[FileDigest, ...] = ()
+    """The upstream files the shard was made from, as their own stage's marker recorded them: when
+    an upstream shard is remade (a download retried), this shard is no longer done."""
 
 
 class DatasetRoot:
@@ -110,16 +113,18 @@ class StageState:
         try:
             raw = json.loads(self.marker_path(shard).read_text())
             files = tuple(FileDigest(**f) for f in raw.pop("files"))
-            return ShardMarker(files=files, **raw)
+            inputs = tuple(FileDigest(**f) for f in raw.pop("inputs", ()))
+            return ShardMarker(files=files, inputs=inputs, **raw)
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError):
             return None  # a marker that does not parse is not trusted: the shard is redone
 
-    def is_done(self, shard: int, verify_checksums: bool) -> bool:
-        """True only if the marker exists and every file it lists is intact."""
+    def is_done(self, shard: int, verify_checksums: bool, inputs: tuple[FileDigest, ...] | None = None) -> bool:
+        """True only if the marker exists, every file it lists is intact and, when ``inputs`` is
+        given, the shard was made from exactly those upstream files."""
         marker = self.read_marker(shard)
-        if marker is None:
+        if marker is None or (inputs is not None and marker.inputs != inputs):
             return False
         for digest in marker.files:
             file = self.root / digest.path
@@ -129,17 +134,33 @@ class StageState:
                 return False
         return True
 
-    def mark_done(self, shard: int, rows: int, files: list[Path], config_hash: str) -> ShardMarker:
-        """Record a finished shard; call only after every file in ``files`` is in its final place."""
+    def mark_done(
+        self, shard: int, rows: int, files: list[Path], config_hash: str, inputs: tuple[FileDigest, ...] = ()
+    ) -> ShardMarker:
+        """Record a finished shard; call only after every file in ``files`` is in its final place.
+
+        ``inputs``: the upstream digests it was made from (see ``recorded``), for ``is_done``.
+        """
         marker = ShardMarker(
             shard=shard,
             rows=rows,
             files=tuple(self.root.digest(f) for f in files),
             config_hash=config_hash,
             finished_at=time.time(),
+            inputs=inputs,
         )
         write_text_atomic(self.marker_path(shard), json.dumps(asdict(marker), indent=1))
         return marker
+
+    def recorded(self, shard: int, file: Path) -> FileDigest | None:
+        """The digest this stage's marker holds for one of the shard's files (None: not finished).
+
+        Read from the marker, not the file: a later stage compares it with what it recorded
+        without re-hashing large shards on every run.
+        """
+        marker = self.read_marker(shard)
+        relative = str(file.relative_to(self.root.path))
+        return next((f for f in marker.files if f.path == relative), None) if marker else None
 
     def stale_shards(self, shards: list[int], config_hash: str) -> list[int]:
         """Finished shards that were made with another config of this stage."""

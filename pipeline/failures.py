@@ -8,12 +8,14 @@ import re
 
 UNSUPPORTED_SCHEME = "unsupported_scheme"
 EMPTY_URL = "empty_url"
+INVALID_URL = "invalid_url"
 
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (reason, re.compile(pattern, re.IGNORECASE))
     for reason, pattern in (
         (UNSUPPORTED_SCHEME, r"^unsupported url scheme"),
         (EMPTY_URL, r"^empty url"),
+        (INVALID_URL, r"^invalid url"),
         ("timeout", r"timed out|timeout"),
         ("http_{0}", r"HTTP Error (\d{3})"),
         ("disallowed_by_robots", r"X-Robots-Tag"),

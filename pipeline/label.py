@@ -5,8 +5,10 @@ image once and cuts its views (``pipeline.views``), then one actor pool per labe
 concurrency, CPU and GPU share from config) adds that labeler's columns. Execution preserves
 order, so the driver receives rows in ``images/`` order, streams each labeler's columns into that
 shard's file under a temporary name, and renames it and writes its marker once the shard's last
-row has arrived. Markers are per labeler and shard (``_state/label/<modality>/``): a rerun, or
-``--only depth,det``, redoes exactly what is missing and never touches the other folders.
+row has arrived. Markers are per labeler and shard (``_state/label/<modality>/``) and record the
+digest of the ``images/`` shard they were made from: a rerun, or ``--only depth,det``, redoes
+exactly what is missing or was made from images that changed since (a retried download), and
+never touches the other folders.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from four_m import __version__
 from four_m.core.config import Config, shaping_hash
-from four_m.core.dataset_root import DatasetRoot, clear_temporaries, shard_name, write_text_atomic
+from four_m.core.dataset_root import DatasetRoot, FileDigest, clear_temporaries, shard_name, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.labelers.base import Labeler
 from four_m.labelers.registry import LABELERS
@@ -163,7 +165,8 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
     if unknown:
         raise LabelStageError(f"unknown labelers {unknown}; known: {', '.join(LABELERS)}")
     labelers = {n: LABELERS[n](config.label.labeler(n), config.label.size, root / f"_models/{n}") for n in names}
-    shards = _downloaded_shards(root)
+    inputs = _downloaded_shards(root)
+    shards = sorted(inputs)
     states = {n: root.stage(f"{STAGE}/{n}") for n in names}
     hashes = {n: shaping_hash(config.label.size, config.label.labeler(n)) for n in names}
     for n in names:
@@ -174,10 +177,11 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
                 f"use a new root or delete labels/{n}/ and _state/label/{n}/"
             )
     summary = LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init])
-    pending = {n: [s for s in shards if not states[n].is_done(s, config.verify_checksums)] for n in names}
+    pending = {n: [s for s in shards if not states[n].is_done(s, config.verify_checksums, inputs[s])] for n in names}
     for n in names:
         summary.shards_skipped[n] = len(shards) - len(pending[n])
-        clear_temporaries(root / f"labels/{n}")
+        for folder in (root / f"labels/{n}", states[n].folder):
+            clear_temporaries(folder)
         states[n].write_run_config(config.to_yaml())
     todo = sorted({s for p in pending.values() for s in p})
     if todo:
@@ -190,22 +194,28 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
                 chunk = todo[start : start + config.label.shards_per_run]
                 work = {n: set(pending[n]) & set(chunk) for n in names}
                 active = [n for n in names if work[n]]
-                _run_chunk(root, config, chunk, {n: labelers[n] for n in active}, work, states, hashes, summary)
+                chosen = {n: labelers[n] for n in active}
+                _run_chunk(root, config, chunk, chosen, work, states, hashes, inputs, summary)
     summary.seconds = time.perf_counter() - started
     write_text_atomic(root / f"_state/{STAGE}/summary.json", json.dumps(_summary_dict(summary), indent=1))
     return summary
 
 
-def _downloaded_shards(root: DatasetRoot) -> list[int]:
+def _downloaded_shards(root: DatasetRoot) -> dict[int, tuple[FileDigest, ...]]:
+    """Finished download shards, each with the digest of its images/ file (a label shard's input)."""
     download = root.stage("download")
     shards = sorted(int(p.name.split(".")[0]) for p in download.folder.glob("*.done.json"))
-    shards = [s for s in shards if download.is_done(s, verify_checksums=False)]
-    if not shards:
+    inputs = {
+        s: (download.recorded(s, root / f"images/{shard_name(s)}.parquet"),)
+        for s in shards
+        if download.is_done(s, verify_checksums=False)
+    }
+    if not inputs:
         raise LabelStageError(f"no finished download shards under {root.path}: run the download stage first")
-    return shards
+    return inputs
 
 
-def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, hashes, summary) -> None:
+def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, hashes, inputs, summary) -> None:
     """Label one chunk of shards in one Ray Data execution; ``work`` = shards to write per labeler."""
     files = [str(root / f"images/{shard_name(s)}.parquet") for s in chunk]
     expected = {s: pq.ParquetFile(f).metadata.num_rows for f, s in zip(files, chunk, strict=True)}
@@ -247,11 +257,12 @@ def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, 
                     sink.write(_modality_table(part, name, schemas[name]))
             seen[shard] += length
             if seen[shard] == expected[shard]:
-                _finish_shard(root, shard, labelers, states, hashes, sinks, summary)
+                _finish_shard(root, shard, labelers, states, hashes, inputs[shard], sinks, summary)
 
 
 def _check_resources(config: Config, pools: list[list[str]]) -> None:
-    """Fail now, not hang later: actor pools that hold every CPU starve the read tasks (ray #44687)."""
+    """Fail now, not hang later: actor pools that hold every CPU starve the read tasks (ray #44687), and
+    an actor larger than every node is never placed (an autoscaler's future nodes are not counted)."""
     settings = [config.label.pool_settings(pool) for pool in pools]
     cpus = sum(s.num_cpus * s.concurrency for s in settings) + 2 * TASK_CPUS
     gpus = sum(s.num_gpus * s.concurrency for s in settings)
@@ -262,6 +273,14 @@ def _check_resources(config: Config, pools: list[list[str]]) -> None:
             f" Ray cluster has {have.get('CPU', 0):g} and {have.get('GPU', 0):g}: lower label.<name>.num_cpus,"
             " num_gpus or concurrency, or group labelers into one pool with label.actor_groups"
         )
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    for pool, need in zip(pools, settings, strict=True):
+        if not any(n.get("CPU", 0) >= need.num_cpus and n.get("GPU", 0) >= need.num_gpus for n in nodes):
+            raise LabelStageError(
+                f"an actor of the labeler pool {pool} needs {need.num_cpus:g} CPUs and {need.num_gpus:g} GPUs on one"
+                " node, but no node of the Ray cluster has that much: lower label.<name>.num_cpus or num_gpus, or"
+                " split the pool (label.actor_groups)"
+            )
 
 
 def read_images(batch: pa.Table):
@@ -303,7 +322,7 @@ def _file_schema(labeler: Labeler, config: Config, config_hash: str) -> pa.Schem
     return pa.schema(fields, metadata={f"four_m.{k}": v for k, v in provenance.items()})
 
 
-def _finish_shard(root, shard, labelers, states, hashes, sinks, summary) -> None:
+def _finish_shard(root, shard, labelers, states, hashes, inputs, sinks, summary) -> None:
     image_keys = pq.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"]
     for name in labelers:
         sink = sinks.pop((name, shard), None)
@@ -319,7 +338,7 @@ def _finish_shard(root, shard, labelers, states, hashes, sinks, summary) -> None
         summary.labelled[name] += written.num_rows - len(errors)
         summary.failures.setdefault(name, Counter()).update(failure_reason(e) for e in errors)
         summary.shards_done[name] += 1
-        states[name].mark_done(shard, written.num_rows, [sink.final], hashes[name])
+        states[name].mark_done(shard, written.num_rows, [sink.final], hashes[name], inputs)
 
 
 def _summary_dict(summary: LabelSummary) -> dict:

@@ -3,8 +3,10 @@
 Shards flow through an actor pool (``map_batches``, one shard per call) whose actors load every
 trained tokenizer once and run ``tokenize.shard.tokenize_shard``; files are written atomically by
 the actors, and the driver checks each file's keys against ``images/`` before it writes the
-shard's marker (``_state/tokenize/<modality>/<shard>.done.json``). A rerun skips what is marked,
-per shard and modality; a shard that fails is reported and the others go on.
+shard's marker (``_state/tokenize/<modality>/<shard>.done.json``). A marker records the digests
+of the ``images/`` and ``labels/`` shards the tokens were made from. A rerun skips what is marked
+and redoes what was made from inputs that changed since (a retried download, then its relabelled
+shard), per shard and modality; a shard that fails is reported and the others go on.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import ray
 
 from four_m import __version__
 from four_m.core.config import Config, shaping_hash
-from four_m.core.dataset_root import DatasetRoot, clear_temporaries, shard_name, write_text_atomic
+from four_m.core.dataset_root import DatasetRoot, FileDigest, clear_temporaries, shard_name, write_text_atomic
 from four_m.core.errors import UserError
+from four_m.core.modalities import MODALITIES
 from four_m.core.summary import ShardReport, StageSummary
 from four_m.pipeline.executor import ray_session
 from four_m.tokenize.base import Tokenizer
@@ -79,7 +82,8 @@ def run_tokenize(config: Config, progress: bool = True) -> TokenizeSummary:
     started = time.perf_counter()
     root = DatasetRoot(config.root)
     modalities = list(config.tokenize.modalities)
-    shards = _downloaded_shards(root)
+    images = _downloaded_shards(root)
+    shards = sorted(images)
     tokenizers = {m: _loaded(root, m) for m in modalities}  # fails early, naming what is missing
     ids = {m: tokenizer_id(root, m) for m in modalities}
     hashes = {m: tokens_hash(config, m, ids[m]) for m in modalities}
@@ -92,18 +96,25 @@ def run_tokenize(config: Config, progress: bool = True) -> TokenizeSummary:
             )
     summary = TokenizeSummary(modalities={m: StageSummary(stage=f"{STAGE}/{m}") for m in modalities})
     pending: dict[int, list[str]] = {}
+    inputs: dict[tuple[int, str], tuple[FileDigest, ...]] = {}
     for m in modalities:
-        clear_temporaries(root / f"tokens/{m}")
+        for folder in (root / f"tokens/{m}", states[m].folder):
+            clear_temporaries(folder)
         states[m].write_run_config(config.to_yaml())
         for shard in shards:
-            if states[m].is_done(shard, config.verify_checksums):
+            try:
+                inputs[shard, m] = _inputs(root, m, shard, images[shard])
+            except _UnfinishedLabels as err:
+                summary.shards_failed.setdefault(shard, str(err))
+                continue
+            if states[m].is_done(shard, config.verify_checksums, inputs[shard, m]):
                 summary.modalities[m].shards_skipped += 1
             else:
                 pending.setdefault(shard, []).append(m)
     if pending:
         provenance = {m: _provenance(m, tokenizers[m], ids[m], hashes[m]) for m in modalities}
         with ray_session(config.ray):
-            _run(root, config, pending, provenance, states, hashes, summary, progress)
+            _run(root, config, pending, provenance, states, hashes, inputs, summary, progress)
     summary.seconds = time.perf_counter() - started
     for stage_summary in summary.modalities.values():
         stage_summary.seconds = summary.seconds
@@ -117,7 +128,7 @@ def tokens_hash(config: Config, modality: str, tokenizer: str) -> str:
     return shaping_hash(tokenizer, source)
 
 
-def _run(root, config: Config, pending, provenance, states, hashes, summary: TokenizeSummary, progress) -> None:
+def _run(root, config: Config, pending, provenance, states, hashes, inputs, summary: TokenizeSummary, progress) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     items = [{"shard": s, "modalities": json.dumps(ms)} for s, ms in sorted(pending.items())]
@@ -137,10 +148,13 @@ def _run(root, config: Config, pending, provenance, states, hashes, summary: Tok
             summary.shards_failed[shard] = row["error"]
             continue
         for m, fields in json.loads(row["reports"]).items():
-            _finish(root, shard, m, ShardReport(**fields), states[m], hashes[m], summary.modalities[m])
+            report = ShardReport(**fields)
+            _finish(root, shard, m, report, states[m], hashes[m], inputs[shard, m], summary.modalities[m])
 
 
-def _finish(root: DatasetRoot, shard: int, modality: str, report: ShardReport, state, config_hash, summary) -> None:
+def _finish(
+    root: DatasetRoot, shard: int, modality: str, report: ShardReport, state, config_hash, inputs, summary
+) -> None:
     """Check the written file against ``images/`` (same keys, same order), then mark it done."""
     file = token_file(root, modality, shard)
     keys = pq.read_table(file, columns=["key"])["key"]
@@ -149,15 +163,41 @@ def _finish(root: DatasetRoot, shard: int, modality: str, report: ShardReport, s
         file.unlink()
         raise RuntimeError(f"{file}: keys are not those of images/ (row order broken)")
     summary.add(report)
-    state.mark_done(shard, report.rows_in, [file], config_hash)
+    state.mark_done(shard, report.rows_in, [file], config_hash, inputs)
 
 
-def _downloaded_shards(root: DatasetRoot) -> list[int]:
+def _downloaded_shards(root: DatasetRoot) -> dict[int, FileDigest]:
+    """Finished download shards, each with the digest of its images/ file."""
     download = root.stage("download")
     shards = sorted(int(p.name.split(".")[0]) for p in download.folder.glob("*.done.json"))
-    if not shards:
+    images = {s: download.recorded(s, root / f"images/{shard_name(s)}.parquet") for s in shards}
+    images = {s: digest for s, digest in images.items() if digest is not None}
+    if not images:
         raise TokenizeStageError(f"no finished download shards under {root.path}: run download and label first")
-    return shards
+    return images
+
+
+class _UnfinishedLabels(Exception):
+    """A label shard is missing, unfinished, or older than its images/ shard: that shard fails."""
+
+
+def _inputs(root: DatasetRoot, modality: str, shard: int, images: FileDigest) -> tuple[FileDigest, ...]:
+    """What one shard's tokens are made from: the images/ shard, plus the label shard for labelled
+    modalities, which must itself have been made from exactly those images."""
+    folder = MODALITIES[modality].folder
+    if folder == "images":
+        return (images,)
+    label_state = root.stage(f"label/{folder.removeprefix('labels/')}")
+    file = root / f"{folder}/{shard_name(shard)}.parquet"
+    marker = label_state.read_marker(shard)
+    if marker is None:
+        raise _UnfinishedLabels(f"{file} is not finished: run the label stage first")
+    if marker.inputs != (images,):
+        raise _UnfinishedLabels(
+            f"{file} was not made from the current images/{shard_name(shard)}.parquet (a retried download,"
+            " or labels older than input tracking): run the label stage first"
+        )
+    return (images, label_state.recorded(shard, file))
 
 
 def _loaded(root: DatasetRoot, modality: str) -> Tokenizer:

@@ -89,7 +89,9 @@ def make_plan(root: DatasetRoot, cfg: DownloadConfig) -> DownloadPlan:
     plan_file = root / "_state/download/plan.json"
     existing = _read_plan(plan_file)
     if existing is not None:
-        if existing.inputs == inputs and existing.samples_per_shard == cfg.samples_per_shard:
+        # By content, not path: a root that was moved or copied (its urls/ inside it) keeps its plan.
+        same = [(i.bytes, i.sha256) for i in existing.inputs] == [(i.bytes, i.sha256) for i in inputs]
+        if same and existing.samples_per_shard == cfg.samples_per_shard:
             return existing
         if any(plan_file.parent.glob("*.done.json")):
             raise UrlListError(

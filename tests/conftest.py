@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -28,9 +29,38 @@ class SlowCapableHandler(QuietHandler):
         super().do_GET()
 
 
+def _session_members(session: int) -> list[int]:
+    """Live processes of a session. Ray's workers leave their driver's process group, not its session."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            if int(sid) == session and state != "Z":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def _kill_session(run: subprocess.Popen) -> None:
+    """SIGKILL every process of a run started with ``start_new_session=True``, Ray's workers included
+    (a lost machine, not a shutdown), and wait until none is left."""
+    deadline = time.monotonic() + 30
+    while members := _session_members(run.pid):
+        assert time.monotonic() < deadline, f"processes {members} survive SIGKILL"
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    run.wait()
+
+
+@pytest.fixture(scope="session")
+def kill_session():
+    return _kill_session
+
+
 def _kill_after_first_marker(verb: str, config_file: Path, markers: Path, limit_s: float = 300) -> int:
-    """Run a stage's CLI, SIGKILL its whole process group (Ray included) as soon as one shard's
-    marker appears, and return how many markers there were at the kill."""
+    """Run a stage's CLI, SIGKILL all its processes (Ray's included) as soon as one shard's marker
+    appears, and return how many markers there were at the kill."""
     run = subprocess.Popen(
         [sys.executable, "-m", "four_m", verb, "--config", str(config_file), "--no-progress"],
         stdout=subprocess.DEVNULL,
@@ -40,8 +70,7 @@ def _kill_after_first_marker(verb: str, config_file: Path, markers: Path, limit_
     deadline = time.monotonic() + limit_s
     while not list(markers.glob("*.done.json")) and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.2)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    _kill_session(run)
     return len(list(markers.glob("*.done.json")))
 
 

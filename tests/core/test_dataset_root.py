@@ -64,3 +64,18 @@ def test_stale_shards_are_those_of_another_config(finished):
     state, _ = finished
     assert state.stale_shards([3, 4], "abc") == []
     assert state.stale_shards([3, 4], "def") == [3]
+
+
+def test_a_shard_made_from_other_inputs_is_not_done(finished, tmp_path):
+    download, out = finished
+    images = download.recorded(3, out)
+    assert images.path == "images/00003.parquet" and download.recorded(4, out) is None
+    label = DatasetRoot(tmp_path).stage("label/depth")
+    labels = tmp_path / "labels/depth/00003.parquet"
+    labels.parent.mkdir(parents=True)
+    labels.write_bytes(b"l")
+    label.mark_done(3, rows=7, files=[labels], config_hash="abc", inputs=(images,))
+    assert label.is_done(3, verify_checksums=False, inputs=(images,))
+    out.write_bytes(b"z" * 120)  # the images shard is remade (a retried download)
+    download.mark_done(3, rows=7, files=[out], config_hash="abc")
+    assert not label.is_done(3, verify_checksums=False, inputs=(download.recorded(3, out),))

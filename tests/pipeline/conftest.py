@@ -76,7 +76,7 @@ def make_images_root():
     return _make_images_root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_config():
     return _small_config
 
@@ -106,7 +106,7 @@ def small_tokenize_overrides(config) -> list[str]:
     return [f"label.size={config.label.size}", "ray.num_cpus=2"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_tokenizers() -> list[str]:
     """Overrides for tokenizers that train in seconds (tiny VQ models, a small WordPiece)."""
     return list(TINY_TOKENIZERS)

@@ -166,7 +166,7 @@ def test_cli_stops_on_a_malformed_list_before_any_work(tmp_path):
     assert not (root / "images").exists()
 
 
-def test_unbuilt_stages_fail_in_one_line():
-    run = _cli("sample")
+def test_a_stage_missing_its_input_fails_in_one_line(tmp_path):
+    run = _cli("sample", "--root", str(tmp_path / "root"))
     out, err = run.communicate(timeout=60)
-    assert run.returncode == 2 and "not built yet" in err and err.strip().count("\n") == 0
+    assert run.returncode == 2 and "run `make train`" in err and err.strip().count("\n") == 0

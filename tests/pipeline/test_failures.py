@@ -13,6 +13,8 @@ from four_m.pipeline.failures import failure_reason
         ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
         ("unsupported url scheme 'file' (allowed: http, https)", "unsupported_scheme"),
         ("empty url", "empty_url"),
+        ("invalid url: no host", "invalid_url"),
+        ("aspect ratio too large: 4000x2 resizes to 64 by 128000 px", "aspect_ratio"),
         ("broken image: image file is truncated (3 bytes not processed)", "truncated_image"),
         ("not an image: cannot identify image file", "not_an_image"),
         ("decompression bomb: 9000x9000 pixels > limit 100", "decompression_bomb"),

@@ -70,6 +70,17 @@ def test_plan_cuts_shards_keeps_order_and_is_reused(tmp_path):
     assert make_plan(root, cfg) == plan
 
 
+def test_a_moved_root_keeps_its_plan(tmp_path):
+    (tmp_path / "a").mkdir()
+    root = DatasetRoot(tmp_path / "a")
+    _tsv(root / "urls.tsv", ROWS)
+    cfg = DownloadConfig(urls="urls.tsv", samples_per_shard=2)
+    plan = make_plan(root, cfg)
+    (root / "_state/download/00000.done.json").write_text("{}")
+    (tmp_path / "a").rename(tmp_path / "b")
+    assert make_plan(DatasetRoot(tmp_path / "b"), cfg) == plan
+
+
 def test_a_changed_list_after_finished_shards_stops(tmp_path):
     root = DatasetRoot(tmp_path)
     _tsv(root / "urls.tsv", ROWS)
