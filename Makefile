@@ -1,7 +1,10 @@
 # One target per stage. Every stage target takes CONFIG= (a YAML under configs/ or any path),
 # ROOT= (the dataset root; default: the config's `root`) and SET="section.key=value ..." overrides;
-# `make label ONLY=depth,det` reruns chosen labelers without touching the others. `make demo` and `make test` install
-# everything they need into .venv first, so they are the only two commands a fresh machine needs.
+# `make label ONLY=depth,det` reruns chosen labelers without touching the others;
+# `make download RETRY_FAILED=1` re-fetches only the failed urls of finished shards;
+# `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"]` generates with the trained run.
+# `make demo` and `make test` install everything they need into .venv first, so they are the only two
+# commands a fresh machine needs.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,14 +15,21 @@ STAMP  := $(VENV)/.installed
 CLI    := $(BIN)/python -m four_m
 SET    ?=
 ONLY   ?=
-ARGS    = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s)) $(if $(ONLY),--only $(ONLY))
+RETRY_FAILED ?=
+FROM   ?=
+TO     ?=
+IMAGE  ?=
+CAPTION ?=
+ARGS    = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s)) $(if $(ONLY),--only $(ONLY)) \
+          $(if $(RETRY_FAILED),--retry-failed) $(if $(FROM),--set 'generate.given=[$(FROM)]') \
+          $(if $(TO),--set 'generate.targets=[$(TO)]') $(if $(IMAGE),--image '$(IMAGE)') $(if $(CAPTION),--caption '$(CAPTION)')
 
 # torch/torchvision: the pair this machine has on disk (CPU wheels); other pairs download gigabytes.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
-.PHONY: install demo test test-all download sample-urls label tokenizers tokenize train sample \
-        card preview preview-tokens models bench lint clean
+.PHONY: install demo test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train sample eval \
+        card preview preview-tokens models bad-input bench lint clean
 
 install: $(STAMP)
 
@@ -43,13 +53,22 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-sample-urls download label tokenizers tokenize train sample card preview preview-tokens models: $(STAMP)
+# Every stage SIGKILLed at random moments (CRASH_SEED=n for other moments), rerun, compared with an
+# uninterrupted run; and the download and label stages as `ray job submit` jobs on a local two-node cluster.
+crash-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/pipeline/test_crash.py
+
+cluster-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests/pipeline/test_cluster.py
+
+sample-urls download label tokenizers tokenize train sample eval card preview preview-tokens models bad-input: $(STAMP)
 	$(CLI) $@ $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/label.py
 	$(BIN)/python bench/tokens.py
+	$(BIN)/python bench/train.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

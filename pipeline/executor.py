@@ -1,16 +1,19 @@
 """The thin Ray executor: hand pending shards to Ray tasks, mark them done, report progress.
 
 Stages give it a picklable per-shard callable; it never knows what a shard contains. The same
-code runs on this machine (Ray started locally) and on a cluster (``ray.address``): Ray places
-the tasks, we never run a pool of our own.
+code runs on this machine (Ray started locally) and on a cluster (``ray.address``, or the
+``RAY_ADDRESS`` of a ``ray job submit`` job): Ray places the tasks, we never run a pool of our own.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import ray
 from tqdm import tqdm
@@ -22,6 +25,13 @@ from four_m.core.summary import ShardReport, StageSummary
 
 ShardTask = Callable[[int], tuple[ShardReport, list[Path]]]
 """Makes one shard: returns its report and the output files, already in their final place."""
+Result = TypeVar("Result")
+
+
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (which ``ray job submit`` sets in a
+    job's driver); None means start Ray on this machine."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
 
 
 @contextmanager
@@ -30,9 +40,12 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    local = cfg.address is None
+    address = cluster_address(cfg)
+    local = address is None
     ray.init(
-        address=cfg.address,
+        # "local", not None: None would join whatever cluster `ray start` last left on this machine,
+        # and a joined cluster refuses the local sizing below.
+        address="local" if local else address,
         num_cpus=cfg.num_cpus if local else None,
         object_store_memory=cfg.object_store_mb * 2**20 if local and cfg.object_store_mb else None,
         include_dashboard=False,
@@ -67,19 +80,39 @@ def run_shards(
     summary = StageSummary(stage=state.stage)
     pending = [s for s in shards if not state.is_done(s, verify_checksums)]
     summary.shards_skipped = len(shards) - len(pending)
-    remote = ray.remote(_make_shard).options(num_cpus=cpus_per_shard)
-    running = {remote.remote(task, shard, state, config_hash): shard for shard in pending}
-    with tqdm(total=len(pending), desc=state.stage, unit="shard", disable=not progress) as bar:
+    make = partial(_make_shard, task, state=state, config_hash=config_hash)
+    reports, summary.shards_failed = map_shards(
+        pending, make, cpus_per_shard=cpus_per_shard, desc=state.stage, progress=progress
+    )
+    for shard in sorted(reports):
+        summary.add(reports[shard])
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _call(task: Callable[[int], Result], shard: int) -> Result:
+    return task(shard)
+
+
+def map_shards(
+    shards: list[int], task: Callable[[int], Result], *, cpus_per_shard: float, desc: str, progress: bool = True
+) -> tuple[dict[int, Result], dict[int, str]]:
+    """Run the picklable ``task`` on each shard as a Ray task: its results by shard, and for each
+    shard whose task raised, the error in one line (reported, never fatal to the other shards)."""
+    remote = ray.remote(_call).options(num_cpus=cpus_per_shard)
+    running = {remote.remote(task, shard): shard for shard in shards}
+    results: dict[int, Result] = {}
+    failed: dict[int, str] = {}
+    with tqdm(total=len(shards), desc=desc, unit="shard", disable=not progress) as bar:
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)
             shard = running.pop(ready[0])
             try:
-                summary.add(ray.get(ready[0]))
+                results[shard] = ray.get(ready[0])
             except ray.exceptions.RayTaskError as err:
-                summary.shards_failed[shard] = _first_line(err)
+                failed[shard] = _first_line(err)
             bar.update(1)
-    summary.seconds = time.perf_counter() - started
-    return summary
+    return results, failed
 
 
 def _first_line(err: ray.exceptions.RayTaskError) -> str:

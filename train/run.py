@@ -22,10 +22,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from safetensors.torch import save_model
 
 from four_m.core.config import Config
-from four_m.core.dataset_root import DatasetRoot, write_text_atomic
+from four_m.core.dataset_root import DatasetRoot, atomic_path, clear_temporaries, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
+from four_m.train.checkpoints import AtomicCheckpointIO
 from four_m.train.data import TokenDataModule, store_vocabularies
 from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
 from four_m.train.model import ModelConfig, ModelModality
@@ -70,6 +71,7 @@ def run_train(config: Config) -> TrainSummary:
         alphas=cfg.alpha,
         mixtures=cfg.mixtures,
         span_mean=cfg.span_mean,
+        unconditional_rate=cfg.unconditional_rate,
         seed=cfg.seed,
     )
     data = TokenDataModule(
@@ -80,6 +82,7 @@ def run_train(config: Config) -> TrainSummary:
         num_workers=cfg.num_workers,
         shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed,
+        holdout=cfg.holdout_shards,
     )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = FourMTraining.create(
@@ -105,16 +108,25 @@ def run_train(config: Config) -> TrainSummary:
                 dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True
             )
         ],
+        plugins=[AtomicCheckpointIO()],
         log_every_n_steps=cfg.log_every_n_steps,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    for folder in (run_dir, run_dir / "checkpoints"):
+        clear_temporaries(folder)  # what a killed launch was writing
     write_text_atomic(run_dir / "config.yaml", config.to_yaml())
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None)
+    # weights_only: a checkpoint is plain tensors and primitives; nothing in it may run code on load.
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
     losses = read_losses(run_dir / "logs")
     if trainer.is_global_zero:  # one writer: every DDP rank returns here
-        save_model(module.model, str(run_dir / "model.safetensors"))
-        described = {"model": asdict(module.model.config), "modalities": [asdict(m) for m in modalities]}
+        with atomic_path(run_dir / "model.safetensors") as temp:
+            save_model(module.model, str(temp))
+        described = {
+            "model": asdict(module.model.config),
+            "modalities": [asdict(m) for m in modalities],
+            "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities},
+        }
         write_text_atomic(run_dir / "model.json", json.dumps(described, indent=1))
         plot_losses(losses, run_dir / "loss.png")
     return TrainSummary(run_dir, trainer.global_step, losses, time.perf_counter() - started)
@@ -133,7 +145,8 @@ def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelMod
                 f" but tokenizers/{name} is {tokenizer_id(root, name)} with {tokenizer.vocab_size}:"
                 " rerun `make tokenize` after retraining a tokenizer"
             )
-        modalities.append(ModelModality(name, MODALITIES[name].kind, side["vocab_size"], side["max_tokens"]))
+        spec = MODALITIES[name]
+        modalities.append(ModelModality(name, spec.kind, side["vocab_size"], side["max_tokens"], spec.vocabulary))
     return modalities
 
 
