@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from four_m.core.storage import RootPath, location, remove_tree, replace, scratch
 
 SHARD_DIGITS = 5  # img2dataset's shard naming (00000.parquet), kept by every later stage
 
@@ -27,36 +27,38 @@ def shard_name(shard: int) -> str:
 
 
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: RootPath) -> Iterator[RootPath]:
     """Yield a temporary path beside ``final``; rename it into place only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield temp
-        os.replace(temp, final)
+        replace(temp, final)
     finally:
         temp.unlink(missing_ok=True)
 
 
-def clear_temporaries(folder: Path) -> None:
-    """Remove what a killed run left half-written in ``folder``: temp files and the ``_tmp/`` area.
+def clear_temporaries(folder: RootPath) -> None:
+    """Remove what a killed run left half-written in ``folder``: temp files and the ``_tmp/`` area
+    (and its local stand-in, for a remote root).
 
     Call only at the start of a stage: one run per dataset root and stage at a time.
     """
     if folder.is_dir():
         for temp in folder.glob(".*.tmp"):
             temp.unlink(missing_ok=True)
-        shutil.rmtree(folder / "_tmp", ignore_errors=True)
+    for work in {folder / "_tmp", scratch(folder / "_tmp")}:
+        remove_tree(work)
 
 
-def write_text_atomic(final: Path, text: str) -> None:
+def write_text_atomic(final: RootPath, text: str) -> None:
     with atomic_path(final) as temp:
         temp.write_text(text)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: RootPath, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -83,19 +85,20 @@ class ShardMarker:
 
 
 class DatasetRoot:
-    """Paths of one pipeline run (see docs/DESIGN.md, "Dataset root")."""
+    """Paths of one pipeline run (see docs/DESIGN.md, "Dataset root"): a local folder, or a folder
+    on any fsspec filesystem (``core/storage.py``)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).resolve()
+        self.path = location(path)
 
-    def __truediv__(self, relative: str) -> Path:
+    def __truediv__(self, relative: str) -> RootPath:
         return self.path / relative
 
     def stage(self, name: str) -> StageState:
         return StageState(self, name)
 
-    def digest(self, file: Path) -> FileDigest:
-        return FileDigest(str(file.relative_to(self.path)), file.stat().st_size, sha256_file(file))
+    def digest(self, file: RootPath) -> FileDigest:
+        return FileDigest(file.relative_to(self.path).as_posix(), file.stat().st_size, sha256_file(file))
 
 
 class StageState:
@@ -106,7 +109,7 @@ class StageState:
         self.stage = stage
         self.folder = root / f"_state/{stage}"
 
-    def marker_path(self, shard: int) -> Path:
+    def marker_path(self, shard: int) -> RootPath:
         return self.folder / f"{shard_name(shard)}.done.json"
 
     def read_marker(self, shard: int) -> ShardMarker | None:
@@ -135,7 +138,7 @@ class StageState:
         return True
 
     def mark_done(
-        self, shard: int, rows: int, files: list[Path], config_hash: str, inputs: tuple[FileDigest, ...] = ()
+        self, shard: int, rows: int, files: list[RootPath], config_hash: str, inputs: tuple[FileDigest, ...] = ()
     ) -> ShardMarker:
         """Record a finished shard; call only after every file in ``files`` is in its final place.
 
@@ -152,14 +155,14 @@ class StageState:
         write_text_atomic(self.marker_path(shard), json.dumps(asdict(marker), indent=1))
         return marker
 
-    def recorded(self, shard: int, file: Path) -> FileDigest | None:
+    def recorded(self, shard: int, file: RootPath) -> FileDigest | None:
         """The digest this stage's marker holds for one of the shard's files (None: not finished).
 
         Read from the marker, not the file: a later stage compares it with what it recorded
         without re-hashing large shards on every run.
         """
         marker = self.read_marker(shard)
-        relative = str(file.relative_to(self.root.path))
+        relative = file.relative_to(self.root.path).as_posix()
         return next((f for f in marker.files if f.path == relative), None) if marker else None
 
     def stale_shards(self, shards: list[int], config_hash: str) -> list[int]:
@@ -167,7 +170,7 @@ class StageState:
         markers = (self.read_marker(s) for s in shards)
         return [m.shard for m in markers if m is not None and m.config_hash != config_hash]
 
-    def write_run_config(self, config_yaml: str) -> Path:
+    def write_run_config(self, config_yaml: str) -> RootPath:
         """The resolved config of this run, beside the markers it produced."""
         path = self.folder / "config.yaml"
         write_text_atomic(path, config_yaml)

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from four_m import __version__
+from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
@@ -208,14 +208,14 @@ def _folder(root: DatasetRoot, folder: str, stage: str, failures_of: Callable[[P
     state = root.stage(stage)
     shards, num_bytes = [], 0
     for path in files:
-        metadata = pq.ParquetFile(path).metadata
+        metadata = storage.parquet_file(path).metadata
         num_bytes += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
         failures = dict(sorted(failures_of(path).items()))
         shard = int(path.stem)
         rows = metadata.num_rows
         done = state.is_done(shard, verify_checksums=False)
         shards.append(ShardRows(shard, rows, rows - sum(failures.values()), failures, done))
-    schema = pq.read_schema(files[0])
+    schema = storage.read_schema(files[0])
     total: Counter = Counter()
     for shard in shards:
         total.update(shard.failures)
@@ -245,18 +245,18 @@ def _provenance(schema: pa.Schema) -> dict[str, str]:
 
 
 def _download_failures(path: Path) -> Counter:
-    table = pq.read_table(path, columns=["status", "error_message"])
+    table = storage.read_table(path, columns=["status", "error_message"])
     rows = zip(table["status"].to_pylist(), table["error_message"].to_pylist(), strict=True)
     return Counter(download_failure(message) for status, message in rows if status != SUCCESS)
 
 
 def _label_failures(path: Path) -> Counter:
-    return Counter(label_failure(e) for e in pq.read_table(path, columns=["error"])["error"].to_pylist() if e)
+    return Counter(label_failure(e) for e in storage.read_table(path, columns=["error"])["error"].to_pylist() if e)
 
 
 def _token_failures(path: Path) -> Counter:
     """Tokens fail for one reason only: the row's image or label failed upstream."""
-    errors = pq.read_table(path, columns=["error"])["error"]
+    errors = storage.read_table(path, columns=["error"])["error"]
     absent = len(errors) - errors.null_count
     return Counter({ABSENT: absent} if absent else {})
 
@@ -265,7 +265,7 @@ def _sample(folder: Path, columns: list[str], cap: int, present: str) -> pa.Tabl
     """Up to ``cap`` rows whose ``present`` column is not null, from the first shards on."""
     parts, rows = [], 0
     for path in _shard_files(folder):
-        table = pq.read_table(path, columns=columns)
+        table = storage.read_table(path, columns=columns)
         table = table.filter(pc.is_valid(table[present]))
         parts.append(table)
         rows += table.num_rows
@@ -292,7 +292,7 @@ def _labeler(root: DatasetRoot, modality: str, cap: int) -> LabelerStats | None:
 
 def _classes(root: DatasetRoot, modality: str) -> list[str]:
     """Class names a label file records (semseg), else none."""
-    names = pq.read_schema(_shard_files(root / f"labels/{modality}")[0]).metadata.get(b"four_m.classes")
+    names = storage.read_schema(_shard_files(root / f"labels/{modality}")[0]).metadata.get(b"four_m.classes")
     return json.loads(names) if names else []
 
 

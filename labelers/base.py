@@ -14,6 +14,9 @@ loads it through that same path, so offline runs exercise the production code. S
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -73,12 +76,24 @@ class Labeler(ABC):
         }
 
     def prepare(self) -> None:
-        """Build the tiny variant's folder if it is needed and missing: once, before any worker."""
-        if self.random_init and not (self.tiny_dir / "done").exists():
-            self.tiny_dir.mkdir(parents=True, exist_ok=True)
-            torch.manual_seed(0)
-            self.build_tiny(self.tiny_dir)
-            (self.tiny_dir / "done").touch()
+        """Build the tiny variant's folder if it is needed and missing: before any worker, and again
+        by the workers of a node that lacks it. Built under a temporary name and renamed, so actors
+        of one node that race here never load a half-written folder."""
+        if not self.random_init or (self.tiny_dir / "done").exists():
+            return
+        building = self.tiny_dir.with_name(f".{self.tiny_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
+        building.mkdir(parents=True)
+        torch.manual_seed(0)
+        self.build_tiny(building)
+        (building / "done").touch()
+        try:
+            os.replace(building, self.tiny_dir)
+        except OSError:
+            if (self.tiny_dir / "done").exists():  # another worker's build won: the same seeded model
+                shutil.rmtree(building, ignore_errors=True)
+            else:  # a build killed before this scheme left a folder without "done"
+                shutil.rmtree(self.tiny_dir)
+                os.replace(building, self.tiny_dir)
 
     def setup(self) -> None:
         """Load the weights once per worker, through the production path."""

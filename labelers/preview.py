@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.labelers.base import RANDOM_INIT
@@ -83,9 +83,9 @@ def write_label_preview(config: Config, samples: int = 8, shard: int = 0) -> Pat
     """Write ``<root>/preview/labels.png`` for the first ``samples`` labelled rows of one shard."""
     root = DatasetRoot(config.root)
     size = config.label.size
-    images = pq.read_table(root / f"images/{shard:05d}.parquet").to_pylist()
+    images = storage.read_table(root / f"images/{shard:05d}.parquet").to_pylist()
     modalities = [n for n in RENDERERS if (root / f"labels/{n}/{shard:05d}.parquet").is_file()]
-    tables = {n: pq.read_table(root / f"labels/{n}/{shard:05d}.parquet") for n in modalities}
+    tables = {n: storage.read_table(root / f"labels/{n}/{shard:05d}.parquet") for n in modalities}
     rows = {n: t.to_pylist() for n, t in tables.items()}
     views = {i: label_view(r["jpg"], size) for i, r in enumerate(images) if r["status"] == "success"}
     chosen = [i for i, view in views.items() if view is not None][:samples]

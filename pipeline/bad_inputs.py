@@ -26,9 +26,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
+from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path
 from four_m.core.modalities import MODALITIES
@@ -249,7 +249,7 @@ def _by_key(root: DatasetRoot, folder: str) -> tuple[dict[str, dict], set[str]]:
     repeated = set()
     for path in sorted((root / folder).glob("[0-9]*.parquet")):
         columns = None if folder == "images" else ["key", "error"]
-        for row in pq.read_table(path, columns=columns).to_pylist():
+        for row in storage.read_table(path, columns=columns).to_pylist():
             if row["key"] in found:
                 repeated.add(row["key"])
             found[row["key"]] = row

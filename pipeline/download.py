@@ -31,6 +31,7 @@ from img2dataset.downloader import Downloader, compute_key
 from img2dataset.writer import ParquetSampleWriter
 
 from four_m import __version__
+from four_m.core import storage
 from four_m.core.config import Config, DownloadConfig
 from four_m.core.dataset_root import (
     SHARD_DIGITS,
@@ -116,7 +117,7 @@ class ShardDownloader:
     cfg: DownloadConfig
     config_hash: str
 
-    def __call__(self, shard: int) -> tuple[ShardReport, list[Path]]:
+    def __call__(self, shard: int) -> tuple[ShardReport, list[storage.RootPath]]:
         root = DatasetRoot(self.root)
         rows = read_shard_input(root, shard)
         rejected = _rejected_urls(rows["url"].to_pylist(), self.cfg.allowed_schemes)
@@ -139,7 +140,7 @@ class ShardDownloader:
         """
         root = DatasetRoot(self.root)
         images = root / f"images/{shard_name(shard)}.parquet"
-        table = pq.read_table(images)
+        table = storage.read_table(images)
         failed = table.filter(pc.invert(pc.equal(table["status"], SUCCESS)))
         refused = _rejected_urls(failed["url"].to_pylist(), self.cfg.allowed_schemes)
         messages = failed["error_message"].to_pylist()
@@ -177,7 +178,7 @@ class ShardDownloader:
     def _fetch(self, root: DatasetRoot, shard: int, rows: pa.Table) -> tuple[pa.Table, float]:
         """Run img2dataset's Downloader on ``rows`` (their urls as URIs) in a private work folder;
         its table, with the urls as listed, and its seconds."""
-        workdir = root / f"images/_tmp/{shard_name(shard)}-{uuid.uuid4().hex[:8]}"
+        workdir = storage.scratch(root / "images/_tmp") / f"{shard_name(shard)}-{uuid.uuid4().hex[:8]}"
         workdir.mkdir(parents=True)
         listed = dict(zip(rows["row_index"].to_pylist(), rows["url"].to_pylist(), strict=True))
         uris = pa.array([as_uri(u) for u in listed.values()], pa.string())
@@ -238,7 +239,7 @@ class ShardDownloader:
 
     def _write(
         self, root: DatasetRoot, shard: int, table: pa.Table, report: ShardReport, retries: list[dict] = ()
-    ) -> list[Path]:
+    ) -> list[storage.RootPath]:
         images = root / f"images/{shard_name(shard)}.parquet"
         stats = root / f"images/{shard_name(shard)}_stats.json"
         metadata = {
@@ -251,7 +252,7 @@ class ShardDownloader:
         }
         table = table.replace_schema_metadata({f"four_m.{k}": v for k, v in metadata.items()})
         with atomic_path(images) as temp:
-            pq.write_table(table, temp, row_group_size=ROW_GROUP_ROWS)
+            storage.write_table(table, temp, row_group_size=ROW_GROUP_ROWS)
         errors = Counter(m for m in table["error_message"].to_pylist() if m is not None)
         record = {**asdict(report), "errors": dict(errors.most_common(50)), **({"retries": retries} if retries else {})}
         write_text_atomic(stats, json.dumps(record, indent=1))

@@ -21,11 +21,20 @@ from tqdm import tqdm
 from four_m.core.config import RayConfig
 from four_m.core.dataset_root import StageState
 from four_m.core.offline import QUIET_NETWORK_ENV
+from four_m.core.storage import storage_env
 from four_m.core.summary import ShardReport, StageSummary
 
 ShardTask = Callable[[int], tuple[ShardReport, list[Path]]]
 """Makes one shard: returns its report and the output files, already in their final place."""
 Result = TypeVar("Result")
+
+
+def worker_options() -> dict:
+    """Ray options that give a task or actor this driver's filesystem settings (``FSSPEC_*``,
+    ``AWS_*``...): workers on other nodes, or started before they were set, do not inherit them,
+    and a remote dataset root is unreadable without them."""
+    env = storage_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def cluster_address(cfg: RayConfig) -> str | None:
@@ -99,7 +108,7 @@ def map_shards(
 ) -> tuple[dict[int, Result], dict[int, str]]:
     """Run the picklable ``task`` on each shard as a Ray task: its results by shard, and for each
     shard whose task raised, the error in one line (reported, never fatal to the other shards)."""
-    remote = ray.remote(_call).options(num_cpus=cpus_per_shard)
+    remote = ray.remote(_call).options(num_cpus=cpus_per_shard, **worker_options())
     running = {remote.remote(task, shard): shard for shard in shards}
     results: dict[int, Result] = {}
     failed: dict[int, str] = {}

@@ -27,12 +27,13 @@ import ray
 import torch
 
 from four_m import __version__
+from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
 from four_m.core.dataset_root import DatasetRoot, FileDigest, clear_temporaries, shard_name, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.labelers.base import Labeler
 from four_m.labelers.registry import LABELERS
-from four_m.pipeline.executor import ray_session
+from four_m.pipeline.executor import ray_session, worker_options
 from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_column, pixels_of
 
 STAGE = "label"
@@ -148,12 +149,12 @@ class _ShardSink:
         if self.writer is None:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self.temp = self.final.with_name(f".{self.final.name}.tmp")
-            self.writer = pq.ParquetWriter(self.temp, self.schema)
+            self.writer = storage.parquet_writer(self.temp, self.schema)
         self.writer.write_table(table.cast(self.schema), row_group_size=ROW_GROUP_ROWS)
 
     def close(self) -> None:
         self.writer.close()
-        self.temp.replace(self.final)
+        storage.replace(self.temp, self.final)
 
 
 def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True) -> LabelSummary:
@@ -164,7 +165,7 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
     unknown = sorted(set(names) - set(LABELERS))
     if unknown:
         raise LabelStageError(f"unknown labelers {unknown}; known: {', '.join(LABELERS)}")
-    labelers = {n: LABELERS[n](config.label.labeler(n), config.label.size, root / f"_models/{n}") for n in names}
+    labelers = {n: LABELERS[n](config.label.labeler(n), config.label.size, models_dir(root) / n) for n in names}
     inputs = _downloaded_shards(root)
     shards = sorted(inputs)
     states = {n: root.stage(f"{STAGE}/{n}") for n in names}
@@ -201,6 +202,12 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
     return summary
 
 
+def models_dir(root: DatasetRoot) -> Path:
+    """Where tiny random-init labelers are built: ``_models/`` of a local root, else local scratch
+    (model loaders read local folders; the variants are seeded, so every node builds the same)."""
+    return storage.scratch(root / "_models")
+
+
 def _downloaded_shards(root: DatasetRoot) -> dict[int, tuple[FileDigest, ...]]:
     """Finished download shards, each with the digest of its images/ file (a label shard's input)."""
     download = root.stage("download")
@@ -218,14 +225,16 @@ def _downloaded_shards(root: DatasetRoot) -> dict[int, tuple[FileDigest, ...]]:
 def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, hashes, inputs, summary) -> None:
     """Label one chunk of shards in one Ray Data execution; ``work`` = shards to write per labeler."""
     files = [str(root / f"images/{shard_name(s)}.parquet") for s in chunk]
-    expected = {s: pq.ParquetFile(f).metadata.num_rows for f, s in zip(files, chunk, strict=True)}
+    expected = {
+        s: storage.parquet_file(storage.location(f)).metadata.num_rows for f, s in zip(files, chunk, strict=True)
+    }
     sizes = tuple(sorted({lab.cfg.input_size for lab in labelers.values()}))
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     # The shards are read by our own small generator task rather than read_parquet, whose file
     # listing takes a whole CPU that six actor pools on two cores would never leave free.
     dataset = (
         ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-        .map_batches(read_images, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS)
+        .map_batches(read_images, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, **worker_options())
         .map_batches(add_views, fn_kwargs={"sizes": sizes}, batch_format="pyarrow", batch_size=32, num_cpus=TASK_CPUS)
     )
     pools = config.label.pools(list(labelers))
@@ -234,12 +243,14 @@ def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, 
         pool = config.label.pool_settings(group)
         dataset = dataset.map_batches(
             LabelerActor,
-            fn_constructor_kwargs={"names": group, "config": config, "models_dir": str(root / "_models")},
+            # Tiny random-init variants are built where they run: on each node's disk for a remote root.
+            fn_constructor_kwargs={"names": group, "config": config, "models_dir": str(models_dir(root))},
             batch_format="pyarrow",
             batch_size=pool.batch_size,
             compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
+            **worker_options(),
         )
     pixel_columns = [pixels_column(size) for size in sizes]
     dataset = dataset.drop_columns(pixel_columns)
@@ -287,7 +298,7 @@ def read_images(batch: pa.Table):
     """Stream one images/ shard (a one-row batch naming it) in row groups, tagged with its path."""
     (path,) = batch["path"].to_pylist()
     columns = ["key", "jpg", "status", "error_message", "caption"]
-    for part in pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns):
+    for part in storage.parquet_file(storage.location(path)).iter_batches(batch_size=64, columns=columns):
         yield pa.Table.from_batches([part]).append_column("path", pa.array([path] * part.num_rows))
 
 
@@ -323,13 +334,13 @@ def _file_schema(labeler: Labeler, config: Config, config_hash: str) -> pa.Schem
 
 
 def _finish_shard(root, shard, labelers, states, hashes, inputs, sinks, summary) -> None:
-    image_keys = pq.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"]
+    image_keys = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"]
     for name in labelers:
         sink = sinks.pop((name, shard), None)
         if sink is None:
             continue
         sink.close()
-        written = pq.read_table(sink.final, columns=["key", ERROR])
+        written = storage.read_table(sink.final, columns=["key", ERROR])
         if not written["key"].equals(image_keys):
             sink.final.unlink()
             raise RuntimeError(f"labels/{name}/{shard_name(shard)}: keys are not those of images/ (row order broken)")

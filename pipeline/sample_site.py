@@ -22,6 +22,7 @@ from pathlib import Path
 from four_m.core.config import SampleConfig
 from four_m.core.dataset_root import DatasetRoot, write_text_atomic
 from four_m.core.errors import UserError
+from four_m.core.storage import RootPath, scratch
 
 SITE = "_sample_site"
 URL_LIST = "urls/sample.tsv"
@@ -59,9 +60,11 @@ def bundled_photo_paths() -> list[tuple[Path, str]]:
     return found
 
 
-def build_sample(root: DatasetRoot, cfg: SampleConfig) -> Path:
-    """Write the site and its url list under ``root``; the same inputs always give the same list."""
-    site = root / SITE
+def build_sample(root: DatasetRoot, cfg: SampleConfig) -> RootPath:
+    """Write the site and its url list under ``root``; the same inputs always give the same list.
+
+    The site's files stay on this machine when the root is remote: a local server serves them."""
+    site = scratch(root / SITE)
     site.mkdir(parents=True, exist_ok=True)
     photos = bundled_photo_paths()
     if cfg.extra_images:
@@ -142,4 +145,4 @@ def serving_if_enabled(cfg: SampleConfig, root: DatasetRoot):
     if not cfg.enabled:
         return nullcontext()
     build_sample(root, cfg)
-    return serve_directory(root / SITE, cfg.host, cfg.port)
+    return serve_directory(scratch(root / SITE), cfg.host, cfg.port)

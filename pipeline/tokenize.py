@@ -18,16 +18,16 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from four_m import __version__
+from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
 from four_m.core.dataset_root import DatasetRoot, FileDigest, clear_temporaries, shard_name, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
 from four_m.core.summary import ShardReport, StageSummary
-from four_m.pipeline.executor import ray_session
+from four_m.pipeline.executor import ray_session, worker_options
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.tokenize.shard import token_file, tokenize_shard
@@ -141,6 +141,7 @@ def _run(root, config: Config, pending, provenance, states, hashes, inputs, summ
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.tokenize.concurrency),
         num_cpus=config.tokenize.num_cpus,
         num_gpus=config.tokenize.num_gpus or None,
+        **worker_options(),
     )
     for row in results.iter_rows():
         shard = row["shard"]
@@ -157,8 +158,8 @@ def _finish(
 ) -> None:
     """Check the written file against ``images/`` (same keys, same order), then mark it done."""
     file = token_file(root, modality, shard)
-    keys = pq.read_table(file, columns=["key"])["key"]
-    image_keys = pq.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"]
+    keys = storage.read_table(file, columns=["key"])["key"]
+    image_keys = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"]
     if not keys.equals(image_keys):
         file.unlink()
         raise RuntimeError(f"{file}: keys are not those of images/ (row order broken)")

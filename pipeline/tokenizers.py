@@ -9,16 +9,16 @@ run (tokens made with it would no longer match); a failing task is reported, the
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 
 import ray
 
+from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, write_text_atomic
 from four_m.core.errors import UserError
-from four_m.pipeline.executor import ray_session
+from four_m.pipeline.executor import ray_session, worker_options
 from four_m.tokenize.fit import fit_group, fit_hash, groups_of, members, trained_hash
 
 
@@ -61,12 +61,13 @@ def run_tokenizer_training(config: Config) -> TrainingSummary:
             summary.skipped += list(done)
         else:
             todo.append(group)
-    for temp in (root / "tokenizers").glob(".*.tmp"):
-        shutil.rmtree(temp, ignore_errors=True)  # left by a killed run
+    for folder in {root / "tokenizers", storage.scratch(root / "tokenizers")}:
+        for temp in folder.glob(".*.tmp"):
+            storage.remove_tree(temp)  # left by a killed run
     if todo:
         with ray_session(config.ray):
             task = ray.remote(fit_group).options(
-                num_cpus=config.tokenize.num_cpus, num_gpus=config.tokenize.num_gpus or None
+                num_cpus=config.tokenize.num_cpus, num_gpus=config.tokenize.num_gpus or None, **worker_options()
             )
             running = {task.remote(root, g, config, shards): g for g in todo}
             while running:

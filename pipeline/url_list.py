@@ -10,16 +10,20 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
+from four_m.core import storage
 from four_m.core.config import DownloadConfig
 from four_m.core.dataset_root import DatasetRoot, atomic_path, sha256_file, shard_name, write_text_atomic
 from four_m.core.errors import UserError
+from four_m.core.storage import RootPath
 
 SUFFIX_FORMATS = {".tsv": "tsv", ".tsv.gz": "tsv", ".parquet": "parquet"}
 SHARD_INPUT_SCHEMA = pa.schema([("row_index", pa.int64()), ("url", pa.string()), ("caption", pa.string())])
@@ -50,7 +54,7 @@ class DownloadPlan:
         return list(range(self.shards))
 
 
-def url_files(location: Path, input_format: str) -> list[Path]:
+def url_files(location: RootPath, input_format: str) -> list[RootPath]:
     """The url list files at ``location`` (a file, or a folder whose list files are taken in name order)."""
     if location.is_dir():
         files = sorted(p for p in location.iterdir() if _format_of(p) is not None)
@@ -66,7 +70,7 @@ def url_files(location: Path, input_format: str) -> list[Path]:
     return files
 
 
-def read_url_file(file: Path, cfg: DownloadConfig) -> tuple[pa.Table, int]:
+def read_url_file(file: RootPath, cfg: DownloadConfig) -> tuple[pa.Table, int]:
     """One list as a table of (url, caption), and how many of its texts needed UTF-8 repair."""
     fmt = cfg.input_format if cfg.input_format != "auto" else _format_of(file)
     try:
@@ -83,9 +87,10 @@ def read_url_file(file: Path, cfg: DownloadConfig) -> tuple[pa.Table, int]:
 
 def make_plan(root: DatasetRoot, cfg: DownloadConfig) -> DownloadPlan:
     """Reuse the root's plan if the url lists are unchanged, else read them and write a new one."""
-    location = Path(cfg.urls) if Path(cfg.urls).is_absolute() else root / cfg.urls
+    own_place = "://" in cfg.urls or Path(cfg.urls).is_absolute()
+    location = storage.location(cfg.urls) if own_place else root / cfg.urls
     files = url_files(location, cfg.input_format)
-    inputs = tuple(InputFile(str(f.resolve()), f.stat().st_size, sha256_file(f)) for f in files)
+    inputs = tuple(InputFile(str(f), f.stat().st_size, sha256_file(f)) for f in files)
     plan_file = root / "_state/download/plan.json"
     existing = _read_plan(plan_file)
     if existing is not None:
@@ -116,7 +121,8 @@ def make_plan(root: DatasetRoot, cfg: DownloadConfig) -> DownloadPlan:
         )
         with (
             atomic_path(shard_input_path(root, shard)) as temp,
-            pa.ipc.new_file(str(temp), indexed.schema) as out,
+            temp.open("wb") as sink,
+            pa.ipc.new_file(sink, indexed.schema) as out,
         ):
             out.write_table(indexed)
     plan = DownloadPlan(inputs, cfg.samples_per_shard, rows.num_rows, shards, repaired)
@@ -124,42 +130,43 @@ def make_plan(root: DatasetRoot, cfg: DownloadConfig) -> DownloadPlan:
     return plan
 
 
-def shard_input_path(root: DatasetRoot, shard: int) -> Path:
+def shard_input_path(root: DatasetRoot, shard: int) -> RootPath:
     return root / f"_state/download/inputs/{shard_name(shard)}.arrow"
 
 
 def read_shard_input(root: DatasetRoot, shard: int) -> pa.Table:
-    with pa.memory_map(str(shard_input_path(root, shard))) as source:
+    with shard_input_path(root, shard).open("rb") as source:
         return pa.ipc.open_file(source).read_all()
 
 
-def _format_of(path: Path) -> str | None:
+def _format_of(path: RootPath) -> str | None:
     name = path.name.lower()
     return next((fmt for suffix, fmt in SUFFIX_FORMATS.items() if name.endswith(suffix)), None)
 
 
-def _read_tsv(file: Path, cfg: DownloadConfig) -> pa.Table:
+def _read_tsv(file: RootPath, cfg: DownloadConfig) -> pa.Table:
     header = _has_header(file, cfg)
     names = None if header else [cfg.url_col, *([cfg.caption_col] if cfg.caption_col else [])]
-    table = pacsv.read_csv(
-        file,
-        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
-        # Captions contain quotes; CC12M is plain tab-separated text with no quoting.
-        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-        # Binary first: a caption that is not UTF-8 is repaired below, not a reason to stop.
-        convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.binary() for n in names or _header_names(file)},
-            strings_can_be_null=False,
-        ),
-    )
+    with _open_binary(file) as handle:
+        table = pacsv.read_csv(
+            handle,
+            read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+            # Captions contain quotes; CC12M is plain tab-separated text with no quoting.
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+            # Binary first: a caption that is not UTF-8 is repaired below, not a reason to stop.
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.binary() for n in names or _header_names(file)},
+                strings_can_be_null=False,
+            ),
+        )
     return _select(table, file, cfg)
 
 
-def _read_parquet(file: Path, cfg: DownloadConfig) -> pa.Table:
-    return _select(pq.read_table(file), file, cfg)
+def _read_parquet(file: RootPath, cfg: DownloadConfig) -> pa.Table:
+    return _select(storage.read_table(file), file, cfg)
 
 
-def _select(table: pa.Table, file: Path, cfg: DownloadConfig) -> pa.Table:
+def _select(table: pa.Table, file: RootPath, cfg: DownloadConfig) -> pa.Table:
     if cfg.url_col not in table.column_names:
         raise UrlListError(f"{file}: no url column {cfg.url_col!r} (columns: {', '.join(table.column_names)})")
     if cfg.caption_col and cfg.caption_col not in table.column_names:
@@ -171,17 +178,23 @@ def _select(table: pa.Table, file: Path, cfg: DownloadConfig) -> pa.Table:
     return pa.table({"url": table[cfg.url_col], "caption": caption})
 
 
-def _has_header(file: Path, cfg: DownloadConfig) -> bool:
+def _has_header(file: RootPath, cfg: DownloadConfig) -> bool:
     if cfg.tsv_header != "auto":
         return cfg.tsv_header == "yes"
     return _header_names(file)[:1] == [cfg.url_col]
 
 
-def _header_names(file: Path) -> list[str]:
-    opener = gzip.open if file.name.lower().endswith(".gz") else open
-    with opener(file, "rb") as handle:
+def _header_names(file: RootPath) -> list[str]:
+    with _open_binary(file) as handle:
         first = handle.readline().rstrip(b"\r\n")
     return first.decode("utf-8", errors="replace").split("\t")
+
+
+@contextmanager
+def _open_binary(file: RootPath) -> Iterator[BinaryIO]:
+    """A list file's bytes, gunzipped when its name says so (pyarrow infers that only from local names)."""
+    with file.open("rb") as raw:
+        yield gzip.GzipFile(fileobj=raw) if file.name.lower().endswith(".gz") else raw
 
 
 def _as_utf8(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, int]:
@@ -195,7 +208,7 @@ def _as_utf8(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, int]:
         return pa.chunked_array([pa.array(decoded, pa.string())]), fixed
 
 
-def _read_plan(plan_file: Path) -> DownloadPlan | None:
+def _read_plan(plan_file: RootPath) -> DownloadPlan | None:
     try:
         raw = json.loads(plan_file.read_text())
         raw["inputs"] = tuple(InputFile(**f) for f in raw["inputs"])

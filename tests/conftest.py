@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec.config
 import pytest
 import ray
 
@@ -27,6 +32,71 @@ class SlowCapableHandler(QuietHandler):
             time.sleep(SLOW_SECONDS)
             self.path = self.path[len("/slow") :]
         super().do_GET()
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now, all different (held open together while they are picked)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    return _free_ports
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """A bucket on a real S3 API server on 127.0.0.1, and the environment that points fsspec at it."""
+
+    bucket: str
+    env: dict[str, str]
+
+    def uri(self, name: str) -> str:
+        return f"s3://{self.bucket}/{name}"
+
+
+@pytest.fixture(scope="module")
+def object_store() -> Iterator[ObjectStore]:
+    """moto's S3 server (real HTTP, real S3 protocol: s3fs and pyarrow talk to it as to S3), with
+    fsspec configured through the ``FSSPEC_S3_*`` variables the README documents, for this module."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "FSSPEC_S3_KEY": "test-key",
+        "FSSPEC_S3_SECRET": "test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    store = ObjectStore("four-m-test", env)
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="test-key", aws_secret_access_key="test-secret"
+    )
+    client.create_bucket(Bucket=store.bucket)
+    try:
+        yield store
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        fsspec.config.conf.pop("s3", None)
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
 
 
 def _session_members(session: int) -> list[int]:

@@ -11,16 +11,14 @@ exists is finished, and a killed run leaves only a temporary folder, cleared on 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from four_m import __version__
+from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.modalities import MAP_MODALITIES, MODALITIES
@@ -71,7 +69,7 @@ def fit_group(root: DatasetRoot, group: str, config: Config, shards: list[int]) 
         if not values:
             raise ValueError(f"{group}: no usable rows in the first shards to train a tokenizer on")
         # A label file's metadata gives the adapter's settings (semseg classes, clip width).
-        params = ADAPTERS[group].params_of(pq.read_schema(source_file(root, group, shards[0])))
+        params = ADAPTERS[group].params_of(storage.read_schema(source_file(root, group, shards[0])))
         with _finished_folder(root, group) as folder:
             size = values[0].shape[-1]  # the label view, or clip's feature grid
             accelerator = "gpu" if config.tokenize.num_gpus > 0 else "cpu"
@@ -100,7 +98,7 @@ def _caption_texts(root: DatasetRoot, shards: list[int], limit: int) -> Iterator
     rows = 0
     for shard in shards:
         path = root / f"{MODALITIES['caption'].folder}/{shard_name(shard)}.parquet"
-        table = pq.read_table(path, columns=["alt_text", "caption"])
+        table = storage.read_table(path, columns=["alt_text", "caption"])
         for alt_text, caption in zip(table["alt_text"].to_pylist(), table["caption"].to_pylist(), strict=True):
             yield from (t for t in (alt_text, caption) if isinstance(t, str) and t.strip())
             rows += 1
@@ -121,20 +119,20 @@ def _values(root: DatasetRoot, modality: str, config: Config, shards: list[int])
 
 
 class _finished_folder:
-    """A temporary folder beside ``tokenizers/<modality>``, renamed into place if the block succeeds."""
+    """A temporary local folder beside ``tokenizers/<modality>`` (or in local scratch, for a remote
+    root), put in place if the block succeeds: renamed, or uploaded with ``trained.json`` last."""
 
     def __init__(self, root: DatasetRoot, modality: str):
         self.final = tokenizer_dir(root, modality)
-        self.temp = self.final.with_name(f".{modality}.{uuid.uuid4().hex[:8]}.tmp")
+        self.temp = storage.scratch(self.final.parent) / f".{modality}.{uuid.uuid4().hex[:8]}.tmp"
 
     def __enter__(self) -> Path:
         self.temp.mkdir(parents=True)
         return self.temp
 
     def __exit__(self, kind, *exc) -> None:
-        if kind is None:
-            shutil.rmtree(self.final, ignore_errors=True)  # only ever an unfinished or stale one
-            os.replace(self.temp, self.final)
+        if kind is None:  # what it replaces is only ever an unfinished or stale one
+            storage.publish_folder(self.temp, self.final, last=TRAINED)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 

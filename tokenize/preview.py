@@ -12,9 +12,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.modalities import MODALITIES
@@ -34,7 +34,7 @@ def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Pat
     root = DatasetRoot(config.root)
     size = config.label.size
     modalities = [m for m in MODALITIES if m in config.tokenize.modalities and token_file(root, m, shard).is_file()]
-    images = pq.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg", "status"]).to_pylist()
+    images = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg", "status"]).to_pylist()
     views = {i: label_view(row["jpg"], size) for i, row in enumerate(images) if row["status"] == "success"}
     chosen = [i for i, view in views.items() if view is not None][:samples]
     columns = [f"{m} {kind}" for m in modalities for kind in ("original", "from tokens")]

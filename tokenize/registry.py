@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from types import MappingProxyType
 
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.modalities import MAP_MODALITIES
+from four_m.core.storage import RootPath, local_copy
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.boxes import BoxSequenceTokenizer
 from four_m.tokenize.text import TextTokenizer
@@ -18,7 +18,7 @@ TOKENIZERS: MappingProxyType[str, type[Tokenizer]] = MappingProxyType(
 )
 
 
-def tokenizer_dir(root: DatasetRoot, modality: str) -> Path:
+def tokenizer_dir(root: DatasetRoot, modality: str) -> RootPath:
     return root / f"tokenizers/{modality}"
 
 
@@ -26,7 +26,8 @@ def load_tokenizer(root: DatasetRoot, modality: str) -> Tokenizer:
     directory = tokenizer_dir(root, modality)
     if not (directory / TRAINED).is_file():
         raise FileNotFoundError(f"no trained {modality} tokenizer in {directory}: run `make tokenizers` first")
-    return TOKENIZERS[modality].load(directory)
+    with local_copy(directory) as local:
+        return TOKENIZERS[modality].load(local)
 
 
 TRAINED = "trained.json"
@@ -38,6 +39,6 @@ def tokenizer_id(root: DatasetRoot, modality: str) -> str:
     digest = hashlib.sha256()
     directory = tokenizer_dir(root, modality)
     for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(directory)).encode())
+        digest.update(file.relative_to(directory).as_posix().encode())
         digest.update(file.read_bytes())
     return f"{modality}-{digest.hexdigest()[:12]}"

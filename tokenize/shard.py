@@ -10,8 +10,8 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.summary import ShardReport
@@ -35,7 +35,7 @@ def tokenize_shard(
     provenance: Mapping[str, dict[str, str]],
 ) -> dict[str, ShardReport]:
     """Write the shard's token file of every modality in ``tokenizers``; one report per modality."""
-    image_keys = pq.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"].to_pylist()
+    image_keys = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"].to_pylist()
     reports = {}
     for modality, tokenizer in tokenizers.items():
         started = time.perf_counter()

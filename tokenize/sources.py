@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.modalities import MODALITIES
@@ -42,7 +42,7 @@ def read_rows(root: DatasetRoot, modality: str, shard: int, config: Config) -> M
     if not path.is_file():
         stage = "download" if MODALITIES[modality].folder == "images" else f"label (labeler {modality})"
         raise FileNotFoundError(f"{path} is missing: run the {stage} stage first")
-    table = pq.read_table(path)
+    table = storage.read_table(path)
     values, errors = READERS[modality](table, config)
     return ModalityRows(table["key"].to_pylist(), values, errors)
 

@@ -13,13 +13,12 @@ without zstd. Row groups of ``row_group_rows`` rows are what a streaming reader 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from four_m.core import storage
 from four_m.core.dataset_root import atomic_path
+from four_m.core.storage import RootPath
 from four_m.tokenize.base import TOKEN_DTYPE
 
 TOKEN_TYPE = pa.uint16()
@@ -54,15 +53,15 @@ def token_table(keys: list[str], ids: list[np.ndarray | None], errors: list[str 
     return pa.Table.from_arrays([pa.array(keys, pa.string()), tokens, pa.array(errors, pa.string())], schema=schema)
 
 
-def write_tokens(final: Path, table: pa.Table, row_group_rows: int) -> None:
+def write_tokens(final: RootPath, table: pa.Table, row_group_rows: int) -> None:
     """Write one shard atomically (temp file, then rename)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(final) as temp:
-        pq.write_table(table, temp, compression=COMPRESSION, use_dictionary=True, row_group_size=row_group_rows)
+        storage.write_table(table, temp, compression=COMPRESSION, use_dictionary=True, row_group_size=row_group_rows)
 
 
-def read_token_rows(path: Path) -> tuple[list[str], list[np.ndarray | None]]:
+def read_token_rows(path: RootPath) -> tuple[list[str], list[np.ndarray | None]]:
     """Keys and per-row id arrays (None for an absent modality), for previews and tests."""
-    table = pq.read_table(path, columns=["key", "tokens"])
+    table = storage.read_table(path, columns=["key", "tokens"])
     rows = [None if row is None else np.asarray(row, TOKEN_DTYPE) for row in table["tokens"].to_pylist()]
     return table["key"].to_pylist(), rows

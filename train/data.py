@@ -51,6 +51,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from four_m.core import storage
 from four_m.core.errors import UserError
 from four_m.train.batch import MaskedBatch
 from four_m.train.masking import Masker, ModalityInfo
@@ -136,7 +137,7 @@ class TokenShards:
         naming the files when their row counts or keys (row by row) differ.
         """
         with ExitStack() as stack:
-            files = [stack.enter_context(pq.ParquetFile(shard.files[m])) for m in self.modalities]
+            files = [stack.enter_context(storage.parquet_file(shard.files[m])) for m in self.modalities]
             rows = {shard.files[m]: f.metadata.num_rows for m, f in zip(self.modalities, files, strict=True)}
             if len(set(rows.values())) > 1:
                 listed = ", ".join(f"{path}: {n}" for path, n in rows.items())
@@ -190,7 +191,7 @@ def store_vocabularies(root: str | Path, modalities: Sequence[str]) -> dict[str,
     for modality in modalities:
         first: tuple[dict[str, Any], Path] | None = None
         for path in sorted(_shard_files(Path(root), modality).values()):
-            schema = pq.read_schema(path)
+            schema = storage.read_schema(path)
             meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
             missing = [k for k in VOCABULARY_KEYS if f"four_m.{k}" not in meta]
             if missing:

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,19 +55,10 @@ class Cluster:
         return [n for n in nodes if n["state"] == "ALIVE"]
 
 
-def _free_ports(count: int) -> list[str]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [str(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-def _start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """One ``ray start --block`` in its own session: killing that session stops the node."""
-    agent, agent_grpc, runtime_env, metrics = _free_ports(4)
+def _start_node(args: list[str], ports: list[int], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """One ``ray start --block`` in its own session (killing that session stops the node), on the
+    given four free ports for its agents."""
+    agent, agent_grpc, runtime_env, metrics = ports
     command = [
         str(RAY),
         "start",
@@ -99,7 +89,7 @@ def _wait_for(condition, what: str, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, kill_session) -> Iterator[Cluster]:
+def cluster(tmp_path_factory, free_ports, kill_session) -> Iterator[Cluster]:
     # Ray's socket paths must stay short: its own folder directly under /tmp.
     temp = Path(tempfile.mkdtemp(prefix="fm-ray-", dir="/tmp"))
     logs = tmp_path_factory.mktemp("cluster")
@@ -107,7 +97,7 @@ def cluster(tmp_path_factory, kill_session) -> Iterator[Cluster]:
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
-    gcs, dashboard, client = _free_ports(3)
+    gcs, dashboard, client, *agents = free_ports(11)
     nodes = []
     try:
         head_args = [
@@ -119,10 +109,10 @@ def cluster(tmp_path_factory, kill_session) -> Iterator[Cluster]:
             f"--ray-client-server-port={client}",
             f"--temp-dir={temp}",
         ]
-        nodes.append(_start_node(head_args, env, logs / "head.log"))
+        nodes.append(_start_node(head_args, agents[:4], env, logs / "head.log"))
         cluster = Cluster(f"http://127.0.0.1:{dashboard}", env)
         _wait_for(lambda: len(cluster.alive_nodes()) == 1, "the head node", logs / "head.log")
-        nodes.append(_start_node([f"--address=127.0.0.1:{gcs}"], env, logs / "worker.log"))
+        nodes.append(_start_node([f"--address=127.0.0.1:{gcs}"], agents[4:], env, logs / "worker.log"))
         _wait_for(lambda: len(cluster.alive_nodes()) == 2, "the worker node", logs / "worker.log")
         yield cluster
     finally:
@@ -178,13 +168,13 @@ def _config_file(small_config, root: Path, path: Path, *overrides: str) -> Path:
 
 
 @pytest.mark.slow
-def test_download_and_label_run_as_jobs_on_a_two_node_cluster(cluster, tmp_path, small_config):
+def test_download_and_label_run_as_jobs_on_a_two_node_cluster(cluster, tmp_path, small_config, free_ports):
     root = tmp_path / "root"
     config_file = _config_file(
         small_config,
         root,
         tmp_path / "config.yaml",
-        f"sample.port={_free_ports(1)[0]}",
+        f"sample.port={free_ports(1)[0]}",
         # Nodes of one CPU: the labelers' shared actor (six labelers) must fit on one of them.
         *(f"label.{name}.num_cpus=0.1" for name in LABELER_NAMES),
     )

@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -88,8 +87,7 @@ class Stage:
     writes: tuple[str, ...]
     """Root-relative folders the stage writes (removed to redo the stage)."""
     work: str
-    """The folder where the stage's work shows first (after Ray and the models have started): kill
-    moments count from the run's first write there."""
+    """The folder where the stage's work shows first: kill points count from the run's first write there."""
     units: Callable[[Path], int]
     """Finished units of work on disk (shards, tokenizers, training steps up to the last checkpoint)."""
     finished: Callable[[Path], list[Path]]
@@ -436,7 +434,7 @@ STAGES = {
     "label": Stage(
         "label",
         ("_models", "labels", "_state/label"),
-        "labels",
+        "_state/label",  # labels/ sees a shard only when it is done: its run config is written first
         _shards("_state/label/*/*.done.json"),
         _marked_files("_state/label/*/*.done.json"),
         _compare_label,
@@ -513,12 +511,6 @@ def figure_lines(pytestconfig) -> list[str]:
     return plugin.lines
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _write_config(config: Config, path: Path) -> Path:
     path.write_text(config.to_yaml())
     return path
@@ -529,9 +521,10 @@ def _write_config(config: Config, path: Path) -> Path:
 
 
 def test_a_download_killed_at_random_resumes_to_the_uninterrupted_output(
-    tmp_path, ray_local, small_config, kill_session, figure_lines
+    tmp_path, ray_local, small_config, free_ports, kill_session, figure_lines
 ):
-    reference = small_config(tmp_path / "reference", f"sample.port={_free_port()}", "download.samples_per_shard=4")
+    (port,) = free_ports(1)
+    reference = small_config(tmp_path / "reference", f"sample.port={port}", "download.samples_per_shard=4")
     seconds = run_download(reference, progress=False).seconds
     started = time.perf_counter()
     crashed = dataclasses.replace(reference, root=str(tmp_path / "crashed"))
@@ -574,11 +567,13 @@ def test_tokenize_killed_at_random_resumes_to_the_uninterrupted_output(tmp_path,
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, small_config, tiny_tokenizers, kill_session) -> tuple[Path, Path, dict[str, float]]:
+def chain(
+    tmp_path_factory, small_config, tiny_tokenizers, free_ports, kill_session
+) -> tuple[Path, Path, dict[str, float]]:
     """The embedded sample through every stage, uninterrupted, by the CLI: the reference of every
     stage and the inputs of the next. Returns the config file, the root and each stage's work seconds."""
     base = tmp_path_factory.mktemp("crash")
-    overrides = [f"sample.port={_free_port()}", "download.samples_per_shard=4", *tiny_tokenizers, *TRAIN]
+    overrides = [f"sample.port={free_ports(1)[0]}", "download.samples_per_shard=4", *tiny_tokenizers, *TRAIN]
     config = small_config(base / "reference", *overrides)
     config_file = _write_config(config, base / "config.yaml")
     seconds = {}

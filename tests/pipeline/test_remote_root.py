@@ -1,0 +1,93 @@
+"""Stages on a dataset root in an object store (S3 protocol, served on 127.0.0.1): each writes
+byte for byte what it writes on a local root, and resumes the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from four_m.core import storage
+from four_m.core.config import Config
+from four_m.core.dataset_root import DatasetRoot
+from four_m.pipeline.download import run_download
+from four_m.pipeline.label import run_label
+from four_m.pipeline.tokenize import run_tokenize
+from four_m.pipeline.tokenizers import run_tokenizer_training
+
+MAPS = ("rgb", "depth", "normal", "semseg", "clip")
+
+
+def _digests(root: DatasetRoot, stage: str) -> dict[str, str]:
+    """Every file the stage's markers list, by root-relative path, with its recorded sha256."""
+    state = root.stage(stage)
+    shards = sorted(int(p.name.split(".")[0]) for p in state.folder.glob("*.done.json"))
+    assert shards, f"no {stage} markers under {root.path}"
+    return {f.path: f.sha256 for s in shards for f in state.read_marker(s).files}
+
+
+def _upload(local: Path, remote: storage.RootPath, folders: list[str]) -> None:
+    """Copy some of a local root's folders to the remote root, as a stage there would have left them."""
+    for folder in folders:
+        for file in (local / folder).rglob("*"):
+            if file.is_file():
+                target = remote / file.relative_to(local).as_posix()
+                target.fs.put_file(str(file), target.path)
+
+
+def _remote(config: Config, uri: str) -> Config:
+    return dataclasses.replace(config, root=uri)
+
+
+def test_the_sample_downloads_to_an_object_store_as_to_a_local_root(
+    object_store, ray_local, small_config, free_ports, tmp_path
+):
+    (port,) = free_ports(1)
+    local = small_config(tmp_path / "local", f"sample.port={port}", "download.samples_per_shard=4")
+    reference = run_download(local, progress=False)
+    remote = _remote(local, object_store.uri("download"))
+    summary = run_download(remote, progress=False)
+    assert summary.shards_failed == {} == reference.shards_failed
+    assert (summary.rows_in, summary.rows_out, summary.failures) == (14, 10, reference.failures)
+    root = DatasetRoot(remote.root)
+    assert storage.is_remote(root.path)
+    local_images = {p: d for p, d in _digests(DatasetRoot(local.root), "download").items() if p.endswith(".parquet")}
+    assert {p: d for p, d in _digests(root, "download").items() if p.endswith(".parquet")} == local_images
+    assert not any(p.name.endswith(".tmp") or p.name == "_tmp" for p in (root / "images").iterdir())
+    rerun = run_download(remote, progress=False)
+    assert rerun.shards_done == 0 and rerun.shards_skipped == summary.shards_done
+
+
+def test_labels_made_on_an_object_store_equal_those_made_locally(object_store, labelled):
+    config, _, _ = labelled
+    uri = object_store.uri("label")
+    _upload(Path(config.root), storage.location(uri), ["images", "_state/download"])
+    remote = _remote(config, uri)
+    # Every labeler, as the fixture ran them: pools (and so each actor's threads) shape the floats.
+    summary = run_label(remote, progress=False)
+    assert all(summary.shards_done[name] == 3 for name in config.label.labelers)
+    for name in config.label.labelers:
+        assert _digests(DatasetRoot(uri), f"label/{name}") == _digests(DatasetRoot(config.root), f"label/{name}")
+    assert run_label(remote, only=("depth",), progress=False).shards_skipped["depth"] == 3
+
+
+def test_tokenizers_trained_and_tokens_made_on_an_object_store_equal_local_ones(object_store, tokenized):
+    config, _, _, _ = tokenized
+    modality = "depth"
+    uri = object_store.uri("tokenize")
+    local = Path(config.root)
+    # Everything the tokenize fixture started from, and every tokenizer but one: that one is trained here.
+    kept = [f"tokenizers/{m}" for m in ("rgb", "depth", "normal", "semseg", "clip", "caption", "det") if m != modality]
+    _upload(local, storage.location(uri), ["images", "labels", "_state/download", "_state/label", *kept])
+    remote = _remote(config, uri)
+    training = run_tokenizer_training(remote)
+    assert list(training.trained) == [modality] and not training.failed
+    for name in ("config.json", "model.safetensors", "trained.json"):
+        made, reference = DatasetRoot(uri) / f"tokenizers/{modality}/{name}", local / f"tokenizers/{modality}/{name}"
+        if name == "trained.json":  # its metrics hold the training's seconds
+            assert made.is_file()
+        else:
+            assert made.read_bytes() == reference.read_bytes(), name
+    summary = run_tokenize(remote, progress=False)
+    assert not summary.shards_failed
+    for name in (*MAPS, "caption", "det"):
+        assert _digests(DatasetRoot(uri), f"tokenize/{name}") == _digests(DatasetRoot(config.root), f"tokenize/{name}")
