@@ -33,8 +33,10 @@ ENV_PREFIXES = ("FSSPEC_", "AWS_", "GOOGLE_", "AZURE_")
 """Environment variables that configure fsspec filesystems: forwarded to Ray workers on other nodes."""
 
 
-def location(path: str | os.PathLike) -> RootPath:
+def location(path: str | os.PathLike | UPath) -> RootPath:
     """``path`` as a local absolute path, or a remote one when it names a non-local protocol."""
+    if isinstance(path, UPath):
+        return path if is_remote(path) else Path(path.path).resolve()
     text = os.fspath(path)
     scheme, sep, rest = text.partition("://")
     if not sep or scheme.lower() in LOCAL_SCHEMES:
@@ -85,13 +87,29 @@ def local_copy(folder: RootPath) -> Iterator[Path]:
         yield folder
         return
     with tempfile.TemporaryDirectory(prefix="four_m-copy-") as temp:
-        target = Path(temp)
-        for source in folder.rglob("*"):
-            if source.is_file():
-                destination = target / source.relative_to(folder).as_posix()
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                source.fs.get_file(source.path, str(destination))
+        download_folder(folder, Path(temp))
+        yield Path(temp)
+
+
+@contextmanager
+def local_file(path: RootPath) -> Iterator[Path]:
+    """``path`` itself when local; else a temporary local copy of the one file, for the block."""
+    if not is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="four_m-file-") as temp:
+        target = Path(temp) / path.name
+        path.fs.get_file(path.path, str(target))
         yield target
+
+
+def download_folder(folder: RootPath, target: Path) -> None:
+    """Copy every file under a remote ``folder`` into the local ``target`` folder."""
+    for source in folder.rglob("*"):
+        if source.is_file():
+            destination = target / source.relative_to(folder).as_posix()
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            source.fs.get_file(source.path, str(destination))
 
 
 def publish_folder(local: Path, final: RootPath, last: str) -> None:

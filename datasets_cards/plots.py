@@ -8,7 +8,6 @@ render anywhere together (the committed sample card too): plots (matplotlib, Agg
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +55,7 @@ def write_figures(stats: DatasetStats, root: DatasetRoot) -> dict[str, Figure]:
         curve = root / f"runs/{run.name}/loss.png"
         if curve.is_file():
             with atomic_path(folder / f"loss_{run.name}.png") as temp:
-                shutil.copyfile(curve, temp)
+                temp.write_bytes(curve.read_bytes())
             figures[f"loss_{run.name}"] = Figure(f"{FOLDER}/loss_{run.name}.png", f"runs/{run.name}: training loss")
     kept = {root / f.path for f in figures.values()}
     for stale in folder.glob("*.png"):
@@ -68,18 +67,19 @@ def write_figures(stats: DatasetStats, root: DatasetRoot) -> dict[str, Figure]:
 def _save_plot(figure: plt.Figure, final: Path, root: DatasetRoot) -> str:
     figure.tight_layout()
     with atomic_path(final) as temp:
-        figure.savefig(temp, format="png")
+        with temp.open("wb") as handle:
+            figure.savefig(handle, format="png")
     plt.close(figure)
-    return str(final.relative_to(root.path))
+    return final.relative_to(root.path).as_posix()
 
 
 def _save_thumbnail(source: Path, final: Path, root: DatasetRoot) -> str:
-    with Image.open(source) as image:
+    with source.open("rb") as handle, Image.open(handle) as image:
         image = image.convert("RGB")
         image.thumbnail((PREVIEW_WIDTH, PREVIEW_WIDTH * 4))
-        with atomic_path(final) as temp:
-            image.quantize(256).save(temp, format="PNG", optimize=True)  # a palette: a third of the bytes
-    return str(final.relative_to(root.path))
+        with atomic_path(final) as temp, temp.open("wb") as out:
+            image.quantize(256).save(out, format="PNG", optimize=True)  # a palette: a third of the bytes
+    return final.relative_to(root.path).as_posix()
 
 
 def _bars(names: list[str], values: list[float], xlabel: str, title: str) -> plt.Figure:

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from four_m.core import storage
 from four_m.core.config import Config
-from four_m.core.dataset_root import DatasetRoot
+from four_m.core.dataset_root import DatasetRoot, atomic_path
 from four_m.labelers.base import RANDOM_INIT
 from four_m.labelers.encode import decode_png
 from four_m.pipeline.views import label_view
@@ -101,8 +101,8 @@ def write_label_preview(config: Config, samples: int = 8, shard: int = 0) -> Pat
         for column, tile in enumerate(tiles):
             grid.paste(Image.fromarray(tile), (column * size, header + line * size))
     out = root / "preview/labels.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    with atomic_path(out) as temp, temp.open("wb") as handle:
+        grid.save(handle, format="PNG")
     return out
 
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from four_m.core import storage
 from four_m.core.config import Config
-from four_m.core.dataset_root import DatasetRoot, shard_name
+from four_m.core.dataset_root import DatasetRoot, atomic_path, shard_name
 from four_m.core.modalities import MODALITIES
 from four_m.labelers.preview import render_det
 from four_m.pipeline.views import label_view
@@ -54,8 +54,8 @@ def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Pat
                 tile = render_value(modality, value, views[index], size)
                 grid.paste(Image.fromarray(tile), ((2 * m_index + offset) * size, HEADER + line * size))
     out = root / "preview/tokens.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    with atomic_path(out) as temp, temp.open("wb") as handle:
+        grid.save(handle, format="PNG")
     return out
 
 

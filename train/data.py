@@ -98,7 +98,7 @@ class TokenShards:
     def __init__(
         self, root: str | Path, modalities: Sequence[str], *, skip_incomplete: bool = False, holdout: int = 0
     ) -> None:
-        self.root = Path(root)
+        self.root = storage.location(root)
         self.modalities = tuple(modalities)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"needs distinct modalities, got {self.modalities}")
@@ -190,7 +190,7 @@ def store_vocabularies(root: str | Path, modalities: Sequence[str]) -> dict[str,
     out = {}
     for modality in modalities:
         first: tuple[dict[str, Any], Path] | None = None
-        for path in sorted(_shard_files(Path(root), modality).values()):
+        for path in sorted(_shard_files(storage.location(root), modality).values()):
             schema = storage.read_schema(path)
             meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
             missing = [k for k in VOCABULARY_KEYS if f"four_m.{k}" not in meta]
@@ -397,7 +397,7 @@ class TokenDataModule(L.LightningDataModule):
         names = tuple(m.name for m in masker.modalities)
         if modalities is not None and tuple(modalities) != names:
             raise ValueError(f"modalities {tuple(modalities)} are not the masker's {names}")
-        self.root = Path(root)
+        self.root = storage.location(root)
         self.masker = masker
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -25,8 +25,9 @@ from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path, clear_temporaries, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
+from four_m.core.storage import RootPath
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
-from four_m.train.checkpoints import AtomicCheckpointIO
+from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
 from four_m.train.data import TokenDataModule, store_vocabularies
 from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
 from four_m.train.model import ModelConfig, ModelModality
@@ -41,7 +42,7 @@ class TrainingMismatchError(UserError):
 
 @dataclass(frozen=True)
 class TrainSummary:
-    run_dir: Path
+    run_dir: RootPath
     steps: int
     losses: list[tuple[int, float]]
     """(step, logged train loss), over every launch of the run."""
@@ -60,7 +61,9 @@ def run_train(config: Config) -> TrainSummary:
     root = DatasetRoot(config.root)
     cfg = config.train
     modalities = model_modalities(root, cfg.modalities)
-    run_dir = root / f"runs/{cfg.run}"
+    mirror = RunMirror(root / f"runs/{cfg.run}")
+    mirror.pull()
+    run_dir = mirror.local  # where Lightning writes: the run folder itself, or its local mirror
     resume = run_dir / "checkpoints" / LAST
     if resume.is_file():
         check_checkpoint(resume, modalities)
@@ -108,7 +111,7 @@ def run_train(config: Config) -> TrainSummary:
                 dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True
             )
         ],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(after_save=mirror.push)],
         log_every_n_steps=cfg.log_every_n_steps,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -129,7 +132,9 @@ def run_train(config: Config) -> TrainSummary:
         }
         write_text_atomic(run_dir / "model.json", json.dumps(described, indent=1))
         plot_losses(losses, run_dir / "loss.png")
-    return TrainSummary(run_dir, trainer.global_step, losses, time.perf_counter() - started)
+        mirror.push()
+    mirror.release()
+    return TrainSummary(mirror.remote, trainer.global_step, losses, time.perf_counter() - started)
 
 
 def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelModality]:

@@ -61,7 +61,8 @@ def write_samples(config: Config, image: Path | None = None, caption: str | None
     out = run.directory / f"samples/{'+'.join(given)}-to-{'+'.join(targets)}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as temp:
-        grid.save(temp, format="PNG")
+        with temp.open("wb") as handle:
+            grid.save(handle, format="PNG")
     return out
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from safetensors.torch import load_model
 
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
+from four_m.core.storage import RootPath, local_file
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.model import FourM, ModelConfig, ModelModality
@@ -30,7 +30,7 @@ class RunMismatchError(UserError):
 
 @dataclass
 class TrainedRun:
-    directory: Path
+    directory: RootPath
     model: FourM
     """In eval mode, on the CPU."""
     tokenizers: dict[str, Tokenizer]
@@ -65,5 +65,6 @@ def load_trained(config: Config) -> TrainedRun:
             )
         tokenizers[modality.name] = tokenizer
     model = FourM(ModelConfig(**spec["model"]), modalities)
-    load_model(model, str(weights))
+    with local_file(weights) as local:  # the run folder may be on a remote root
+        load_model(model, str(local))
     return TrainedRun(directory, model.eval(), tokenizers)

@@ -4,7 +4,8 @@
 temporary folder, private ports and a private auth token, so that nothing here touches the other Ray
 sessions on this machine (and never ``ray stop``, which stops every one of them). The download and
 label stages run as ``ray job submit`` jobs whose driver joins the cluster through the
-``RAY_ADDRESS`` that Ray sets for a job; their outputs are then checked. Slow: ``make cluster-test``.
+``RAY_ADDRESS`` that Ray sets for a job, into a dataset root on an S3 server (moto's, on 127.0.0.1);
+their outputs are then checked. Slow: ``make cluster-test``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
+from four_m.core import storage
 from four_m.core.config import LABELER_NAMES, RayConfig
 from four_m.pipeline.executor import cluster_address
 
@@ -121,8 +122,9 @@ def cluster(tmp_path_factory, free_ports, kill_session) -> Iterator[Cluster]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _submit(cluster: Cluster, verb: str, config_file: Path, log: Path) -> tuple[bool, str]:
-    """``ray job submit`` one stage and wait for it: whether it succeeded, and its output."""
+def _submit(cluster: Cluster, verb: str, config_file: Path, log: Path, env: dict[str, str]) -> tuple[bool, str]:
+    """``ray job submit`` one stage, ``env`` in its runtime env, and wait for it: whether it
+    succeeded, and its output."""
     run = subprocess.run(
         [
             str(RAY),
@@ -131,7 +133,7 @@ def _submit(cluster: Cluster, verb: str, config_file: Path, log: Path) -> tuple[
             f"--address={cluster.dashboard}",
             # A job-level runtime env, as real submissions have: it must combine with the stages' own.
             "--runtime-env-json",
-            json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
+            json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", **env}}),
             "--",
             sys.executable,
             "-m",
@@ -155,31 +157,35 @@ def _job_id(output: str) -> str:
     return output.split("Job '", 1)[1].split("'", 1)[0] if "Job '" in output else ""
 
 
-def _keys(folder: Path) -> Counter:
-    return Counter(
-        k for f in sorted(folder.glob("*.parquet")) for k in pq.read_table(f, columns=["key"])["key"].to_pylist()
-    )
+def _keys(folder: storage.RootPath) -> Counter:
+    files = sorted(folder.glob("*.parquet"))
+    return Counter(k for f in files for k in storage.read_table(f, columns=["key"])["key"].to_pylist())
 
 
-def _config_file(small_config, root: Path, path: Path, *overrides: str) -> Path:
+def _config_file(small_config, root: str, path: Path, *overrides: str) -> Path:
     config = small_config(root, f"download.samples_per_shard={-(-ROWS // SHARDS)}", *overrides)
     path.write_text(config.to_yaml())
     return path
 
 
 @pytest.mark.slow
-def test_download_and_label_run_as_jobs_on_a_two_node_cluster(cluster, tmp_path, small_config, free_ports):
-    root = tmp_path / "root"
+def test_download_and_label_run_as_jobs_on_a_two_node_cluster_into_an_object_store(
+    cluster, object_store, tmp_path, small_config, free_ports
+):
+    """The dataset root is an S3 bucket (on 127.0.0.1) that both nodes read and write; the jobs get
+    its endpoint and credentials through their runtime env, as a real submission would."""
+    uri = object_store.uri("cluster-root")
+    root = storage.location(uri)
     config_file = _config_file(
         small_config,
-        root,
+        uri,
         tmp_path / "config.yaml",
         f"sample.port={free_ports(1)[0]}",
         # Nodes of one CPU: the labelers' shared actor (six labelers) must fit on one of them.
         *(f"label.{name}.num_cpus=0.1" for name in LABELER_NAMES),
     )
 
-    ok, out = _submit(cluster, "download", config_file, tmp_path / "download.log")
+    ok, out = _submit(cluster, "download", config_file, tmp_path / "download.log", object_store.env)
     assert ok and f"rows in {ROWS}, rows out 10, failed 4" in out and f"shards done {SHARDS}" in out, out[-3000:]
     images = _keys(root / "images")
     assert len(images) == ROWS and set(images.values()) == {1}
@@ -188,17 +194,17 @@ def test_download_and_label_run_as_jobs_on_a_two_node_cluster(cluster, tmp_path,
     assert len(shards) == SHARDS and len({t["node_id"] for t in shards}) == 2, "the shards should use both nodes"
 
     # 6 x 0.25 CPUs: the whole cluster has them, but no node can hold the actor. Refused, not hung.
-    too_big = _config_file(small_config, root, tmp_path / "too_big.yaml")
-    ok, out = _submit(cluster, "label", too_big, tmp_path / "label-too-big.log")
+    too_big = _config_file(small_config, uri, tmp_path / "too_big.yaml")
+    ok, out = _submit(cluster, "label", too_big, tmp_path / "label-too-big.log", object_store.env)
     assert not ok and "needs 1.5 CPUs and 0 GPUs on one node, but no node of the Ray cluster" in out, out[-3000:]
     assert not list(root.glob("labels/*/*.parquet"))
 
-    ok, out = _submit(cluster, "label", config_file, tmp_path / "label.log")
+    ok, out = _submit(cluster, "label", config_file, tmp_path / "label.log", object_store.env)
     assert ok, out[-3000:]
     for name in LABELER_NAMES:
         assert f"label/{name}: rows {ROWS}, labelled 10, failed 4 (no_image: 4); shards done {SHARDS}" in out
         assert _keys(root / f"labels/{name}") == images, name
-    depth = pq.read_table(root / "labels/depth/00000.parquet")
+    depth = storage.read_table(root / "labels/depth/00000.parquet")
     assert [d is not None for d in depth["depth"].to_pylist()] == [e is None for e in depth["error"].to_pylist()]
 
 

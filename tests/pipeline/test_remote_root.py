@@ -4,15 +4,22 @@ byte for byte what it writes on a local root, and resumes the same way."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
+from PIL import Image
+
 from four_m.core import storage
-from four_m.core.config import Config
+from four_m.core.config import Config, load_config
 from four_m.core.dataset_root import DatasetRoot
+from four_m.datasets_cards.card import write_card
 from four_m.pipeline.download import run_download
 from four_m.pipeline.label import run_label
 from four_m.pipeline.tokenize import run_tokenize
 from four_m.pipeline.tokenizers import run_tokenizer_training
+from four_m.train.evaluate import run_eval
+from four_m.train.run import run_train
+from four_m.train.sample import write_samples
 
 MAPS = ("rgb", "depth", "normal", "semseg", "clip")
 
@@ -91,3 +98,53 @@ def test_tokenizers_trained_and_tokens_made_on_an_object_store_equal_local_ones(
     assert not summary.shards_failed
     for name in (*MAPS, "caption", "det"):
         assert _digests(DatasetRoot(uri), f"tokenize/{name}") == _digests(DatasetRoot(config.root), f"tokenize/{name}")
+
+
+RUN = [
+    "train.model=nano",
+    "train.batch_size=4",
+    "train.input_budget=24",
+    "train.target_budget=24",
+    "train.warmup_steps=1",
+    "train.log_every_n_steps=1",
+    "train.holdout_shards=1",
+    "generate.steps=3",
+    "generate.max_tokens=6",
+    "generate.samples=2",
+]
+
+
+def test_a_run_trained_resumed_sampled_evaluated_and_carded_on_an_object_store(object_store, tokenized, tmp_path):
+    """What a researcher does with a remote token store: the weights equal a local run's, a resume
+    on a machine without the local mirror continues the remote run, and sample, eval and card
+    write their outputs into the bucket."""
+    source, _, _, _ = tokenized
+    uri = object_store.uri("research")
+    remote_root = storage.location(uri)
+    _upload(Path(source.root), remote_root, ["images", "labels", "tokenizers", "tokens", "_state"])
+    local_root = tmp_path / "root"
+    shutil.copytree(source.root, local_root)
+    local = load_config("default", [f"label.size={source.label.size}", *RUN], root=str(local_root))
+    remote = _remote(local, uri)
+
+    for steps in (3, 5):  # 5: resumed from the checkpoint of step 3
+        config = dataclasses.replace(local, train=dataclasses.replace(local.train, max_steps=steps))
+        run_train(config)
+        if steps == 5:
+            shutil.rmtree(storage.scratch(remote_root / "runs/tiny"))  # another machine: only the bucket
+        summary = run_train(dataclasses.replace(remote, train=config.train))
+        assert summary.steps == steps and [s for s, _ in summary.losses] == list(range(steps))
+        made = (remote_root / "runs/tiny/model.safetensors").read_bytes()
+        assert made == (local_root / "runs/tiny/model.safetensors").read_bytes(), f"weights after {steps} steps"
+    assert (remote_root / "runs/tiny/checkpoints/last.ckpt").is_file()
+
+    grid = write_samples(remote)
+    assert storage.is_remote(grid)
+    with grid.open("rb") as handle:
+        assert Image.open(handle).size[0] > 0
+    run_eval(remote)
+    assert "| depth |" in (remote_root / "runs/tiny/eval/metrics.md").read_text()
+    card = write_card(remote)
+    text = card.read_text()
+    assert "configs:" in text and "runs/tiny" in text
+    assert (remote_root / "card/stats.json").is_file()
