@@ -71,6 +71,14 @@ def remove_tree(path: RootPath) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def copy_tree(source: RootPath, target: RootPath) -> None:
+    """Copy a folder within one filesystem (a local tree, or a prefix of one bucket)."""
+    if is_remote(target):
+        target.fs.copy(source.path.rstrip("/") + "/", target.path, recursive=True)
+    else:
+        shutil.copytree(source, target)
+
+
 def scratch(folder: RootPath) -> Path:
     """A local folder for work files under ``folder``: the folder itself when it is local (so a
     rerun's cleanup finds them), else a folder of this machine's temporary space named after it."""

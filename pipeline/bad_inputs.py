@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import shutil
 import struct
 import time
 import zlib
@@ -110,10 +109,10 @@ def corpus_cases() -> tuple[Case, ...]:
     return tuple(dataclasses.replace(c, caption=c.caption or f"bad input: {c.name}".encode()) for c in cases)
 
 
-def write_corpus(root: DatasetRoot, base_url: str, cases: tuple[Case, ...]) -> Path:
+def write_corpus(root: DatasetRoot, base_url: str, cases: tuple[Case, ...]) -> storage.RootPath:
     """Write the site's files under ``root`` and the url list (raw bytes: one caption is not
     UTF-8); the same cases and base url give the same list, so a rerun reuses the download plan."""
-    site = root / SITE
+    site = storage.scratch(root / SITE)  # served from this machine, wherever the root is
     site.mkdir(parents=True, exist_ok=True)
     lines = []
     for case in cases:
@@ -146,7 +145,7 @@ class CorpusHandler(QuietHandler):
 def serve_corpus(root: DatasetRoot, host: str, port: int, delay_s: float) -> Iterator[str]:
     """Serve the corpus site of ``root`` (port 0: a free one); yields the base url."""
     handler = type("DelayedCorpusHandler", (CorpusHandler,), {"delay_s": delay_s})
-    with serve_directory(root / SITE, host, port, handler) as base_url:
+    with serve_directory(storage.scratch(root / SITE), host, port, handler) as base_url:
         yield base_url
 
 
@@ -260,7 +259,7 @@ def corpus_config(config: Config) -> Config:
     """The config of ``make bad-input``: its own root under the configured one, its own url list."""
     return dataclasses.replace(
         config,
-        root=str(Path(config.root) / SUBROOT),
+        root=str(DatasetRoot(config.root) / SUBROOT),
         sample=dataclasses.replace(config.sample, enabled=False),
         download=dataclasses.replace(config.download, urls=URL_LIST),
     )
@@ -290,9 +289,9 @@ def run_bad_input(config: Config, progress: bool = True, port: int | None = None
         write_corpus(root, base_url, cases)
         lines = [run_download(corpus, progress=progress).line()]
     lines += run_label(corpus, progress=progress).lines()
-    trained = Path(config.root) / "tokenizers"
+    trained = DatasetRoot(config.root) / "tokenizers"
     if trained.is_dir() and not (root / "tokenizers").exists():
-        shutil.copytree(trained, root / "tokenizers")
+        storage.copy_tree(trained, root / "tokenizers")
     lines += run_tokenizer_training(corpus).lines()
     lines += run_tokenize(corpus, progress=progress).lines()
     return CorpusRun(lines, audit(root, cases, base_url, corpus), base_url)

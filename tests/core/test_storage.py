@@ -75,3 +75,14 @@ def test_a_published_folder_is_complete_only_with_its_last_file_and_copies_back_
         assert (copy / "weights.bin").read_bytes() == b"\x00\x01" * 100
         assert (copy / "logs/metrics.csv").read_text() == "step,loss\n0,1.0\n"
     assert not copy.exists()  # private and temporary: nothing accumulates on the workers' disks
+
+
+def test_a_tree_copies_within_a_bucket_with_its_layout(object_store):
+    source = storage.location(object_store.uri("copy/tokenizers"))
+    (source / "depth/config.json").write_text("{}")
+    (source / "caption/tokenizer.json").write_text('{"v": 1}')
+    target = storage.location(object_store.uri("copy/_bad_input/tokenizers"))
+    storage.copy_tree(source, target)
+    names = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert names == ["caption/tokenizer.json", "depth/config.json"]
+    assert (target / "caption/tokenizer.json").read_text() == '{"v": 1}'

@@ -7,6 +7,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from four_m.core import storage
@@ -17,6 +18,7 @@ from four_m.pipeline.download import run_download
 from four_m.pipeline.label import run_label
 from four_m.pipeline.tokenize import run_tokenize
 from four_m.pipeline.tokenizers import run_tokenizer_training
+from four_m.tokenize.sources import read_rows
 from four_m.train.evaluate import run_eval
 from four_m.train.run import run_train
 from four_m.train.sample import write_samples
@@ -64,16 +66,31 @@ def test_the_sample_downloads_to_an_object_store_as_to_a_local_root(
     assert rerun.shards_done == 0 and rerun.shards_skipped == summary.shards_done
 
 
-def test_labels_made_on_an_object_store_equal_those_made_locally(object_store, labelled):
+def test_labels_made_on_an_object_store_match_those_made_locally(object_store, labelled):
+    """Same files, keys, order, errors and provenance; the depth maps agree to 1 % of their range.
+
+    Not byte for byte: the tiny random-init depth model's maps span a tiny range, and each map is
+    stretched to 16 bits, so float noise between two label runs (actor threads, batch makeup) shows
+    in the low bits of some pixels."""
     config, _, _ = labelled
     uri = object_store.uri("label")
     _upload(Path(config.root), storage.location(uri), ["images", "_state/download"])
     remote = _remote(config, uri)
-    # Every labeler, as the fixture ran them: pools (and so each actor's threads) shape the floats.
     summary = run_label(remote, progress=False)
     assert all(summary.shards_done[name] == 3 for name in config.label.labelers)
+    local_root, remote_root = DatasetRoot(config.root), DatasetRoot(uri)
     for name in config.label.labelers:
-        assert _digests(DatasetRoot(uri), f"label/{name}") == _digests(DatasetRoot(config.root), f"label/{name}")
+        assert _digests(remote_root, f"label/{name}").keys() == _digests(local_root, f"label/{name}").keys()
+        for shard in range(3):
+            file = f"labels/{name}/{shard:05d}.parquet"
+            made, reference = storage.read_table(remote_root / file), storage.read_table(local_root / file)
+            assert made.schema == reference.schema and made.schema.metadata == reference.schema.metadata
+            assert made.select(["key", "error"]).equals(reference.select(["key", "error"])), file
+    for shard in range(3):
+        made, reference = (read_rows(r, "depth", shard, config).values for r in (remote_root, local_root))
+        for ours, theirs in zip(made, reference, strict=True):
+            assert (ours is None) == (theirs is None)
+            assert ours is None or np.allclose(ours, theirs, rtol=0, atol=0.01)
     assert run_label(remote, only=("depth",), progress=False).shards_skipped["depth"] == 3
 
 
@@ -130,10 +147,10 @@ def test_a_run_trained_resumed_sampled_evaluated_and_carded_on_an_object_store(o
     for steps in (3, 5):  # 5: resumed from the checkpoint of step 3
         config = dataclasses.replace(local, train=dataclasses.replace(local.train, max_steps=steps))
         run_train(config)
-        if steps == 5:
-            shutil.rmtree(storage.scratch(remote_root / "runs/tiny"))  # another machine: only the bucket
         summary = run_train(dataclasses.replace(remote, train=config.train))
         assert summary.steps == steps and [s for s, _ in summary.losses] == list(range(steps))
+        # Nothing stays on this machine: the resume below starts from the bucket alone.
+        assert not storage.scratch(remote_root / "runs/tiny").exists()
         made = (remote_root / "runs/tiny/model.safetensors").read_bytes()
         assert made == (local_root / "runs/tiny/model.safetensors").read_bytes(), f"weights after {steps} steps"
     assert (remote_root / "runs/tiny/checkpoints/last.ckpt").is_file()
