@@ -8,8 +8,9 @@ not deterministic, so its vocabulary is held to size and reserved ids), every ke
 once, files a killed run had finished are kept rather than redone, no temporary file is left and
 every marker matches its files. The figures of each stage are printed at the end of the pytest run.
 
-``make crash-test`` runs the long variant: every stage of the embedded sample, several kills each.
-The default suite kills download and tokenize once each.
+Every test here is slow: ``make crash-test`` runs them (every stage of the embedded sample, several
+kills each, and a single download kill and a single tokenize kill). ``make test`` keeps the shorter
+kill-and-resume tests of tests/pipeline/test_{download,label,tokenize}.py.
 """
 
 from __future__ import annotations
@@ -520,6 +521,7 @@ def _write_config(config: Config, path: Path) -> Path:
 # --- the suite already kills tokenize once in tests/pipeline/test_tokenize.py) ------------------
 
 
+@pytest.mark.slow  # make test kills each stage once through tests/pipeline/test_{download,label,tokenize}.py
 def test_a_download_killed_at_random_resumes_to_the_uninterrupted_output(
     tmp_path, ray_local, small_config, free_ports, kill_session, figure_lines
 ):
