@@ -93,5 +93,9 @@ class RunMirror:
             storage.remove_tree(self.local)
 
     def _state(self) -> dict[str, tuple[int, int]]:
-        files = (p for p in self.local.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
-        return {p.relative_to(self.local).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+        state = {}
+        for path in self.local.rglob("*"):
+            if path.is_file() and not path.name.endswith(".tmp"):
+                info = path.stat()
+                state[path.relative_to(self.local).as_posix()] = (info.st_size, info.st_mtime_ns)
+        return state
