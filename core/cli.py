@@ -1,7 +1,7 @@
 """``python -m four_m <verb> --config ... [--root ...] [--set section.key=value ...]``: a verb per stage.
 
 Expected problems (a bad config, a malformed url list, a busy port, a run that does not match the
-tokenizers) end with one line, not a traceback.
+tokenizers, a root that is a file or not writable) end with one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import sys
 from collections.abc import Callable
 
 from four_m.core.config import Config, load_config
+from four_m.core.dataset_root import check_root_writable
 from four_m.core.errors import UserError
+from four_m.core.stage_lock import force_unlock
+from four_m.core.storage import location
 from four_m.core.summary import StageSummary
 
 
@@ -170,6 +173,9 @@ VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "bad-input": _bad_input,
     "demo": _demo,
 }
+LEAVES_ROOT_ALONE = frozenset({"models"})
+"""Verbs that write nothing under the root (weights go to the hub's cache); every other one is
+refused up front on a root that cannot take output (``check_root_writable``)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -186,6 +192,11 @@ def _parser() -> argparse.ArgumentParser:
         help="override one config value, e.g. --set download.image_size=384 (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="remove every stage lock of the root first: only when the run holding one is known to be gone",
+    )
     parser.add_argument("--only", help="label: run only these labelers, e.g. depth,det (others untouched)")
     parser.add_argument(
         "--retry-failed",
@@ -202,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config, args.overrides, root=args.root)
+        if args.verb not in LEAVES_ROOT_ALONE:
+            check_root_writable(config.root)
+        if args.force_unlock:
+            for removed in force_unlock(location(config.root)):
+                print(f"four_m {args.verb}: removed the lock of {removed}", file=sys.stderr)
         return VERBS[args.verb](config, args)
     except UserError as err:
         print(f"four_m {args.verb}: error: {err}", file=sys.stderr)

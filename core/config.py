@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUNTIME_ONLY = {"runtime_only": True}
 """Field metadata: the field tunes speed, not output, so changing it does not make shards stale."""
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A config value that names a folder under the root: one plain path component (see ``_check_folder_name``)."""
 
 
 class ConfigError(UserError):
@@ -67,6 +70,13 @@ class DownloadConfig:
     cpus_per_shard: float = field(default=1.0, metadata=RUNTIME_ONLY)
     """Ray CPUs reserved by one shard task: resizing is the CPU-bound part."""
     timeout_s: float = 10.0
+    """Longest wait for the connection or for any one socket read (urllib's timeout)."""
+    deadline_s: float = field(default=60.0, metadata=RUNTIME_ONLY)
+    """Longest time for one whole request: connection, headers, body and redirects. ``timeout_s``
+    alone would let a server that sends a byte every few seconds hold a thread, and its shard,
+    for as long as it likes; a minute fetches a large photo over a slow link. Runtime-only: it
+    decides which slow urls fail, as the network's weather does, not how a fetched image is made,
+    and shards finished before it existed stay valid."""
     retries: int = 0
     max_image_pixels: int = 89_478_485
     """Larger images are refused as decompression bombs (Pillow's own default limit)."""
@@ -85,6 +95,7 @@ class DownloadConfig:
         _check(self.threads_per_shard >= 1, "download.threads_per_shard", "must be >= 1")
         _check(self.cpus_per_shard > 0, "download.cpus_per_shard", "must be > 0")
         _check(self.timeout_s > 0, "download.timeout_s", "must be > 0")
+        _check(self.deadline_s > 0, "download.deadline_s", "must be > 0")
         _check(self.retries >= 0, "download.retries", "must be >= 0")
         _check(self.max_image_pixels >= 1, "download.max_image_pixels", "must be >= 1")
         _check(len(self.allowed_schemes) > 0, "download.allowed_schemes", "must name a scheme")
@@ -135,6 +146,11 @@ class DetConfig(LabelerConfig):
     score_threshold: float = 0.25
     """Boxes below this score are not stored (4M keeps confident boxes only)."""
     max_boxes: int = 100
+    trust_pickle: bool = field(default=False, metadata=RUNTIME_ONLY)
+    """Load a ``.pt`` ``model`` file. ultralytics unpickles ``.pt`` files, and unpickling runs whatever
+    code the file names, so only set this for a file from a trusted source (ultralytics' own release
+    assets, fetched by ``make models``). A folder of safetensors weights needs no trust. Even when
+    true, a ``.pt`` inside the dataset root or scratch space is refused: other jobs can write there."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -359,6 +375,7 @@ class TrainConfig:
     checkpoint_every_n_steps: int = field(default=100, metadata=RUNTIME_ONLY)
 
     def __post_init__(self) -> None:
+        _check_folder_name(self.run, "train.run")
         known = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
         unknown = sorted(set(self.modalities) - set(known))
         _check(not unknown, "train.modalities", f"unknown {unknown}; known: {', '.join(known)}")
@@ -562,6 +579,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def _check(ok: bool, key: str, requirement: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {requirement}")
+
+
+def _check_folder_name(value: str, key: str) -> None:
+    """``value`` becomes a folder under the root, so it must stay one: no separator, no ``..``, not
+    empty or absolute (``train.run=../../elsewhere`` would write the model outside the root)."""
+    ok = FOLDER_NAME.fullmatch(value) is not None and ".." not in value
+    _check(ok, key, f"{value!r} is not a folder name (letters, digits, '.', '_', '-'; starting with a letter or digit)")
 
 
 def _plain(value: Any) -> Any:

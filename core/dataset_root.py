@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,9 +19,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from four_m.core.storage import RootPath, location, remove_tree, replace, scratch
+from four_m.core.errors import UserError
+from four_m.core.stage_lock import stage_lock
+from four_m.core.storage import RootPath, is_remote, location, remove_tree, replace, scratch
 
 SHARD_DIGITS = 5  # img2dataset's shard naming (00000.parquet), kept by every later stage
+HALT_AFTER_FIRST_MARKER = "FOUR_M_TEST_HALT_AFTER_FIRST_MARKER"
+"""Tests only: a flag file's path. The run that claims it writes its first marker, then every
+process of the run blocks before any further marker, so a test's kill lands mid-run for sure."""
+
+
+class UpstreamChanged(UserError):
+    """An upstream shard no longer matches the marker its stage wrote: it was changed or cut since."""
 
 
 def shard_name(shard: int) -> str:
@@ -94,6 +105,10 @@ class DatasetRoot:
     def __truediv__(self, relative: str) -> RootPath:
         return self.path / relative
 
+    def lock(self, stage: str):
+        """Hold ``stage``'s lock on this root for a ``with`` block (``core/stage_lock.py``)."""
+        return stage_lock(self.path, stage)
+
     def stage(self, name: str) -> StageState:
         return StageState(self, name)
 
@@ -152,7 +167,9 @@ class StageState:
             finished_at=time.time(),
             inputs=inputs,
         )
+        _halt_if_testing(first=True)
         write_text_atomic(self.marker_path(shard), json.dumps(asdict(marker), indent=1))
+        _halt_if_testing(first=False)
         return marker
 
     def recorded(self, shard: int, file: RootPath) -> FileDigest | None:
@@ -165,6 +182,28 @@ class StageState:
         relative = file.relative_to(self.root.path).as_posix()
         return next((f for f in marker.files if f.path == relative), None) if marker else None
 
+    def verified(self, shard: int, file: RootPath, verify_checksums: bool) -> FileDigest:
+        """The digest this stage's marker holds for ``file``, once the file is checked against it
+        (its size always, its hash when ``verify_checksums``): a later stage trusts its own skips
+        and markers only as far as its inputs are still what was recorded."""
+        digest = self.recorded(shard, file)
+        if digest is None:
+            raise UpstreamChanged(f"{file} has no finished {self.stage} marker: run that stage first")
+        problem = None
+        if not file.is_file():
+            problem = "it is missing"
+        elif (size := file.stat().st_size) != digest.bytes:
+            problem = f"{size} bytes, recorded {digest.bytes}"
+        elif verify_checksums and sha256_file(file) != digest.sha256:
+            problem = "its sha256 differs from the recorded one"
+        if problem:
+            verb = self.stage.split("/")[0]
+            raise UpstreamChanged(
+                f"{file} does not match what the {self.stage} stage recorded ({problem}): it was changed, cut"
+                f" or removed since; rerun the {verb} stage, which remakes that shard, then this one"
+            )
+        return digest
+
     def stale_shards(self, shards: list[int], config_hash: str) -> list[int]:
         """Finished shards that were made with another config of this stage."""
         markers = (self.read_marker(s) for s in shards)
@@ -175,3 +214,49 @@ class StageState:
         path = self.folder / "config.yaml"
         write_text_atomic(path, config_yaml)
         return path
+
+
+def _halt_if_testing(first: bool) -> None:
+    """See ``HALT_AFTER_FIRST_MARKER``: only the run that set it is affected, and never in production."""
+    flag = os.environ.get(HALT_AFTER_FIRST_MARKER)
+    if not flag:
+        return
+    if first:
+        try:
+            os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return  # this process writes the run's one marker
+        except FileExistsError:
+            pass
+    while True:
+        time.sleep(60)
+
+
+class UnusableRootError(UserError):
+    """A local dataset root that cannot take a stage's output."""
+
+
+def check_root_writable(path: str | Path) -> None:
+    """Stop before any work when a local root cannot take output, naming the root and why.
+
+    Found later, the first write fails deep inside a stage (``NotADirectoryError``, ``OSError``
+    EROFS: a long traceback), or a stage reports "no finished download shards" where the truth is
+    that the root is unusable. A relative root's missing folders are created as the stages write
+    (the default ``data/default`` on a fresh checkout); an absolute root's parent must exist: a
+    missing one is a typo or an unmounted disk (``/mnt/dtaa/cc12m``) that would be filled silently.
+    A remote root is left to its filesystem: an object store has no folders, and a probe write
+    would cost requests on every command.
+    """
+    root = location(path)
+    if is_remote(root):
+        return
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise UnusableRootError(f"dataset root {root}: {existing} is a file, not a folder")
+    if existing not in (root, root.parent) and os.path.isabs(path):
+        raise UnusableRootError(
+            f"dataset root {root}: its parent folder {root.parent} does not exist (a typo, or a disk not mounted?)"
+        )
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise UnusableRootError(f"dataset root {root}: {existing} is not writable ({err.strerror})") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,8 @@ from typing import TypeAlias
 import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
+
+from four_m.core.errors import UserError
 
 RootPath: TypeAlias = Path | UPath
 """A local path, or a remote one (``UPath``): both speak pathlib."""
@@ -79,12 +82,42 @@ def copy_tree(source: RootPath, target: RootPath) -> None:
         shutil.copytree(source, target)
 
 
+class ScratchError(UserError):
+    """The scratch base folder exists but is not private to this user; the message names it."""
+
+
+def scratch_base() -> Path:
+    """This user's private folder in the machine's temporary space, ``$TMPDIR/four_m-<uid>``.
+
+    Temporary space is shared by every local user and scratch names are predictable (a rerun's
+    cleanup finds its folder by name), so another user could create a scratch folder first and
+    plant files that a stage later loads. The base is therefore created with mode 0700, and one
+    that already exists is used only if it is a real folder (not a link), owned by us, with no
+    group or other permissions.
+    """
+    base = Path(tempfile.gettempdir()) / f"four_m-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700)
+        os.chmod(base, 0o700)  # mkdir's mode is filtered by the umask
+    except FileExistsError:
+        pass
+    found = os.lstat(base)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise ScratchError(
+            f"scratch folder {base} is not private to this user (owner uid {found.st_uid}, mode "
+            f"{stat.filemode(found.st_mode)}; needed: a folder owned by uid {os.getuid()}, mode drwx------): "
+            "if you did not create it, someone else may have; remove it or set TMPDIR to a private folder"
+        )
+    return base
+
+
 def scratch(folder: RootPath) -> Path:
     """A local folder for work files under ``folder``: the folder itself when it is local (so a
-    rerun's cleanup finds them), else a folder of this machine's temporary space named after it."""
+    rerun's cleanup finds them), else a folder of this user's private scratch base named after it
+    (the same name every run, for the same reason)."""
     if not is_remote(folder):
         return folder
-    return Path(tempfile.gettempdir()) / "four_m" / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    return scratch_base() / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
 
 
 @contextmanager

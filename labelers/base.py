@@ -6,7 +6,7 @@ side, see ``labelers.view``) and resizes that once per distinct ``input_size``. 
 therefore defined on that square view, and boxes are normalised to it.
 
 Weights: ``model`` is a hub id or a local directory, loaded with the library's own
-``from_pretrained`` (or ultralytics' loader). With ``model: null`` the labeler builds its tiny
+``from_pretrained`` (``det``: see its module). With ``model: null`` the labeler builds its tiny
 variant (the same architecture, a small config, random weights) into a folder first and then
 loads it through that same path, so offline runs exercise the production code. Such labels say
 "random-init" in their provenance and in the stage summary.
@@ -27,6 +27,7 @@ import torch
 
 from four_m.core.config import LabelerConfig
 from four_m.core.errors import UserError
+from four_m.core.storage import RootPath
 
 RANDOM_INIT = "random-init"
 
@@ -46,11 +47,17 @@ class Labeler(ABC):
     name: ClassVar[str]
     keeps_alt_text: ClassVar[bool] = False
     """The stage stores the url list's alt-text beside this modality's payload (captions)."""
+    tiny_marker: ClassVar[str] = "done"
+    """The file that says the tiny folder is complete. A labeler whose tiny format changes names a
+    new one, so that folders built in the old format are rebuilt rather than loaded."""
 
-    def __init__(self, cfg: LabelerConfig, view_size: int, tiny_dir: Path | None = None):
+    def __init__(self, cfg: LabelerConfig, view_size: int, tiny_dir: Path | None = None, root: RootPath | None = None):
         self.cfg = cfg
         self.view_size = view_size
         self.tiny_dir = tiny_dir
+        self.root = root
+        """The dataset root being labelled, if any: anyone who can write it could plant files, so
+        weights that run code when loaded are never read from it."""
         self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
 
     @property
@@ -79,19 +86,19 @@ class Labeler(ABC):
         """Build the tiny variant's folder if it is needed and missing: before any worker, and again
         by the workers of a node that lacks it. Built under a temporary name and renamed, so actors
         of one node that race here never load a half-written folder."""
-        if not self.random_init or (self.tiny_dir / "done").exists():
+        if not self.random_init or (self.tiny_dir / self.tiny_marker).exists():
             return
         building = self.tiny_dir.with_name(f".{self.tiny_dir.name}.{uuid.uuid4().hex[:8]}.tmp")
         building.mkdir(parents=True)
         torch.manual_seed(0)
         self.build_tiny(building)
-        (building / "done").touch()
+        (building / self.tiny_marker).touch()
         try:
             os.replace(building, self.tiny_dir)
         except OSError:
-            if (self.tiny_dir / "done").exists():  # another worker's build won: the same seeded model
+            if (self.tiny_dir / self.tiny_marker).exists():  # another worker's build won: the same seeded model
                 shutil.rmtree(building, ignore_errors=True)
-            else:  # a build killed before this scheme left a folder without "done"
+            else:  # a killed build, or an older tiny format, left a folder without the marker
                 shutil.rmtree(self.tiny_dir)
                 os.replace(building, self.tiny_dir)
 

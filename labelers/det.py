@@ -1,27 +1,46 @@
 """Object detection with ultralytics YOLO, COCO's 80 classes: boxes for 4M's ``det`` modality.
 
 Boxes are (x0, y0, x1, y1) normalised to [0, 1] on the label view, with the class name and the
-score; boxes under ``score_threshold`` are not stored. The tiny variant is ultralytics' own
-``yolov8n.yaml`` with random weights, saved as a ``.pt`` and loaded back with ``YOLO(path)``, the
-production loader (which also takes ``yolov8x.pt``-style files). Random-init models name their
-classes '0'..'79': those are mapped to COCO's names.
+score; boxes under ``score_threshold`` are not stored. Random-init models name their classes
+'0'..'79': those are mapped to COCO's names.
+
+Weights: ultralytics' own ``.pt`` files are pickles, and unpickling runs whatever code the file
+names. So the format loaded by default is a folder of ``model.safetensors`` (the state dict) and
+``config.json`` (the name of an architecture YAML shipped with ultralytics, and the class names):
+loading builds that architecture and copies the tensors in, running nothing from the folder. The
+tiny variant (``yolov8n.yaml``, random weights) is such a folder, and ``convert_pickle`` turns a
+trusted ``.pt`` into one. A ``.pt`` loads only with ``label.det.trust_pickle``, and never from the
+dataset root or scratch space, which other jobs (and, on a shared machine, users) can write.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
+from four_m.core import storage
 from four_m.core.config import DetConfig
+from four_m.core.errors import UserError
 from four_m.labelers.base import Labeler
 from four_m.labelers.coco import COCO_THINGS
 
+if TYPE_CHECKING:
+    from ultralytics import YOLO
+
 BOX_FORMAT = "x0,y0,x1,y1 in [0,1] of the label view; class name; score"
 TINY_ARCHITECTURE = "yolov8n.yaml"
-TINY_WEIGHTS = "yolo.pt"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+ARCHITECTURE_NAME = re.compile(r"[A-Za-z0-9_-]+\.yaml")
+"""A bare file name: no folder, nothing that ultralytics' file search would expand."""
 BOX_TYPE = pa.struct(
     [
         ("x0", pa.float32()),
@@ -34,8 +53,13 @@ BOX_TYPE = pa.struct(
 )
 
 
+class UntrustedWeightsError(UserError):
+    """Configured weights are a pickle, which runs code when loaded, and are not trusted to."""
+
+
 class DetLabeler(Labeler):
     name = "det"
+    tiny_marker = "done-safetensors"  # the tiny folder held a pickle (yolo.pt) next to "done" before
     cfg: DetConfig
 
     def provenance(self) -> dict[str, str]:
@@ -45,13 +69,7 @@ class DetLabeler(Labeler):
         return pa.schema([("det", pa.list_(BOX_TYPE))])
 
     def build_tiny(self, directory: Path) -> None:
-        from ultralytics import YOLO
-
-        YOLO(TINY_ARCHITECTURE).save(directory / TINY_WEIGHTS)
-
-    @property
-    def source(self) -> str:
-        return self.cfg.model if self.cfg.model is not None else str(self.tiny_dir / TINY_WEIGHTS)
+        save_safetensors(build_architecture(TINY_ARCHITECTURE), directory)
 
     def fetch(self) -> str:
         """Ultralytics' release assets (yolov8x.pt, yolo11x.pt, ...) are fetched to the configured path."""
@@ -60,18 +78,48 @@ class DetLabeler(Labeler):
         return str(attempt_download_asset(self.cfg.model))
 
     def load(self, source: str, revision: str | None) -> None:
-        from ultralytics import YOLO
         from ultralytics.utils import patches
 
         # ultralytics' patched Image.open would pip-install pi-heif on the first unknown image.
         patches._pil_plugins_registered = True
 
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"no YOLO weights file at {source}")
-        self.model = YOLO(source)
+        path = Path(source)
+        if path.is_dir():
+            self.model = load_safetensors(path)
+        elif path.is_file():
+            self.model = self._load_pickle(path)
+        else:
+            raise FileNotFoundError(f"no YOLO weights folder or .pt file at {source}")
         names = self.model.names
         numeric = all(str(names[i]) == str(i) for i in names)
         self.class_names = [COCO_THINGS[i] if numeric else names[i] for i in sorted(names)]
+
+    def _load_pickle(self, path: Path) -> YOLO:
+        """ultralytics' own loader, which unpickles: only a trusted file, from outside what others can write."""
+        from ultralytics import YOLO
+
+        if not self.cfg.trust_pickle:
+            raise UntrustedWeightsError(
+                f"label.det.model {path} is a pickle (.pt), and loading a pickle runs any code it holds: set "
+                "label.det.trust_pickle: true only for a file from a trusted source (such as ultralytics' release "
+                "assets fetched by `make models`), or convert it once to a safetensors folder "
+                "(four_m.labelers.det.convert_pickle) and set label.det.model to that folder"
+            )
+        for area in self._writable_by_others():
+            if _inside(path, area):
+                raise UntrustedWeightsError(
+                    f"label.det.model {path} is a pickle inside {area}, which other jobs can write: it is not "
+                    "loaded even with label.det.trust_pickle; keep trusted weights outside the dataset root and "
+                    "scratch space, or convert them to a safetensors folder"
+                )
+        return YOLO(str(path))
+
+    def _writable_by_others(self) -> list[Path]:
+        """Where planted files may lie: the scratch space, and the dataset root when it is local."""
+        areas = [storage.scratch_base()]
+        if self.root is not None and not storage.is_remote(self.root):
+            areas.append(Path(self.root))
+        return areas
 
     def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         import torch
@@ -111,3 +159,103 @@ class DetLabeler(Labeler):
                 corners, boxes.cls.cpu().numpy(), boxes.conf.cpu().numpy(), strict=True
             )
         ]
+
+
+def build_architecture(name: str) -> YOLO:
+    """A random-init ``YOLO`` of ``name``, an architecture YAML shipped with ultralytics.
+
+    Only shipped YAMLs are built: building evaluates parts of one (its ``activation``), and given a
+    bare name ultralytics would first take a same-named file from the working folder. The shipped
+    YAML is copied under ``name`` into a private temporary folder because ultralytics reads the
+    scale from the file name (``yolov8n.yaml``: n) while one shipped file holds every scale.
+    """
+    from ultralytics import YOLO
+
+    shipped = _shipped_architecture(name)
+    with tempfile.TemporaryDirectory(prefix="four_m-yolo-") as temp:
+        file = Path(temp) / name
+        shutil.copyfile(shipped, file)
+        return YOLO(str(file))
+
+
+def save_safetensors(yolo: YOLO, directory: Path) -> None:
+    """Write ``yolo`` as a weights folder that loads without unpickling (see ``load_safetensors``).
+
+    Tensors are stored in half precision, as ultralytics stores its own ``.pt`` files: a converted
+    model keeps its numbers, and the tiny variant labels exactly as it did when it was a ``.pt``.
+    """
+    from safetensors.torch import save_file
+
+    architecture = Path(yolo.model.yaml["yaml_file"]).name
+    _shipped_architecture(architecture)  # refuse now a folder that could not be loaded later
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in yolo.model.state_dict().items()}
+    names = [str(yolo.model.names[i]) for i in sorted(yolo.model.names)]
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps({"architecture": architecture, "names": names}, indent=1))
+
+
+def load_safetensors(directory: Path) -> YOLO:
+    """A ``YOLO`` from a weights folder: the named shipped architecture, then the stored tensors.
+
+    Nothing in the folder is executed or unpickled, whoever wrote it.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    architecture, names = _read_config(directory / CONFIG_FILE)
+    yolo = build_architecture(architecture)
+    weights = directory / WEIGHTS_FILE
+    try:
+        yolo.model.load_state_dict(load_file(weights))
+    except (SafetensorError, RuntimeError) as err:
+        raise ValueError(f"{weights} is not a safetensors state dict of {architecture}: {err}") from None
+    classes = len(yolo.model.names)
+    if len(names) != classes:
+        raise ValueError(f"{directory / CONFIG_FILE} names {len(names)} classes, {architecture} has {classes}")
+    yolo.model.names = dict(enumerate(names))
+    return yolo
+
+
+def convert_pickle(weights: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Re-save a ``.pt`` as a weights folder once, so that later runs need not trust a pickle.
+
+    This unpickles ``weights``: run it only on a file from a trusted source.
+    """
+    from ultralytics import YOLO
+
+    save_safetensors(YOLO(os.fspath(weights)), Path(directory))
+
+
+def _shipped_architecture(name: str) -> Path:
+    """The YAML shipped with ultralytics that builds ``name``: the file itself or, by ultralytics'
+    own rule, its family's (``yolov8n.yaml`` is ``yolov8.yaml`` at scale n)."""
+    import ultralytics
+
+    if ARCHITECTURE_NAME.fullmatch(name):
+        family = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", Path(name).stem) + ".yaml"
+        shipped = Path(ultralytics.__file__).parent / "cfg" / "models"
+        for candidate in (name, family):
+            found = sorted(shipped.rglob(candidate))
+            if found:
+                return found[0]
+    raise ValueError(f"{name!r} is not a model architecture shipped with ultralytics")
+
+
+def _read_config(file: Path) -> tuple[str, list[str]]:
+    """``config.json``'s architecture name and class names, checked: the folder may be anyone's."""
+    try:
+        config = json.loads(file.read_text())
+        architecture, names = config["architecture"], config["names"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{file} is not a YOLO weights config ({type(err).__name__}: {err})") from None
+    if not isinstance(architecture, str) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{file} needs an architecture name and a list of class names")
+    return architecture, names
+
+
+def _inside(path: Path, area: Path) -> bool:
+    """``path`` lies in ``area``, as written or once links are followed (a link in or out counts)."""
+    paths = (Path(os.path.abspath(path)), path.resolve())
+    areas = (Path(os.path.abspath(area)), area.resolve())
+    return any(p.is_relative_to(a) for p in paths for a in areas)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 from transformers import AutoImageProcessor, PreTrainedModel
@@ -11,8 +13,15 @@ transformers.utils.logging.disable_progress_bar()
 
 
 def load_model(model_cls: type[PreTrainedModel], source: str, revision: str | None, device: torch.device):
-    """``from_pretrained`` from a hub id (the local cache first) or a local directory, in eval mode."""
-    model = model_cls.from_pretrained(source, revision=revision)
+    """``from_pretrained`` from a hub id (the local cache first) or a local directory, in eval mode.
+
+    A local directory is read from safetensors only: it may be the tiny variant's folder in the
+    dataset root or scratch space, which others can write, and a ``.bin`` there would be unpickled
+    (transformers restricts that unpickling with ``weights_only``; safetensors needs no such trust).
+    ``save_pretrained`` writes safetensors. A hub id keeps transformers' choice.
+    """
+    local = Path(source).is_dir()
+    model = model_cls.from_pretrained(source, revision=revision, use_safetensors=True if local else None)
     return model.eval().to(device)
 
 

@@ -5,6 +5,8 @@ fetches the rows into a private temporary folder; we then put back the rows it m
 (unsupported url schemes), restore img2dataset's keys for them, sort by key so a shard's bytes
 do not depend on the order downloads finished, add provenance, and move the shard into place.
 Every input row ends in the output exactly once: as an image, or as a failure with its reason.
+Each request follows redirects only to urls a list may hold, and has a total deadline
+(``pipeline/fetch.py``).
 
 ``--retry-failed`` (``run_retry_failed``) re-fetches only the failed rows of finished shards with
 the same downloader and settings, and puts each result in its row's place (same key, same order).
@@ -22,7 +24,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,6 +48,7 @@ from four_m.core.summary import ShardReport, StageSummary
 from four_m.pipeline import sample_site
 from four_m.pipeline.executor import map_shards, ray_session, run_shards
 from four_m.pipeline.failures import failure_reason
+from four_m.pipeline.fetch import guarded_fetching, url_problem
 from four_m.pipeline.image_check import CheckedResizer
 from four_m.pipeline.url_list import DownloadPlan, make_plan, read_shard_input
 
@@ -186,7 +189,8 @@ class ShardDownloader:
             feather = workdir / "input.arrow"
             with pa.ipc.new_file(str(feather), rows.schema) as out:
                 out.write_table(rows.set_column(rows.column_names.index("url"), "url", uris))
-            self._downloader(workdir).download_shard((shard, str(feather)))
+            with guarded_fetching(self.cfg.allowed_schemes, self.cfg.deadline_s):
+                self._downloader(workdir).download_shard((shard, str(feather)))
             stats = json.loads((workdir / f"{shard_name(shard)}_stats.json").read_text())
             fetched = pq.read_table(workdir / f"{shard_name(shard)}.parquet")
         finally:
@@ -264,24 +268,8 @@ def _rejected_urls(urls: list[str | None], allowed: tuple[str, ...]) -> dict[int
 
     No retry can fetch these: ``--retry-failed`` leaves them as they are.
     """
-    rejected = {}
-    for index, url in enumerate(urls):
-        if not url or not url.strip():
-            rejected[index] = "empty url"
-            continue
-        try:
-            parts = urlsplit(url.strip())
-            host = parts.hostname
-        except ValueError as err:  # e.g. an unclosed [IPv6 bracket
-            rejected[index] = f"invalid url: {err}"
-            continue
-        if parts.scheme.lower() not in allowed:
-            rejected[index] = (
-                f"unsupported url scheme {parts.scheme.lower() or '(none)'!r} (allowed: {', '.join(allowed)})"
-            )
-        elif not host:
-            rejected[index] = "invalid url: no host"
-    return rejected
+    problems = {index: url_problem(url, allowed) for index, url in enumerate(urls)}
+    return {index: problem for index, problem in problems.items() if problem}
 
 
 # Every printable ASCII character stays: only spaces and non-ASCII characters are percent-encoded.
@@ -334,7 +322,7 @@ def _report(shard: int, table: pa.Table, seconds: float) -> ShardReport:
 def run_download(config: Config, progress: bool = True) -> StageSummary:
     """Plan the shards (once per root), then download every shard that is not finished."""
     root = DatasetRoot(config.root)
-    with sample_site.serving_if_enabled(config.sample, root):
+    with root.lock(STAGE), sample_site.serving_if_enabled(config.sample, root):
         plan, downloader = _prepare(root, config)
         state = root.stage(STAGE)
         with ray_session(config.ray):
@@ -356,7 +344,7 @@ def run_retry_failed(config: Config, progress: bool = True) -> RetrySummary:
     """Re-fetch the failed rows of every finished shard, merging what succeeds into place."""
     started = time.perf_counter()
     root = DatasetRoot(config.root)
-    with sample_site.serving_if_enabled(config.sample, root):
+    with root.lock(STAGE), sample_site.serving_if_enabled(config.sample, root):
         plan, downloader = _prepare(root, config)
         state = root.stage(STAGE)
         finished = [s for s in plan.shard_ids if state.is_done(s, config.verify_checksums)]

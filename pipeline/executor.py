@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -51,21 +51,42 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         return
     address = cluster_address(cfg)
     local = address is None
-    ray.init(
-        # "local", not None: None would join whatever cluster `ray start` last left on this machine,
-        # and a joined cluster refuses the local sizing below.
-        address="local" if local else address,
-        num_cpus=cfg.num_cpus if local else None,
-        object_store_memory=cfg.object_store_mb * 2**20 if local and cfg.object_store_mb else None,
-        include_dashboard=False,
-        runtime_env={"env_vars": dict(QUIET_NETWORK_ENV)},
-        log_to_driver=True,
-        logging_level="warning",
-    )
+    with loopback_only() if local else nullcontext():
+        ray.init(
+            # "local", not None: None would join whatever cluster `ray start` last left on this machine,
+            # and a joined cluster refuses the local sizing below.
+            address="local" if local else address,
+            num_cpus=cfg.num_cpus if local else None,
+            object_store_memory=cfg.object_store_mb * 2**20 if local and cfg.object_store_mb else None,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            runtime_env={"env_vars": dict(QUIET_NETWORK_ENV)},
+            log_to_driver=True,
+            logging_level="warning",
+        )
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Make a Ray started here listen on 127.0.0.1 only (GCS, raylet, object manager, workers, agents).
+
+    Ray binds its servers to the node's address, which it resolves to the machine's routable
+    address, even when given 127.0.0.1 (``resolve_ip_for_localhost``), unless its single-machine
+    mode is on (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the default on macOS and Windows). That
+    switch is read from ``ray_constants`` when the node starts, so it is set there, for the start only.
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _make_shard(task: ShardTask, shard: int, state: StageState, config_hash: str) -> ShardReport:

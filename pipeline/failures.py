@@ -9,13 +9,17 @@ import re
 UNSUPPORTED_SCHEME = "unsupported_scheme"
 EMPTY_URL = "empty_url"
 INVALID_URL = "invalid_url"
+DEADLINE_EXCEEDED = "deadline_exceeded"
 
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (reason, re.compile(pattern, re.IGNORECASE))
     for reason, pattern in (
         (UNSUPPORTED_SCHEME, r"^unsupported url scheme"),
+        # urllib's own refusal of a redirect to file:// and the like, before our check sees it
+        (UNSUPPORTED_SCHEME, r"Redirection to url .* is not allowed"),
         (EMPTY_URL, r"^empty url"),
         (INVALID_URL, r"^invalid url"),
+        (DEADLINE_EXCEEDED, r"^deadline exceeded"),
         ("timeout", r"timed out|timeout"),
         ("http_{0}", r"HTTP Error (\d{3})"),
         ("disallowed_by_robots", r"X-Robots-Tag"),

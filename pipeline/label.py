@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,9 @@ class LabelerActor:
         # As many threads as CPUs Ray reserved for this actor.
         torch.set_num_threads(max(1, math.ceil(config.label.pool_settings(names).num_cpus)))
         self.labelers = []
+        root = storage.location(config.root)
         for name in names:
-            labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name)
+            labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name, root)
             labeler.setup()
             self.labelers.append((labeler, labeler.schema()))
 
@@ -148,7 +150,7 @@ class _ShardSink:
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.temp = self.final.with_name(f".{self.final.name}.tmp")
+            self.temp = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:8]}.tmp")
             self.writer = storage.parquet_writer(self.temp, self.schema)
         self.writer.write_table(table.cast(self.schema), row_group_size=ROW_GROUP_ROWS)
 
@@ -159,14 +161,21 @@ class _ShardSink:
 
 def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True) -> LabelSummary:
     """Label every finished download shard with the configured (or ``only`` the named) labelers."""
-    started = time.perf_counter()
     root = DatasetRoot(config.root)
     names = only or config.label.labelers
     unknown = sorted(set(names) - set(LABELERS))
     if unknown:
         raise LabelStageError(f"unknown labelers {unknown}; known: {', '.join(LABELERS)}")
-    labelers = {n: LABELERS[n](config.label.labeler(n), config.label.size, models_dir(root) / n) for n in names}
-    inputs = _downloaded_shards(root)
+    with root.lock(STAGE):
+        return _label_root(root, config, names, progress)
+
+
+def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progress: bool) -> LabelSummary:
+    started = time.perf_counter()
+    labelers = {
+        n: LABELERS[n](config.label.labeler(n), config.label.size, models_dir(root) / n, root.path) for n in names
+    }
+    inputs = _downloaded_shards(root, config.verify_checksums)
     shards = sorted(inputs)
     states = {n: root.stage(f"{STAGE}/{n}") for n in names}
     hashes = {n: shaping_hash(config.label.size, config.label.labeler(n)) for n in names}
@@ -208,15 +217,12 @@ def models_dir(root: DatasetRoot) -> Path:
     return storage.scratch(root / "_models")
 
 
-def _downloaded_shards(root: DatasetRoot) -> dict[int, tuple[FileDigest, ...]]:
-    """Finished download shards, each with the digest of its images/ file (a label shard's input)."""
+def _downloaded_shards(root: DatasetRoot, verify_checksums: bool) -> dict[int, tuple[FileDigest, ...]]:
+    """Finished download shards, each with the digest of its images/ file (a label shard's input),
+    checked against that file: a label shard made from it is trusted only while it is unchanged."""
     download = root.stage("download")
     shards = sorted(int(p.name.split(".")[0]) for p in download.folder.glob("*.done.json"))
-    inputs = {
-        s: (download.recorded(s, root / f"images/{shard_name(s)}.parquet"),)
-        for s in shards
-        if download.is_done(s, verify_checksums=False)
-    }
+    inputs = {s: (download.verified(s, root / f"images/{shard_name(s)}.parquet", verify_checksums),) for s in shards}
     if not inputs:
         raise LabelStageError(f"no finished download shards under {root.path}: run the download stage first")
     return inputs

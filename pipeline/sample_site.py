@@ -113,6 +113,10 @@ class _QuietServer(ThreadingHTTPServer):
     """A client that gives up (a download timeout) is routine here, not a traceback on stderr."""
 
     daemon_threads = True
+    # The listen backlog. socketserver's default of 5 drops the connections of a downloader's many
+    # threads arriving at once; each dropped one waits out TCP's 1 s, 3 s, 7 s retransmits, and some
+    # time out. bench/download.py's 64 clients: about 100 images/s with 5, 750-1100 with 128.
+    request_queue_size = 128
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], ConnectionError):

@@ -79,10 +79,15 @@ class TokenizeActor:
 
 def run_tokenize(config: Config, progress: bool = True) -> TokenizeSummary:
     """Tokenize every labelled shard for the configured modalities; resumable per shard and modality."""
-    started = time.perf_counter()
     root = DatasetRoot(config.root)
+    with root.lock(STAGE):
+        return _tokenize_root(root, config, progress)
+
+
+def _tokenize_root(root: DatasetRoot, config: Config, progress: bool) -> TokenizeSummary:
+    started = time.perf_counter()
     modalities = list(config.tokenize.modalities)
-    images = _downloaded_shards(root)
+    images = _downloaded_shards(root, config.verify_checksums)
     shards = sorted(images)
     tokenizers = {m: _loaded(root, m) for m in modalities}  # fails early, naming what is missing
     ids = {m: tokenizer_id(root, m) for m in modalities}
@@ -103,7 +108,7 @@ def run_tokenize(config: Config, progress: bool = True) -> TokenizeSummary:
         states[m].write_run_config(config.to_yaml())
         for shard in shards:
             try:
-                inputs[shard, m] = _inputs(root, m, shard, images[shard])
+                inputs[shard, m] = _inputs(root, m, shard, images[shard], config.verify_checksums)
             except _UnfinishedLabels as err:
                 summary.shards_failed.setdefault(shard, str(err))
                 continue
@@ -167,12 +172,11 @@ def _finish(
     state.mark_done(shard, report.rows_in, [file], config_hash, inputs)
 
 
-def _downloaded_shards(root: DatasetRoot) -> dict[int, FileDigest]:
-    """Finished download shards, each with the digest of its images/ file."""
+def _downloaded_shards(root: DatasetRoot, verify_checksums: bool) -> dict[int, FileDigest]:
+    """Finished download shards, each with the digest of its images/ file, checked against it."""
     download = root.stage("download")
     shards = sorted(int(p.name.split(".")[0]) for p in download.folder.glob("*.done.json"))
-    images = {s: download.recorded(s, root / f"images/{shard_name(s)}.parquet") for s in shards}
-    images = {s: digest for s, digest in images.items() if digest is not None}
+    images = {s: download.verified(s, root / f"images/{shard_name(s)}.parquet", verify_checksums) for s in shards}
     if not images:
         raise TokenizeStageError(f"no finished download shards under {root.path}: run download and label first")
     return images
@@ -182,7 +186,9 @@ class _UnfinishedLabels(Exception):
     """A label shard is missing, unfinished, or older than its images/ shard: that shard fails."""
 
 
-def _inputs(root: DatasetRoot, modality: str, shard: int, images: FileDigest) -> tuple[FileDigest, ...]:
+def _inputs(
+    root: DatasetRoot, modality: str, shard: int, images: FileDigest, verify_checksums: bool
+) -> tuple[FileDigest, ...]:
     """What one shard's tokens are made from: the images/ shard, plus the label shard for labelled
     modalities, which must itself have been made from exactly those images."""
     folder = MODALITIES[modality].folder
@@ -198,7 +204,7 @@ def _inputs(root: DatasetRoot, modality: str, shard: int, images: FileDigest) ->
             f"{file} was not made from the current images/{shard_name(shard)}.parquet (a retried download,"
             " or labels older than input tracking): run the label stage first"
         )
-    return (images, label_state.recorded(shard, file))
+    return (images, label_state.verified(shard, file, verify_checksums))
 
 
 def _loaded(root: DatasetRoot, modality: str) -> Tokenizer:

@@ -42,8 +42,13 @@ class TrainingSummary:
 
 
 def run_tokenizer_training(config: Config) -> TrainingSummary:
-    started = time.perf_counter()
     root = DatasetRoot(config.root)
+    with root.lock("tokenizers"):
+        return _train_tokenizers(root, config)
+
+
+def _train_tokenizers(root: DatasetRoot, config: Config) -> TrainingSummary:
+    started = time.perf_counter()
     shards = sorted(int(p.name.split(".")[0]) for p in root.stage("download").folder.glob("*.done.json"))
     if not shards:
         raise TokenizerTrainingError(f"no finished download shards under {root.path}: run download and label first")

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import fsspec.config
 import pytest
-import ray
 
+from four_m.core.config import RayConfig
+from four_m.core.dataset_root import HALT_AFTER_FIRST_MARKER
+from four_m.pipeline.executor import ray_session
 from four_m.pipeline.sample_site import QuietHandler, bundled_photo_paths, serve_directory
 
 SLOW_SECONDS = 3.0  # longer than the tests' download timeout, so a /slow/ url times out
@@ -128,20 +130,37 @@ def kill_session():
     return _kill_session
 
 
-def _kill_after_first_marker(verb: str, config_file: Path, markers: Path, limit_s: float = 300) -> int:
-    """Run a stage's CLI, SIGKILL all its processes (Ray's included) as soon as one shard's marker
-    appears, and return how many markers there were at the kill."""
+@contextlib.contextmanager
+def _halted_after_first_marker(verb: str, config_file: Path, markers: Path, limit_s: float = 300):
+    """Run a stage's CLI until it has written exactly one shard marker and halted there (the
+    ``HALT_AFTER_FIRST_MARKER`` hook blocks every process of the run before any further marker),
+    yield the halted run, then SIGKILL all its processes, Ray's included. No race with the run's
+    pace: however fast or loaded the machine, the kill lands after one shard, never after the last."""
+    flag = config_file.with_name(f"{config_file.stem}.halt")
+    flag.unlink(missing_ok=True)
     run = subprocess.Popen(
         [sys.executable, "-m", "four_m", verb, "--config", str(config_file), "--no-progress"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, HALT_AFTER_FIRST_MARKER: str(flag)},
     )
-    deadline = time.monotonic() + limit_s
-    while not list(markers.glob("*.done.json")) and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.2)
-    _kill_session(run)
-    return len(list(markers.glob("*.done.json")))
+    try:
+        deadline = time.monotonic() + limit_s
+        while not list(markers.rglob("*.done.json")):
+            assert run.poll() is None, f"{verb} ended (exit {run.returncode}) before writing a marker"
+            assert time.monotonic() < deadline, f"{verb} wrote no marker in {limit_s} s"
+            time.sleep(0.2)
+        yield run
+    finally:
+        _kill_session(run)
+
+
+def _kill_after_first_marker(verb: str, config_file: Path, markers: Path) -> int:
+    """Run a stage's CLI, SIGKILL it once it has written its first shard marker; the markers left."""
+    with _halted_after_first_marker(verb, config_file, markers):
+        pass
+    return len(list(markers.rglob("*.done.json")))
 
 
 @pytest.fixture
@@ -149,12 +168,17 @@ def kill_after_first_marker():
     return _kill_after_first_marker
 
 
+@pytest.fixture
+def halted_after_first_marker():
+    return _halted_after_first_marker
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """Real Ray, started once: every stage's ray_session joins it instead of starting its own."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, logging_level="warning")
-    yield
-    ray.shutdown()
+    """Real Ray, started once as the stages start it (on 127.0.0.1 only): every stage's
+    ray_session joins it instead of starting its own."""
+    with ray_session(RayConfig(num_cpus=2, object_store_mb=256)):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,10 @@ Choices (the why is in each docstring):
 - A shard must exist for every requested modality: one missing is an error that names the file,
   unless ``skip_incomplete`` (then it is left out and listed in ``TokenShards.skipped``). Token
   files are written atomically, so a file that exists is complete.
+- Every id read is checked against the ``four_m.vocab_size`` its file declares (the trainer checks
+  that against the tokenizers and the model): one out of range is an error naming the file, the
+  modality, the id and its row, not an ``IndexError`` in the embedding. A worker's such error
+  reaches the main process as an item (:class:`WorkerError`), so it stays one line.
 - Work is split in *units*, dealt round-robin by index to the ``world_size * num_workers``
   streams. A unit is a whole shard; when there are more streams than shards, each shard is cut into
   ``ceil(streams / shards)`` row-strided parts (row ``i`` of a shard goes to part ``i % parts``), so
@@ -134,7 +138,8 @@ class TokenShards:
         """``(key, sample)`` for the rows of ``shard`` whose index ``i`` has ``i % parts == part``.
 
         Reads one row group of every modality file at a time. Raises :class:`TokenStoreError`
-        naming the files when their row counts or keys (row by row) differ.
+        naming the files when their row counts or keys (row by row) differ, or naming the file and
+        row of an id at or past the ``four_m.vocab_size`` its file declares.
         """
         with ExitStack() as stack:
             files = [stack.enter_context(storage.parquet_file(shard.files[m])) for m in self.modalities]
@@ -142,7 +147,8 @@ class TokenShards:
             if len(set(rows.values())) > 1:
                 listed = ", ".join(f"{path}: {n}" for path, n in rows.items())
                 raise TokenStoreError(f"shard {shard.name}: the modality files have different row counts ({listed})")
-            columns = zip(*(_file_rows(f) for f in files), strict=True)
+            readers = (_file_rows(f, shard.files[m], m) for m, f in zip(self.modalities, files, strict=True))
+            columns = zip(*readers, strict=True)
             for index, row in enumerate(columns):
                 key = row[0][0]
                 if any(other != key for other, _ in row[1:]):
@@ -157,10 +163,33 @@ class TokenShards:
                 yield key, {m: ids for m, (_, ids) in zip(self.modalities, row, strict=True)}
 
 
-def _file_rows(file: pq.ParquetFile) -> Iterator[tuple[str, np.ndarray | None]]:
+def _file_rows(file: pq.ParquetFile, path: Path, modality: str) -> Iterator[tuple[str, np.ndarray | None]]:
+    vocab_size = int(_declared(file.schema_arrow, path)["vocab_size"])
+    first_row = 0
     for group in range(file.num_row_groups):
         table = file.read_row_group(group, columns=["key", TOKENS])
+        _check_ids(table, vocab_size, path, modality, first_row)
+        first_row += table.num_rows
         yield from zip(table.column("key").to_pylist(), _token_rows(table.column(TOKENS)), strict=True)
+
+
+def _check_ids(table: pa.Table, vocab_size: int, path: Path, modality: str, first_row: int) -> None:
+    """Every id of a row group is below ``vocab_size``, else :class:`TokenStoreError` naming the first bad one.
+
+    An id past the vocabulary would index past the model's embedding table: an ``IndexError`` deep in
+    a forward pass that names no file. One vectorised max per row group; rows are searched only then.
+    """
+    tokens = table.column(TOKENS)
+    top = pc.max(pc.list_flatten(tokens)).as_py()
+    if top is None or top < vocab_size:
+        return
+    for index, (key, ids) in enumerate(zip(table.column("key").to_pylist(), tokens.to_pylist(), strict=True)):
+        bad = next((i for i in ids or () if i >= vocab_size), None)
+        if bad is not None:
+            raise TokenStoreError(
+                f"{path}: {modality} token id {bad} at row {first_row + index} (key {key!r}) is out of range:"
+                f" the vocabulary has {vocab_size} ids; retokenize this shard (make tokenize)"
+            )
 
 
 def _token_rows(column: pa.ChunkedArray) -> list[np.ndarray | None]:
@@ -192,14 +221,11 @@ def store_vocabularies(root: str | Path, modalities: Sequence[str]) -> dict[str,
         first: tuple[dict[str, Any], Path] | None = None
         for path in sorted(_shard_files(storage.location(root), modality).values()):
             schema = storage.read_schema(path)
-            meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-            missing = [k for k in VOCABULARY_KEYS if f"four_m.{k}" not in meta]
-            if missing:
-                raise TokenStoreError(f"{path}: no {missing} in its metadata (not written by the tokenize stage?)")
+            meta = _declared(schema, path)
             vocabulary = {
-                "vocab_size": int(meta["four_m.vocab_size"]),
-                "max_tokens": int(meta["four_m.max_tokens"]),
-                "tokenizer": meta["four_m.tokenizer"],
+                "vocab_size": int(meta["vocab_size"]),
+                "max_tokens": int(meta["max_tokens"]),
+                "tokenizer": meta["tokenizer"],
                 "fixed_length": isinstance(schema.field(TOKENS).type, pa.FixedSizeListType),
             }
             if first is None:
@@ -209,6 +235,15 @@ def store_vocabularies(root: str | Path, modalities: Sequence[str]) -> dict[str,
         assert first is not None  # _shard_files raises when there is no file
         out[modality] = first[0]
     return out
+
+
+def _declared(schema: pa.Schema, path: Path) -> dict[str, str]:
+    """The :data:`VOCABULARY_KEYS` a token file's metadata declares; :class:`TokenStoreError` if any is missing."""
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    missing = [k for k in VOCABULARY_KEYS if f"four_m.{k}" not in meta]
+    if missing:
+        raise TokenStoreError(f"{path}: no {missing} in its metadata (not written by the tokenize stage?)")
+    return {k: meta[f"four_m.{k}"] for k in VOCABULARY_KEYS}
 
 
 def check_store(vocabularies: Mapping[str, Mapping[str, Any]], modalities: Sequence[ModalityInfo]) -> None:
@@ -342,9 +377,31 @@ class TokenStream(IterableDataset):
                 yield self.masker.collate(batch)
                 batch = []
 
-    def __iter__(self) -> Iterator[MaskedBatch]:
+    def __iter__(self) -> Iterator[MaskedBatch | WorkerError]:
+        """In a DataLoader worker, a :class:`UserError` ends the worker's batches as a :class:`WorkerError`."""
         info = get_worker_info()
-        return self.worker_batches(info.id, info.num_workers) if info else self.worker_batches()
+        if info is None:
+            return self.worker_batches()
+        return _delivering_errors(self.worker_batches(info.id, info.num_workers))
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """A :class:`UserError` raised in a DataLoader worker, handed to the main process as the worker's last item.
+
+    Raised in the worker, the DataLoader would rebuild it in the main process around the worker's
+    whole traceback (torch's ``ExceptionWrapper``), and the CLI's one-line message would become
+    thirty. :meth:`TokenDataModule.on_before_batch_transfer` raises it there as it was.
+    """
+
+    error: UserError
+
+
+def _delivering_errors(batches: Iterator[MaskedBatch]) -> Iterator[MaskedBatch | WorkerError]:
+    try:
+        yield from batches
+    except UserError as err:
+        yield WorkerError(err)
 
 
 def _shuffled(rows: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -440,6 +497,8 @@ class TokenDataModule(L.LightningDataModule):
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, WorkerError):
+            raise batch.error
         if self.trainer is None or self.trainer.training:
             self.batches_consumed += 1
         return batch

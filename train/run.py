@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_model
 
 from four_m.core.config import Config
@@ -57,8 +60,21 @@ class TrainSummary:
 
 
 def run_train(config: Config) -> TrainSummary:
-    started = time.perf_counter()
     root = DatasetRoot(config.root)
+    with _run_lock(root, config.train.run):
+        return _train(root, config)
+
+
+def _run_lock(root: DatasetRoot, run: str) -> AbstractContextManager:
+    """The run's lock, held by the launching process only: Lightning's DDP ranks (and the other
+    nodes' processes) call ``run_train`` too, inside the run that already holds it."""
+    if rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0":
+        return root.lock(f"train/{run}")
+    return nullcontext()
+
+
+def _train(root: DatasetRoot, config: Config) -> TrainSummary:
+    started = time.perf_counter()
     cfg = config.train
     modalities = model_modalities(root, cfg.modalities)
     mirror = RunMirror(root / f"runs/{cfg.run}")

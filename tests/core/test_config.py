@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,17 @@ def _write(tmp_path: Path, data: dict) -> Path:
 def test_bad_values_name_the_key(tmp_path, data, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("run", ["../../elsewhere", "a/b", "/abs", "", "..", ".hidden", "a..b", "a\\b", "tab\there"])
+def test_a_run_name_that_is_not_one_folder_is_refused_naming_key_and_value(run):
+    with pytest.raises(ConfigError) as error:
+        load_config("default", [f"train.run={json.dumps(run)}"])  # quoted: YAML reads an empty value as null
+    assert f"train.run: {run!r} is not a folder name" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_plain_run_names_load():
+    assert load_config("default", ["train.run=base-cc12m_v2.1"]).train.run == "base-cc12m_v2.1"
 
 
 def test_bad_override_syntax():

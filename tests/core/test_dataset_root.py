@@ -1,6 +1,9 @@
+import os
+from pathlib import Path
+
 import pytest
 
-from four_m.core.dataset_root import DatasetRoot, atomic_path
+from four_m.core.dataset_root import DatasetRoot, UnusableRootError, atomic_path, check_root_writable
 
 
 def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
@@ -79,3 +82,56 @@ def test_a_shard_made_from_other_inputs_is_not_done(finished, tmp_path):
     out.write_bytes(b"z" * 120)  # the images shard is remade (a retried download)
     download.mark_done(3, rows=7, files=[out], config_hash="abc")
     assert not label.is_done(3, verify_checksums=False, inputs=(download.recorded(3, out),))
+
+
+@pytest.fixture
+def read_only_folder(tmp_path) -> Path:
+    """A folder this process cannot create files in: mode 555, or /sys for root (which ignores modes)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        return folder
+    sysfs = Path("/sys")  # Linux's sysfs: no one creates files there
+    if not sysfs.is_dir() or _takes_files(sysfs):
+        pytest.skip("running as root and no read-only folder to test with")
+    return sysfs
+
+
+def _takes_files(folder: Path) -> bool:
+    probe = folder / "four_m_probe"
+    try:
+        probe.touch()
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@pytest.mark.parametrize(
+    ("make", "relative", "message"),
+    [
+        (lambda t: (t / "root").write_text("x"), "root", "{t}/root: {t}/root is a file, not a folder"),
+        (lambda t: (t / "file").write_text("x"), "file/root", "{t}/file/root: {t}/file is a file, not a folder"),
+        (lambda t: None, "typo/root", "{t}/typo/root: its parent folder {t}/typo does not exist"),
+    ],
+    ids=["a-file", "under-a-file", "parent-missing"],
+)
+def test_an_unusable_root_is_refused_naming_it_and_why(tmp_path, make, relative, message):
+    make(tmp_path)
+    with pytest.raises(UnusableRootError, match="^dataset root " + message.format(t=tmp_path)):
+        check_root_writable(str(tmp_path / relative))
+
+
+def test_a_read_only_root_is_refused(read_only_folder):
+    with pytest.raises(UnusableRootError, match=f"dataset root {read_only_folder}/root: .* is not writable"):
+        check_root_writable(read_only_folder / "root")
+
+
+def test_usable_roots_pass_and_nothing_is_created(tmp_path, monkeypatch):
+    (tmp_path / "existing").mkdir()
+    check_root_writable(tmp_path / "existing")
+    check_root_writable(tmp_path / "new")  # its parent exists: the stages create it
+    monkeypatch.chdir(tmp_path)
+    check_root_writable("data/default")  # relative: parents created as needed (a fresh checkout's default)
+    check_root_writable("memory://bucket/root")  # remote: left to its filesystem
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -86,3 +90,35 @@ def test_a_tree_copies_within_a_bucket_with_its_layout(object_store):
     names = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
     assert names == ["caption/tokenizer.json", "depth/config.json"]
     assert (target / "caption/tokenizer.json").read_text() == '{"v": 1}'
+
+
+@pytest.fixture
+def temp_space(tmp_path, monkeypatch) -> Path:
+    """The machine's temporary space, as ``tempfile`` reports it, moved into this test's folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_scratch_space_is_private_to_this_user_and_named_the_same_every_run(temp_space):
+    remote = storage.location("memory://bucket/root/_models")
+    work = storage.scratch(remote)
+    base = temp_space / f"four_m-{os.getuid()}"
+    assert work.parent == base
+    found = os.lstat(base)
+    assert found.st_uid == os.getuid() and stat.S_IMODE(found.st_mode) == 0o700
+    assert storage.scratch(remote) == work  # a rerun's cleanup finds what a killed run left
+
+
+@pytest.mark.parametrize("planted", ["open to all", "another owner", "a link"])
+def test_a_scratch_base_someone_else_could_have_made_is_refused(temp_space, planted):
+    base = temp_space / f"four_m-{os.getuid()}"
+    if planted == "a link":
+        (temp_space / "elsewhere").mkdir(mode=0o700)
+        base.symlink_to(temp_space / "elsewhere")
+    else:
+        base.mkdir()
+        os.chmod(base, 0o777 if planted == "open to all" else 0o700)
+        if planted == "another owner":
+            os.chown(base, 65534, 65534)
+    with pytest.raises(storage.ScratchError, match=re.escape(str(base))):
+        storage.scratch(storage.location("memory://bucket/root"))

@@ -1,9 +1,13 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from four_m.core.config import LabelerConfig
+from four_m.labelers.base import MissingWeightsError
 from four_m.labelers.depth import DepthLabeler
 from four_m.labelers.encode import decode_png
 
@@ -47,3 +51,14 @@ def test_a_constant_map_stores_zeros(built):
 
 def test_missing_weights_name_the_path(missing_weights):
     missing_weights(DepthLabeler)
+
+
+def test_a_local_folder_loads_from_safetensors_only(tmp_path):
+    """A ``.bin`` is a pickle: the tiny folder in a root, its weights swapped for one, is refused."""
+    folder = tmp_path / "depth"
+    DepthLabeler(LabelerConfig(input_size=INPUT), VIEW, folder).setup()
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    for cfg, tiny_dir in ((LabelerConfig(input_size=INPUT), folder), (LabelerConfig(model=str(folder)), None)):
+        with pytest.raises(MissingWeightsError, match="model.safetensors"):
+            DepthLabeler(cfg, VIEW, tiny_dir).setup()

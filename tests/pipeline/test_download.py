@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import parse_qs, quote
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +20,7 @@ from PIL import Image
 from four_m.core.config import Config, DownloadConfig, RayConfig, SampleConfig
 from four_m.core.dataset_root import DatasetRoot
 from four_m.pipeline.download import run_download
+from four_m.pipeline.sample_site import QuietHandler, serve_directory
 
 IMAGE_SIZE = 64
 PLANTED = {  # path (or full url) -> the reason it must be counted under
@@ -139,13 +143,13 @@ def _cli(*args: str, **popen) -> subprocess.Popen:
 
 def test_a_killed_run_resumes_with_every_key_exactly_once(tmp_path, ray_local, server, site, kill_after_first_marker):
     root = tmp_path / "root"
-    good = [(f"{server}/slow/{p.name}", p.stem) for p in sorted(site.glob("0*"))]
-    rows = (good * 3)[:24]  # every row waits SLOW_SECONDS: 6 shards take a while
+    good = [(f"{server}/{p.name}", p.stem) for p in sorted(site.glob("0*"))]
+    rows = (good * 3)[:24]
     config = _config(root, rows, samples_per_shard=4, timeout_s=10.0, threads_per_shard=1)
     config_file = tmp_path / "c.yaml"
     config_file.write_text(config.to_yaml())
     done_at_kill = kill_after_first_marker("download", config_file, root / "_state/download")
-    assert 1 <= done_at_kill < 6, "the kill should land mid-run"
+    assert done_at_kill == 1, "the run halts after its first marker until it is killed"
 
     resumed = run_download(config, progress=False)
     assert resumed.shards_skipped == done_at_kill and resumed.shards_done == 6 - done_at_kill
@@ -170,3 +174,80 @@ def test_a_stage_missing_its_input_fails_in_one_line(tmp_path):
     run = _cli("sample", "--root", str(tmp_path / "root"))
     out, err = run.communicate(timeout=60)
     assert run.returncode == 2 and "run `make train`" in err and err.strip().count("\n") == 0
+
+
+TRICKLE_S = 0.5  # a byte per interval: each trickled answer below would take about a minute
+
+
+class HostileHandler(QuietHandler):
+    """The site's files, plus ``/redirect?to=URL`` (a 302 there), ``/trickle-body`` (a 120-byte
+    body sent a byte at a time) and ``/trickle-headers`` (the headers sent the same way)."""
+
+    def do_GET(self):
+        path, _, query = self.path.partition("?")
+        if path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", parse_qs(query)["to"][0])
+            self.end_headers()
+        elif path == "/trickle-body":
+            self.send_response(200)
+            self.send_header("Content-Length", "120")
+            self.end_headers()
+            self._trickle(b"x" * 120)
+        elif path == "/trickle-headers":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+            self._trickle(b"X-Padding: " + b"x" * 120 + b"\r\n\r\n")
+        else:
+            super().do_GET()
+
+    def _trickle(self, data: bytes) -> None:
+        for byte in data:
+            self.wfile.write(bytes([byte]))
+            time.sleep(TRICKLE_S)
+
+
+@pytest.fixture(scope="module")
+def hostile(site):
+    with serve_directory(site, "127.0.0.1", 0, HostileHandler) as base_url:
+        yield base_url
+
+
+def _redirect(base: str, target: str) -> str:
+    return f"{base}/redirect?to={quote(target, safe='')}"
+
+
+def test_a_redirect_obeys_the_url_rule_before_any_connection(tmp_path, ray_local, hostile, site):
+    photo = f"{hostile}/{sorted(site.glob('0*'))[0].name}"
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # the ftp "server": records connections
+        ftp = f"ftp://127.0.0.1:{listener.getsockname()[1]}/x.jpg"
+        rows = [
+            (_redirect(hostile, ftp), "to ftp"),
+            (_redirect(hostile, "file:///etc/hostname"), "to file"),
+            (_redirect(hostile, "https:///x.jpg"), "to no host"),
+            (_redirect(hostile, photo), "to a photo"),
+        ]
+        summary = run_download(_config(tmp_path / "root", rows, samples_per_shard=len(rows)), progress=False)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # a connection, even one closed since, would wait here
+            listener.accept()
+    assert summary.rows_out == 1 and dict(summary.failures) == {"unsupported_scheme": 2, "invalid_url": 1}
+    written = {r["caption"]: r for r in _all_rows(tmp_path / "root")}
+    assert written["to ftp"]["error_message"] == (
+        f"unsupported url scheme 'ftp' (allowed: http, https), redirected from {rows[0][0]}"
+    )
+    assert written["to a photo"]["status"] == "success"
+
+
+def test_a_trickling_server_is_cut_off_at_the_deadline(tmp_path, ray_local, hostile, site):
+    photos = [(f"{hostile}/{p.name}", "photo") for p in sorted(site.glob("0*"))[:2]]
+    rows = [(f"{hostile}/trickle-body", "body"), (f"{hostile}/trickle-headers", "headers"), *photos]
+    config = _config(tmp_path / "root", rows, samples_per_shard=len(rows), timeout_s=5.0, deadline_s=2.0)
+    started = time.monotonic()
+    summary = run_download(config, progress=False)
+    assert time.monotonic() - started < 20, "the shard waited for the trickle"
+    assert summary.rows_out == 2 and dict(summary.failures) == {"deadline_exceeded": 2}
+    failed = [r for r in _all_rows(tmp_path / "root") if r["status"] != "success"]
+    assert {r["caption"]: r["error_message"] for r in failed} == {
+        "body": "deadline exceeded: 2 s",
+        "headers": "deadline exceeded: 2 s",
+    }

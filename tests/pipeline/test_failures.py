@@ -12,6 +12,12 @@ from four_m.pipeline.failures import failure_reason
         ("<urlopen error timed out>", "timeout"),
         ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
         ("unsupported url scheme 'file' (allowed: http, https)", "unsupported_scheme"),
+        (
+            "unsupported url scheme 'ftp' (allowed: http, https), redirected from http://a.example/x.jpg",
+            "unsupported_scheme",
+        ),
+        ("HTTP Error 302: Found - Redirection to url 'file:///etc/hostname' is not allowed", "unsupported_scheme"),
+        ("deadline exceeded: 10 s", "deadline_exceeded"),
         ("empty url", "empty_url"),
         ("invalid url: no host", "invalid_url"),
         ("aspect ratio too large: 4000x2 resizes to 64 by 128000 px", "aspect_ratio"),

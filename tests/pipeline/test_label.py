@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from four_m.core.config import LABELER_NAMES, load_config
-from four_m.core.dataset_root import DatasetRoot, sha256_file
+from four_m.core.dataset_root import DatasetRoot, UpstreamChanged, sha256_file
+from four_m.core.stage_lock import StageLocked, lock_path
 from four_m.labelers.base import RANDOM_INIT
 from four_m.pipeline.label import run_label
 
@@ -61,17 +66,25 @@ def test_only_reruns_the_named_labelers_and_leaves_others_byte_identical(labelle
     assert sum(again.shards_done.values()) == 0
 
 
-def test_a_killed_run_resumes_with_every_key_exactly_once(
-    tmp_path, ray_local, photos, kill_after_first_marker, make_images_root, small_config
+def test_a_second_run_is_refused_and_a_killed_run_resumes_with_every_key_exactly_once(
+    tmp_path, ray_local, photos, halted_after_first_marker, make_images_root, small_config, caplog
 ):
     root = tmp_path / "root"
     keys = make_images_root(root, photos * 3, per_shard=3)
     config_file = tmp_path / "c.yaml"
     config_file.write_text(small_config(root, "label.labelers=[depth, clip]").to_yaml())
-    done = kill_after_first_marker("label", config_file, root / "_state/label/clip")
-    assert 1 <= done < len(keys), "the kill should land mid-run"
-    summary = run_label(load_config(config_file), progress=False)
-    assert summary.shards_done["clip"] == len(keys) - done
+    with halted_after_first_marker("label", config_file, root / "_state/label") as running:
+        with pytest.raises(StageLocked, match=rf"another label run holds .*pid {running.pid} on "):
+            run_label(load_config(config_file), progress=False)
+        holder = json.loads(lock_path(root, "label").read_text())
+        assert holder["pid"] == running.pid, "the refused run must leave the running one's lock alone"
+    done = list((root / "_state/label").rglob("*.done.json"))
+    assert len(done) == 1, "the run halts after its first marker until it is killed"
+    with caplog.at_level(logging.WARNING, logger="four_m.core.stage_lock"):
+        summary = run_label(load_config(config_file), progress=False)
+    assert "taking over the label lock of a run that is gone" in caplog.text
+    assert sum(summary.shards_done.values()) == 2 * len(keys) - 1
+    assert sum(summary.shards_skipped.values()) == 1
     for name in ("depth", "clip"):
         written = [
             k
@@ -80,3 +93,20 @@ def test_a_killed_run_resumes_with_every_key_exactly_once(
         ]
         assert written == [k for shard in keys for k in shard]
     assert not list((root / "labels/clip").glob(".*.tmp"))
+
+
+def test_a_changed_images_shard_stops_the_run_naming_it_before_any_skip_is_trusted(labelled, tmp_path, small_config):
+    config, _, _ = labelled
+    root = tmp_path / "root"
+    shutil.copytree(config.root, root)
+    images = root / "images/00000.parquet"
+    original = images.read_bytes()
+    labels = {p: sha256_file(p) for p in (root / "labels").rglob("*.parquet")}
+    images.write_bytes(original[: len(original) // 2])
+    with pytest.raises(UpstreamChanged, match=r"images/00000\.parquet does not match .*rerun the download stage"):
+        run_label(small_config(root), progress=False)
+    images.write_bytes(original[:-1] + b"x")  # same size, other bytes: found by its hash
+    with pytest.raises(UpstreamChanged, match="images/00000.parquet does not match .*sha256 differs"):
+        run_label(small_config(root), progress=False)
+    assert {p: sha256_file(p) for p in labels} == labels, "no label shard is touched"
+    assert not lock_path(root, "label").exists(), "the refused run released its lock"

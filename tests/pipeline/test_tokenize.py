@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from four_m.core.config import load_config
-from four_m.core.dataset_root import DatasetRoot, sha256_file
+from four_m.core.dataset_root import DatasetRoot, UpstreamChanged, sha256_file
 from four_m.core.modalities import MODALITIES
 from four_m.labelers.encode import encode_png
 from four_m.pipeline.tokenize import TokenizeStageError, run_tokenize
@@ -125,7 +126,7 @@ def test_a_killed_run_resumes_with_every_key_exactly_once(
     config_file = tmp_path / "c.yaml"
     config_file.write_text(config.to_yaml())
     done = kill_after_first_marker("tokenize", config_file, root / "_state/tokenize/rgb")
-    assert 1 <= done < len(keys), "the kill should land mid-run"
+    assert done == 1, "the run halts after its first marker until it is killed"
     summary = run_tokenize(config, progress=False)
     assert summary.modalities["rgb"].shards_done == len(keys) - done
     written = [
@@ -151,3 +152,15 @@ def test_a_label_of_the_wrong_class_count_stops_its_shard_naming_modality_file_a
     with pytest.raises(TokenizerInputError, match=r"labels/semseg/00000\.parquet: semseg: .*\[200\]"):
         tokenize_shard(root, 0, {"semseg": tokenizer}, config, {"semseg": {}})
     assert sha256_file(tokens) == before, "a failed shard must leave the finished file alone"
+
+
+def test_a_truncated_label_shard_stops_the_run_naming_it(tokenized, tmp_path):
+    config, _, _, _ = tokenized
+    root = tmp_path / "root"
+    shutil.copytree(config.root, root)
+    labels = root / "labels/depth/00001.parquet"
+    labels.write_bytes(labels.read_bytes()[:100])
+    tokens = {p: sha256_file(p) for p in (root / "tokens").rglob("*.parquet")}
+    with pytest.raises(UpstreamChanged, match=r"labels/depth/00001\.parquet does not match .*rerun the label stage"):
+        run_tokenize(replace(config, root=str(root)), progress=False)
+    assert {p: sha256_file(p) for p in tokens} == tokens, "no token shard is touched"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -125,7 +126,7 @@ def test_misaligned_or_missing_shards_raise_naming_the_file(tmp_path):
     write_store(tmp_path, shard_rows=(4, 3))
     depth = tmp_path / "tokens/depth/00001.parquet"
     keys = ["00001_0000", "00001_0002", "00001_0001"]  # rows swapped
-    schema = token_schema(GRID, {"modality": "depth"})
+    schema = token_schema(GRID, {"modality": "depth", "vocab_size": "64", "max_tokens": str(GRID), "tokenizer": "t"})
     write_tokens(depth, token_table(keys, [np.zeros(GRID, np.uint16)] * 3, [None] * 3, schema), ROW_GROUP)
     shards = TokenShards(tmp_path, NAMES)
     list(shards.read(shards.shards[0]))
@@ -221,6 +222,44 @@ def test_dataloader_with_two_workers_matches_the_stream_and_resumes(store):
     resumed = DataLoader(stream(root, start_batch=3), batch_size=None, num_workers=2)
     for a, b in zip(expected[3:], itertools.islice(resumed, 2), strict=True):
         assert_same(a, b)
+
+
+def plant_id(path: Path, row: int, position: int, token: int) -> str:
+    """Rewrite a token file with one id replaced (same schema and metadata); returns that row's key."""
+    table = pq.read_table(path)
+    ids = [None if r is None else np.array(r, np.uint16) for r in table.column("tokens").to_pylist()]
+    ids[row][position] = token
+    keys = table.column("key").to_pylist()
+    write_tokens(path, token_table(keys, ids, table.column("error").to_pylist(), table.schema), ROW_GROUP)
+    return keys[row]
+
+
+def test_an_id_past_the_vocabulary_names_the_file_modality_id_and_row(tmp_path):
+    write_store(tmp_path, shard_rows=(4, 7))
+    caption = tmp_path / "tokens/caption/00001.parquet"
+    key = plant_id(caption, row=4, position=0, token=64)  # vocab_size 64: ids 0..63; row 4 is in the 2nd row group
+    shards = TokenShards(tmp_path, NAMES)
+    list(shards.read(shards.shards[0]))
+    with pytest.raises(TokenStoreError) as error:
+        list(shards.read(shards.shards[1]))
+    assert str(error.value) == (
+        f"{caption}: caption token id 64 at row 4 (key {key!r}) is out of range: the vocabulary has 64 ids;"
+        " retokenize this shard (make tokenize)"
+    )
+
+
+def test_an_id_past_the_vocabulary_in_a_dataloader_worker_stops_training_in_one_line(tmp_path):
+    write_store(tmp_path, shard_rows=(4,))
+    rgb = tmp_path / "tokens/rgb/00000.parquet"
+    plant_id(rgb, row=0, position=5, token=65535)
+    data = TokenDataModule(tmp_path, Masker(INFOS, MASKING), batch_size=2, num_workers=1, shuffle_buffer=0)
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    with pytest.raises(TokenStoreError) as error:
+        trainer.fit(Recorder(), datamodule=data)
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"{rgb}: rgb token id 65535 at row 0 (key '00000_0000') is out of range")
 
 
 def test_store_vocabularies_read_the_metadata_and_check_the_run(store, tmp_path):
