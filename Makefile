@@ -1,8 +1,11 @@
 # One target per stage. Every stage target takes CONFIG= (a YAML under configs/ or any path),
 # ROOT= (the dataset root; default: the config's `root`) and SET="section.key=value ..." overrides;
+# some take their verb's own options, and only their own (the CLI refuses another verb's):
 # `make label ONLY=depth,det` reruns chosen labelers without touching the others;
 # `make download RETRY_FAILED=1` re-fetches only the failed urls of finished shards;
-# `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"]` generates with the trained run.
+# `make preview SAMPLES=4` (and preview-tokens) sets the rows of the grid;
+# `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"]` generates with the trained run
+# (`make demo` takes FROM= and TO= too: it runs sample).
 # `make demo` and `make test` install everything they need into .venv first, so they are the only two
 # commands a fresh machine needs.
 
@@ -20,9 +23,16 @@ FROM   ?=
 TO     ?=
 IMAGE  ?=
 CAPTION ?=
-ARGS    = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s)) $(if $(ONLY),--only $(ONLY)) \
-          $(if $(RETRY_FAILED),--retry-failed) $(if $(FROM),--set 'generate.given=[$(FROM)]') \
-          $(if $(TO),--set 'generate.targets=[$(TO)]') $(if $(IMAGE),--image '$(IMAGE)') $(if $(CAPTION),--caption '$(CAPTION)')
+SAMPLES ?=
+# Every verb's options, then each verb's own: target `x` passes $(x_ARGS) after $(ARGS).
+ARGS     = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
+GENERATE = $(if $(FROM),--set 'generate.given=[$(FROM)]') $(if $(TO),--set 'generate.targets=[$(TO)]')
+download_ARGS       = $(if $(RETRY_FAILED),--retry-failed)
+label_ARGS          = $(if $(ONLY),--only $(ONLY))
+preview_ARGS        = $(if $(SAMPLES),--samples $(SAMPLES))
+preview-tokens_ARGS = $(preview_ARGS)
+sample_ARGS         = $(GENERATE) $(if $(IMAGE),--image '$(IMAGE)') $(if $(CAPTION),--caption '$(CAPTION)')
+demo_ARGS           = $(GENERATE)
 
 # torch/torchvision: the pair this machine has on disk (CPU wheels); other pairs download gigabytes.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
@@ -44,7 +54,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(CLI) demo $(ARGS)
+	$(CLI) demo $(ARGS) $(demo_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -62,7 +72,7 @@ cluster-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/pipeline/test_cluster.py
 
 sample-urls download label tokenizers tokenize train sample eval card preview preview-tokens models bad-input: $(STAMP)
-	$(CLI) $@ $(ARGS)
+	$(CLI) $@ $(ARGS) $($@_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/download.py

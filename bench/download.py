@@ -31,8 +31,8 @@ import ray
 from common import make_images
 
 from four_m.core.config import Config, DownloadConfig, RayConfig, SampleConfig
+from four_m.core.failures import failure_reason
 from four_m.pipeline.download import run_download
-from four_m.pipeline.failures import failure_reason
 from four_m.pipeline.sample_site import serve_directory
 
 IMAGE_SIZE = 256

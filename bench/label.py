@@ -27,9 +27,9 @@ import ray
 from common import make_images, write_images_root
 
 from four_m.core.config import load_config
+from four_m.core.views import centre_square, decode_rgb, resize_square
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.label import run_label
-from four_m.pipeline.views import centre_square, decode_rgb, resize_square
 
 
 class PeakMemory:

@@ -42,7 +42,7 @@ from common import make_images, write_images_root
 
 from four_m.core.config import TokenizeConfig, load_config
 from four_m.core.dataset_root import shard_name
-from four_m.core.modalities import MAP_MODALITIES, MODALITIES, ModalitySpec
+from four_m.core.modalities import MODALITIES, ModalitySpec, map_modalities
 from four_m.pipeline.label import run_label
 from four_m.pipeline.tokenize import run_tokenize
 from four_m.pipeline.tokenizers import run_tokenizer_training
@@ -69,7 +69,7 @@ def zipf_probabilities(vocab: int, rng: np.random.Generator) -> np.ndarray:
 
 def synthetic_rows(spec: ModalitySpec, count: int, rng: np.random.Generator) -> list[np.ndarray | None]:
     """``count`` rows of ids for one modality, about ``ABSENT`` of them None."""
-    if spec.kind == "map":
+    if spec.layout == "map":
         grid = rng.choice(CODEBOOK, size=(count, spec.max_tokens), p=zipf_probabilities(CODEBOOK, rng))
         rows = list(grid.astype(TOKEN_DTYPE))
     else:
@@ -88,7 +88,7 @@ def write_synthetic_store(tokens_dir: Path, samples: int, per_shard: int, seed: 
     row_group_rows = TokenizeConfig().row_group_rows
     for name, spec in MODALITIES.items():
         rows = synthetic_rows(spec, samples, rng)
-        schema = token_schema(spec.max_tokens if spec.kind == "map" else None, {"tokenizer": "synthetic"})
+        schema = token_schema(spec.max_tokens if spec.layout == "map" else None, {"tokenizer": "synthetic"})
         for shard, start in enumerate(range(0, samples, per_shard)):
             ids = rows[start : start + per_shard]
             errors = [ABSENT_REASON if row is None else None for row in ids]
@@ -308,7 +308,7 @@ def pipeline_root(work: Path, images: int, per_shard: int, overrides: list[str])
     root = work / "root"
     write_images_root(root, [photos / n for n in names], per_shard)
     # Tokenizers train only a few steps: the tokenize stage's speed does not depend on their quality.
-    quick = [f"tokenize.{m}.steps=5" for m in MAP_MODALITIES]
+    quick = [f"tokenize.{m}.steps=5" for m in map_modalities()]
     config = load_config("default", [*quick, *overrides], root=str(root))
     ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level="warning")
     run_label(config, progress=False)

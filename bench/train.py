@@ -50,10 +50,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from four_m.core.coco import COCO_THINGS
 from four_m.core.config import TextTokenizerConfig, TokenizeConfig, TrainConfig
 from four_m.core.dataset_root import shard_name
 from four_m.core.modalities import MODALITIES
-from four_m.labelers.coco import COCO_THINGS
 from four_m.tokenize.base import TOKEN_DTYPE
 from four_m.tokenize.store import token_schema, token_table, write_tokens
 from four_m.tokenize.text import COORDINATE_AXES, EOS, SPECIAL_TOKENS, reserved_tokens
@@ -101,7 +101,7 @@ class Modality:
 
 
 SEVEN = tuple(
-    Modality(n, "map", CODEBOOK) if s.kind == "map" else Modality(n, "sequence", TEXT_VOCAB, s.vocabulary)
+    Modality(n, "map", CODEBOOK) if s.layout == "map" else Modality(n, "sequence", TEXT_VOCAB, s.vocabulary)
     for n, s in MODALITIES.items()
 )
 EXTRA = tuple(Modality(n, "map", CODEBOOK) for n in EXTRA_MAPS)

@@ -1,5 +1,7 @@
 """``python -m four_m <verb> --config ... [--root ...] [--set section.key=value ...]``: a verb per stage.
 
+Each verb is a subcommand that takes the common options and only its own (``label --only``,
+``download --retry-failed``, ...): another verb's option is an error, not silently ignored.
 Expected problems (a bad config, a malformed url list, a busy port, a run that does not match the
 tokenizers, a root that is a file or not writable) end with one line, not a traceback.
 """
@@ -7,8 +9,11 @@ tokenizers, a root that is a file or not writable) end with one line, not a trac
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
 
 from four_m.core.config import Config, load_config
 from four_m.core.dataset_root import check_root_writable
@@ -48,7 +53,7 @@ def _label(config: Config, args: argparse.Namespace) -> int:
 
 
 def _preview(config: Config, args: argparse.Namespace) -> int:
-    from four_m.labelers.preview import write_label_preview
+    from four_m.tokenize.label_preview import write_label_preview
 
     print(f"preview: wrote {write_label_preview(config, samples=args.samples)}")
     return 0
@@ -121,11 +126,15 @@ def _models(config: Config, args: argparse.Namespace) -> int:
     """Fetch production weights for the configured labelers (needs a reachable hub)."""
     from pathlib import Path
 
+    from four_m.labelers.pretrained import PretrainedLabeler
     from four_m.labelers.registry import LABELERS
 
     failed = 0
     for name in config.label.labelers:
         cfg = config.label.labeler(name)
+        if not issubclass(LABELERS[name], PretrainedLabeler):
+            print(f"models: {name}: an algorithm, no weights (nothing to fetch)")
+            continue
         if cfg.model is None or Path(cfg.model).exists():
             print(f"models: {name}: {cfg.model or 'tiny random-init variant'} (nothing to fetch)")
             continue
@@ -137,17 +146,22 @@ def _models(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+DEMO = ("download", "label", "preview", "tokenizers", "tokenize", "preview-tokens", "train", "sample", "eval", "card")
+"""The verbs ``demo`` runs, in this order: every stage of the pipeline."""
+
+
 def _demo(config: Config, args: argparse.Namespace) -> int:
-    status = _download(config, args)
-    status = max(status, _label(config, args))
-    _preview(config, args)
-    status = max(status, _tokenizers(config, args))
-    status = max(status, _tokenize(config, args))
-    _preview_tokens(config, args)
-    status = max(status, _train(config, args))
-    status = max(status, _sample(config, args))
-    status = max(status, _eval(config, args))
-    return max(status, _card(config, args))
+    """Every stage in turn, each with its own options at their defaults; a failing stage does not
+    stop the later ones (each reports itself), the exit status is the worst of them."""
+    return max(VERBS[verb].run(config, _with_defaults(verb, args)) for verb in DEMO)
+
+
+def _with_defaults(verb: str, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` plus ``verb``'s own options at their defaults: what another verb passes it."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for add in VERBS[verb].options:
+        add(parser)
+    return argparse.Namespace(**{**vars(args), **vars(parser.parse_args([]))})
 
 
 def _report(summary: StageSummary) -> int:
@@ -157,30 +171,12 @@ def _report(summary: StageSummary) -> int:
     return 1 if summary.shards_failed else 0
 
 
-VERBS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
-    "sample-urls": _sample_urls,
-    "download": _download,
-    "label": _label,
-    "preview": _preview,
-    "tokenizers": _tokenizers,
-    "tokenize": _tokenize,
-    "preview-tokens": _preview_tokens,
-    "train": _train,
-    "sample": _sample,
-    "eval": _eval,
-    "card": _card,
-    "models": _models,
-    "bad-input": _bad_input,
-    "demo": _demo,
-}
-LEAVES_ROOT_ALONE = frozenset({"models"})
-"""Verbs that write nothing under the root (weights go to the hub's cache); every other one is
-refused up front on a root that cannot take output (``check_root_writable``)."""
+Options = Callable[[argparse.ArgumentParser], None]
+"""Adds one verb's own options to its subcommand's parser."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m four_m", description=__doc__.splitlines()[0])
-    parser.add_argument("verb", choices=list(VERBS))
+def _common(parser: argparse.ArgumentParser) -> None:
+    """The options every verb takes: which config, which root, overrides, and how to run."""
     parser.add_argument("--config", default="default", help="YAML file, or a name in configs/ (default)")
     parser.add_argument("--root", help="dataset root (default: the config's root)")
     parser.add_argument(
@@ -197,28 +193,115 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove every stage lock of the root first: only when the run holding one is known to be gone",
     )
-    parser.add_argument("--only", help="label: run only these labelers, e.g. depth,det (others untouched)")
-    parser.add_argument(
-        "--retry-failed",
-        action="store_true",
-        help="download: re-fetch only the failed rows of finished shards, merged into place",
+
+
+def _only(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", metavar="NAMES", help="run only these labelers, e.g. depth,det (others untouched)")
+
+
+def _retry_failed(parser: argparse.ArgumentParser) -> None:
+    help_ = "re-fetch only the failed rows of finished shards, merged into place"
+    parser.add_argument("--retry-failed", action="store_true", help=help_)
+
+
+def _samples(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", type=int, default=8, help="rows in the grid (default 8)")
+
+
+def _user_input(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", help="generate from this image file instead of the held-out shards")
+    parser.add_argument("--caption", help="generate from this caption (with caption in generate.given: FROM=caption)")
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One subcommand: the function that runs it, its line in ``--help``, and the options only it takes."""
+
+    run: Callable[[Config, argparse.Namespace], int]
+    help: str
+    options: tuple[Options, ...] = ()
+    writes_root: bool = True
+    """False for a verb that writes nothing under the root (weights go to the hub's cache); every
+    other one is refused up front on a root that cannot take output (``check_root_writable``)."""
+
+
+VERBS: dict[str, Verb] = {
+    "sample-urls": Verb(_sample_urls, "write the embedded sample's url list (<root>/urls/sample.tsv)"),
+    "download": Verb(_download, "url lists -> images/ with img2dataset on Ray", (_retry_failed,)),
+    "label": Verb(_label, "pseudo-labels -> labels/<modality>/", (_only,)),
+    "preview": Verb(_preview, "<root>/preview/labels.png: a few images with every label", (_samples,)),
+    "tokenizers": Verb(_tokenizers, "train one tokenizer per modality -> tokenizers/<modality>/"),
+    "tokenize": Verb(_tokenize, "images + labels -> tokens/<modality>/"),
+    "preview-tokens": Verb(
+        _preview_tokens, "<root>/preview/tokens.png: each modality as labelled and decoded from its tokens", (_samples,)
+    ),
+    "train": Verb(_train, "train a 4M model on tokens/ -> runs/<run>/"),
+    "sample": Verb(_sample, "runs/<run>/samples/*.png: predictions from held-out rows or your input", (_user_input,)),
+    "eval": Verb(_eval, "runs/<run>/eval/metrics.md: rgb -> each modality on the held-out shards"),
+    "card": Verb(_card, "<root>/README.md: the Hugging Face dataset card of the root"),
+    "models": Verb(_models, "fetch the configured labelers' production weights", writes_root=False),
+    "bad-input": Verb(_bad_input, "the bad-input corpus through every stage in <root>/_bad_input/, audited"),
+    "demo": Verb(_demo, f"every stage in order: {', '.join(DEMO)}"),
+}
+"""The verbs, in the order ``--help`` lists them: the one list of them."""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The verb and its options. An option the verb does not take is refused by the verb's own
+    parser (exit 2), whose usage line then shows what it does take."""
+    parser = argparse.ArgumentParser(
+        prog="python -m four_m", description="A verb per stage; `python -m four_m VERB --help` lists its options."
     )
-    parser.add_argument("--samples", type=int, default=8, help="preview: rows in the grid")
-    parser.add_argument("--image", help="sample: generate from this image file instead of the held-out shards")
-    parser.add_argument("--caption", help="sample: generate from this caption (with FROM=caption)")
-    return parser
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    subcommands: dict[str, argparse.ArgumentParser] = {}
+    for name, verb in VERBS.items():
+        subcommands[name] = verbs.add_parser(name, parents=[common], help=verb.help, description=verb.help)
+        for add in verb.options:
+            add(subcommands[name])
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subcommands[args.verb].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a line is logged (as logging's last resort is),
+    so the handler of a first ``main()`` never writes to a stream replaced since (tests, notebooks)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self, logging.WARNING)
+        self.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+
+    @property
+    def stream(self) -> TextIO:  # read by logging.StreamHandler on every line
+        return sys.stderr
+
+
+def _log_warnings_to_stderr() -> None:
+    """Show the stages' warnings as they happen (a batch retried row by row, a shard that failed).
+
+    Library code only logs; this is the one place that gives ``four_m``'s loggers a handler. Ray's and
+    Lightning's loggers keep their own handlers and do not propagate here, so nothing is printed twice.
+    """
+    logger = logging.getLogger("four_m")
+    if not any(isinstance(handler, _Stderr) for handler in logger.handlers):
+        logger.addHandler(_Stderr())
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
+    verb = VERBS[args.verb]
+    _log_warnings_to_stderr()
     try:
         config = load_config(args.config, args.overrides, root=args.root)
-        if args.verb not in LEAVES_ROOT_ALONE:
+        if verb.writes_root:
             check_root_writable(config.root)
         if args.force_unlock:
             for removed in force_unlock(location(config.root)):
                 print(f"four_m {args.verb}: removed the lock of {removed}", file=sys.stderr)
-        return VERBS[args.verb](config, args)
+        return verb.run(config, args)
     except UserError as err:
         print(f"four_m {args.verb}: error: {err}", file=sys.stderr)
         return 2

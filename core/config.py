@@ -20,8 +20,13 @@ from typing import Any
 import yaml
 
 from four_m.core.errors import UserError
+from four_m.core.modalities import MODALITIES, labelled_modalities
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SECTIONS = "sections"
+"""Field metadata: the field holds one config section per modality, keyed by modality name, written
+in YAML as keys of the enclosing section (``label.depth``, ``tokenize.rgb``); the value names the
+``ModalitySpec`` attribute that holds a modality's defaults (and so its section's class)."""
 RUNTIME_ONLY = {"runtime_only": True}
 """Field metadata: the field tunes speed, not output, so changing it does not make shards stale."""
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -44,8 +49,8 @@ class RayConfig:
     """Object store of a locally started Ray (None: Ray's default, 30% of memory)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
-        _check(self.object_store_mb is None or self.object_store_mb >= 64, "ray.object_store_mb", ">= 64")
+        check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1")
+        check(self.object_store_mb is None or self.object_store_mb >= 64, "ray.object_store_mb", ">= 64")
 
 
 @dataclass(frozen=True)
@@ -86,19 +91,19 @@ class DownloadConfig:
     user_agent_token: str | None = "four-m"
 
     def __post_init__(self) -> None:
-        _check(self.input_format in ("auto", "tsv", "parquet"), "download.input_format", "auto|tsv|parquet")
-        _check(self.tsv_header in ("auto", "yes", "no"), "download.tsv_header", "auto|yes|no")
-        _check(self.samples_per_shard >= 1, "download.samples_per_shard", "must be >= 1")
-        _check(16 <= self.image_size <= 4096, "download.image_size", "must be in [16, 4096]")
-        _check(self.resize_mode in RESIZE_MODES, "download.resize_mode", "|".join(RESIZE_MODES))
-        _check(self.encode_format in ("jpg", "png", "webp"), "download.encode_format", "jpg|png|webp")
-        _check(self.threads_per_shard >= 1, "download.threads_per_shard", "must be >= 1")
-        _check(self.cpus_per_shard > 0, "download.cpus_per_shard", "must be > 0")
-        _check(self.timeout_s > 0, "download.timeout_s", "must be > 0")
-        _check(self.deadline_s > 0, "download.deadline_s", "must be > 0")
-        _check(self.retries >= 0, "download.retries", "must be >= 0")
-        _check(self.max_image_pixels >= 1, "download.max_image_pixels", "must be >= 1")
-        _check(len(self.allowed_schemes) > 0, "download.allowed_schemes", "must name a scheme")
+        check(self.input_format in ("auto", "tsv", "parquet"), "download.input_format", "auto|tsv|parquet")
+        check(self.tsv_header in ("auto", "yes", "no"), "download.tsv_header", "auto|yes|no")
+        check(self.samples_per_shard >= 1, "download.samples_per_shard", "must be >= 1")
+        check(16 <= self.image_size <= 4096, "download.image_size", "must be in [16, 4096]")
+        check(self.resize_mode in RESIZE_MODES, "download.resize_mode", "|".join(RESIZE_MODES))
+        check(self.encode_format in ("jpg", "png", "webp"), "download.encode_format", "jpg|png|webp")
+        check(self.threads_per_shard >= 1, "download.threads_per_shard", "must be >= 1")
+        check(self.cpus_per_shard > 0, "download.cpus_per_shard", "must be > 0")
+        check(self.timeout_s > 0, "download.timeout_s", "must be > 0")
+        check(self.deadline_s > 0, "download.deadline_s", "must be > 0")
+        check(self.retries >= 0, "download.retries", "must be >= 0")
+        check(self.max_image_pixels >= 1, "download.max_image_pixels", "must be >= 1")
+        check(len(self.allowed_schemes) > 0, "download.allowed_schemes", "must name a scheme")
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class SampleConfig:
     """Add a 404, a non-image body, a truncated JPEG and a file:// url, to show failure accounting."""
 
     def __post_init__(self) -> None:
-        _check(0 < self.port < 65536, "sample.port", "must be in 1..65535")
+        check(0 < self.port < 65536, "sample.port", "must be in 1..65535")
 
 
 @dataclass(frozen=True)
@@ -133,51 +138,19 @@ class LabelerConfig:
     """Per actor; a fraction lets several labelers share one GPU."""
 
     def __post_init__(self) -> None:
-        _check(16 <= self.input_size <= 2048, "label.*.input_size", "must be in [16, 2048]")
-        _check(self.batch_size >= 1, "label.*.batch_size", "must be >= 1")
-        _check(self.concurrency >= 1, "label.*.concurrency", "must be >= 1")
-        _check(self.num_cpus > 0, "label.*.num_cpus", "must be > 0")
-        _check(self.num_gpus >= 0, "label.*.num_gpus", "must be >= 0")
-
-
-@dataclass(frozen=True)
-class DetConfig(LabelerConfig):
-    input_size: int = 640
-    score_threshold: float = 0.25
-    """Boxes below this score are not stored (4M keeps confident boxes only)."""
-    max_boxes: int = 100
-    trust_pickle: bool = field(default=False, metadata=RUNTIME_ONLY)
-    """Load a ``.pt`` ``model`` file. ultralytics unpickles ``.pt`` files, and unpickling runs whatever
-    code the file names, so only set this for a file from a trusted source (ultralytics' own release
-    assets, fetched by ``make models``). A folder of safetensors weights needs no trust. Even when
-    true, a ``.pt`` inside the dataset root or scratch space is refused: other jobs can write there."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(0.0 <= self.score_threshold <= 1.0, "label.det.score_threshold", "must be in [0, 1]")
-        _check(self.max_boxes >= 1, "label.det.max_boxes", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class CaptionConfig(LabelerConfig):
-    input_size: int = 384
-    max_new_tokens: int = 30
-    num_beams: int = 3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.max_new_tokens >= 1, "label.caption.max_new_tokens", "must be >= 1")
-        _check(self.num_beams >= 1, "label.caption.num_beams", "must be >= 1")
-
-
-LABELER_NAMES = ("depth", "normal", "semseg", "det", "caption", "clip")
+        check(16 <= self.input_size <= 2048, "label.*.input_size", "must be in [16, 2048]")
+        check(self.batch_size >= 1, "label.*.batch_size", "must be >= 1")
+        check(self.concurrency >= 1, "label.*.concurrency", "must be >= 1")
+        check(self.num_cpus > 0, "label.*.num_cpus", "must be > 0")
+        check(self.num_gpus >= 0, "label.*.num_gpus", "must be >= 0")
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     size: int = 224
     """Side of the canonical view (centred square of the shorter side) that every label is defined on."""
-    labelers: tuple[str, ...] = LABELER_NAMES
+    labelers: tuple[str, ...] = field(default_factory=lambda: labelled_modalities())
+    """Which labelers run (default: every registered modality that has one)."""
     shards_per_run: int = field(default=16, metadata=RUNTIME_ONLY)
     """Shards labelled by one Ray Data execution: bounds memory, keeps actor pools warm across shards."""
     actor_groups: tuple[tuple[str, ...], ...] = field(default=(), metadata=RUNTIME_ONLY)
@@ -186,24 +159,23 @@ class LabelConfig:
     A group's actor takes the sum of its members' CPUs and GPUs, the smallest batch size and the
     largest concurrency.
     """
-    depth: LabelerConfig = field(default_factory=lambda: LabelerConfig(input_size=384))
-    normal: LabelerConfig = field(default_factory=lambda: LabelerConfig(input_size=384))
-    semseg: LabelerConfig = field(default_factory=lambda: LabelerConfig(input_size=384))
-    det: DetConfig = field(default_factory=DetConfig)
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
-    clip: LabelerConfig = field(default_factory=LabelerConfig)
+    sections: dict[str, LabelerConfig] = field(
+        default_factory=lambda: _defaults("labeler_config"), metadata={SECTIONS: "labeler_config"}
+    )
+    """``label.<modality>``: each labelled modality's settings, its declared defaults where not set."""
 
     def __post_init__(self) -> None:
-        _check(16 <= self.size <= 2048, "label.size", "must be in [16, 2048]")
-        unknown = sorted(set(self.labelers) - set(LABELER_NAMES))
-        _check(not unknown, "label.labelers", f"unknown {unknown}; known: {', '.join(LABELER_NAMES)}")
-        _check(self.shards_per_run >= 1, "label.shards_per_run", "must be >= 1")
+        check(16 <= self.size <= 2048, "label.size", "must be in [16, 2048]")
+        known = labelled_modalities()
+        unknown = sorted(set(self.labelers) - set(known))
+        check(not unknown, "label.labelers", f"unknown {unknown}; known: {', '.join(known)}")
+        check(self.shards_per_run >= 1, "label.shards_per_run", "must be >= 1")
         grouped = [n for group in self.actor_groups for n in group]
-        _check(set(grouped) <= set(LABELER_NAMES), "label.actor_groups", f"names must be among {LABELER_NAMES}")
-        _check(len(grouped) == len(set(grouped)), "label.actor_groups", "a labeler may be in one group only")
+        check(set(grouped) <= set(known), "label.actor_groups", f"names must be among {known}")
+        check(len(grouped) == len(set(grouped)), "label.actor_groups", "a labeler may be in one group only")
 
     def labeler(self, name: str) -> LabelerConfig:
-        return getattr(self, name)
+        return self.sections[name]
 
     def pools(self, names: list[str]) -> list[list[str]]:
         """The actor pools for running ``names``: the configured groups (restricted), then singles."""
@@ -222,10 +194,6 @@ class LabelConfig:
             num_cpus=sum(c.num_cpus for c in members),
             num_gpus=sum(c.num_gpus for c in members),
         )
-
-
-MAP_TOKENIZERS = ("rgb", "depth", "normal", "semseg", "clip")
-SEQUENCE_TOKENIZERS = ("caption", "det")
 
 
 @dataclass(frozen=True)
@@ -255,16 +223,16 @@ class VQConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(2 <= self.codebook_size <= 65536, "tokenize.*.codebook_size", "must be in [2, 65536] (uint16 ids)")
-        _check(self.code_dim >= 2, "tokenize.*.code_dim", "must be >= 2")
-        _check(self.width >= 4, "tokenize.*.width", "must be >= 4")
-        _check(self.grid >= 1, "tokenize.*.grid", "must be >= 1")
-        _check(self.blocks_from_stage >= 0, "tokenize.*.blocks_from_stage", "must be >= 0")
-        _check(self.steps >= 1, "tokenize.*.steps", "must be >= 1")
-        _check(self.batch_size >= 1, "tokenize.*.batch_size", "must be >= 1")
-        _check(self.learning_rate > 0, "tokenize.*.learning_rate", "must be > 0")
-        _check(0.0 < self.ema_decay < 1.0, "tokenize.*.ema_decay", "must be in (0, 1)")
-        _check(self.dead_after >= 1, "tokenize.*.dead_after", "must be >= 1")
+        check(2 <= self.codebook_size <= 65536, "tokenize.*.codebook_size", "must be in [2, 65536] (uint16 ids)")
+        check(self.code_dim >= 2, "tokenize.*.code_dim", "must be >= 2")
+        check(self.width >= 4, "tokenize.*.width", "must be >= 4")
+        check(self.grid >= 1, "tokenize.*.grid", "must be >= 1")
+        check(self.blocks_from_stage >= 0, "tokenize.*.blocks_from_stage", "must be >= 0")
+        check(self.steps >= 1, "tokenize.*.steps", "must be >= 1")
+        check(self.batch_size >= 1, "tokenize.*.batch_size", "must be >= 1")
+        check(self.learning_rate > 0, "tokenize.*.learning_rate", "must be > 0")
+        check(0.0 < self.ema_decay < 1.0, "tokenize.*.ema_decay", "must be in (0, 1)")
+        check(self.dead_after >= 1, "tokenize.*.dead_after", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -285,16 +253,16 @@ class TextTokenizerConfig:
     """Boxes below this score are dropped from the det sequence."""
 
     def __post_init__(self) -> None:
-        _check(self.vocab_size >= 16, "tokenize.text.vocab_size", "must be >= 16")
-        _check(self.sentinels >= 1, "tokenize.text.sentinels", "must be >= 1")
-        _check(2 <= self.coordinate_bins <= 10_000, "tokenize.text.coordinate_bins", "must be in [2, 10000]")
-        _check(self.max_tokens >= 8, "tokenize.text.max_tokens", "must be >= 8")
-        _check(0.0 <= self.min_box_score <= 1.0, "tokenize.text.min_box_score", "must be in [0, 1]")
+        check(self.vocab_size >= 16, "tokenize.text.vocab_size", "must be >= 16")
+        check(self.sentinels >= 1, "tokenize.text.sentinels", "must be >= 1")
+        check(2 <= self.coordinate_bins <= 10_000, "tokenize.text.coordinate_bins", "must be in [2, 10000]")
+        check(self.max_tokens >= 8, "tokenize.text.max_tokens", "must be >= 8")
+        check(0.0 <= self.min_box_score <= 1.0, "tokenize.text.min_box_score", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    modalities: tuple[str, ...] = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
+    modalities: tuple[str, ...] = field(default_factory=lambda: tuple(MODALITIES))
     batch_size: int = field(default=32, metadata=RUNTIME_ONLY)
     """Samples per tokenizer call in the tokenize stage."""
     caption_source: str = "alt_text"
@@ -310,26 +278,23 @@ class TokenizeConfig:
     row_group_rows: int = field(default=1024, metadata=RUNTIME_ONLY)
     """Rows per Parquet row group of tokens/: a streaming reader's unit."""
     text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
-    rgb: VQConfig = field(default_factory=VQConfig)
-    depth: VQConfig = field(default_factory=VQConfig)
-    normal: VQConfig = field(default_factory=VQConfig)
-    semseg: VQConfig = field(default_factory=VQConfig)
-    clip: VQConfig = field(default_factory=VQConfig)
+    sections: dict[str, VQConfig] = field(
+        default_factory=lambda: _defaults("tokenizer_config"), metadata={SECTIONS: "tokenizer_config"}
+    )
+    """``tokenize.<map modality>``: each map's VQ tokenizer, its declared defaults where not set."""
 
     def __post_init__(self) -> None:
-        known = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
-        unknown = sorted(set(self.modalities) - set(known))
-        _check(not unknown, "tokenize.modalities", f"unknown {unknown}; known: {', '.join(known)}")
-        _check(self.batch_size >= 1, "tokenize.batch_size", "must be >= 1")
-        _check(self.num_cpus > 0, "tokenize.num_cpus", "must be > 0")
-        _check(self.concurrency >= 1, "tokenize.concurrency", "must be >= 1")
+        check_modalities(self.modalities, "tokenize.modalities")
+        check(self.batch_size >= 1, "tokenize.batch_size", "must be >= 1")
+        check(self.num_cpus > 0, "tokenize.num_cpus", "must be > 0")
+        check(self.concurrency >= 1, "tokenize.concurrency", "must be >= 1")
         sources = ("alt_text", "generated")
-        _check(self.caption_source in sources, "tokenize.caption_source", f"must be one of {sources}")
-        _check(self.train_samples >= 1, "tokenize.train_samples", "must be >= 1")
-        _check(self.row_group_rows >= 1, "tokenize.row_group_rows", "must be >= 1")
+        check(self.caption_source in sources, "tokenize.caption_source", f"must be one of {sources}")
+        check(self.train_samples >= 1, "tokenize.train_samples", "must be >= 1")
+        check(self.row_group_rows >= 1, "tokenize.row_group_rows", "must be >= 1")
 
     def vq(self, modality: str) -> VQConfig:
-        return getattr(self, modality)
+        return self.sections[modality]
 
 
 @dataclass(frozen=True)
@@ -338,7 +303,7 @@ class TrainConfig:
 
     run: str = "tiny"
     """The run's folder: ``<root>/runs/<run>/`` (checkpoints, logs, loss curve, final weights)."""
-    modalities: tuple[str, ...] = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
+    modalities: tuple[str, ...] = field(default_factory=lambda: tuple(MODALITIES))
     model: str = "tiny"
     """A named size: tiny (6+6 layers, 384), small (8+8, 512), base (12+12, 768), large (24+24, 1024)."""
     input_budget: int = 128
@@ -376,18 +341,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_folder_name(self.run, "train.run")
-        known = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
-        unknown = sorted(set(self.modalities) - set(known))
-        _check(not unknown, "train.modalities", f"unknown {unknown}; known: {', '.join(known)}")
-        _check(self.input_budget >= 1 and self.target_budget >= 1, "train.input_budget/target_budget", "must be >= 1")
-        _check(self.alpha > 0, "train.alpha", "must be > 0")
-        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
-        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
-        _check(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps", "must be in [0, max_steps)")
-        _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices/num_nodes", "must be >= 1")
-        _check(self.checkpoint_every_n_steps >= 1, "train.checkpoint_every_n_steps", "must be >= 1")
-        _check(self.holdout_shards >= 0, "train.holdout_shards", "must be >= 0")
+        check_modalities(self.modalities, "train.modalities")
+        check(self.input_budget >= 1 and self.target_budget >= 1, "train.input_budget/target_budget", "must be >= 1")
+        check(self.alpha > 0, "train.alpha", "must be > 0")
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        check(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps", "must be in [0, max_steps)")
+        check(self.devices >= 1 and self.num_nodes >= 1, "train.devices/num_nodes", "must be >= 1")
+        check(self.checkpoint_every_n_steps >= 1, "train.checkpoint_every_n_steps", "must be >= 1")
+        check(self.holdout_shards >= 0, "train.holdout_shards", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -420,15 +383,12 @@ class GenerateConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        known = MAP_TOKENIZERS + SEQUENCE_TOKENIZERS
         for key, names in (("given", self.given), ("targets", self.targets)):
-            unknown = sorted(set(names) - set(known))
-            _check(not unknown, f"generate.{key}", f"unknown {unknown}; known: {', '.join(known)}")
-            _check(len(set(names)) == len(names), f"generate.{key}", f"names repeat: {list(names)}")
+            check_modalities(names, f"generate.{key}")
         both = sorted(set(self.given) & set(self.targets))
-        _check(not both, "generate.targets", f"{both} also given: a target cannot be an input")
-        _check(self.samples >= 1, "generate.samples", "must be >= 1")
-        _check(self.max_tokens >= 0, "generate.max_tokens", "must be >= 0 (0: the modality's cap)")
+        check(not both, "generate.targets", f"{both} also given: a target cannot be an input")
+        check(self.samples >= 1, "generate.samples", "must be >= 1")
+        check(self.max_tokens >= 0, "generate.max_tokens", "must be >= 0 (0: the modality's cap)")
 
 
 @dataclass(frozen=True)
@@ -451,8 +411,8 @@ class CardConfig:
     first); row counts and failures always cover every shard."""
 
     def __post_init__(self) -> None:
-        _check(self.license != "other" or bool(self.license_name), "card.license_name", "needed with license: other")
-        _check(self.stats_rows >= 1, "card.stats_rows", "must be >= 1")
+        check(self.license != "other" or bool(self.license_name), "card.license_name", "needed with license: other")
+        check(self.stats_rows >= 1, "card.stats_rows", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -475,7 +435,7 @@ class Config:
         return shaping_hash(getattr(self, section))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False)
+        return yaml.safe_dump(_plain(self), sort_keys=False)
 
 
 def shaping_hash(*parts: Any) -> str:
@@ -485,6 +445,8 @@ def shaping_hash(*parts: Any) -> str:
 
 
 def _shaping(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _shaping(v) for k, v in value.items()}
     if not dataclasses.is_dataclass(value):
         return value
     return {
@@ -543,12 +505,32 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    sections = next((f for f in dataclasses.fields(cls) if SECTIONS in f.metadata), None)
+    known = {f.name for f in dataclasses.fields(cls) if f is not sections}
+    defaults = _defaults(sections.metadata[SECTIONS]) if sections else {}
+    unknown = sorted(set(data) - known - set(defaults))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
-    values = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+        listed = ", ".join(sorted(known | set(defaults)))
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {listed})")
+    values = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in known & set(data)}
+    if sections:
+        values[sections.name] = {
+            name: _build(type(default), data[name], f"{prefix}{name}.") if name in data else default
+            for name, default in defaults.items()
+        }
     return cls(**values)
+
+
+def _defaults(attribute: str) -> dict[str, Any]:
+    """Per registered modality that declares one, its default section (``ModalitySpec.<attribute>``)."""
+    return {n: getattr(s, attribute) for n, s in MODALITIES.items() if getattr(s, attribute) is not None}
+
+
+def check_modalities(names: tuple[str, ...], key: str) -> None:
+    """Every name is a registered modality, each once; else one line naming the key and the known ones."""
+    unknown = sorted(set(names) - set(MODALITIES))
+    check(not unknown, key, f"unknown {unknown}; known: {', '.join(MODALITIES)}")
+    check(len(set(names)) == len(names), key, f"names repeat: {list(names)}")
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -576,7 +558,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     return value
 
 
-def _check(ok: bool, key: str, requirement: str) -> None:
+def check(ok: bool, key: str, requirement: str) -> None:
+    """Stop with a one-line ``ConfigError`` naming ``key`` unless ``ok``: every config class validates with it."""
     if not ok:
         raise ConfigError(f"{key}: {requirement}")
 
@@ -585,11 +568,19 @@ def _check_folder_name(value: str, key: str) -> None:
     """``value`` becomes a folder under the root, so it must stay one: no separator, no ``..``, not
     empty or absolute (``train.run=../../elsewhere`` would write the model outside the root)."""
     ok = FOLDER_NAME.fullmatch(value) is not None and ".." not in value
-    _check(ok, key, f"{value!r} is not a folder name (letters, digits, '.', '_', '-'; starting with a letter or digit)")
+    check(ok, key, f"{value!r} is not a folder name (letters, digits, '.', '_', '-'; starting with a letter or digit)")
 
 
 def _plain(value: Any) -> Any:
-    """Tuples as lists, so the written YAML loads back with yaml.safe_load."""
+    """Plain YAML data that ``load_config`` reads back: tuples as lists, sections as keys of their section."""
+    if dataclasses.is_dataclass(value):
+        plain = {}
+        for f in dataclasses.fields(value):
+            if SECTIONS in f.metadata:
+                plain.update(_plain(getattr(value, f.name)))
+            else:
+                plain[f.name] = _plain(getattr(value, f.name))
+        return plain
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

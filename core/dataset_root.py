@@ -96,7 +96,7 @@ class ShardMarker:
 
 
 class DatasetRoot:
-    """Paths of one pipeline run (see docs/DESIGN.md, "Dataset root"): a local folder, or a folder
+    """Paths of one pipeline run (see docs/dataset-root.md): a local folder, or a folder
     on any fsspec filesystem (``core/storage.py``)."""
 
     def __init__(self, path: str | Path):

@@ -1,30 +1,100 @@
-"""The frozen registry of modalities: one key drives labels, tokenizers, token shards and training.
+"""The frozen registry of modalities: one declaration per modality drives every stage.
 
-A spec says where a modality's data comes from and how it becomes tokens; labelers, the tokenize
-stage and the trainer all read it, nobody mutates it (per-run values such as a configured codebook
-size are applied with ``dataclasses.replace`` by whoever needs them).
+A modality is one ``ModalitySpec``: its name, its *kind*, where its data is stored, its labeler
+(an import path, resolved only where labelling happens), the defaults of its config sections, and
+what the dataset card and the evaluation say about it. Everything that lists modalities (config
+sections, tokenizers, adapters, preview renderers, metrics, baselines, card tasks, test fixtures)
+is derived from this registry; behaviour shared by a kind (an adapter, a renderer, a metric) is
+written once for the kind, in the layer that owns it.
+
+Where specs come from, once per process, on first use (then the registry is frozen):
+- the built-in modules of the ``four_m.modalities`` package, one module per modality;
+- the entry-point group ``four_m.modalities`` of installed distributions: an entry point names a
+  module with a ``MODALITY`` (or a package of such modules), so a user's own package adds a
+  modality with no edit here. Ray workers import the same installed packages, so they see the
+  same registry.
+
+This module imports nothing of the stages and no heavy library: ``make card`` reads it too.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Literal
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
+
+from four_m.core.errors import UserError
+
+ENTRY_POINTS = "four_m.modalities"
+BUILT_IN = "four_m.modalities"
+
+MAP_KINDS = ("image", "continuous_map", "direction_map", "class_map", "feature_map")
+"""Kinds stored as a per-pixel map of the label view and tokenized by a VQ tokenizer into a grid:
+``image`` (the RGB view itself), ``continuous_map`` (one value in [0, 1] per pixel, 16-bit PNG),
+``direction_map`` (unit vectors, 8-bit RGB PNG), ``class_map`` (class ids, 8-bit PNG),
+``feature_map`` (a grid of feature vectors)."""
+SEQUENCE_KINDS = ("text", "boxes")
+"""Kinds tokenized by the shared WordPiece vocabulary: free text, and 4M's box sequences."""
+KINDS = MAP_KINDS + SEQUENCE_KINDS
+
+
+class ModalityError(UserError, KeyError):
+    """A modality declaration is invalid, or a name is not a registered modality (a ``KeyError`` too,
+    so the registry is a plain ``Mapping``: ``.get`` and ``in`` work)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
 class ModalitySpec:
     name: str
-    kind: Literal["map", "sequence"]
-    """Maps become a fixed grid of tokens; sequences a variable run of text tokens up to a cap."""
-    tokenizer: Literal["vq", "text"]
-    """Registry key of the tokenizer family (see ``tokenize.registry``)."""
+    kind: str
+    """One of ``KINDS``: decides the tokenizer family, adapter, renderer, metric and baseline."""
     folder: str
-    """Where the stage reads it, relative to the dataset root: ``images`` or ``labels/<name>``."""
-    max_tokens: int
-    """Tokens per sample: exactly that many for maps (the grid, 14 x 14), at most for sequences."""
+    """Where the stages read it, relative to the dataset root: ``images`` or ``labels/<name>``."""
+    column: str
+    """The payload column of the stored table (``jpg`` in ``images/``, else usually the name)."""
+    max_tokens: int = 256
+    """Tokens per sample: exactly that many for maps (a square grid), at most for sequences."""
+    labeler: str | None = None
+    """``module:Class`` of the labeler that writes ``folder`` (None: the download stage does)."""
+    labeler_config: Any = None
+    """Defaults of ``label.<name>``: a ``LabelerConfig`` (or subclass) instance."""
+    tokenizer_config: Any = None
+    """Defaults of ``tokenize.<name>`` for maps: a ``VQConfig`` instance."""
+    alt_text: bool = False
+    """Text whose url-list alt-text may stand in for the labeler's output (``tokenize.caption_source``)."""
+    card_tasks: tuple[str, ...] = ()
+    """Hugging Face task categories that this modality's labels serve (the dataset card's header)."""
+    no_metric: str | None = None
+    """Why ``make eval`` has no metric for it (e.g. an input-only modality); None: it has one."""
+    order: int = 100
+    """Position among the modalities (ties by name): the order of tokenizing, training and display."""
     vocab_size: int | None = None
     """Known once the tokenizer is trained (a VQ codebook, the shared WordPiece vocabulary)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ModalityError(f"modality {self.name!r}: unknown kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.layout == "map" and self.tokenizer_config is None:
+            raise ModalityError(f"modality {self.name!r}: a map needs tokenizer_config (a VQConfig)")
+        if self.labeler is not None and (":" not in self.labeler or self.labeler_config is None):
+            raise ModalityError(f"modality {self.name!r}: labeler must be 'module:Class' with a labeler_config")
+
+    @property
+    def layout(self) -> str:
+        """``map`` (a fixed grid of tokens) or ``sequence`` (a variable run of text tokens up to a cap)."""
+        return "map" if self.kind in MAP_KINDS else "sequence"
+
+    @property
+    def tokenizer(self) -> str:
+        """The tokenizer family: a VQ tokenizer per map, the shared WordPiece vocabulary for sequences."""
+        return "vq" if self.layout == "map" else "text"
 
     @property
     def vocabulary(self) -> str:
@@ -33,25 +103,77 @@ class ModalitySpec:
         return "text" if self.tokenizer == "text" else self.name
 
 
-def _map(name: str, folder: str) -> ModalitySpec:
-    return ModalitySpec(name, "map", "vq", folder, max_tokens=14 * 14)
+class _Registry(Mapping[str, ModalitySpec]):
+    """Read-only, filled once per process on first use (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ModalitySpec] | None = None
+
+    def _loaded(self) -> dict[str, ModalitySpec]:
+        if self._specs is None:
+            specs = sorted(_discover(), key=lambda s: (s.order, s.name))
+            self._specs = {s.name: s for s in specs}
+        return self._specs
+
+    def __getitem__(self, name: str) -> ModalitySpec:
+        try:
+            return self._loaded()[name]
+        except KeyError:
+            raise ModalityError(f"unknown modality {name!r}; known: {', '.join(self)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
 
 
-def _sequence(name: str) -> ModalitySpec:
-    return ModalitySpec(name, "sequence", "text", f"labels/{name}", max_tokens=256)
+MODALITIES: Mapping[str, ModalitySpec] = _Registry()
+"""Every registered modality, by name, in order."""
 
 
-MODALITIES = MappingProxyType(
-    {
-        "rgb": _map("rgb", "images"),
-        "depth": _map("depth", "labels/depth"),
-        "normal": _map("normal", "labels/normal"),
-        "semseg": _map("semseg", "labels/semseg"),
-        "clip": _map("clip", "labels/clip"),
-        "caption": _sequence("caption"),
-        "det": _sequence("det"),
-    }
-)
-"""4M-7's modalities, in the order they are tokenized and shown."""
-MAP_MODALITIES = tuple(n for n, s in MODALITIES.items() if s.kind == "map")
-SEQUENCE_MODALITIES = tuple(n for n, s in MODALITIES.items() if s.kind == "sequence")
+def map_modalities() -> tuple[str, ...]:
+    return tuple(n for n, s in MODALITIES.items() if s.layout == "map")
+
+
+def sequence_modalities() -> tuple[str, ...]:
+    return tuple(n for n, s in MODALITIES.items() if s.layout == "sequence")
+
+
+def labelled_modalities() -> tuple[str, ...]:
+    """Modalities that a labeler writes (``label.labelers`` chooses among them)."""
+    return tuple(n for n, s in MODALITIES.items() if s.labeler is not None)
+
+
+def of_kind(kind: str, among: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The registered modalities of ``kind`` (only those in ``among``, if given), in registry order."""
+    return tuple(n for n, s in MODALITIES.items() if s.kind == kind and (among is None or n in among))
+
+
+def _discover() -> list[ModalitySpec]:
+    found: dict[str, tuple[ModalitySpec, str]] = {}
+    sources = [(f"built-in {BUILT_IN}", importlib.import_module(BUILT_IN))]
+    for point in entry_points(group=ENTRY_POINTS):
+        if point.value != BUILT_IN:
+            sources.append((f"entry point {point.name} = {point.value}", point.load()))
+    for origin, target in sources:
+        for spec in _specs_of(target, origin):
+            if spec.name in found:
+                raise ModalityError(f"modality {spec.name!r} is declared twice: by {found[spec.name][1]} and {origin}")
+            found[spec.name] = (spec, origin)
+    return [spec for spec, _ in found.values()]
+
+
+def _specs_of(target: Any, origin: str) -> list[ModalitySpec]:
+    """A ``ModalitySpec``, a module with ``MODALITY``, or a package whose modules have one."""
+    if isinstance(target, ModalitySpec):
+        return [target]
+    if not isinstance(target, ModuleType):
+        raise ModalityError(f"{origin}: expected a ModalitySpec or a module, got {type(target).__name__}")
+    if hasattr(target, "__path__"):  # a package: one modality per module
+        modules = pkgutil.iter_modules(target.__path__, prefix=f"{target.__name__}.")
+        return [spec for info in modules for spec in _specs_of(importlib.import_module(info.name), origin)]
+    spec = getattr(target, "MODALITY", None)
+    if not isinstance(spec, ModalitySpec):
+        raise ModalityError(f"{origin}: module {target.__name__} has no MODALITY = ModalitySpec(...)")
+    return [spec]

@@ -13,12 +13,14 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from four_m.core.config import CardConfig, Config, load_config
 from four_m.core.dataset_root import DatasetRoot, write_text_atomic
-from four_m.datasets_cards.plots import FOLDER, Figure, write_figures
+from four_m.core.modalities import MODALITIES, ModalitySpec
+from four_m.datasets_cards.plots import FOLDER, Figure, plot_key, write_figures
 from four_m.datasets_cards.stats import (
     DatasetStats,
     FolderStats,
@@ -30,15 +32,6 @@ from four_m.datasets_cards.stats import (
 
 NOT_RUN = "not run yet"
 TEMPLATES = Path(__file__).resolve().parent
-MODALITY_TASKS = {
-    "caption": ("image-to-text", "text-to-image"),
-    "depth": ("depth-estimation",),
-    "normal": ("image-to-image",),
-    "semseg": ("image-segmentation",),
-    "det": ("object-detection",),
-    "clip": ("image-feature-extraction",),
-}
-"""Hub task categories that a modality's labels serve."""
 SIZE_CATEGORIES = ("n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "100M<n<1B")
 SIZE_CATEGORIES += ("1B<n<10B", "10B<n<100B", "100B<n<1T", "n>1T")
 """The Hub's size bins, one per power of ten from 1K rows."""
@@ -102,7 +95,7 @@ def card_data(stats: DatasetStats, card: CardConfig) -> DatasetCardData:
         annotations_creators=["machine-generated"],
         source_datasets=list(card.source_datasets),
         size_categories=[size_category(stats.images.rows)] if stats.images else None,
-        task_categories=sorted({t for m in stats.labels for t in MODALITY_TASKS.get(m, ())}),
+        task_categories=sorted({t for m in stats.labels for t in MODALITIES[m].card_tasks}),
         configs=[
             {
                 "config_name": f.config_name,
@@ -209,7 +202,7 @@ def _failures(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -
     elif rows:
         yield from _table(("stage", "reason", "rows"), rows)
         yield (
-            "Download reasons classify img2dataset's messages (`pipeline/failures.py`); labels fail with"
+            "Download reasons classify img2dataset's messages (`core/failures.py`); labels fail with"
             " `no_image` (the download failed) or `labeler_error`; tokens are `absent_upstream` where the image"
             " or label is missing.\n"
         )
@@ -246,14 +239,14 @@ def _label_statistics(stats: DatasetStats, config: Config, figures: dict[str, Fi
         return
     yield f"Computed on the first {stats.stats_rows:,} labelled rows per modality at most (`card.stats_rows`).\n"
     for modality, labels in present.items():
-        if modality in LABEL_SECTIONS:
-            describe, plot = LABEL_SECTIONS[modality]
+        spec = MODALITIES[modality]
+        if spec.kind in LABEL_SECTIONS:
             yield f"### {modality}\n"
-            yield from describe(labels)
-            yield from _figure(figures, plot)
+            yield from LABEL_SECTIONS[spec.kind](spec, labels)
+            yield from _figure(figures, plot_key(spec))
 
 
-def _det_text(labels: LabelerStats) -> Iterator[str]:
+def _boxes_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
     d = labels.details
     threshold = labels.files.provenance.get("score_threshold", "?")
     if not d["boxes"]:
@@ -266,36 +259,42 @@ def _det_text(labels: LabelerStats) -> Iterator[str]:
     )
 
 
-def _semseg_text(labels: LabelerStats) -> Iterator[str]:
+def _class_map_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
     share = labels.details["class_pixel_share"]
     top = ", ".join(f"{name} {100 * v:.1f} %" for name, v in list(share.items())[:5])
     yield f"{len(share)} classes present on {labels.sampled_rows:,} images; largest pixel shares: {top}.\n"
 
 
-def _depth_text(labels: LabelerStats) -> Iterator[str]:
+def _continuous_map_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
     d = labels.details
-    if labels.sampled_rows:
-        yield (
-            f"Relative inverse depth over {labels.sampled_rows:,} images: per-image ranges span"
-            f" [{d['depth_min']:.4g}, {d['depth_max']:.4g}]; the maps store each image's range as 0..65535.\n"
-        )
+    if not labels.sampled_rows:
+        return
+    low, high = d.get(f"{spec.column}_min"), d.get(f"{spec.column}_max")
+    recorded = f": per-image ranges span [{low:.4g}, {high:.4g}]" if low is not None and high is not None else ""
+    yield (
+        f"Values over {labels.sampled_rows:,} images{recorded}; the maps store values in [0, 1] as 0..65535"
+        " (see the histogram).\n"
+    )
 
 
-def _caption_text(labels: LabelerStats) -> Iterator[str]:
-    for name, label in (("caption", "Generated captions"), ("alt_text", "Alt-texts")):
-        w = labels.details["words"][name]
-        if w["texts"]:
-            yield f"- {label}: {w['texts']:,}, {w['mean']} words on average ({w['min']}-{w['max']})."
+def _text_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
+    names = {spec.column: f"Generated ({spec.name})", "alt_text": "Alt-texts"}
+    for name, words in labels.details["words"].items():
+        if words["texts"]:
+            spread = f"{words['min']}-{words['max']}"
+            yield f"- {names[name]}: {words['texts']:,}, {words['mean']} words on average ({spread})."
     yield ""
 
 
-LABEL_SECTIONS = {
-    "det": (_det_text, "det_classes"),
-    "semseg": (_semseg_text, "semseg_classes"),
-    "depth": (_depth_text, "depth_values"),
-    "caption": (_caption_text, "caption_lengths"),
-}
-"""Modality -> (its statistics in words, the key of its plot in ``plots.PLOTS``)."""
+LABEL_SECTIONS = MappingProxyType(
+    {
+        "boxes": _boxes_text,
+        "class_map": _class_map_text,
+        "continuous_map": _continuous_map_text,
+        "text": _text_text,
+    }
+)
+"""Kind -> its statistics in words; its plot is ``plots.plot_key(spec)``."""
 
 
 def _tokenizers(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -> Iterator[str]:

@@ -8,16 +8,18 @@ render anywhere together (the committed sample card too): plots (matplotlib, Agg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import matplotlib
 import numpy as np
 from PIL import Image
 
 from four_m.core.dataset_root import DatasetRoot, atomic_path
-from four_m.datasets_cards.stats import DatasetStats
+from four_m.core.modalities import MODALITIES, ModalitySpec
+from four_m.datasets_cards.stats import DatasetStats, LabelerStats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
@@ -42,6 +44,13 @@ def write_figures(stats: DatasetStats, root: DatasetRoot) -> dict[str, Figure]:
     """
     folder = root / FOLDER
     figures: dict[str, Figure] = {}
+    for modality, labels in stats.labels.items():
+        spec = MODALITIES[modality]
+        if labels is not None and spec.kind in KIND_PLOTS:
+            _, draw, caption = KIND_PLOTS[spec.kind]
+            figure = draw(spec, labels)
+            if figure is not None:
+                figures[plot_key(spec)] = Figure(_save_plot(figure, folder / f"{plot_key(spec)}.png", root), caption)
     for key, (draw, caption) in PLOTS.items():
         figure = draw(stats)
         if figure is not None:
@@ -91,49 +100,46 @@ def _bars(names: list[str], values: list[float], xlabel: str, title: str) -> plt
     return figure
 
 
-def _det_classes(stats: DatasetStats) -> plt.Figure | None:
-    det = stats.labels.get("det")
-    if det is None or not det.details.get("boxes"):
+def _boxes_classes(spec: ModalitySpec, labels: LabelerStats) -> plt.Figure | None:
+    if not labels.details.get("boxes"):
         return None
-    top = list(det.details["class_boxes"].items())[:TOP_CLASSES]
-    return _bars([n for n, _ in top], [v for _, v in top], "boxes", f"det: boxes per class ({det.sampled_rows} images)")
+    top = list(labels.details["class_boxes"].items())[:TOP_CLASSES]
+    title = f"{spec.name}: boxes per class ({labels.sampled_rows} images)"
+    return _bars([n for n, _ in top], [v for _, v in top], "boxes", title)
 
 
-def _semseg_classes(stats: DatasetStats) -> plt.Figure | None:
-    semseg = stats.labels.get("semseg")
-    if semseg is None or not semseg.details.get("class_pixel_share"):
+def _class_shares(spec: ModalitySpec, labels: LabelerStats) -> plt.Figure | None:
+    if not labels.details.get("class_pixel_share"):
         return None
-    top = list(semseg.details["class_pixel_share"].items())[:TOP_CLASSES]
-    title = f"semseg: share of pixels per class ({semseg.sampled_rows} images)"
+    top = list(labels.details["class_pixel_share"].items())[:TOP_CLASSES]
+    title = f"{spec.name}: share of pixels per class ({labels.sampled_rows} images)"
     return _bars([n for n, _ in top], [100 * v for _, v in top], "% of pixels", title)
 
 
-def _depth_values(stats: DatasetStats) -> plt.Figure | None:
-    depth = stats.labels.get("depth")
-    if depth is None or not depth.sampled_rows:
+def _value_histogram(spec: ModalitySpec, labels: LabelerStats) -> plt.Figure | None:
+    if not labels.sampled_rows:
         return None
-    counts = np.asarray(depth.details["normalised_histogram"], np.float64)
-    edges = np.linspace(0, 1, depth.details["bins"] + 1)
+    counts = np.asarray(labels.details["normalised_histogram"], np.float64)
+    edges = np.linspace(0, 1, labels.details["bins"] + 1)
     figure, axis = plt.subplots(figsize=(6, 3), dpi=100)
     axis.bar(edges[:-1], counts / counts.sum(), width=np.diff(edges), align="edge", color="#55a868", edgecolor="white")
-    axis.set_xlabel("stored value (per-image min..max of relative inverse depth -> 0..1)")
+    axis.set_xlabel("stored value (0..65535 -> 0..1)")
     axis.set_ylabel("share of pixels")
-    axis.set_title(f"depth: value histogram ({depth.sampled_rows} images)", fontsize=10)
+    axis.set_title(f"{spec.name}: value histogram ({labels.sampled_rows} images)", fontsize=10)
     return figure
 
 
-def _caption_lengths(stats: DatasetStats) -> plt.Figure | None:
-    caption = stats.labels.get("caption")
-    if caption is None or not caption.sampled_rows:
+def _text_lengths(spec: ModalitySpec, labels: LabelerStats) -> plt.Figure | None:
+    if not labels.sampled_rows:
         return None
     figure, axis = plt.subplots(figsize=(6, 3), dpi=100)
-    for name, label in (("caption", "generated captions"), ("alt_text", "alt-texts")):
-        histogram = caption.details["words"][name]["histogram"]
-        axis.bar([int(k) for k in histogram], list(histogram.values()), alpha=0.6, label=label)
-    axis.set_xlabel("words per caption")
-    axis.set_ylabel("captions")
+    for name, words in labels.details["words"].items():
+        histogram = words["histogram"]
+        axis.bar([int(k) for k in histogram], list(histogram.values()), alpha=0.6, label=name)
+    axis.set_xlabel("words per text")
+    axis.set_ylabel("texts")
     axis.legend()
-    axis.set_title(f"caption lengths ({caption.sampled_rows} labelled images)", fontsize=10)
+    axis.set_title(f"{spec.name} lengths ({labels.sampled_rows} labelled images)", fontsize=10)
     return figure
 
 
@@ -155,11 +161,22 @@ def _codebook_usage(stats: DatasetStats) -> plt.Figure | None:
     return figure
 
 
+KIND_PLOTS: Mapping[str, tuple[str, Callable[[ModalitySpec, LabelerStats], plt.Figure | None], str]] = MappingProxyType(
+    {
+        "boxes": ("classes", _boxes_classes, "Boxes per class (most frequent classes)"),
+        "class_map": ("classes", _class_shares, "Share of pixels per class (most frequent classes)"),
+        "continuous_map": ("values", _value_histogram, "Histogram of the stored, per-image normalised values"),
+        "text": ("lengths", _text_lengths, "Words per text (generated, and alt-texts where kept)"),
+    }
+)
+"""Kind -> (the plot's name after the modality's, draw it from the labels' stats or None, caption)."""
+
 PLOTS: dict[str, tuple[Callable[[DatasetStats], plt.Figure | None], str]] = {
-    "det_classes": (_det_classes, "Boxes per class (most frequent classes)"),
-    "semseg_classes": (_semseg_classes, "Share of pixels per class (most frequent classes)"),
-    "depth_values": (_depth_values, "Depth: histogram of the stored, per-image normalised values"),
-    "caption_lengths": (_caption_lengths, "Words per generated caption and per alt-text"),
     "codebook_usage": (_codebook_usage, "Share of each vocabulary in use: while training, and in the stored tokens"),
 }
-"""Plot key -> (draw from the stats or return None, caption)."""
+"""Plots of the whole run: key -> (draw from the stats or return None, caption)."""
+
+
+def plot_key(spec: ModalitySpec) -> str:
+    """The key (and file name) of a modality's label plot: ``depth_values``, ``det_classes``..."""
+    return f"{spec.name}_{KIND_PLOTS[spec.kind][0]}" if spec.kind in KIND_PLOTS else ""

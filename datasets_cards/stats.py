@@ -1,7 +1,7 @@
 """The facts a dataset card states, read from what the stages wrote under one dataset root.
 
 Rows and failures come from every shard's own Parquet file (the stages' ``status``/``error``
-columns, classified with the stages' own reason functions), completion from the ``_state/``
+columns, classified with the reason functions of ``core.failures``), completion from the ``_state/``
 markers, each labeler's model and revision from its files' provenance metadata, tokenizer metrics
 from ``tokenizers/<modality>/trained.json``. The stages' ``summary.json`` files are not read: each
 describes only the last run of its stage, and a rerun that skipped every shard reports zeros.
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -26,18 +27,17 @@ import pyarrow.compute as pc
 
 from four_m import __version__
 from four_m.core import storage
+from four_m.core.coco import SEMSEG_IGNORE
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
-from four_m.labelers.base import RANDOM_INIT
-from four_m.labelers.coco import SEMSEG_IGNORE
-from four_m.labelers.encode import decode_png
-from four_m.pipeline.download import SUCCESS
-from four_m.pipeline.failures import failure_reason as download_failure
-from four_m.pipeline.label import failure_reason as label_failure
-from four_m.tokenize.shard import ABSENT
+from four_m.core.failures import ABSENT, ERROR, SUCCESS, failure_reason, label_failure_reason
+from four_m.core.label_codec import decode_png
+from four_m.core.modalities import MODALITIES, ModalitySpec
+from four_m.core.provenance import RANDOM_INIT
+from four_m.core.runs import DESCRIPTION, LOGS, read_losses
 
-DEPTH_BINS = 20
+VALUE_BINS = 20
 LONG_METADATA = 200
 """Metadata values longer than this (class-name lists) are data, not provenance: left out."""
 
@@ -177,7 +177,7 @@ def collect_stats(root: DatasetRoot, config: Config) -> DatasetStats:
         labels={m: _labeler(root, m, cap) for m in labels},
         tokenizers={m: _tokenizer(root / f"tokenizers/{m}") for m in modalities},
         tokens={m: _tokens(root, m, cap) for m in modalities},
-        runs=tuple(_run(folder) for folder in sorted((root / "runs").glob("*/")) if (folder / "model.json").is_file()),
+        runs=tuple(_run(folder) for folder in sorted((root / "runs").glob("*/")) if (folder / DESCRIPTION).is_file()),
         previews=tuple(str(p.relative_to(root.path)) for p in sorted((root / "preview").glob("*.png"))),
     )
 
@@ -247,16 +247,17 @@ def _provenance(schema: pa.Schema) -> dict[str, str]:
 def _download_failures(path: Path) -> Counter:
     table = storage.read_table(path, columns=["status", "error_message"])
     rows = zip(table["status"].to_pylist(), table["error_message"].to_pylist(), strict=True)
-    return Counter(download_failure(message) for status, message in rows if status != SUCCESS)
+    return Counter(failure_reason(message) for status, message in rows if status != SUCCESS)
 
 
 def _label_failures(path: Path) -> Counter:
-    return Counter(label_failure(e) for e in storage.read_table(path, columns=["error"])["error"].to_pylist() if e)
+    errors = storage.read_table(path, columns=[ERROR])[ERROR].to_pylist()
+    return Counter(label_failure_reason(e) for e in errors if e)
 
 
 def _token_failures(path: Path) -> Counter:
     """Tokens fail for one reason only: the row's image or label failed upstream."""
-    errors = storage.read_table(path, columns=["error"])["error"]
+    errors = storage.read_table(path, columns=[ERROR])[ERROR]
     absent = len(errors) - errors.null_count
     return Counter({ABSENT: absent} if absent else {})
 
@@ -278,15 +279,20 @@ def _labeler(root: DatasetRoot, modality: str, cap: int) -> LabelerStats | None:
     files = _folder(root, f"labels/{modality}", f"label/{modality}", _label_failures)
     if files is None:
         return None
-    details = LABEL_DETAILS.get(modality)
-    sample = _sample(root / f"labels/{modality}", details.columns, cap, details.columns[0]) if details else None
+    spec = MODALITIES[modality]
+    details = LABEL_DETAILS.get(spec.kind)
+    sample = None
+    if details:
+        stored = storage.read_schema(_shard_files(root / spec.folder)[0]).names
+        columns = [c for c in details.columns(spec) if c in stored]
+        sample = _sample(root / spec.folder, columns, cap, spec.column)
     return LabelerStats(
         modality=modality,
         files=files,
-        model=files.provenance.get("model", "unknown"),
+        model=files.provenance.get("model") or files.provenance.get("method", "unknown"),
         revision=files.provenance.get("revision", "unknown"),
         sampled_rows=sample.num_rows if sample is not None else 0,
-        details=details.compute(sample, _classes(root, modality)) if details else {},
+        details=details.compute(spec, sample, _classes(root, modality)) if details else {},
     )
 
 
@@ -298,24 +304,25 @@ def _classes(root: DatasetRoot, modality: str) -> list[str]:
 
 @dataclass(frozen=True)
 class _Details:
-    columns: list[str]
-    """Read from each file; the first is the payload whose rows are sampled."""
-    compute: Callable[[pa.Table, list[str]], dict[str, Any]]
+    columns: Callable[[ModalitySpec], list[str]]
+    """Read from each file (those the files have); the first is the payload whose rows are sampled."""
+    compute: Callable[[ModalitySpec, pa.Table, list[str]], dict[str, Any]]
 
 
-def _det(table: pa.Table, classes: list[str]) -> dict[str, Any]:
-    boxes = [box for row in table["det"].to_pylist() for box in row]
+def _boxes(spec: ModalitySpec, table: pa.Table, classes: list[str]) -> dict[str, Any]:
+    rows = table[spec.column].to_pylist()
+    boxes = [box for row in rows for box in row]
     counts = Counter(box["class"] for box in boxes)
     return {
         "boxes": len(boxes),
-        "images_with_boxes": sum(bool(row) for row in table["det"].to_pylist()),
+        "images_with_boxes": sum(bool(row) for row in rows),
         "class_boxes": dict(counts.most_common()),
     }
 
 
-def _semseg(table: pa.Table, classes: list[str]) -> dict[str, Any]:
+def _class_map(spec: ModalitySpec, table: pa.Table, classes: list[str]) -> dict[str, Any]:
     pixels = np.zeros(256, np.int64)
-    for payload in table["semseg"].to_pylist():
+    for payload in table[spec.column].to_pylist():
         pixels += np.bincount(decode_png(payload).ravel(), minlength=256)
     total = max(int(pixels.sum()), 1)
     names = dict(enumerate(classes)) | {SEMSEG_IGNORE: "(no class)"}
@@ -325,20 +332,26 @@ def _semseg(table: pa.Table, classes: list[str]) -> dict[str, Any]:
     }
 
 
-def _depth(table: pa.Table, classes: list[str]) -> dict[str, Any]:
-    counts = np.zeros(DEPTH_BINS, np.int64)
-    for payload in table["depth"].to_pylist():
-        counts += np.histogram(decode_png(payload), bins=DEPTH_BINS, range=(0, 65535))[0]
-    return {
-        "depth_min": float(pc.min(table["depth_min"]).as_py()) if table.num_rows else None,
-        "depth_max": float(pc.max(table["depth_max"]).as_py()) if table.num_rows else None,
-        "normalised_histogram": counts.tolist(),
-        "bins": DEPTH_BINS,
-    }
+def _continuous_map(spec: ModalitySpec, table: pa.Table, classes: list[str]) -> dict[str, Any]:
+    """A histogram of the stored 16-bit values, and the raw range where the labeler records one
+    (``<column>_min``/``_max``: depth's per-image range before normalising)."""
+    counts = np.zeros(VALUE_BINS, np.int64)
+    for payload in table[spec.column].to_pylist():
+        counts += np.histogram(decode_png(payload), bins=VALUE_BINS, range=(0, 65535))[0]
+    ranges = {}
+    for bound, reduce in (("min", pc.min), ("max", pc.max)):
+        name = f"{spec.column}_{bound}"
+        if name in table.column_names:
+            ranges[name] = float(reduce(table[name]).as_py()) if table.num_rows else None
+    return {**ranges, "normalised_histogram": counts.tolist(), "bins": VALUE_BINS}
 
 
-def _caption(table: pa.Table, classes: list[str]) -> dict[str, Any]:
-    return {"words": {name: _lengths(table[name].to_pylist()) for name in ("caption", "alt_text")}}
+def _text(spec: ModalitySpec, table: pa.Table, classes: list[str]) -> dict[str, Any]:
+    return {"words": {name: _lengths(table[name].to_pylist()) for name in _text_columns(spec)}}
+
+
+def _text_columns(spec: ModalitySpec) -> list[str]:
+    return [spec.column, *(["alt_text"] if spec.alt_text else [])]
 
 
 def _lengths(texts: list[str | None]) -> dict[str, Any]:
@@ -353,13 +366,15 @@ def _lengths(texts: list[str | None]) -> dict[str, Any]:
     }
 
 
-LABEL_DETAILS: dict[str, _Details] = {
-    "det": _Details(["det", "error"], _det),
-    "semseg": _Details(["semseg", "error"], _semseg),
-    "depth": _Details(["depth", "depth_min", "depth_max", "error"], _depth),
-    "caption": _Details(["caption", "alt_text", "error"], _caption),
-}
-"""Modalities with statistics of their own; the others (normal, clip) get counts and failures only."""
+LABEL_DETAILS: Mapping[str, _Details] = MappingProxyType(
+    {
+        "boxes": _Details(lambda s: [s.column, ERROR], _boxes),
+        "class_map": _Details(lambda s: [s.column, ERROR], _class_map),
+        "continuous_map": _Details(lambda s: [s.column, f"{s.column}_min", f"{s.column}_max", ERROR], _continuous_map),
+        "text": _Details(lambda s: [*_text_columns(s), ERROR], _text),
+    }
+)
+"""Kinds with statistics of their own; the others (direction and feature maps) get counts and failures only."""
 
 
 def _tokenizer(folder: Path) -> TokenizerStats | None:
@@ -389,10 +404,8 @@ def _tokens(root: DatasetRoot, modality: str, cap: int) -> TokenStats | None:
 
 
 def _run(folder: Path) -> RunStats:
-    from four_m.train.run import read_losses  # torch and Lightning: only where a run exists
-
-    described = json.loads((folder / "model.json").read_text())
-    losses = read_losses(folder / "logs")
+    described = json.loads((folder / DESCRIPTION).read_text())
+    losses = read_losses(folder / LOGS)
     return RunStats(
         name=folder.name,
         model=described["model"],

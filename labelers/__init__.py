@@ -1,1 +1,1 @@
-"""Pseudo-labelers (depth, normals, segmentation, detection, captions, CLIP features): next stage."""
+"""Pseudo-labelers (depth, normals, segmentation, detection, captions, CLIP features), one interface."""

@@ -24,10 +24,10 @@ from transformers import (
     BlipProcessor,
 )
 
-from four_m.core.config import CaptionConfig
-from four_m.labelers.base import Labeler, normalised
-from four_m.labelers.coco import COCO_PANOPTIC
-from four_m.labelers.hf import load_model, normalisation
+from four_m.core.coco import COCO_PANOPTIC
+from four_m.labelers.hf import load_model, normalisation, normalised
+from four_m.labelers.pretrained import PretrainedLabeler
+from four_m.modalities.caption import CaptionConfig
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DECODER_START = "[DEC]"
@@ -76,7 +76,7 @@ def tiny_vocabulary() -> list[str]:
     return [*SPECIAL_TOKENS, *sorted(words), DECODER_START]
 
 
-class CaptionLabeler(Labeler):
+class CaptionLabeler(PretrainedLabeler):
     """One generated caption per image from ``BlipForConditionalGeneration``."""
 
     name = "caption"

@@ -18,8 +18,8 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from four_m.labelers.base import Labeler, normalised
-from four_m.labelers.hf import load_model, normalisation
+from four_m.labelers.hf import load_model, normalisation, normalised
+from four_m.labelers.pretrained import PretrainedLabeler
 
 TINY_CLIP: dict[str, Any] = {
     "hidden_size": 64,
@@ -32,7 +32,7 @@ TINY_CLIP: dict[str, Any] = {
 }
 
 
-class ClipLabeler(Labeler):
+class ClipLabeler(PretrainedLabeler):
     """Patch-token features of ``CLIPVisionModelWithProjection`` (production: CLIP-B/16)."""
 
     name = "clip"

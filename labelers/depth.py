@@ -20,8 +20,9 @@ import pyarrow as pa
 import torch
 from transformers import DPTForDepthEstimation
 
+from four_m.core.label_codec import encode_png
 from four_m.labelers.dpt import DPTLabeler
-from four_m.labelers.encode import encode_png, resize_maps
+from four_m.labelers.resize import resize_maps
 
 UINT16_MAX = 65535
 

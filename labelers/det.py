@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from four_m.core import storage
-from four_m.core.config import DetConfig
+from four_m.core.coco import COCO_THINGS
 from four_m.core.errors import UserError
-from four_m.labelers.base import Labeler
-from four_m.labelers.coco import COCO_THINGS
+from four_m.labelers.pretrained import PretrainedLabeler
+from four_m.modalities.det import DetConfig
 
 if TYPE_CHECKING:
     from ultralytics import YOLO
@@ -57,7 +56,7 @@ class UntrustedWeightsError(UserError):
     """Configured weights are a pickle, which runs code when loaded, and are not trusted to."""
 
 
-class DetLabeler(Labeler):
+class DetLabeler(PretrainedLabeler):
     name = "det"
     tiny_marker = "done-safetensors"  # the tiny folder held a pickle (yolo.pt) next to "done" before
     cfg: DetConfig
@@ -105,21 +104,14 @@ class DetLabeler(Labeler):
                 "assets fetched by `make models`), or convert it once to a safetensors folder "
                 "(four_m.labelers.det.convert_pickle) and set label.det.model to that folder"
             )
-        for area in self._writable_by_others():
-            if _inside(path, area):
-                raise UntrustedWeightsError(
-                    f"label.det.model {path} is a pickle inside {area}, which other jobs can write: it is not "
-                    "loaded even with label.det.trust_pickle; keep trusted weights outside the dataset root and "
-                    "scratch space, or convert them to a safetensors folder"
-                )
+        area = self.writable_area_of(path)
+        if area is not None:
+            raise UntrustedWeightsError(
+                f"label.det.model {path} is a pickle inside {area}, which other jobs can write: it is not "
+                "loaded even with label.det.trust_pickle; keep trusted weights outside the dataset root and "
+                "scratch space, or convert them to a safetensors folder"
+            )
         return YOLO(str(path))
-
-    def _writable_by_others(self) -> list[Path]:
-        """Where planted files may lie: the scratch space, and the dataset root when it is local."""
-        areas = [storage.scratch_base()]
-        if self.root is not None and not storage.is_remote(self.root):
-            areas.append(Path(self.root))
-        return areas
 
     def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         import torch
@@ -252,10 +244,3 @@ def _read_config(file: Path) -> tuple[str, list[str]]:
     if not isinstance(architecture, str) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{file} needs an architecture name and a list of class names")
     return architecture, names
-
-
-def _inside(path: Path, area: Path) -> bool:
-    """``path`` lies in ``area``, as written or once links are followed (a link in or out counts)."""
-    paths = (Path(os.path.abspath(path)), path.resolve())
-    areas = (Path(os.path.abspath(area)), area.resolve())
-    return any(p.is_relative_to(a) for p in paths for a in areas)

@@ -16,8 +16,8 @@ from transformers import DPTConfig, DPTImageProcessor
 from transformers.models.dpt.modeling_dpt import DPTPreTrainedModel
 
 from four_m.core.errors import UserError
-from four_m.labelers.base import Labeler, normalised
-from four_m.labelers.hf import load_model, normalisation
+from four_m.labelers.hf import load_model, normalisation, normalised
+from four_m.labelers.pretrained import PretrainedLabeler
 
 TINY_DPT: dict[str, Any] = {
     "is_hybrid": False,
@@ -38,7 +38,7 @@ DPT_MEAN_STD = [0.5, 0.5, 0.5]
 """MiDaS, DPT and Omnidata all standardise with mean = std = 0.5, i.e. pixels to [-1, 1]."""
 
 
-class DPTLabeler(Labeler):
+class DPTLabeler(PretrainedLabeler):
     """A labeler whose model is a transformers DPT; subclasses pick the head and read its output."""
 
     model_cls: ClassVar[type[DPTPreTrainedModel]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from transformers import AutoImageProcessor, PreTrainedModel
@@ -29,3 +30,11 @@ def normalisation(source: str, revision: str | None) -> tuple[list[float], list[
     """The model's own mean/std from its saved image processor: the stage has already resized."""
     processor = AutoImageProcessor.from_pretrained(source, revision=revision)
     return list(processor.image_mean), list(processor.image_std)
+
+
+def normalised(pixels: np.ndarray, mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float, scaled to [0, 1] and standardised per channel."""
+    tensor = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (tensor - mean_t) / std_t

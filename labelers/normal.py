@@ -26,8 +26,9 @@ import torch
 from transformers import DPTForSemanticSegmentation
 
 from four_m.core.errors import UserError
+from four_m.core.label_codec import encode_png
 from four_m.labelers.dpt import DPTLabeler
-from four_m.labelers.encode import encode_png, resize_maps
+from four_m.labelers.resize import resize_maps
 
 
 class NormalLabeler(DPTLabeler):

@@ -29,11 +29,12 @@ from transformers import (
     SwinConfig,
 )
 
+from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
 from four_m.core.errors import UserError
-from four_m.labelers.base import Labeler, normalised
-from four_m.labelers.coco import COCO_PANOPTIC, SEMSEG_IGNORE
-from four_m.labelers.encode import encode_png, resize_maps
-from four_m.labelers.hf import load_model, normalisation
+from four_m.core.label_codec import encode_png
+from four_m.labelers.hf import load_model, normalisation, normalised
+from four_m.labelers.pretrained import PretrainedLabeler
+from four_m.labelers.resize import resize_maps
 
 TINY_SWIN: dict[str, Any] = {
     "embed_dim": 16,
@@ -68,7 +69,7 @@ PIXELS_PER_CHUNK = 4096
 """Pixels scored at once: 4096 x 133 float32 scores (2 MiB) stay in a CPU's cache."""
 
 
-class SemsegLabeler(Labeler):
+class SemsegLabeler(PretrainedLabeler):
     """Per-pixel COCO panoptic class ids from ``Mask2FormerForUniversalSegmentation``."""
 
     name = "semseg"

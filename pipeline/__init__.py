@@ -1,1 +1,1 @@
-"""Ray jobs that run the stages over shards: download now; label and tokenize build on it."""
+"""The stage drivers over shards on Ray (download, label, tokenizer training, tokenize): the only Ray user."""

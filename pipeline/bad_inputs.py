@@ -30,9 +30,9 @@ from PIL import Image
 from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path
+from four_m.core.failures import SUCCESS, failure_reason
 from four_m.core.modalities import MODALITIES
-from four_m.pipeline.download import SUCCESS, run_download
-from four_m.pipeline.failures import failure_reason
+from four_m.pipeline.download import run_download
 from four_m.pipeline.label import run_label
 from four_m.pipeline.sample_site import QuietHandler, bundled_photo_paths, serve_directory
 from four_m.pipeline.tokenize import run_tokenize
@@ -185,7 +185,9 @@ def audit(root: DatasetRoot, cases: tuple[Case, ...], base_url: str, config: Con
         repeated |= twice
     # Tokens that need the image; captions from the url list's alt-text outlive a failed download.
     image_derived = {
-        f"tokens/{m}" for m in MODALITIES if not (m == "caption" and config.tokenize.caption_source == "alt_text")
+        f"tokens/{m}"
+        for m, spec in MODALITIES.items()
+        if not (spec.alt_text and config.tokenize.caption_source == "alt_text")
     }
     result = Audit()
     for case in cases:

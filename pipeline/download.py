@@ -16,6 +16,7 @@ Rows whose url the stage refuses (``file://``, empty) are never retried: no retr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -44,16 +45,17 @@ from four_m.core.dataset_root import (
     write_text_atomic,
 )
 from four_m.core.errors import UserError
+from four_m.core.failures import SUCCESS, failure_reason
 from four_m.core.summary import ShardReport, StageSummary
 from four_m.pipeline import sample_site
 from four_m.pipeline.executor import map_shards, ray_session, run_shards
-from four_m.pipeline.failures import failure_reason
 from four_m.pipeline.fetch import guarded_fetching, url_problem
 from four_m.pipeline.image_check import CheckedResizer
-from four_m.pipeline.url_list import DownloadPlan, make_plan, read_shard_input
+from four_m.pipeline.stage import Output, StageRun, Summary, write_summary
+from four_m.pipeline.url_list import make_plan, read_shard_input
 
 STAGE = "download"
-SUCCESS = "success"
+log = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 256  # ~8 MB of 256 px JPEGs: small enough to stream, large enough to compress well
 # img2dataset's defaults: respect sites that opt out of AI training through X-Robots-Tag.
 DISALLOWED_HEADER_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
@@ -323,21 +325,12 @@ def run_download(config: Config, progress: bool = True) -> StageSummary:
     """Plan the shards (once per root), then download every shard that is not finished."""
     root = DatasetRoot(config.root)
     with root.lock(STAGE), sample_site.serving_if_enabled(config.sample, root):
-        plan, downloader = _prepare(root, config)
-        state = root.stage(STAGE)
+        run, downloader = _prepare(root, config, StageSummary(stage=STAGE))
         with ray_session(config.ray):
-            summary = run_shards(
-                state,
-                plan.shard_ids,
-                downloader,
-                config_hash=downloader.config_hash,
-                cpus_per_shard=config.download.cpus_per_shard,
-                verify_checksums=config.verify_checksums,
-                progress=progress,
-            )
+            run_shards(run, downloader, num_cpus=config.download.cpus_per_shard, progress=progress)
         clear_temporaries(root / "images")  # the shards' emptied work folders
-    write_text_atomic(state.folder / "summary.json", json.dumps(summary.as_dict(), indent=1))
-    return summary
+    run.write_summary(run.summary.as_dict())
+    return run.summary
 
 
 def run_retry_failed(config: Config, progress: bool = True) -> RetrySummary:
@@ -345,12 +338,13 @@ def run_retry_failed(config: Config, progress: bool = True) -> RetrySummary:
     started = time.perf_counter()
     root = DatasetRoot(config.root)
     with root.lock(STAGE), sample_site.serving_if_enabled(config.sample, root):
-        plan, downloader = _prepare(root, config)
-        state = root.stage(STAGE)
-        finished = [s for s in plan.shard_ids if state.is_done(s, config.verify_checksums)]
+        run, downloader = _prepare(root, config, RetrySummary())
+        pending = set(run.pending(STAGE))
+        finished = [s for s in run.inputs[STAGE] if s not in pending]
         if not finished:
             raise RetryError(f"no finished download shards under {root.path}: run the download stage first")
-        summary = RetrySummary(shards_unfinished=plan.shards - len(finished))
+        summary = run.summary
+        summary.shards_unfinished = len(pending)
         failing = [
             s for s in finished if json.loads((root / f"images/{shard_name(s)}_stats.json").read_text())["failures"]
         ]
@@ -358,34 +352,45 @@ def run_retry_failed(config: Config, progress: bool = True) -> RetrySummary:
             reports, summary.shards_failed = map_shards(
                 failing,
                 downloader.retry,
-                cpus_per_shard=config.download.cpus_per_shard,
+                num_cpus=config.download.cpus_per_shard,
                 desc="download --retry-failed",
                 progress=progress,
             )
         clear_temporaries(root / "images")
     for shard in sorted(reports):
-        summary.add(reports[shard])
+        report = reports[shard]
+        summary.add(report)
+        if report.still_failing:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.still_failing.items()))
+            log.warning(
+                "download --retry-failed: shard %05d: %d of %d retried urls still fail (%s)",
+                shard,
+                sum(report.still_failing.values()),
+                sum(report.retried.values()),
+                reasons,
+            )
     summary.seconds = time.perf_counter() - started
-    write_text_atomic(state.folder / "retry_summary.json", json.dumps(asdict(summary), indent=1))
+    write_summary(root, STAGE, asdict(summary), "retry_summary.json")
     return summary
 
 
-def _prepare(root: DatasetRoot, config: Config) -> tuple[DownloadPlan, ShardDownloader]:
-    """The plan, checked against finished shards' config, with the temporaries of a killed run gone."""
+def _prepare(root: DatasetRoot, config: Config, summary: Summary) -> tuple[StageRun[Summary], ShardDownloader]:
+    """The run over the plan's shards, checked against finished shards' config, with the temporaries
+    of a killed run gone; and the downloader its tasks run."""
     plan = make_plan(root, config.download)
-    state = root.stage(STAGE)
     config_hash = config.section_hash(STAGE)
-    stale = state.stale_shards(plan.shard_ids, config_hash)
-    if stale:
-        raise StaleShardsError(
-            f"{len(stale)} finished download shards of {root.path} were made with another download"
-            f" config (see {state.folder / 'config.yaml'});"
-            " use a new root or delete images/ and _state/download/"
-        )
-    for folder in (root / "images", state.folder, state.folder / "inputs"):
-        clear_temporaries(folder)
-    state.write_run_config(config.to_yaml())
-    return plan, ShardDownloader(str(root.path), config.download, config_hash)
+    state = root.stage(STAGE)
+    run = StageRun(
+        root,
+        config,
+        STAGE,
+        outputs={STAGE: Output("images", state, config_hash)},
+        inputs={STAGE: dict.fromkeys(plan.shard_ids, ())},  # the url list is checked by the plan itself
+        summary=summary,
+    )
+    run.check_not_stale(plan.shard_ids, StaleShardsError, "download config")
+    run.begin(state.folder / "inputs")
+    return run, ShardDownloader(str(root.path), config.download, config_hash)
 
 
 class StaleShardsError(UserError):

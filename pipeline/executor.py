@@ -7,9 +7,10 @@ code runs on this machine (Ray started locally) and on a cluster (``ray.address`
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -19,14 +20,18 @@ import ray
 from tqdm import tqdm
 
 from four_m.core.config import RayConfig
-from four_m.core.dataset_root import StageState
+from four_m.core.dataset_root import FileDigest
 from four_m.core.offline import QUIET_NETWORK_ENV
 from four_m.core.storage import storage_env
 from four_m.core.summary import ShardReport, StageSummary
+from four_m.pipeline.stage import Output, StageRun
+
+log = logging.getLogger(__name__)
 
 ShardTask = Callable[[int], tuple[ShardReport, list[Path]]]
 """Makes one shard: returns its report and the output files, already in their final place."""
 Result = TypeVar("Result")
+Key = TypeVar("Key", bound=Hashable)
 
 
 def worker_options() -> dict:
@@ -89,58 +94,57 @@ def loopback_only() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
-def _make_shard(task: ShardTask, shard: int, state: StageState, config_hash: str) -> ShardReport:
+def _make_shard(task: ShardTask, shard: int, output: Output, inputs: dict[int, tuple[FileDigest, ...]]) -> ShardReport:
     report, files = task(shard)
-    state.mark_done(shard, report.rows_in, files, config_hash)
+    output.mark_done(shard, report.rows_in, files, inputs[shard])
     return report
 
 
-def run_shards(
-    state: StageState,
-    shards: list[int],
-    task: ShardTask,
-    *,
-    config_hash: str,
-    cpus_per_shard: float,
-    verify_checksums: bool,
-    progress: bool = True,
-) -> StageSummary:
-    """Run ``task`` on every shard that is not done; a failing shard is reported, never fatal."""
+def run_shards(run: StageRun[StageSummary], task: ShardTask, *, num_cpus: float, progress: bool = True) -> None:
+    """Run ``task`` on every pending shard of the run's one output, each marked done by the task that
+    made it; the run's summary counts them, and a failing shard is reported there, never fatal."""
     started = time.perf_counter()
-    summary = StageSummary(stage=state.stage)
-    pending = [s for s in shards if not state.is_done(s, verify_checksums)]
-    summary.shards_skipped = len(shards) - len(pending)
-    make = partial(_make_shard, task, state=state, config_hash=config_hash)
-    reports, summary.shards_failed = map_shards(
-        pending, make, cpus_per_shard=cpus_per_shard, desc=state.stage, progress=progress
-    )
+    ((name, output),) = run.outputs.items()
+    pending = run.pending(name)
+    summary = run.summary
+    summary.shards_skipped = len(run.inputs[name]) - len(pending)
+    make = partial(_make_shard, task, output=output, inputs=run.inputs[name])
+    reports, summary.shards_failed = map_shards(pending, make, num_cpus=num_cpus, desc=run.stage, progress=progress)
     for shard in sorted(reports):
         summary.add(reports[shard])
     summary.seconds = time.perf_counter() - started
-    return summary
 
 
-def _call(task: Callable[[int], Result], shard: int) -> Result:
-    return task(shard)
+def _call(task: Callable[[Key], Result], key: Key) -> Result:
+    return task(key)
 
 
 def map_shards(
-    shards: list[int], task: Callable[[int], Result], *, cpus_per_shard: float, desc: str, progress: bool = True
-) -> tuple[dict[int, Result], dict[int, str]]:
-    """Run the picklable ``task`` on each shard as a Ray task: its results by shard, and for each
-    shard whose task raised, the error in one line (reported, never fatal to the other shards)."""
-    remote = ray.remote(_call).options(num_cpus=cpus_per_shard, **worker_options())
-    running = {remote.remote(task, shard): shard for shard in shards}
-    results: dict[int, Result] = {}
-    failed: dict[int, str] = {}
-    with tqdm(total=len(shards), desc=desc, unit="shard", disable=not progress) as bar:
+    keys: list[Key],
+    task: Callable[[Key], Result],
+    *,
+    num_cpus: float,
+    num_gpus: float = 0,
+    desc: str,
+    progress: bool = True,
+) -> tuple[dict[Key, Result], dict[Key, str]]:
+    """Run the picklable ``task`` on each key (a shard, or any other unit of work such as a tokenizer
+    group) as a Ray task: its results by key, in the order they finished, and for each key whose task
+    raised, the error in one line (reported, never fatal to the other keys)."""
+    remote = ray.remote(_call).options(num_cpus=num_cpus, num_gpus=num_gpus or None, **worker_options())
+    running = {remote.remote(task, key): key for key in keys}
+    results: dict[Key, Result] = {}
+    failed: dict[Key, str] = {}
+    with tqdm(total=len(keys), desc=desc, unit="shard", disable=not progress) as bar:
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(ready[0])
+            key = running.pop(ready[0])
             try:
-                results[shard] = ray.get(ready[0])
+                results[key] = ray.get(ready[0])
             except ray.exceptions.RayTaskError as err:
-                failed[shard] = _first_line(err)
+                failed[key] = _first_line(err)
+                name = f"shard {key:05d}" if isinstance(key, int) else key
+                log.warning("%s: %s failed, the others go on: %s", desc, name, failed[key])
             bar.update(1)
     return results, failed
 

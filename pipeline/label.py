@@ -1,19 +1,18 @@
 """The label stage: ``images/`` shards -> ``labels/<modality>/`` shards, on Ray Data.
 
 One Ray Data execution covers up to ``label.shards_per_run`` shards: a task pool decodes each
-image once and cuts its views (``pipeline.views``), then one actor pool per labeler (batch size,
-concurrency, CPU and GPU share from config) adds that labeler's columns. Execution preserves
-order, so the driver receives rows in ``images/`` order, streams each labeler's columns into that
-shard's file under a temporary name, and renames it and writes its marker once the shard's last
-row has arrived. Markers are per labeler and shard (``_state/label/<modality>/``) and record the
-digest of the ``images/`` shard they were made from: a rerun, or ``--only depth,det``, redoes
-exactly what is missing or was made from images that changed since (a retried download), and
-never touches the other folders.
+image once and cuts its views (``core.views``, packed into batches by ``pipeline.views``), then one
+actor pool per labeler (batch size, concurrency, CPU and GPU share from config) adds that labeler's
+columns. Execution preserves order, so the driver receives rows in ``images/`` order, streams each
+labeler's columns into that shard's file under a temporary name, and renames it and writes its
+marker once the shard's last row has arrived. Markers are per labeler and shard
+(``_state/label/<modality>/``) and record the digest of the ``images/`` shard they were made from:
+a rerun, or ``--only depth,det``, redoes exactly what is missing or was made from images that
+changed since (a retried download), and never touches the other folders.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -30,15 +29,17 @@ import torch
 from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
-from four_m.core.dataset_root import DatasetRoot, FileDigest, clear_temporaries, shard_name, write_text_atomic
+from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.errors import UserError
+from four_m.core.failures import ERROR, label_failure_reason
 from four_m.labelers.base import Labeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.executor import ray_session, worker_options
+from four_m.pipeline.stage import Output, StageRun, downloaded_images, image_keys, images_file
 from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_column, pixels_of
 
 STAGE = "label"
-ERROR = "error"
+log = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 256
 TASK_CPUS = 0.25
 """CPUs of a read or decode task: small, so tasks still fit beside the labelers' actor pools."""
@@ -83,7 +84,8 @@ def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
     payloads: list[dict | None] = [None] * batch.num_rows
     if rows:
         pixels = pixels_of(batch, labeler.cfg.input_size)[rows]
-        for row, payload, error in _label_isolated(labeler, pixels, rows):
+        keys = batch["key"].to_pylist()
+        for row, payload, error in _label_isolated(labeler, pixels, rows, [keys[row] for row in rows]):
             payloads[row] = payload
             errors[row] = error
     table = pa.Table.from_pylist([p or {} for p in payloads], schema=schema)
@@ -92,18 +94,33 @@ def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
     return batch.append_column(column(labeler.name, ERROR), pa.array(errors, pa.string()))
 
 
-def _label_isolated(labeler: Labeler, pixels, rows: list[int]) -> list[tuple[int, dict | None, str | None]]:
-    """Label the batch; if that fails, row by row, so one bad image costs only its own row."""
+def _label_isolated(
+    labeler: Labeler, pixels, rows: list[int], keys: list[str]
+) -> list[tuple[int, dict | None, str | None]]:
+    """Label the batch; if that fails, row by row, so one bad image costs only its own row.
+
+    The fallback and each failing row are logged with their keys (the summary only counts them),
+    so the image that broke a labeler can be found.
+    """
     try:
         return [(row, payload, None) for row, payload in zip(rows, labeler.label(pixels), strict=True)]
-    except Exception:  # noqa: BLE001 - the culprit is isolated below
-        pass
+    except Exception as err:  # noqa: BLE001 - the culprit is isolated below
+        log.warning(
+            "label/%s: a batch of %d rows (keys %s..%s) failed, retrying row by row: %s: %s",
+            labeler.name,
+            len(rows),
+            keys[0],
+            keys[-1],
+            type(err).__name__,
+            err,
+        )
     results = []
-    for index, row in enumerate(rows):
+    for index, (row, key) in enumerate(zip(rows, keys, strict=True)):
         try:
             (payload,) = labeler.label(pixels[index : index + 1])
             results.append((row, payload, None))
         except Exception as err:  # noqa: BLE001 - counted and stored with the row
+            log.warning("label/%s: row %s failed: %s: %s", labeler.name, key, type(err).__name__, err)
             results.append((row, None, f"{labeler.name} failed: {type(err).__name__}: {err}"))
     return results
 
@@ -132,10 +149,6 @@ class LabelSummary:
             )
         lines.append(f"label: {self.seconds:.1f} s")
         return lines
-
-
-def failure_reason(error: str) -> str:
-    return "no_image" if error.startswith("no image") else "labeler_error"
 
 
 @dataclass
@@ -175,28 +188,25 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
     labelers = {
         n: LABELERS[n](config.label.labeler(n), config.label.size, models_dir(root) / n, root.path) for n in names
     }
-    inputs = _downloaded_shards(root, config.verify_checksums)
-    shards = sorted(inputs)
-    states = {n: root.stage(f"{STAGE}/{n}") for n in names}
+    images = downloaded_images(root, config.verify_checksums, LabelStageError)
     hashes = {n: shaping_hash(config.label.size, config.label.labeler(n)) for n in names}
+    run = StageRun(
+        root,
+        config,
+        STAGE,
+        outputs={n: Output(f"labels/{n}", root.stage(f"{STAGE}/{n}"), hashes[n]) for n in names},
+        inputs={n: {s: (digest,) for s, digest in images.items()} for n in names},
+        summary=LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init]),
+    )
+    run.check_not_stale(sorted(images), LabelStageError, "label config")
+    run.begin()
+    pending = {n: run.pending(n) for n in names}
     for n in names:
-        stale = states[n].stale_shards(shards, hashes[n])
-        if stale:
-            raise LabelStageError(
-                f"{len(stale)} finished {n} shards were made with another label config; "
-                f"use a new root or delete labels/{n}/ and _state/label/{n}/"
-            )
-    summary = LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init])
-    pending = {n: [s for s in shards if not states[n].is_done(s, config.verify_checksums, inputs[s])] for n in names}
-    for n in names:
-        summary.shards_skipped[n] = len(shards) - len(pending[n])
-        for folder in (root / f"labels/{n}", states[n].folder):
-            clear_temporaries(folder)
-        states[n].write_run_config(config.to_yaml())
+        run.summary.shards_skipped[n] = len(images) - len(pending[n])
     todo = sorted({s for p in pending.values() for s in p})
     if todo:
         for labeler in labelers.values():
-            labeler.prepare()  # tiny variants are built once here, not raced by actors
+            labeler.prepare()  # what labelers build (tiny variants) is built once here, not raced by actors
         ray.data.DataContext.get_current().enable_progress_bars = progress
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown the summary
         with ray_session(config.ray):
@@ -205,10 +215,10 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
                 work = {n: set(pending[n]) & set(chunk) for n in names}
                 active = [n for n in names if work[n]]
                 chosen = {n: labelers[n] for n in active}
-                _run_chunk(root, config, chunk, chosen, work, states, hashes, inputs, summary)
-    summary.seconds = time.perf_counter() - started
-    write_text_atomic(root / f"_state/{STAGE}/summary.json", json.dumps(_summary_dict(summary), indent=1))
-    return summary
+                _run_chunk(run, chunk, chosen, work)
+    run.summary.seconds = time.perf_counter() - started
+    run.write_summary(_summary_dict(run.summary))
+    return run.summary
 
 
 def models_dir(root: DatasetRoot) -> Path:
@@ -217,20 +227,12 @@ def models_dir(root: DatasetRoot) -> Path:
     return storage.scratch(root / "_models")
 
 
-def _downloaded_shards(root: DatasetRoot, verify_checksums: bool) -> dict[int, tuple[FileDigest, ...]]:
-    """Finished download shards, each with the digest of its images/ file (a label shard's input),
-    checked against that file: a label shard made from it is trusted only while it is unchanged."""
-    download = root.stage("download")
-    shards = sorted(int(p.name.split(".")[0]) for p in download.folder.glob("*.done.json"))
-    inputs = {s: (download.verified(s, root / f"images/{shard_name(s)}.parquet", verify_checksums),) for s in shards}
-    if not inputs:
-        raise LabelStageError(f"no finished download shards under {root.path}: run the download stage first")
-    return inputs
-
-
-def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, hashes, inputs, summary) -> None:
+def _run_chunk(
+    run: StageRun[LabelSummary], chunk: list[int], labelers: dict[str, Labeler], work: dict[str, set[int]]
+) -> None:
     """Label one chunk of shards in one Ray Data execution; ``work`` = shards to write per labeler."""
-    files = [str(root / f"images/{shard_name(s)}.parquet") for s in chunk]
+    root, config = run.root, run.config
+    files = [str(images_file(root, s)) for s in chunk]
     expected = {
         s: storage.parquet_file(storage.location(f)).metadata.num_rows for f, s in zip(files, chunk, strict=True)
     }
@@ -260,7 +262,7 @@ def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, 
         )
     pixel_columns = [pixels_column(size) for size in sizes]
     dataset = dataset.drop_columns(pixel_columns)
-    schemas = {n: _file_schema(lab, config, hashes[n]) for n, lab in labelers.items()}
+    schemas = {n: _file_schema(lab, config, run.outputs[n].config_hash) for n, lab in labelers.items()}
     sinks: dict[tuple[str, int], _ShardSink] = {}
     seen: Counter = Counter()
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -269,12 +271,12 @@ def _run_chunk(root, config, chunk, labelers: dict[str, Labeler], work, states, 
             part = batch.slice(offset, length)
             for name in labelers:
                 if shard in work[name]:
-                    final = root / f"labels/{name}/{shard_name(shard)}.parquet"
+                    final = root / f"{run.outputs[name].folder}/{shard_name(shard)}.parquet"
                     sink = sinks.setdefault((name, shard), _ShardSink(final, schemas[name]))
                     sink.write(_modality_table(part, name, schemas[name]))
             seen[shard] += length
             if seen[shard] == expected[shard]:
-                _finish_shard(root, shard, labelers, states, hashes, inputs[shard], sinks, summary)
+                _finish_shard(run, shard, labelers, sinks)
 
 
 def _check_resources(config: Config, pools: list[list[str]]) -> None:
@@ -339,23 +341,24 @@ def _file_schema(labeler: Labeler, config: Config, config_hash: str) -> pa.Schem
     return pa.schema(fields, metadata={f"four_m.{k}": v for k, v in provenance.items()})
 
 
-def _finish_shard(root, shard, labelers, states, hashes, inputs, sinks, summary) -> None:
-    image_keys = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"]
+def _finish_shard(
+    run: StageRun[LabelSummary], shard: int, labelers: dict[str, Labeler], sinks: dict[tuple[str, int], _ShardSink]
+) -> None:
+    """Close the shard's files, count their rows and failures, and mark each done."""
+    keys = image_keys(run.root, shard)
+    summary = run.summary
     for name in labelers:
         sink = sinks.pop((name, shard), None)
         if sink is None:
             continue
         sink.close()
         written = storage.read_table(sink.final, columns=["key", ERROR])
-        if not written["key"].equals(image_keys):
-            sink.final.unlink()
-            raise RuntimeError(f"labels/{name}/{shard_name(shard)}: keys are not those of images/ (row order broken)")
+        run.finish(name, shard, sink.final, written["key"], written.num_rows, keys)
         errors = [e for e in written[ERROR].to_pylist() if e is not None]
         summary.rows[name] += written.num_rows
         summary.labelled[name] += written.num_rows - len(errors)
-        summary.failures.setdefault(name, Counter()).update(failure_reason(e) for e in errors)
+        summary.failures.setdefault(name, Counter()).update(label_failure_reason(e) for e in errors)
         summary.shards_done[name] += 1
-        states[name].mark_done(shard, written.num_rows, [sink.final], hashes[name], inputs)
 
 
 def _summary_dict(summary: LabelSummary) -> dict:

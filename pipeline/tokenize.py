@@ -23,16 +23,18 @@ import ray
 from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
-from four_m.core.dataset_root import DatasetRoot, FileDigest, clear_temporaries, shard_name, write_text_atomic
+from four_m.core.dataset_root import DatasetRoot, FileDigest, shard_name
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
 from four_m.core.summary import ShardReport, StageSummary
 from four_m.pipeline.executor import ray_session, worker_options
+from four_m.pipeline.stage import Output, StageRun, downloaded_images, image_keys
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.tokenize.shard import token_file, tokenize_shard
 
 STAGE = "tokenize"
+log = logging.getLogger(__name__)
 
 
 class TokenizeStageError(UserError):
@@ -87,53 +89,57 @@ def run_tokenize(config: Config, progress: bool = True) -> TokenizeSummary:
 def _tokenize_root(root: DatasetRoot, config: Config, progress: bool) -> TokenizeSummary:
     started = time.perf_counter()
     modalities = list(config.tokenize.modalities)
-    images = _downloaded_shards(root, config.verify_checksums)
-    shards = sorted(images)
+    images = downloaded_images(root, config.verify_checksums, TokenizeStageError)
     tokenizers = {m: _loaded(root, m) for m in modalities}  # fails early, naming what is missing
     ids = {m: tokenizer_id(root, m) for m in modalities}
     hashes = {m: tokens_hash(config, m, ids[m]) for m in modalities}
-    states = {m: root.stage(f"{STAGE}/{m}") for m in modalities}
-    for m in modalities:
-        if states[m].stale_shards(shards, hashes[m]):
-            raise TokenizeStageError(
-                f"finished tokens/{m} shards were made with another tokenizer or config;"
-                f" delete tokens/{m}/ and _state/{STAGE}/{m}/ (or use a new root)"
-            )
-    summary = TokenizeSummary(modalities={m: StageSummary(stage=f"{STAGE}/{m}") for m in modalities})
+    run = StageRun(
+        root,
+        config,
+        STAGE,
+        outputs={m: Output(f"tokens/{m}", root.stage(f"{STAGE}/{m}"), hashes[m]) for m in modalities},
+        inputs={m: {} for m in modalities},
+        summary=TokenizeSummary(modalities={m: StageSummary(stage=f"{STAGE}/{m}") for m in modalities}),
+    )
+    run.check_not_stale(sorted(images), TokenizeStageError, "tokenizer or tokenize config")
+    run.begin()
     pending: dict[int, list[str]] = {}
-    inputs: dict[tuple[int, str], tuple[FileDigest, ...]] = {}
     for m in modalities:
-        for folder in (root / f"tokens/{m}", states[m].folder):
-            clear_temporaries(folder)
-        states[m].write_run_config(config.to_yaml())
-        for shard in shards:
+        for shard, digest in sorted(images.items()):
             try:
-                inputs[shard, m] = _inputs(root, m, shard, images[shard], config.verify_checksums)
+                run.inputs[m][shard] = _inputs(root, m, shard, digest, config.verify_checksums)
             except _UnfinishedLabels as err:
-                summary.shards_failed.setdefault(shard, str(err))
-                continue
-            if states[m].is_done(shard, config.verify_checksums, inputs[shard, m]):
-                summary.modalities[m].shards_skipped += 1
-            else:
-                pending.setdefault(shard, []).append(m)
+                log.warning("tokenize/%s: shard %05d not tokenized: %s", m, shard, err)
+                run.summary.shards_failed.setdefault(shard, str(err))
+        todo = run.pending(m)
+        run.summary.modalities[m].shards_skipped = len(run.inputs[m]) - len(todo)
+        for shard in todo:
+            pending.setdefault(shard, []).append(m)
     if pending:
         provenance = {m: _provenance(m, tokenizers[m], ids[m], hashes[m]) for m in modalities}
         with ray_session(config.ray):
-            _run(root, config, pending, provenance, states, hashes, inputs, summary, progress)
-    summary.seconds = time.perf_counter() - started
-    for stage_summary in summary.modalities.values():
-        stage_summary.seconds = summary.seconds
-    write_text_atomic(root / f"_state/{STAGE}/summary.json", json.dumps(_summary_dict(summary), indent=1))
-    return summary
+            _run(run, pending, provenance, progress)
+    run.summary.seconds = time.perf_counter() - started
+    for stage_summary in run.summary.modalities.values():
+        stage_summary.seconds = run.summary.seconds
+    run.write_summary(_summary_dict(run.summary))
+    return run.summary
 
 
 def tokens_hash(config: Config, modality: str, tokenizer: str) -> str:
-    """What shapes a modality's tokens: the tokenizer itself, and for captions which text is read."""
-    source = config.tokenize.caption_source if modality == "caption" else None
+    """What shapes a modality's tokens: the tokenizer itself, and for a text with an alt-text which text is read."""
+    source = config.tokenize.caption_source if MODALITIES[modality].alt_text else None
     return shaping_hash(tokenizer, source)
 
 
-def _run(root, config: Config, pending, provenance, states, hashes, inputs, summary: TokenizeSummary, progress) -> None:
+def _run(
+    run: StageRun[TokenizeSummary],
+    pending: dict[int, list[str]],
+    provenance: dict[str, dict[str, str]],
+    progress: bool,
+) -> None:
+    """Tokenize the pending modalities of each shard on an actor pool; mark each file as it comes back."""
+    config = run.config
     ray.data.DataContext.get_current().enable_progress_bars = progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     items = [{"shard": s, "modalities": json.dumps(ms)} for s, ms in sorted(pending.items())]
@@ -151,35 +157,15 @@ def _run(root, config: Config, pending, provenance, states, hashes, inputs, summ
     for row in results.iter_rows():
         shard = row["shard"]
         if row["error"] is not None:
-            summary.shards_failed[shard] = row["error"]
+            log.warning("tokenize: shard %05d failed, the others go on: %s", shard, row["error"])
+            run.summary.shards_failed[shard] = row["error"]
             continue
+        keys = image_keys(run.root, shard)
         for m, fields in json.loads(row["reports"]).items():
             report = ShardReport(**fields)
-            _finish(root, shard, m, report, states[m], hashes[m], inputs[shard, m], summary.modalities[m])
-
-
-def _finish(
-    root: DatasetRoot, shard: int, modality: str, report: ShardReport, state, config_hash, inputs, summary
-) -> None:
-    """Check the written file against ``images/`` (same keys, same order), then mark it done."""
-    file = token_file(root, modality, shard)
-    keys = storage.read_table(file, columns=["key"])["key"]
-    image_keys = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"]
-    if not keys.equals(image_keys):
-        file.unlink()
-        raise RuntimeError(f"{file}: keys are not those of images/ (row order broken)")
-    summary.add(report)
-    state.mark_done(shard, report.rows_in, [file], config_hash, inputs)
-
-
-def _downloaded_shards(root: DatasetRoot, verify_checksums: bool) -> dict[int, FileDigest]:
-    """Finished download shards, each with the digest of its images/ file, checked against it."""
-    download = root.stage("download")
-    shards = sorted(int(p.name.split(".")[0]) for p in download.folder.glob("*.done.json"))
-    images = {s: download.verified(s, root / f"images/{shard_name(s)}.parquet", verify_checksums) for s in shards}
-    if not images:
-        raise TokenizeStageError(f"no finished download shards under {root.path}: run download and label first")
-    return images
+            file = token_file(run.root, m, shard)
+            run.finish(m, shard, file, storage.read_table(file, columns=["key"])["key"], report.rows_in, keys)
+            run.summary.modalities[m].add(report)
 
 
 class _UnfinishedLabels(Exception):

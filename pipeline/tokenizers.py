@@ -8,18 +8,19 @@ run (tokens made with it would no longer match); a failing task is reported, the
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-
-import ray
+from functools import partial
 
 from four_m.core import storage
 from four_m.core.config import Config
-from four_m.core.dataset_root import DatasetRoot, write_text_atomic
+from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
-from four_m.pipeline.executor import ray_session, worker_options
+from four_m.pipeline.executor import map_shards, ray_session
+from four_m.pipeline.stage import downloaded_shards, write_summary
 from four_m.tokenize.fit import fit_group, fit_hash, groups_of, members, trained_hash
+
+STAGE = "tokenizers"
 
 
 class TokenizerTrainingError(UserError):
@@ -43,15 +44,13 @@ class TrainingSummary:
 
 def run_tokenizer_training(config: Config) -> TrainingSummary:
     root = DatasetRoot(config.root)
-    with root.lock("tokenizers"):
+    with root.lock(STAGE):
         return _train_tokenizers(root, config)
 
 
 def _train_tokenizers(root: DatasetRoot, config: Config) -> TrainingSummary:
     started = time.perf_counter()
-    shards = sorted(int(p.name.split(".")[0]) for p in root.stage("download").folder.glob("*.done.json"))
-    if not shards:
-        raise TokenizerTrainingError(f"no finished download shards under {root.path}: run download and label first")
+    shards = downloaded_shards(root, TokenizerTrainingError)
     summary = TrainingSummary()
     todo = []
     for group in groups_of(config.tokenize.modalities):
@@ -71,21 +70,18 @@ def _train_tokenizers(root: DatasetRoot, config: Config) -> TrainingSummary:
             storage.remove_tree(temp)  # left by a killed run
     if todo:
         with ray_session(config.ray):
-            task = ray.remote(fit_group).options(
-                num_cpus=config.tokenize.num_cpus, num_gpus=config.tokenize.num_gpus or None, **worker_options()
+            results, summary.failed = map_shards(
+                todo,
+                partial(fit_group, root, config=config, shards=shards),
+                num_cpus=config.tokenize.num_cpus,
+                num_gpus=config.tokenize.num_gpus,
+                desc=STAGE,
+                progress=False,
             )
-            running = {task.remote(root, g, config, shards): g for g in todo}
-            while running:
-                ready, _ = ray.wait(list(running), num_returns=1)
-                group = running.pop(ready[0])
-                try:
-                    summary.trained.update(ray.get(ready[0]))
-                except ray.exceptions.RayTaskError as err:
-                    cause = err.cause if err.cause is not None else err
-                    summary.failed[group] = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
+        for trained in results.values():
+            summary.trained.update(trained)
     summary.seconds = time.perf_counter() - started
-    record = {"trained": summary.trained, "skipped": summary.skipped, "failed": summary.failed}
-    write_text_atomic(root / "_state/tokenizers/summary.json", json.dumps(record, indent=1))
+    write_summary(root, STAGE, {"trained": summary.trained, "skipped": summary.skipped, "failed": summary.failed})
     return summary
 
 

@@ -64,7 +64,7 @@ class ObjectStore:
 @pytest.fixture(scope="module")
 def object_store() -> Iterator[ObjectStore]:
     """moto's S3 server (real HTTP, real S3 protocol: s3fs and pyarrow talk to it as to S3), with
-    fsspec configured through the ``FSSPEC_S3_*`` variables the README documents, for this module."""
+    fsspec configured through the ``FSSPEC_S3_*`` variables docs/object-store.md documents, for this module."""
     import boto3
     import s3fs
     from moto.server import ThreadedMotoServer

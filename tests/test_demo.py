@@ -7,9 +7,7 @@ import sys
 import pyarrow.parquet as pq
 from PIL import Image
 
-from four_m.core.config import LABELER_NAMES
-from four_m.core.modalities import MAP_MODALITIES as MAPS
-from four_m.core.modalities import MODALITIES
+from four_m.core.modalities import MODALITIES, labelled_modalities, map_modalities
 
 
 def _free_port() -> int:
@@ -30,7 +28,9 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
             str(root),
             "--set",
             f"sample.port={_free_port()}",
-            *[arg for m in MAPS for arg in ("--set", f"tokenize.{m}.steps=6")],  # training itself is tested elsewhere
+            *[
+                arg for m in map_modalities() for arg in ("--set", f"tokenize.{m}.steps=6")
+            ],  # training itself is tested elsewhere
             *("--set", "train.model=nano", "--set", "train.max_steps=12", "--set", "train.warmup_steps=2"),
             *("--set", "generate.max_tokens=12", "--set", "generate.steps=4"),
             "--no-progress",
@@ -42,12 +42,12 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "download: rows in 14, rows out 10, failed 4" in run.stdout
     images = [pq.read_table(p) for p in sorted((root / "images").glob("*.parquet"))]
-    for name in LABELER_NAMES:
+    for name in labelled_modalities():
         assert f"label/{name}: rows 14, labelled 10, failed 4 (no_image: 4)" in run.stdout
         labels = [pq.read_table(root / f"labels/{name}/{p.name}") for p in sorted((root / "images").glob("*.parquet"))]
         assert [t["key"].to_pylist() for t in labels] == [t["key"].to_pylist() for t in images]
     preview = Image.open(root / "preview/labels.png")
-    assert preview.width == 224 * (1 + len(LABELER_NAMES)) and preview.height > 224 * 8
+    assert preview.width == 224 * (1 + len(labelled_modalities())) and preview.height > 224 * 8
     for name in MODALITIES:
         absent = 0 if name == "caption" else 4  # the alt-text of a failed download still exists
         assert f"tokenize/{name}: rows in 14, rows out {14 - absent}" in run.stdout

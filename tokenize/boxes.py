@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from four_m.labelers.coco import COCO_THINGS
+from four_m.core.coco import COCO_THINGS
 from four_m.tokenize.base import TOKEN_DTYPE, Tokenizer, TokenizerInputError
 from four_m.tokenize.text import CLASS_INDEX, COORDINATE_AXES, TextTokenizer
 

@@ -21,27 +21,25 @@ from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
 from four_m.core.dataset_root import DatasetRoot, shard_name
-from four_m.core.modalities import MAP_MODALITIES, MODALITIES
-from four_m.tokenize.boxes import BoxSequenceTokenizer
+from four_m.core.modalities import MODALITIES, map_modalities, of_kind, sequence_modalities
 from four_m.tokenize.maps import ADAPTERS
-from four_m.tokenize.registry import TRAINED, tokenizer_dir
+from four_m.tokenize.registry import TRAINED, sequence_tokenizer, tokenizer_dir
 from four_m.tokenize.sources import read_rows, source_file
 from four_m.tokenize.text import TextTokenizer
 from four_m.tokenize.vq_training import train_vq
 
 TEXT = "text"
-"""The group of the modalities that share the WordPiece vocabulary."""
-TEXT_MODALITIES = ("caption", "det")
+"""The group of the modalities that share the WordPiece vocabulary: every sequence modality."""
 
 
 def groups_of(modalities: tuple[str, ...]) -> list[str]:
-    """Training units for ``modalities``: ``text`` (if caption or det is asked for), then each map."""
-    text = [TEXT] if set(modalities) & set(TEXT_MODALITIES) else []
-    return text + [m for m in MAP_MODALITIES if m in modalities]
+    """Training units for ``modalities``: ``text`` (if any sequence is asked for), then each map."""
+    text = [TEXT] if set(modalities) & set(sequence_modalities()) else []
+    return text + [m for m in map_modalities() if m in modalities]
 
 
 def members(group: str) -> tuple[str, ...]:
-    return TEXT_MODALITIES if group == TEXT else (group,)
+    return sequence_modalities() if group == TEXT else (group,)
 
 
 def fit_hash(config: Config, group: str) -> str:
@@ -86,24 +84,28 @@ def _fit_text(root: DatasetRoot, config: Config, shards: list[int]) -> dict[str,
     texts = [] if cfg.file else list(_caption_texts(root, shards, config.tokenize.train_samples))
     text = TextTokenizer.from_config(cfg, texts)
     metrics = {"samples": len(texts), "vocab_size": text.vocab_size}
-    for modality, tokenizer in (("caption", text), ("det", BoxSequenceTokenizer(text))):
+    for modality in members(TEXT):
         with _finished_folder(root, modality) as folder:
-            tokenizer.save(folder)
+            sequence_tokenizer(MODALITIES[modality].kind, text).save(folder)
             _write_trained(folder, modality, fit_hash(config, TEXT), len(texts), metrics)
-    return {m: dict(metrics) for m in TEXT_MODALITIES}
+    return {m: dict(metrics) for m in members(TEXT)}
 
 
 def _caption_texts(root: DatasetRoot, shards: list[int], limit: int) -> Iterator[str]:
-    """Alt-texts and generated captions of the first ``limit`` rows: the vocabulary's corpus."""
-    rows = 0
-    for shard in shards:
-        path = root / f"{MODALITIES['caption'].folder}/{shard_name(shard)}.parquet"
-        table = storage.read_table(path, columns=["alt_text", "caption"])
-        for alt_text, caption in zip(table["alt_text"].to_pylist(), table["caption"].to_pylist(), strict=True):
-            yield from (t for t in (alt_text, caption) if isinstance(t, str) and t.strip())
-            rows += 1
+    """The vocabulary's corpus: per text modality, its alt-texts and generated texts of the first
+    ``limit`` rows."""
+    for spec in (MODALITIES[m] for m in of_kind("text")):
+        columns = (["alt_text"] if spec.alt_text else []) + [spec.column]
+        rows = 0
+        for shard in shards:
+            table = storage.read_table(root / f"{spec.folder}/{shard_name(shard)}.parquet", columns=columns)
+            for texts in zip(*(table[c].to_pylist() for c in columns), strict=True):
+                yield from (t for t in texts if isinstance(t, str) and t.strip())
+                rows += 1
+                if rows >= limit:
+                    break
             if rows >= limit:
-                return
+                break
 
 
 def _values(root: DatasetRoot, modality: str, config: Config, shards: list[int]) -> Iterator:

@@ -1,19 +1,24 @@
-"""One adapter per map modality: everything the shared VQ tokenizer needs to know about it.
+"""One adapter per map *kind*: everything the shared VQ tokenizer needs to know about a map.
 
 The VQ architecture (``tokenize.vq``) is the same for every map; an adapter owns what differs:
 reading the stored labels into values, the model's input layer and output head, the training loss,
 the reconstruction metric, turning model outputs back into values, checking values, and rendering
-one for previews.
+one for previews. It is written once per kind (``ModalitySpec.kind``); every modality of that kind
+(4M-7's in brackets) gets an instance that knows its name and payload column.
 
-========  ============================  ==========================  ===================================
-modality  value (one numpy array)       stored as                   loss / metric
-========  ============================  ==========================  ===================================
-rgb       float32 (3, S, S) in [0, 1]   images/ ``jpg``, label view  L1 + MSE / PSNR in dB
-depth     float32 (1, S, S) in [0, 1]   16-bit PNG, v / 65535        L1 / abs-rel of 1 + depth
-normal    float32 (3, S, S) in [-1, 1]  8-bit RGB PNG, v / 255*2-1   1 - cos + L1 / angular error, deg
-semseg    int64 (S, S), 255 = no class  8-bit PNG of class ids       cross-entropy / mIoU
-clip      float32 (D, G, G)             float16 list in (G, G, D)    1 - cos + MSE / cosine similarity
-========  ============================  ==========================  ===================================
+================  ============================  ==========================  ===============================
+kind              value (one numpy array)       stored as                   loss / metric
+================  ============================  ==========================  ===============================
+image (rgb)       float32 (3, S, S) in [0, 1]   images/ ``jpg``, label view L1 + MSE / PSNR in dB
+continuous_map    float32 (1, S, S) in [0, 1]   16-bit PNG, v / 65535       L1 / abs-rel of 1 + value
+(depth)
+direction_map     float32 (3, S, S) in [-1, 1]  8-bit RGB PNG, v / 255*2-1  1 - cos + L1 / angular error
+(normal)
+class_map         int64 (S, S), 255 = no class  8-bit PNG of class ids      cross-entropy / mIoU
+(semseg)
+feature_map       float32 (D, G, G)             float16 list in (G, G, D)   1 - cos + MSE / cosine
+(clip)
+================  ============================  ==========================  ===============================
 
 Adapters are frozen dataclasses. ``ADAPTERS`` holds 4M's settings (224 px maps, 133 classes,
 14 x 14 x 512 CLIP features) and is never mutated; a tokenizer of another size or class count
@@ -39,11 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
 from four_m.core.errors import UserError
-from four_m.labelers.coco import COCO_PANOPTIC, SEMSEG_IGNORE
-from four_m.labelers.encode import decode_png
-from four_m.pipeline.failures import failure_reason
-from four_m.pipeline.views import centre_square, decode_rgb, resize_square
+from four_m.core.failures import SUCCESS, download_failed
+from four_m.core.label_codec import decode_png
+from four_m.core.modalities import MODALITIES
+from four_m.core.views import centre_square, decode_rgb, resize_square
 from four_m.tokenize.base import TokenizerInputError
 
 ReadResult = tuple[list[np.ndarray | None], list[str | None]]
@@ -55,9 +61,13 @@ class MapAdapter(ABC):
     size: int = 224
     """Side of the value maps: the label view (for clip, its feature grid)."""
 
-    modality: ClassVar[str]
-    column: ClassVar[str]
-    """The stored table's payload column."""
+    modality: str
+    """The modality this adapter reads (a registered name whose spec is of this adapter's kind)."""
+    column: str
+    """The stored table's payload column (the spec's ``column``)."""
+
+    kind: ClassVar[str]
+    """The ``ModalitySpec.kind`` this adapter serves: every modality of that kind uses it."""
     dtype: ClassVar[type[np.generic]]
     flippable: ClassVar[bool]
     """Whether a horizontally flipped value is still a true value (the training augmentation)."""
@@ -74,7 +84,7 @@ class MapAdapter(ABC):
 
     def params(self) -> dict[str, Any]:
         """What a saved tokenizer records besides the size (class count, CLIP width)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "size"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("size", "modality", "column")}
 
     @classmethod
     def params_of(cls, schema: pa.Schema) -> dict[str, Any]:
@@ -196,8 +206,7 @@ class FloatMapAdapter(MapAdapter):
 
 
 class RgbAdapter(FloatMapAdapter):
-    modality = "rgb"
-    column = "jpg"
+    kind = "image"
     channels = 3
     low, high = 0.0, 1.0
     flippable = True
@@ -206,7 +215,7 @@ class RgbAdapter(FloatMapAdapter):
     def _failures(self, table: pa.Table) -> list[str | None]:
         statuses, messages = table["status"].to_pylist(), table["error_message"].to_pylist()
         return [
-            None if status == "success" else f"no image: download failed ({failure_reason(message)})"
+            None if status == SUCCESS else download_failed(message)
             for status, message in zip(statuses, messages, strict=True)
         ]
 
@@ -231,8 +240,7 @@ class RgbAdapter(FloatMapAdapter):
 class DepthAdapter(FloatMapAdapter):
     """Per-image normalised relative inverse depth; ``depth_min``/``depth_max`` are not part of the value."""
 
-    modality = "depth"
-    column = "depth"
+    kind = "continuous_map"
     channels = 1
     low, high = 0.0, 1.0
     flippable = True
@@ -263,8 +271,7 @@ class DepthAdapter(FloatMapAdapter):
 class NormalAdapter(FloatMapAdapter):
     """Surface normals; not flipped in training, since a mirror would also negate the horizontal axis."""
 
-    modality = "normal"
-    column = "normal"
+    kind = "direction_map"
     channels = 3
     low, high = -1.0, 1.0
     flippable = False
@@ -323,8 +330,7 @@ class SemsegAdapter(MapAdapter):
 
     classes: int = len(COCO_PANOPTIC)
 
-    modality = "semseg"
-    column = "semseg"
+    kind = "class_map"
     dtype = np.int64
     flippable = True
     metric_name = "miou"
@@ -408,8 +414,7 @@ class ClipAdapter(FloatMapAdapter):
     size: int = 14
     dim: int = 512
 
-    modality = "clip"
-    column = "clip"
+    kind = "feature_map"
     low, high = -math.inf, math.inf
     flippable = False
     metric_name = "cosine"
@@ -461,10 +466,19 @@ class ClipAdapter(FloatMapAdapter):
         return (colours.reshape(rows, columns, 3) * 255).astype(np.uint8)
 
 
-ADAPTERS: Mapping[str, MapAdapter] = MappingProxyType(
-    {a.modality: a for a in (RgbAdapter(), DepthAdapter(), NormalAdapter(), SemsegAdapter(), ClipAdapter())}
+ADAPTER_KINDS: Mapping[str, type[MapAdapter]] = MappingProxyType(
+    {a.kind: a for a in (RgbAdapter, DepthAdapter, NormalAdapter, SemsegAdapter, ClipAdapter)}
 )
-"""Map modality -> its adapter at 4M's settings. Read-only: use ``configured`` for other settings."""
+"""Map kind -> its adapter class: the one place a kind's behaviour is written."""
+
+ADAPTERS: Mapping[str, MapAdapter] = MappingProxyType(
+    {
+        name: ADAPTER_KINDS[spec.kind](modality=name, column=spec.column)
+        for name, spec in MODALITIES.items()
+        if spec.layout == "map"
+    }
+)
+"""Map modality -> its kind's adapter at 4M's settings. Read-only: use ``configured`` for other settings."""
 
 
 def configured(modality: str, size: int, params: Mapping[str, Any]) -> MapAdapter:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,9 +18,10 @@ from PIL import Image, ImageDraw
 from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path, shard_name
-from four_m.core.modalities import MODALITIES
-from four_m.labelers.preview import render_det
-from four_m.pipeline.views import label_view
+from four_m.core.failures import SUCCESS
+from four_m.core.modalities import MAP_KINDS, MODALITIES, ModalitySpec
+from four_m.core.views import label_view
+from four_m.tokenize.label_preview import render_boxes
 from four_m.tokenize.maps import ADAPTERS
 from four_m.tokenize.registry import load_tokenizer
 from four_m.tokenize.shard import token_file
@@ -35,7 +37,7 @@ def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Pat
     size = config.label.size
     modalities = [m for m in MODALITIES if m in config.tokenize.modalities and token_file(root, m, shard).is_file()]
     images = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg", "status"]).to_pylist()
-    views = {i: label_view(row["jpg"], size) for i, row in enumerate(images) if row["status"] == "success"}
+    views = {i: label_view(row["jpg"], size) for i, row in enumerate(images) if row["status"] == SUCCESS}
     chosen = [i for i, view in views.items() if view is not None][:samples]
     columns = [f"{m} {kind}" for m in modalities for kind in ("original", "from tokens")]
     grid = Image.new("RGB", (len(columns) * size, HEADER + len(chosen) * size), "white")
@@ -63,15 +65,13 @@ def render_value(modality: str, value, view: np.ndarray, size: int) -> np.ndarra
     """One modality's value (as a tokenizer decodes it, or as read from labels/) as a size x size RGB tile."""
     if value is None:
         return text_tile("absent", size, background=(60, 60, 60), colour=(255, 200, 200))
-    return RENDERERS[modality](value, view, size)
+    spec = MODALITIES[modality]
+    return RENDERERS[spec.kind](spec, value, view, size)
 
 
-def _render_map(modality: str):
-    def render(value, view: np.ndarray, size: int) -> np.ndarray:
-        tile = ADAPTERS[modality].render(value)
-        return np.asarray(Image.fromarray(tile).resize((size, size), Image.NEAREST))
-
-    return render
+def _render_map(spec: ModalitySpec, value, view: np.ndarray, size: int) -> np.ndarray:
+    tile = ADAPTERS[spec.name].render(value)
+    return np.asarray(Image.fromarray(tile).resize((size, size), Image.NEAREST))
 
 
 def text_tile(text: str, size: int, background=(250, 250, 250), colour=(20, 20, 20)) -> np.ndarray:
@@ -80,9 +80,11 @@ def text_tile(text: str, size: int, background=(250, 250, 250), colour=(20, 20, 
     return np.asarray(image)
 
 
-RENDERERS = {
-    **{m: _render_map(m) for m in ADAPTERS},
-    "det": lambda boxes, view, size: render_det({"det": boxes}, view, {}),
-    "caption": lambda text, view, size: text_tile(text, size),
-}
-"""Per modality: (value, the image's label view, tile side) -> RGB tile."""
+RENDERERS = MappingProxyType(
+    {
+        **dict.fromkeys(MAP_KINDS, _render_map),
+        "boxes": lambda spec, boxes, view, size: render_boxes(spec, {spec.column: boxes}, view, {}),
+        "text": lambda spec, text, view, size: text_tile(text, size),
+    }
+)
+"""Per kind: (modality, value, the image's label view, tile side) -> RGB tile."""

@@ -6,16 +6,23 @@ import hashlib
 from types import MappingProxyType
 
 from four_m.core.dataset_root import DatasetRoot
-from four_m.core.modalities import MAP_MODALITIES
+from four_m.core.modalities import MAP_KINDS, MODALITIES
 from four_m.core.storage import RootPath, local_copy
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.boxes import BoxSequenceTokenizer
 from four_m.tokenize.text import TextTokenizer
 from four_m.tokenize.vq import VQTokenizer
 
-TOKENIZERS: MappingProxyType[str, type[Tokenizer]] = MappingProxyType(
-    {**{m: VQTokenizer for m in MAP_MODALITIES}, "caption": TextTokenizer, "det": BoxSequenceTokenizer}
+KIND_TOKENIZERS: MappingProxyType[str, type[Tokenizer]] = MappingProxyType(
+    {**dict.fromkeys(MAP_KINDS, VQTokenizer), "text": TextTokenizer, "boxes": BoxSequenceTokenizer}
 )
+"""Kind -> the tokenizer class its modalities use: a VQ tokenizer per map; sequences share one
+WordPiece vocabulary (``text``), which box sequences wrap."""
+
+
+def sequence_tokenizer(kind: str, text: TextTokenizer) -> Tokenizer:
+    """The tokenizer of a sequence kind over the shared vocabulary ``text``."""
+    return BoxSequenceTokenizer(text) if kind == "boxes" else text
 
 
 def tokenizer_dir(root: DatasetRoot, modality: str) -> RootPath:
@@ -27,7 +34,7 @@ def load_tokenizer(root: DatasetRoot, modality: str) -> Tokenizer:
     if not (directory / TRAINED).is_file():
         raise FileNotFoundError(f"no trained {modality} tokenizer in {directory}: run `make tokenizers` first")
     with local_copy(directory) as local:
-        return TOKENIZERS[modality].load(local)
+        return KIND_TOKENIZERS[MODALITIES[modality].kind].load(local)
 
 
 TRAINED = "trained.json"

@@ -14,13 +14,11 @@ import numpy as np
 from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, shard_name
+from four_m.core.failures import ABSENT, absent
 from four_m.core.summary import ShardReport
 from four_m.tokenize.base import Tokenizer, TokenizerInputError
 from four_m.tokenize.sources import ModalityRows, read_rows, source_file
 from four_m.tokenize.store import token_schema, token_table, write_tokens
-
-ABSENT = "absent_upstream"
-"""The one failure reason here: the image or label of that row failed in an earlier stage."""
 
 
 def token_file(root: DatasetRoot, modality: str, shard: int):
@@ -45,15 +43,15 @@ def tokenize_shard(
         ids = _encode(tokenizer, rows, config.tokenize.batch_size, where=str(source_file(root, modality, shard)))
         fixed = tokenizer.max_tokens if tokenizer.fixed_length else None
         schema = token_schema(fixed, provenance[modality])
-        errors = [None if i is not None else f"absent: {e}" for i, e in zip(ids, rows.errors, strict=True)]
+        errors = [None if i is not None else absent(e) for i, e in zip(ids, rows.errors, strict=True)]
         table = token_table(rows.keys, ids, errors, schema)
         write_tokens(token_file(root, modality, shard), table, config.tokenize.row_group_rows)
-        absent = sum(i is None for i in ids)
+        missing = sum(i is None for i in ids)
         reports[modality] = ShardReport(
             shard=shard,
             rows_in=len(ids),
-            rows_out=len(ids) - absent,
-            failures={ABSENT: absent} if absent else {},
+            rows_out=len(ids) - missing,
+            failures={ABSENT: missing} if missing else {},
             seconds=time.perf_counter() - started,
         )
     return reports

@@ -8,8 +8,9 @@ None with the upstream error, so it becomes an absent modality, never fake data.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ import pyarrow as pa
 from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, shard_name
-from four_m.core.modalities import MODALITIES
+from four_m.core.modalities import MAP_KINDS, MODALITIES, ModalitySpec
 from four_m.tokenize.maps import ADAPTERS, configured
 
 
@@ -43,34 +44,36 @@ def read_rows(root: DatasetRoot, modality: str, shard: int, config: Config) -> M
         stage = "download" if MODALITIES[modality].folder == "images" else f"label (labeler {modality})"
         raise FileNotFoundError(f"{path} is missing: run the {stage} stage first")
     table = storage.read_table(path)
-    values, errors = READERS[modality](table, config)
+    spec = MODALITIES[modality]
+    values, errors = READERS[spec.kind](spec, table, config)
     return ModalityRows(table["key"].to_pylist(), values, errors)
 
 
-def _captions(table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
-    if config.tokenize.caption_source == "alt_text":
+def _texts(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
+    """Text: the labeler's output, or for a text that has one, the url list's alt-text
+    (``tokenize.caption_source: alt_text``, 4M's CC12M captions)."""
+    if spec.alt_text and config.tokenize.caption_source == "alt_text":
         texts = table["alt_text"].to_pylist()
         errors = [None if isinstance(t, str) and t.strip() else "no alt-text for this row" for t in texts]
     else:
-        texts = table["caption"].to_pylist()
+        texts = table[spec.column].to_pylist()
         errors = table["error"].to_pylist()
     return [t if e is None else None for t, e in zip(texts, errors, strict=True)], errors
 
 
-def _boxes(table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
+def _boxes(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
     errors = table["error"].to_pylist()
-    boxes = table["det"].to_pylist()
+    boxes = table[spec.column].to_pylist()
     return [b if e is None else None for b, e in zip(boxes, errors, strict=True)], errors
 
 
-def _map_reader(modality: str) -> Callable[[pa.Table, Config], tuple[list[Any], list[str | None]]]:
-    def read(table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
-        # rgb is cut to the label view's size; the other maps carry their own shape.
-        adapter = configured(modality, config.label.size, ADAPTERS[modality].params_of(table.schema))
-        return adapter.read(table)
-
-    return read
+def _map(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
+    # images are cut to the label view's size; the other maps carry their own shape.
+    adapter = ADAPTERS[spec.name]
+    return configured(spec.name, config.label.size, adapter.params_of(table.schema)).read(table)
 
 
-READERS = {**{m: _map_reader(m) for m in ADAPTERS}, "caption": _captions, "det": _boxes}
-"""Per modality: a label table -> (values, errors)."""
+READERS: Mapping[str, Callable[[ModalitySpec, pa.Table, Config], tuple[list[Any], list[str | None]]]] = (
+    MappingProxyType({**dict.fromkeys(MAP_KINDS, _map), "text": _texts, "boxes": _boxes})
+)
+"""Per kind: a modality's stored table -> (values, errors)."""

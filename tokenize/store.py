@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from four_m.core import storage
 from four_m.core.dataset_root import atomic_path
+from four_m.core.failures import ERROR
 from four_m.core.storage import RootPath
 from four_m.tokenize.base import TOKEN_DTYPE
 
@@ -28,7 +29,7 @@ COMPRESSION = "zstd"
 def token_schema(fixed_tokens: int | None, provenance: dict[str, str]) -> pa.Schema:
     """``fixed_tokens``: ids per row for maps, None for variable-length sequences."""
     tokens = pa.list_(TOKEN_TYPE, fixed_tokens) if fixed_tokens is not None else pa.list_(TOKEN_TYPE)
-    fields = [pa.field("key", pa.string()), pa.field("tokens", tokens), pa.field("error", pa.string())]
+    fields = [pa.field("key", pa.string()), pa.field("tokens", tokens), pa.field(ERROR, pa.string())]
     return pa.schema(fields, metadata={f"four_m.{k}": v for k, v in provenance.items()})
 
 

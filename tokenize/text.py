@@ -32,8 +32,8 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from four_m.core.coco import COCO_THINGS
 from four_m.core.config import TextTokenizerConfig
-from four_m.labelers.coco import COCO_THINGS
 from four_m.tokenize.base import TOKEN_DTYPE, Tokenizer, TokenizerInputError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[SOS]", "[EOS]")

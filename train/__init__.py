@@ -1,1 +1,1 @@
-"""The 4M trainer (Lightning) over the Parquet token store: a later stage."""
+"""The 4M trainer (Lightning) over the Parquet token store; generation and evaluation with a trained run."""

@@ -27,6 +27,7 @@ from typing import Any
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, write_text_atomic
 from four_m.core.errors import UserError
+from four_m.core.modalities import MODALITIES
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.sources import read_rows
 from four_m.train.data import TokenShards
@@ -36,11 +37,12 @@ from four_m.train.metrics import BASELINES, METRICS, results_table
 from four_m.train.sample import decoding
 from four_m.train.trained import load_trained
 
-SOURCE = "rgb"
+SOURCE_KIND = "image"
+"""``make eval`` predicts every other modality from the image (rgb -> X), as 4M reports transfer."""
 BATCH = 16
 """Held-out rows generated together: bounds memory, and the decoder's work grows with it."""
-TOKEN_LEVEL = frozenset({"caption"})
-"""Scored on token ids: a caption has no decoded value to compare but its text, and ids are exact."""
+TOKEN_LEVEL = frozenset({"text"})
+"""Kinds scored on token ids: a caption has no decoded value to compare but its text, and ids are exact."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,12 @@ class EvalReport:
     """Markdown."""
     written: tuple[Path, Path]
     rows: int
+    source: str
 
     def lines(self) -> list[str]:
         return [
-            f"eval: {self.rows} held-out rows with rgb, rgb -> each other modality (greedy decoding)",
+            f"eval: {self.rows} held-out rows with {self.source}, {self.source} -> each other modality"
+            " (greedy decoding)",
             *self.table.rstrip().splitlines(),
             f"eval: wrote {self.written[0]} and {self.written[1]}",
         ]
@@ -60,12 +64,13 @@ class EvalReport:
 
 def run_eval(config: Config) -> EvalReport:
     run = load_trained(config)
-    if SOURCE not in run.modalities:
-        raise UserError(f"run {run.directory.name} has no {SOURCE} to predict from: make eval scores rgb -> X")
-    targets = [m for m in run.modalities if m != SOURCE and m in METRICS]
-    rows = list(held_out_rows(config, run.modalities, needed=(SOURCE,)))
+    source = next((m for m in run.modalities if MODALITIES[m].kind == SOURCE_KIND), None)
+    if source is None:
+        raise UserError(f"run {run.directory.name} has no image modality to predict from: make eval scores rgb -> X")
+    targets = [m for m in run.modalities if m != source and m in METRICS]
+    rows = list(held_out_rows(config, run.modalities, needed=(source,)))
     if not rows:
-        raise UserError(f"no held-out row has {SOURCE} tokens: nothing to evaluate")
+        raise UserError(f"no held-out row has {source} tokens: nothing to evaluate")
     labels = Labels(config)
     generator = Generator(run.model)
     greedy = decoding(config.generate, temperature=0.0)
@@ -78,7 +83,7 @@ def run_eval(config: Config) -> EvalReport:
         fixed = baseline.predict()
         for batch in _batches(rows):
             predicted = generator.generate(
-                {SOURCE: [row.tokens[SOURCE] for row in batch]}, [(target, greedy)], seed=config.generate.seed
+                {source: [row.tokens[source] for row in batch]}, [(target, greedy)], seed=config.generate.seed
             )[target]
             for row, ids in zip(batch, predicted, strict=True):
                 label = labels.value(target, row)
@@ -94,10 +99,10 @@ def run_eval(config: Config) -> EvalReport:
     table, data = results_table(columns)
     out = run.directory / "eval"
     markdown, figures = out / "metrics.md", out / "metrics.json"
-    header = f"# rgb -> X on the held-out shards of {DatasetRoot(config.root).path}, run {run.directory.name}\n\n"
+    header = f"# {source} -> X on the held-out shards of {DatasetRoot(config.root).path}, run {run.directory.name}\n\n"
     write_text_atomic(markdown, header + table)
     write_text_atomic(figures, json.dumps({"rows": len(rows), **data}, indent=1) + "\n")
-    return EvalReport(table, (markdown, figures), len(rows))
+    return EvalReport(table, (markdown, figures), len(rows), source)
 
 
 def _batches(rows: list[HeldOutRow]) -> Iterator[list[HeldOutRow]]:
@@ -114,8 +119,8 @@ def _training_labels(config: Config, modalities: tuple[str, ...], target: str) -
 
 def _scored(modality: str, tokenizer: Tokenizer, label: Any) -> Any:
     """A pseudo-label in the form its metric compares: token ids for captions, the value otherwise."""
-    return tokenizer.encode([label])[0] if modality in TOKEN_LEVEL else label
+    return tokenizer.encode([label])[0] if MODALITIES[modality].kind in TOKEN_LEVEL else label
 
 
 def _decoded(modality: str, tokenizer: Tokenizer, ids: Any) -> Any:
-    return ids if modality in TOKEN_LEVEL else tokenizer.decode([ids])[0]
+    return ids if MODALITIES[modality].kind in TOKEN_LEVEL else tokenizer.decode([ids])[0]

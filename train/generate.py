@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from four_m.core.config import _check
+from four_m.core.config import check
 from four_m.core.errors import UserError
 from four_m.tokenize.base import TOKEN_DTYPE
 from four_m.tokenize.text import SPECIAL_TOKENS, UNK
@@ -92,21 +92,21 @@ class Decoding:
     """Sequences: cap on generated tokens, EOS included (default: the modality's stored cap)."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "decoding.steps", "must be >= 1")
-        _check(self.order in ORDERS, "decoding.order", f"unknown {self.order!r}; one of {', '.join(ORDERS)}")
-        _check(
+        check(self.steps >= 1, "decoding.steps", "must be >= 1")
+        check(self.order in ORDERS, "decoding.order", f"unknown {self.order!r}; one of {', '.join(ORDERS)}")
+        check(
             self.schedule in SCHEDULES, "decoding.schedule", f"unknown {self.schedule!r}; one of {', '.join(SCHEDULES)}"
         )
-        _check(self.temperature >= 0, "decoding.temperature", "must be >= 0 (0 is greedy)")
-        _check(
+        check(self.temperature >= 0, "decoding.temperature", "must be >= 0 (0 is greedy)")
+        check(
             self.temperature_schedule in TEMPERATURE_SCHEDULES,
             "decoding.temperature_schedule",
             f"unknown {self.temperature_schedule!r}; one of {', '.join(TEMPERATURE_SCHEDULES)}",
         )
-        _check(self.top_k >= 0, "decoding.top_k", "must be >= 0 (0 is off)")
-        _check(0 < self.top_p <= 1, "decoding.top_p", "must be in (0, 1] (1 is off)")
-        _check(self.guidance >= 0, "decoding.guidance", "must be >= 0 (1 is no guidance)")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "decoding.max_tokens", "must be >= 1 (EOS included)")
+        check(self.top_k >= 0, "decoding.top_k", "must be >= 0 (0 is off)")
+        check(0 < self.top_p <= 1, "decoding.top_p", "must be in (0, 1] (1 is off)")
+        check(self.guidance >= 0, "decoding.guidance", "must be >= 0 (1 is no guidance)")
+        check(self.max_tokens is None or self.max_tokens >= 1, "decoding.max_tokens", "must be >= 1 (EOS included)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def commit_schedule(positions: int, steps: int, schedule: str = "cosine") -> lis
     The fraction decoded after step t of T is ``1 - cos(pi/2 * t/T)`` (MaskGIT's cosine: the masked
     fraction is cos) or ``t/T``; rounding is repaired so every step commits at least one token.
     """
-    _check(1 <= steps <= positions, "decoding.steps", f"must be in [1, {positions}] (the grid's positions)")
+    check(1 <= steps <= positions, "decoding.steps", f"must be in [1, {positions}] (the grid's positions)")
     decoded_fraction = {
         "cosine": lambda r: 1 - math.cos(math.pi / 2 * r),
         "linear": lambda r: r,
@@ -260,7 +260,7 @@ class Generator:
         names = [m.name for m in model.modalities]
         default = (ModalityInfo(m.name, m.kind, m.positions) for m in model.modalities)
         self.infos = tuple(infos if infos is not None else default)
-        _check(
+        check(
             [(i.name, i.kind) for i in self.infos] == [(m.name, m.kind) for m in model.modalities],
             "generate.infos",
             f"must describe the model's modalities in its order: {', '.join(names)}",
@@ -269,7 +269,7 @@ class Generator:
             if info.kind == "sequence":
                 specials = {"SOS": info.sos_id, "EOS": info.eos_id, "S_0": info.first_sentinel_id}
                 for what, id_ in specials.items():
-                    _check(
+                    check(
                         0 <= id_ < modality.vocab_size,
                         f"generate.infos.{info.name}",
                         f"{what} id {id_} is outside the vocabulary of {modality.vocab_size} ids",

@@ -13,6 +13,7 @@ import numpy as np
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
+from four_m.core.modalities import of_kind
 from four_m.tokenize.maps import ADAPTERS
 from four_m.tokenize.sources import read_rows
 from four_m.train.data import Sample, TokenShards
@@ -58,8 +59,9 @@ class Labels:
 
     def view(self, row: HeldOutRow) -> np.ndarray:
         """The (size, size, 3) uint8 label view of the row's image; grey where it has none."""
-        pixels = self.value("rgb", row)
-        return ADAPTERS["rgb"].render(pixels) if pixels is not None else self.blank()
+        image = of_kind("image")[0]
+        pixels = self.value(image, row)
+        return ADAPTERS[image].render(pixels) if pixels is not None else self.blank()
 
     def blank(self) -> np.ndarray:
         return np.full((self.config.label.size, self.config.label.size, 3), 128, np.uint8)

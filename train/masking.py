@@ -42,12 +42,11 @@ import numpy as np
 import torch
 
 from four_m.core.config import ConfigError, TextTokenizerConfig
-from four_m.core.modalities import MODALITIES
+from four_m.core.modalities import MODALITIES, of_kind
 from four_m.tokenize.text import EOS, PAD, SOS, SPECIAL_TOKENS
 from four_m.train.batch import MaskedBatch
 
 MIXTURES = ("all2all", "rgb2all")
-RGB = "rgb"
 _KEY = "train.masking"
 
 
@@ -139,8 +138,8 @@ def modality_infos(names: Sequence[str], text: TextTokenizerConfig | None = None
         if name not in MODALITIES:
             raise ValueError(f"unknown modality {name!r}; known: {tuple(MODALITIES)}")
         spec = MODALITIES[name]
-        num_tokens = spec.max_tokens if spec.kind == "map" else text.max_tokens
-        infos.append(ModalityInfo(name, spec.kind, num_tokens, num_sentinels=text.sentinels))
+        num_tokens = spec.max_tokens if spec.layout == "map" else text.max_tokens
+        infos.append(ModalityInfo(name, spec.layout, num_tokens, num_sentinels=text.sentinels))
     return tuple(infos)
 
 
@@ -277,11 +276,12 @@ class Masker:
         for field_name, per_modality in (("alphas", alphas), ("max_tokens_per_modality", caps)):
             unknown = sorted(set(per_modality) - set(names))
             _check(not unknown, field_name, f"modalities {unknown} are not among the run's {names}")
-        _check("rgb2all" not in cfg.mixtures or RGB in names, "mixtures", "rgb2all needs rgb among the modalities")
+        image = of_kind("image", tuple(names))
+        _check("rgb2all" not in cfg.mixtures or bool(image), "mixtures", "rgb2all needs rgb among the modalities")
         default_alpha = 1.0 if isinstance(cfg.alphas, Mapping) else float(cfg.alphas)
         self._alphas = np.array([float(alphas.get(n, default_alpha)) for n in names])
         self._caps = np.array([min(m.num_tokens, int(caps.get(m.name, m.num_tokens))) for m in self.modalities])
-        self._rgb = names.index(RGB) if RGB in names else None
+        self._rgb = names.index(image[0]) if image else None
 
     def sample_rng(self, index: int, epoch: int = 0) -> np.random.Generator:
         """The generator for sample ``index`` of ``epoch``: same mask wherever and whenever it is drawn."""

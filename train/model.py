@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from four_m.core.config import _check
+from four_m.core.config import check
 from four_m.core.modalities import ModalitySpec
 from four_m.train.batch import MaskedBatch
 
@@ -49,18 +49,18 @@ class ModelConfig:
     """On embeddings, attention weights and residual branches. 4M pre-trains without dropout."""
 
     def __post_init__(self) -> None:
-        _check(self.dim >= 4 and self.dim % 4 == 0, "model.dim", "must be a positive multiple of 4")
-        _check(self.heads >= 1, "model.heads", "must be >= 1")
-        _check(self.dim % self.heads == 0, "model.heads", f"must divide model.dim ({self.dim})")
-        _check(self.encoder_layers >= 1, "model.encoder_layers", "must be >= 1")
-        _check(self.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
-        _check(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        check(self.dim >= 4 and self.dim % 4 == 0, "model.dim", "must be a positive multiple of 4")
+        check(self.heads >= 1, "model.heads", "must be >= 1")
+        check(self.dim % self.heads == 0, "model.heads", f"must divide model.dim ({self.dim})")
+        check(self.encoder_layers >= 1, "model.encoder_layers", "must be >= 1")
+        check(self.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
+        check(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
 
     @classmethod
     def named(cls, size: str) -> ModelConfig:
         """One of ``SIZES`` (tiny, small, base, large)."""
-        _check(size in SIZES, "model.size", f"unknown {size!r}; one of {', '.join(SIZES)}")
+        check(size in SIZES, "model.size", f"unknown {size!r}; one of {', '.join(SIZES)}")
         return SIZES[size]
 
 
@@ -103,12 +103,12 @@ class ModelModality:
     def __post_init__(self) -> None:
         if not self.vocabulary:
             object.__setattr__(self, "vocabulary", self.name)
-        _check(bool(self.name), "modality.name", "must not be empty")
-        _check(self.kind in ("map", "sequence"), f"modality {self.name}.kind", "map|sequence")
-        _check(self.vocab_size >= 1, f"modality {self.name}.vocab_size", "must be >= 1")
-        _check(self.positions >= 1, f"modality {self.name}.positions", "must be >= 1")
+        check(bool(self.name), "modality.name", "must not be empty")
+        check(self.kind in ("map", "sequence"), f"modality {self.name}.kind", "map|sequence")
+        check(self.vocab_size >= 1, f"modality {self.name}.vocab_size", "must be >= 1")
+        check(self.positions >= 1, f"modality {self.name}.positions", "must be >= 1")
         if self.kind == "map":
-            _check(math.isqrt(self.positions) ** 2 == self.positions, f"modality {self.name}.positions", "a square")
+            check(math.isqrt(self.positions) ** 2 == self.positions, f"modality {self.name}.positions", "a square")
 
     @property
     def grid(self) -> int:
@@ -119,8 +119,8 @@ class ModelModality:
     def from_spec(cls, spec: ModalitySpec, vocab_size: int | None = None) -> ModelModality:
         """From the registry's spec; ``vocab_size`` overrides the spec's (known once tokenizers exist)."""
         vocab_size = vocab_size if vocab_size is not None else spec.vocab_size
-        _check(vocab_size is not None, f"modality {spec.name}.vocab_size", "unknown: train its tokenizer first")
-        return cls(spec.name, spec.kind, vocab_size, spec.max_tokens, spec.vocabulary)
+        check(vocab_size is not None, f"modality {spec.name}.vocab_size", "unknown: train its tokenizer first")
+        return cls(spec.name, spec.layout, vocab_size, spec.max_tokens, spec.vocabulary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,15 +246,15 @@ class FourM(nn.Module):
     def __init__(self, config: ModelConfig, modalities: Sequence[ModelModality]):
         super().__init__()
         names = [m.name for m in modalities]
-        _check(len(names) >= 1, "model.modalities", "needs at least one modality")
-        _check(len(set(names)) == len(names), "model.modalities", f"names repeat: {names}")
+        check(len(names) >= 1, "model.modalities", "needs at least one modality")
+        check(len(set(names)) == len(names), "model.modalities", f"names repeat: {names}")
         self.config = config
         self.modalities = tuple(modalities)
         vocab_sizes: dict[str, int] = {}  # ordered by first use, sized by the first user
         for m in modalities:
             vocab_sizes.setdefault(m.vocabulary, m.vocab_size)
         for m in modalities:
-            _check(
+            check(
                 m.vocab_size == vocab_sizes[m.vocabulary],
                 f"modality {m.name}.vocab_size",
                 f"{m.vocab_size}, but vocabulary {m.vocabulary!r} has {vocab_sizes[m.vocabulary]} ids elsewhere",
@@ -310,7 +310,7 @@ class FourM(nn.Module):
     def modality_index(self, name: str) -> int:
         """Index of modality ``name`` in the run's list (the ``*_modality`` entries of a batch)."""
         names = [m.name for m in self.modalities]
-        _check(name in names, "modality", f"unknown {name!r}; this model knows {', '.join(names)}")
+        check(name in names, "modality", f"unknown {name!r}; this model knows {', '.join(names)}")
         return names.index(name)
 
     def head(self, m: int) -> nn.Linear:

@@ -9,7 +9,6 @@ naming both sides. Single process, multi-GPU and multi-node runs differ only in
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -28,6 +27,7 @@ from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path, clear_temporaries, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
+from four_m.core.runs import DESCRIPTION, LOGS, read_losses
 from four_m.core.storage import RootPath
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
@@ -121,7 +121,7 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
         precision=precision(cfg.precision),
         gradient_clip_val=cfg.gradient_clip,
         # A new log version per launch: a resumed run appends a segment instead of overwriting the curve.
-        logger=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
+        logger=[CSVLogger(run_dir, name=LOGS), TensorBoardLogger(run_dir, name="tensorboard")],
         callbacks=[
             ModelCheckpoint(
                 dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True
@@ -137,7 +137,7 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
     write_text_atomic(run_dir / "config.yaml", config.to_yaml())
     # weights_only: a checkpoint is plain tensors and primitives; nothing in it may run code on load.
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
-    losses = read_losses(run_dir / "logs")
+    losses = read_losses(run_dir / LOGS)
     if trainer.is_global_zero:  # one writer: every DDP rank returns here
         with atomic_path(run_dir / "model.safetensors") as temp:
             save_model(module.model, str(temp))
@@ -146,7 +146,7 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
             "modalities": [asdict(m) for m in modalities],
             "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities},
         }
-        write_text_atomic(run_dir / "model.json", json.dumps(described, indent=1))
+        write_text_atomic(run_dir / DESCRIPTION, json.dumps(described, indent=1))
         plot_losses(losses, run_dir / "loss.png")
         mirror.push()
     mirror.release()
@@ -167,7 +167,7 @@ def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelMod
                 " rerun `make tokenize` after retraining a tokenizer"
             )
         spec = MODALITIES[name]
-        modalities.append(ModelModality(name, spec.kind, side["vocab_size"], side["max_tokens"], spec.vocabulary))
+        modalities.append(ModelModality(name, spec.layout, side["vocab_size"], side["max_tokens"], spec.vocabulary))
     return modalities
 
 
@@ -195,15 +195,6 @@ def precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-
-
-def read_losses(logs: Path) -> list[tuple[int, float]]:
-    """(step, train loss) rows of Lightning's CSV logs, one version per launch of a resumed run."""
-    rows = []
-    for metrics in sorted(logs.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
-        with metrics.open() as handle:
-            rows += [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(handle) if r.get("train/loss")]
-    return sorted(dict(rows).items())
 
 
 def plot_losses(losses: list[tuple[int, float]], out: Path) -> None:

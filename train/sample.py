@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from four_m.core.config import Config, GenerateConfig
 from four_m.core.dataset_root import atomic_path
 from four_m.core.errors import UserError
+from four_m.core.modalities import of_kind
 from four_m.tokenize.maps import configured
 from four_m.tokenize.preview import HEADER, render_value, text_tile
 from four_m.train.generate import Decoding, Generator
@@ -112,21 +113,26 @@ def user_rows(
 ) -> SampleRows:
     """One row from the user's image and/or caption, tokenized here by the run's tokenizers."""
     supplied: dict[str, Any] = {}
+    image_modality = of_kind("image")[0]
     if image is not None:
         try:
-            supplied["rgb"] = configured("rgb", config.label.size, {}).parse(Path(image).read_bytes())
+            supplied[image_modality] = configured(image_modality, config.label.size, {}).parse(Path(image).read_bytes())
         except (OSError, ValueError) as err:
             raise SampleInputError(f"cannot use image {image}: {err}") from None
     if caption is not None:
-        supplied["caption"] = caption
+        supplied.update(dict.fromkeys(of_kind("text", given) or of_kind("text")[:1], caption))
     missing = sorted(set(given) - set(supplied))
     if missing:
         raise SampleInputError(
-            f"generate.given is {', '.join(given)}, but only {', '.join(supplied)} was supplied (IMAGE= is rgb,"
-            " CAPTION= is caption): set FROM to what you pass"
+            f"generate.given is {', '.join(given)}, but only {', '.join(supplied)} was supplied (IMAGE= is"
+            f" {image_modality}, CAPTION= is a text modality): set FROM to what you pass"
         )
     ids = {m: run.tokenizers[m].encode([supplied[m]]) for m in given}
-    view = configured("rgb", config.label.size, {}).render(supplied["rgb"]) if "rgb" in supplied else None
+    view = (
+        configured(image_modality, config.label.size, {}).render(supplied[image_modality])
+        if image_modality in supplied
+        else None
+    )
     return SampleRows(
         given={m: list(ids[m]) for m in given},
         shown={m: [supplied.get(m)] for m in given},

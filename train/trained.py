@@ -18,6 +18,7 @@ from safetensors.torch import load_model
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
+from four_m.core.runs import DESCRIPTION
 from four_m.core.storage import RootPath, local_file
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
@@ -45,7 +46,7 @@ def load_trained(config: Config) -> TrainedRun:
     """``<root>/runs/<train.run>/``'s final weights, checked against ``<root>/tokenizers/``."""
     root = DatasetRoot(config.root)
     directory = root / f"runs/{config.train.run}"
-    described, weights = directory / "model.json", directory / "model.safetensors"
+    described, weights = directory / DESCRIPTION, directory / "model.safetensors"
     if not (described.is_file() and weights.is_file()):
         raise RunMismatchError(f"no trained model in {directory} (model.json + model.safetensors): run `make train`")
     spec = json.loads(described.read_text())

@@ -12,7 +12,9 @@ import pyarrow as pa
 import pytest
 
 from four_m.core.config import LabelerConfig
-from four_m.labelers.base import RANDOM_INIT, Labeler, MissingWeightsError
+from four_m.core.provenance import RANDOM_INIT
+from four_m.labelers.base import Labeler
+from four_m.labelers.pretrained import MissingWeightsError
 
 
 def batch_of(size: int) -> np.ndarray:

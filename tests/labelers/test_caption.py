@@ -1,9 +1,10 @@
 import pyarrow as pa
 import pytest
 
-from four_m.core.config import CaptionConfig
-from four_m.labelers.base import RANDOM_INIT, MissingWeightsError
+from four_m.core.provenance import RANDOM_INIT
 from four_m.labelers.caption import CaptionLabeler, tiny_vocabulary
+from four_m.labelers.pretrained import MissingWeightsError
+from four_m.modalities.caption import CaptionConfig
 
 SIZE = 64
 MAX_NEW_TOKENS = 5
@@ -16,7 +17,7 @@ def _config(**overrides) -> CaptionConfig:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("caption")
-    labeler = CaptionLabeler(_config(), view_size=48, tiny_dir=folder)
+    labeler = CaptionLabeler(_config(), view_size=48, workdir=folder)
     labeler.setup()
     return labeler, folder
 

@@ -33,7 +33,7 @@ def test_features_are_the_projected_patch_tokens(built):
 
 def test_another_input_size_interpolates_the_position_embeddings(built):
     labeler = built(ClipLabeler, INPUT, VIEW).random_init
-    smaller = ClipLabeler(LabelerConfig(model=str(labeler.tiny_dir), input_size=160), VIEW, None)
+    smaller = ClipLabeler(LabelerConfig(model=str(labeler.workdir), input_size=160), VIEW, None)
     smaller.setup()
     pixels = np.random.default_rng(1).integers(0, 256, size=(2, 160, 160, 3), dtype=np.uint8)
     payloads = smaller.label(pixels)

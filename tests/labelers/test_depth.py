@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from four_m.core.config import LabelerConfig
-from four_m.labelers.base import MissingWeightsError
+from four_m.core.label_codec import decode_png
 from four_m.labelers.depth import DepthLabeler
-from four_m.labelers.encode import decode_png
+from four_m.labelers.pretrained import MissingWeightsError
 
 INPUT, VIEW = 64, 48  # the view is smaller than the input here: maps are resized, inputs are not
 
@@ -59,6 +59,6 @@ def test_a_local_folder_loads_from_safetensors_only(tmp_path):
     DepthLabeler(LabelerConfig(input_size=INPUT), VIEW, folder).setup()
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    for cfg, tiny_dir in ((LabelerConfig(input_size=INPUT), folder), (LabelerConfig(model=str(folder)), None)):
+    for cfg, workdir in ((LabelerConfig(input_size=INPUT), folder), (LabelerConfig(model=str(folder)), None)):
         with pytest.raises(MissingWeightsError, match="model.safetensors"):
-            DepthLabeler(cfg, VIEW, tiny_dir).setup()
+            DepthLabeler(cfg, VIEW, workdir).setup()

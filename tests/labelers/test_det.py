@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from four_m.core import storage
-from four_m.core.config import DetConfig
-from four_m.labelers.base import RANDOM_INIT, MissingWeightsError
-from four_m.labelers.coco import COCO_THINGS
+from four_m.core.coco import COCO_THINGS
+from four_m.core.provenance import RANDOM_INIT
 from four_m.labelers.det import (
     CONFIG_FILE,
     TINY_ARCHITECTURE,
@@ -19,6 +18,8 @@ from four_m.labelers.det import (
     UntrustedWeightsError,
     convert_pickle,
 )
+from four_m.labelers.pretrained import MissingWeightsError
+from four_m.modalities.det import DetConfig
 
 SIZE = 160
 
@@ -42,7 +43,7 @@ def plant(path: Path, target: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("det")
-    labeler = DetLabeler(DetConfig(input_size=SIZE, score_threshold=0.0, max_boxes=5), view_size=64, tiny_dir=folder)
+    labeler = DetLabeler(DetConfig(input_size=SIZE, score_threshold=0.0, max_boxes=5), view_size=64, workdir=folder)
     labeler.setup()
     return labeler, folder
 
@@ -62,7 +63,7 @@ def test_boxes_follow_the_schema_and_ranges(tiny, batch):
 
 def test_score_threshold_drops_boxes(tiny, batch):
     _, folder = tiny
-    strict = DetLabeler(DetConfig(input_size=SIZE, score_threshold=1.0), view_size=64, tiny_dir=folder)
+    strict = DetLabeler(DetConfig(input_size=SIZE, score_threshold=1.0), view_size=64, workdir=folder)
     strict.setup()
     assert all(row["det"] == [] for row in strict.label(batch(SIZE)))
 
@@ -111,7 +112,7 @@ def test_a_pickle_planted_as_the_old_tiny_model_is_replaced_unread(tiny, tmp_pat
     folder = tmp_path / "root/_models/det"
     plant(folder / "yolo.pt", tmp_path / "pwned")
     (folder / "done").touch()
-    rebuilt = DetLabeler(labeler.cfg, view_size=64, tiny_dir=folder)
+    rebuilt = DetLabeler(labeler.cfg, view_size=64, workdir=folder)
     rebuilt.setup()
     assert not (tmp_path / "pwned").exists()
     assert not (folder / "yolo.pt").exists()
@@ -125,7 +126,7 @@ def test_a_pickle_planted_where_the_loader_reads_is_refused_unread(tiny, tmp_pat
     shutil.copytree(built, folder)
     plant(folder / planted, tmp_path / "pwned")
     with pytest.raises(MissingWeightsError, match=planted):
-        DetLabeler(DetConfig(input_size=SIZE), view_size=64, tiny_dir=folder).setup()
+        DetLabeler(DetConfig(input_size=SIZE), view_size=64, workdir=folder).setup()
     assert not (tmp_path / "pwned").exists()
 
 
@@ -178,7 +179,7 @@ def test_only_architectures_shipped_with_ultralytics_are_built(tmp_path, monkeyp
         (tmp_path / name).write_text(planted)
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "det"
-    DetLabeler(DetConfig(input_size=SIZE), view_size=64, tiny_dir=folder).setup()
+    DetLabeler(DetConfig(input_size=SIZE), view_size=64, workdir=folder).setup()
     for architecture in ("evil.yaml", str(tmp_path / "yolov8.yaml")):
         (folder / CONFIG_FILE).write_text(json.dumps({"architecture": architecture, "names": list(COCO_THINGS)}))
         with pytest.raises(MissingWeightsError, match="not a model architecture shipped with ultralytics"):

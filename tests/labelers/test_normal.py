@@ -2,7 +2,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from four_m.labelers.encode import decode_png
+from four_m.core.label_codec import decode_png
 from four_m.labelers.normal import NormalLabeler, unit_length
 
 INPUT, VIEW = 64, 80  # the view is larger than the input here: normals are upsampled, then renormalised

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
 from four_m.core.config import LabelerConfig
-from four_m.labelers.base import RANDOM_INIT, MissingWeightsError
-from four_m.labelers.coco import COCO_PANOPTIC, SEMSEG_IGNORE
-from four_m.labelers.encode import decode_png
+from four_m.core.label_codec import decode_png
+from four_m.core.provenance import RANDOM_INIT
+from four_m.labelers.pretrained import MissingWeightsError
 from four_m.labelers.semseg import SemsegLabeler
 
 SIZE = 64
@@ -19,7 +20,7 @@ VIEW = 48  # not the input size: maps must come back at the label view's size
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("semseg")
-    labeler = SemsegLabeler(LabelerConfig(input_size=SIZE), view_size=VIEW, tiny_dir=folder)
+    labeler = SemsegLabeler(LabelerConfig(input_size=SIZE), view_size=VIEW, workdir=folder)
     labeler.setup()
     return labeler, folder
 

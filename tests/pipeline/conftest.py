@@ -13,14 +13,15 @@ from PIL import Image
 
 from four_m.core.config import load_config
 from four_m.core.dataset_root import DatasetRoot
+from four_m.core.modalities import labelled_modalities, map_modalities
 from four_m.pipeline.label import run_label
 from four_m.pipeline.tokenize import run_tokenize
 from four_m.pipeline.tokenizers import run_tokenizer_training
 
 SMALL = [
     "label.size=64",
-    *(f"label.{n}.input_size=64" for n in ("depth", "normal", "semseg", "caption", "clip")),
-    "label.det.input_size=96",
+    *(f"label.{n}.input_size=64" for n in labelled_modalities()),
+    "label.det.input_size=96",  # after the line above: YOLO needs a larger input
     "label.caption.max_new_tokens=5",
     "label.shards_per_run=1",
     "ray.num_cpus=2",
@@ -81,12 +82,15 @@ def small_config():
     return _small_config
 
 
-MAPS = ("rgb", "depth", "normal", "semseg", "clip")
 TINY_TOKENIZERS = [
     "tokenize.train_samples=64",
     "tokenize.text.vocab_size=200",
     "tokenize.text.min_box_score=0.0",
-    *(f"tokenize.{m}.{k}" for m in MAPS for k in ("grid=4", "width=8", "steps=12", "codebook_size=32", "batch_size=4")),
+    *(
+        f"tokenize.{m}.{k}"
+        for m in map_modalities()
+        for k in ("grid=4", "width=8", "steps=12", "codebook_size=32", "batch_size=4")
+    ),
 ]
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from four_m.core.config import load_config
 from four_m.datasets_cards.card import write_card
-from four_m.labelers.preview import write_label_preview
+from four_m.tokenize.label_preview import write_label_preview
 from four_m.tokenize.preview import write_token_preview
 from four_m.train.run import run_train
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from four_m.core import storage
-from four_m.core.config import LABELER_NAMES, RayConfig
+from four_m.core.config import RayConfig
+from four_m.core.modalities import labelled_modalities
 from four_m.pipeline.executor import cluster_address
 
 RAY = Path(sys.executable).with_name("ray")
@@ -182,7 +183,7 @@ def test_download_and_label_run_as_jobs_on_a_two_node_cluster_into_an_object_sto
         tmp_path / "config.yaml",
         f"sample.port={free_ports(1)[0]}",
         # Nodes of one CPU: the labelers' shared actor (six labelers) must fit on one of them.
-        *(f"label.{name}.num_cpus=0.1" for name in LABELER_NAMES),
+        *(f"label.{name}.num_cpus=0.1" for name in labelled_modalities()),
     )
 
     ok, out = _submit(cluster, "download", config_file, tmp_path / "download.log", object_store.env)
@@ -201,7 +202,7 @@ def test_download_and_label_run_as_jobs_on_a_two_node_cluster_into_an_object_sto
 
     ok, out = _submit(cluster, "label", config_file, tmp_path / "label.log", object_store.env)
     assert ok, out[-3000:]
-    for name in LABELER_NAMES:
+    for name in labelled_modalities():
         assert f"label/{name}: rows {ROWS}, labelled 10, failed 4 (no_image: 4); shards done {SHARDS}" in out
         assert _keys(root / f"labels/{name}") == images, name
     depth = storage.read_table(root / "labels/depth/00000.parquet")

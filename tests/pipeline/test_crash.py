@@ -40,9 +40,9 @@ from safetensors.torch import load_file
 
 from four_m.core.config import Config
 from four_m.core.dataset_root import sha256_file
+from four_m.core.runs import read_losses
 from four_m.pipeline.download import run_download
 from four_m.pipeline.tokenize import run_tokenize
-from four_m.train.run import read_losses
 
 SEED = int(os.environ.get("CRASH_SEED", "0"))
 """Kill moments are drawn from this seed (``CRASH_SEED=7 make crash-test`` tries other moments)."""

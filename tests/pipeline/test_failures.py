@@ -1,6 +1,6 @@
 import pytest
 
-from four_m.pipeline.failures import failure_reason
+from four_m.core.failures import failure_reason
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from four_m.pipeline.failures import failure_reason
+from four_m.core.failures import failure_reason
 from four_m.pipeline.image_check import CheckedResizer, ImageRejected, checked_image_stream
 
 LIMIT = 10_000_000

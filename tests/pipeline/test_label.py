@@ -10,28 +10,29 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from four_m.core.config import LABELER_NAMES, load_config
+from four_m.core.config import load_config
 from four_m.core.dataset_root import DatasetRoot, UpstreamChanged, sha256_file
+from four_m.core.modalities import labelled_modalities
+from four_m.core.provenance import RANDOM_INIT
 from four_m.core.stage_lock import StageLocked, lock_path
-from four_m.labelers.base import RANDOM_INIT
 from four_m.pipeline.label import run_label
 
 
 def test_every_labeler_writes_every_row_and_counts_failures(labelled):
     config, keys, summary = labelled
     total = sum(len(k) for k in keys)
-    for name in LABELER_NAMES:
+    for name in labelled_modalities():
         assert summary.rows[name] == total
         assert summary.labelled[name] == total - 2
         assert dict(summary.failures[name]) == {"no_image": 2}
         assert summary.shards_done[name] == len(keys)
-    assert sorted(summary.random_init) == sorted(LABELER_NAMES)
+    assert sorted(summary.random_init) == sorted(labelled_modalities())
 
 
 def test_all_modalities_align_with_images_row_by_row(labelled):
     config, keys, _ = labelled
     root = Path(config.root)
-    for name in LABELER_NAMES:
+    for name in labelled_modalities():
         for shard, shard_keys in enumerate(keys):
             table = pq.read_table(root / f"labels/{name}/{shard:05d}.parquet")
             assert table["key"].to_pylist() == shard_keys, name
@@ -43,7 +44,7 @@ def test_all_modalities_align_with_images_row_by_row(labelled):
 def test_files_carry_schema_and_loud_provenance(labelled):
     config, _, _ = labelled
     root = Path(config.root)
-    for name in LABELER_NAMES:
+    for name in labelled_modalities():
         schema = pq.read_schema(root / f"labels/{name}/00000.parquet")
         assert schema.names[0] == "key" and schema.names[-1] == "error"
         assert schema.metadata[b"four_m.model"] == RANDOM_INIT.encode()
@@ -56,7 +57,10 @@ def test_only_reruns_the_named_labelers_and_leaves_others_byte_identical(labelle
     config, keys, _ = labelled
     root = DatasetRoot(config.root)
     others = {
-        p: sha256_file(p) for n in LABELER_NAMES if n != "depth" for p in (root / f"labels/{n}").glob("*.parquet")
+        p: sha256_file(p)
+        for n in labelled_modalities()
+        if n != "depth"
+        for p in (root / f"labels/{n}").glob("*.parquet")
     }
     (root / "_state/label/depth/00001.done.json").unlink()
     summary = run_label(config, only=("depth",), progress=False)
@@ -110,3 +114,27 @@ def test_a_changed_images_shard_stops_the_run_naming_it_before_any_skip_is_trust
         run_label(small_config(root), progress=False)
     assert {p: sha256_file(p) for p in labels} == labels, "no label shard is touched"
     assert not lock_path(root, "label").exists(), "the refused run released its lock"
+
+
+def test_a_failing_batch_is_retried_row_by_row_and_logged_with_its_keys(caplog):
+    import numpy as np
+
+    from four_m.pipeline.label import _label_isolated
+
+    class Picky:
+        """Fails on any batch holding a 0, as a labeler fails on one image it cannot read."""
+
+        name = "depth"
+
+        def label(self, pixels):
+            if (pixels == 0).any():
+                raise ValueError("cannot read this image")
+            return [{"value": int(p)} for p in pixels]
+
+    with caplog.at_level(logging.WARNING, logger="four_m.pipeline.label"):
+        results = _label_isolated(Picky(), np.array([1, 0, 2]), [0, 2, 5], ["k1", "k2", "k3"])
+    assert [(row, error is None) for row, _, error in results] == [(0, True), (2, False), (5, True)]
+    assert [record.getMessage() for record in caplog.records] == [
+        "label/depth: a batch of 3 rows (keys k1..k3) failed, retrying row by row: ValueError: cannot read this image",
+        "label/depth: row k2 failed: ValueError: cannot read this image",
+    ]

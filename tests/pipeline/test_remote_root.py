@@ -14,11 +14,11 @@ from four_m.core import storage
 from four_m.core.config import Config, load_config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.datasets_cards.card import write_card
-from four_m.labelers.preview import write_label_preview
 from four_m.pipeline.download import run_download
 from four_m.pipeline.label import run_label
 from four_m.pipeline.tokenize import run_tokenize
 from four_m.pipeline.tokenizers import run_tokenizer_training
+from four_m.tokenize.label_preview import write_label_preview
 from four_m.tokenize.preview import write_token_preview
 from four_m.tokenize.sources import read_rows
 from four_m.train.evaluate import run_eval

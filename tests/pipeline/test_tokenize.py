@@ -14,8 +14,8 @@ import pytest
 
 from four_m.core.config import load_config
 from four_m.core.dataset_root import DatasetRoot, UpstreamChanged, sha256_file
+from four_m.core.label_codec import encode_png
 from four_m.core.modalities import MODALITIES
-from four_m.labelers.encode import encode_png
 from four_m.pipeline.tokenize import TokenizeStageError, run_tokenize
 from four_m.pipeline.tokenizers import TokenizerTrainingError, run_tokenizer_training
 from four_m.tokenize.base import TokenizerInputError
@@ -73,7 +73,7 @@ def test_ids_lie_in_the_vocabulary_and_maps_have_the_grid(tokenized):
         vocab = int(meta[b"four_m.vocab_size"])
         rows = [np.asarray(t) for t in table["tokens"].to_pylist() if t is not None]
         assert rows and all(r.max() < vocab for r in rows), modality
-        if spec.kind == "map":
+        if spec.layout == "map":
             assert all(len(r) == 16 for r in rows) and vocab == 32
         else:
             assert all(1 <= len(r) <= config.tokenize.text.max_tokens for r in rows)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from four_m.core.config import load_config
-from four_m.train.run import TrainingMismatchError, read_losses, run_train
+from four_m.core.runs import read_losses
+from four_m.train.run import TrainingMismatchError, run_train
 
 NANO = [
     "train.model=nano",

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
+from four_m.core.coco import COCO_THINGS
 from four_m.core.config import TextTokenizerConfig
-from four_m.labelers.coco import COCO_THINGS
 from four_m.tokenize.base import TOKEN_DTYPE, TokenizerInputError
 from four_m.tokenize.boxes import BoxSequenceTokenizer
 from four_m.tokenize.text import TextTokenizer

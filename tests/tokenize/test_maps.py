@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from four_m.core.errors import UserError
-from four_m.core.modalities import MAP_MODALITIES
-from four_m.labelers.encode import encode_png
-from four_m.pipeline.views import centre_square, resize_square
+from four_m.core.label_codec import encode_png
+from four_m.core.modalities import map_modalities
+from four_m.core.views import centre_square, resize_square
 from four_m.tokenize.base import TokenizerInputError
 from four_m.tokenize.maps import ADAPTERS, configured
 
@@ -98,14 +98,14 @@ STORED = {
 
 
 def test_there_is_one_adapter_per_map_modality_in_a_read_only_registry():
-    assert tuple(ADAPTERS) == MAP_MODALITIES
+    assert tuple(ADAPTERS) == map_modalities()
     assert all(a.modality == m for m, a in ADAPTERS.items())
     with pytest.raises(TypeError):
         ADAPTERS["rgb"] = ADAPTERS["depth"]  # type: ignore[index]
     assert adapter("semseg").classes == CLASSES and ADAPTERS["semseg"].classes == 133
 
 
-@pytest.mark.parametrize("modality", MAP_MODALITIES)
+@pytest.mark.parametrize("modality", map_modalities())
 def test_reading_gives_values_and_keeps_failed_rows_in_place(modality, tmp_path):
     table, expected = STORED[modality](np.random.default_rng(0))
     values, errors = adapter(modality).read(through_parquet(table, tmp_path))
@@ -183,7 +183,7 @@ BAD = {
 """Per modality: a wrong shape, a wrong dtype, then wrong contents (range, class count, NaN)."""
 
 
-@pytest.mark.parametrize("modality", MAP_MODALITIES)
+@pytest.mark.parametrize("modality", map_modalities())
 def test_wrong_values_raise_naming_the_modality_and_what_was_expected(modality):
     checker = adapter(modality)
     checker.check(good(modality))
@@ -201,7 +201,7 @@ def test_class_ids_beyond_the_class_count_name_them():
         adapter("semseg").check(value)
 
 
-@pytest.mark.parametrize("modality", MAP_MODALITIES)
+@pytest.mark.parametrize("modality", map_modalities())
 def test_a_perfect_reconstruction_scores_best_and_renders_as_rgb(modality):
     checker = adapter(modality)
     values = np.stack([good(modality)] * 2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from four_m.core.config import VQConfig
 from four_m.core.errors import UserError
-from four_m.core.modalities import MAP_MODALITIES
+from four_m.core.modalities import map_modalities
 from four_m.tokenize.base import TOKEN_DTYPE, TokenizerInputError
 from four_m.tokenize.vq import VQTokenizer
 from four_m.tokenize.vq_training import LOG_DIR, evaluate, train_vq
@@ -60,7 +60,7 @@ class Trained(NamedTuple):
     folder: object
 
 
-@pytest.fixture(scope="module", params=MAP_MODALITIES)
+@pytest.fixture(scope="module", params=map_modalities())
 def trained(request, tmp_path_factory) -> Trained:
     modality = request.param
     folder = tmp_path_factory.mktemp(modality)
@@ -105,7 +105,7 @@ def test_ids_are_uint16_in_the_vocabulary_and_decode_to_valid_values(trained):
     assert all(np.array_equal(a, b) for a, b in zip(tokenizer.reconstruct(trained.values[:5]), decoded, strict=True))
 
 
-@pytest.mark.parametrize("modality", MAP_MODALITIES)
+@pytest.mark.parametrize("modality", map_modalities())
 def test_save_then_load_gives_identical_ids(modality, tmp_path):
     values = synthetic(modality, count=3)
     tokenizer = VQTokenizer(modality, CFG, SIDES[modality], PARAMS[modality])  # random init: unique weights

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from four_m.labelers.coco import SEMSEG_IGNORE
+from four_m.core.coco import SEMSEG_IGNORE
 from four_m.train.metrics import (
     BASELINES,
     EOS_ID,

@@ -1,15 +1,15 @@
-"""Compact, lossless encodings for label maps, shared by the map labelers and their readers.
+"""Compact, lossless encodings for label maps: the labelers write them, tokenizers and cards read them.
 
 PNG keeps maps small, lossless and viewable: 8-bit for class ids and normals, 16-bit for depth.
 OpenCV encodes several times faster than Pillow, which matters at one map per image per labeler.
+Part of the on-disk contract, so it lives in ``core`` and imports no torch: readers such as
+``make card`` decode maps without loading a deep-learning stack.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -28,12 +28,3 @@ def decode_png(data: bytes) -> np.ndarray:
     if array is None:
         raise ValueError("not a PNG label map")
     return array[:, :, ::-1].copy() if array.ndim == 3 else array
-
-
-def resize_maps(maps: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, size, size): model outputs back to the label view's size."""
-    if maps.shape[-2:] == (size, size):
-        return maps
-    if mode == "nearest":
-        return F.interpolate(maps, size=(size, size), mode="nearest")
-    return F.interpolate(maps, size=(size, size), mode=mode, align_corners=False)

@@ -1,0 +1,128 @@
+"""The base of every labeler that is a pretrained network: its weights, their loading, the device.
+
+Weights: ``model`` is a hub id or a local directory, loaded with the library's own
+``from_pretrained`` (``det``: see its module). With ``model: null`` the labeler builds its tiny
+variant (the same architecture, a small config, random weights) into its ``workdir`` first and then
+loads it through that same path, so offline runs exercise the production code. Such labels say
+"random-init" in their provenance and in the stage summary.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from abc import abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from four_m.core import storage
+from four_m.core.config import LabelerConfig
+from four_m.core.errors import UserError
+from four_m.core.provenance import RANDOM_INIT
+from four_m.core.storage import RootPath
+from four_m.labelers.base import Labeler
+
+
+class MissingWeightsError(UserError):
+    """A labeler's weights cannot be loaded; the message names the model and how to get it."""
+
+
+class PretrainedLabeler(Labeler):
+    """A labeler whose labels come from a network's weights.
+
+    Subclasses implement ``build_tiny`` and ``load`` besides the protocol's ``schema`` and ``label``.
+    """
+
+    tiny_marker: ClassVar[str] = "done"
+    """The file that says the tiny folder is complete. A labeler whose tiny format changes names a
+    new one, so that folders built in the old format are rebuilt rather than loaded."""
+
+    def __init__(self, cfg: LabelerConfig, view_size: int, workdir: Path | None = None, root: RootPath | None = None):
+        super().__init__(cfg, view_size, workdir, root)
+        self.device = torch.device("cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+
+    @property
+    def source(self) -> str:
+        """Where the weights come from: the configured id/path, or the tiny variant's folder."""
+        if self.cfg.model is not None:
+            return self.cfg.model
+        if self.workdir is None:
+            raise ValueError(f"{self.name}: no model configured and no folder for the tiny variant")
+        return str(self.workdir)
+
+    @property
+    def random_init(self) -> bool:
+        return self.cfg.model is None
+
+    def provenance(self) -> dict[str, str]:
+        return {
+            "modality": self.name,
+            "model": RANDOM_INIT if self.random_init else self.cfg.model,
+            "revision": RANDOM_INIT if self.random_init else (self.cfg.revision or "default"),
+            "input_size": str(self.cfg.input_size),
+        }
+
+    def prepare(self) -> None:
+        """Build the tiny variant's folder if it is needed and missing: before any worker, and again
+        by the workers of a node that lacks it. Built under a temporary name and renamed, so actors
+        of one node that race here never load a half-written folder."""
+        tiny = self.workdir
+        if not self.random_init or (tiny / self.tiny_marker).exists():
+            return
+        building = tiny.with_name(f".{tiny.name}.{uuid.uuid4().hex[:8]}.tmp")
+        building.mkdir(parents=True)
+        torch.manual_seed(0)
+        self.build_tiny(building)
+        (building / self.tiny_marker).touch()
+        try:
+            os.replace(building, tiny)
+        except OSError:
+            if (tiny / self.tiny_marker).exists():  # another worker's build won: the same seeded model
+                shutil.rmtree(building, ignore_errors=True)
+            else:  # a killed build, or an older tiny format, left a folder without the marker
+                shutil.rmtree(tiny)
+                os.replace(building, tiny)
+
+    def setup(self) -> None:
+        """Load the weights once per worker, through the production path."""
+        self.prepare()
+        try:
+            self.load(self.source, self.cfg.revision)
+        except (OSError, ValueError) as err:
+            raise MissingWeightsError(
+                f"{self.name}: cannot load weights {self.source!r} ({type(err).__name__}: {str(err)[:300]}). "
+                f"Run `make models` where the hub is reachable, or set label.{self.name}.model to a local "
+                "directory, or to null for the tiny random-init variant."
+            ) from None
+
+    def fetch(self) -> str:
+        """Download the configured hub weights into the local cache (``make models``); returns where."""
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(self.cfg.model, revision=self.cfg.revision)
+
+    def writable_area_of(self, path: Path) -> Path | None:
+        """The area others can write that ``path`` lies in, if any: the scratch space, or the dataset
+        root when it is local. Weights that run code when loaded are never read from there."""
+        areas = [storage.scratch_base()]
+        if self.root is not None and not storage.is_remote(self.root):
+            areas.append(Path(self.root))
+        return next((area for area in areas if _inside(path, area)), None)
+
+    @abstractmethod
+    def build_tiny(self, directory: Path) -> None:
+        """Save a small random-init model of the production architecture into ``directory``."""
+
+    @abstractmethod
+    def load(self, source: str, revision: str | None) -> None:
+        """Load weights from a hub id or local directory (the production path)."""
+
+
+def _inside(path: Path, area: Path) -> bool:
+    """``path`` lies in ``area``, as written or once links are followed (a link in or out counts)."""
+    paths = (Path(os.path.abspath(path)), path.resolve())
+    areas = (Path(os.path.abspath(area)), area.resolve())
+    return any(p.is_relative_to(a) for p in paths for a in areas)
