@@ -4,7 +4,8 @@
 # `make label ONLY=depth,det` reruns chosen labelers without touching the others;
 # `make download RETRY_FAILED=1` re-fetches only the failed urls of finished shards;
 # `make preview SAMPLES=4` (and preview-tokens) sets the rows of the grid;
-# `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"]` generates with the trained run
+# `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"] [KEEP=depth:0.5]` generates with the
+# trained run (KEEP: in-paint, half of depth's stored tokens given)
 # (`make demo` takes FROM= and TO= too: it runs sample).
 # `make demo` and `make test` install everything they need into .venv first, so they are the only two
 # commands a fresh machine needs.
@@ -23,10 +24,14 @@ FROM   ?=
 TO     ?=
 IMAGE  ?=
 CAPTION ?=
+KEEP   ?=
 SAMPLES ?=
 # Every verb's options, then each verb's own: target `x` passes $(x_ARGS) after $(ARGS).
 ARGS     = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
-GENERATE = $(if $(FROM),--set 'generate.given=[$(FROM)]') $(if $(TO),--set 'generate.targets=[$(TO)]')
+comma := ,
+# KEEP=depth:0.5,normal:0.25 -> --set generate.keep.depth=0.5 --set generate.keep.normal=0.25 (in-painting)
+GENERATE = $(if $(FROM),--set 'generate.given=[$(FROM)]') $(if $(TO),--set 'generate.targets=[$(TO)]') \
+           $(foreach k,$(subst $(comma), ,$(KEEP)),--set 'generate.keep.$(subst :,=,$(k))')
 download_ARGS       = $(if $(RETRY_FAILED),--retry-failed)
 label_ARGS          = $(if $(ONLY),--only $(ONLY))
 preview_ARGS        = $(if $(SAMPLES),--samples $(SAMPLES))

@@ -305,15 +305,28 @@ class TrainConfig:
     """The run's folder: ``<root>/runs/<run>/`` (checkpoints, logs, loss curve, final weights)."""
     modalities: tuple[str, ...] = field(default_factory=lambda: tuple(MODALITIES))
     model: str = "tiny"
-    """A named size: tiny (6+6 layers, 384), small (8+8, 512), base (12+12, 768), large (24+24, 1024)."""
+    """A named size: tiny (6+6 layers, 384), small (8+8, 512), base (12+12, 768), large (24+24, 1024),
+    xlarge (24+24, 2048)."""
     input_budget: int = 128
     """Input tokens per sample, split across the sample's modalities by a Dirichlet draw."""
     target_budget: int = 128
     alpha: float = 1.0
-    """Dirichlet concentration of both splits (4M uses 0.2-1.0 depending on the mixture)."""
+    """Dirichlet concentration of every modality on both sides of a mixture without alphas of its own."""
     mixtures: tuple[str, ...] = ("all2all",)
-    """Per-sample masking mixtures: all2all, rgb2all."""
-    span_mean: float = 3.0
+    """Per-sample masking mixtures: the presets all2all, rgb2all, or names given alphas below."""
+    mixture_weights: tuple[float, ...] = ()
+    """Sampling weight per mixture, in the order of ``mixtures`` (empty: equal)."""
+    input_alphas: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Mixture -> modality -> Dirichlet concentration of the input split (0 or unlisted: not an input)."""
+    target_alphas: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Mixture -> modality -> Dirichlet concentration of the target split (0 or unlisted: not a target)."""
+    keep: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Mixture -> sequence modality -> keep scheme of its input: random (default), all, binary."""
+    min_input_tokens: dict[str, int] = field(default_factory=dict)
+    """Modality -> token counts at least / at most per sample on each side (4M's fine-tuning recipes)."""
+    max_input_tokens: dict[str, int] = field(default_factory=dict)
+    min_target_tokens: dict[str, int] = field(default_factory=dict)
+    max_target_tokens: dict[str, int] = field(default_factory=dict)
     unconditional_rate: float = 0.0
     """Share of samples trained with no input at all, so classifier-free guidance (generate.guidance)
     has an unconditional model to contrast with; 0.1 is a common choice."""
@@ -357,6 +370,10 @@ class TrainConfig:
 class GenerateConfig:
     """``make sample`` and ``make eval``: any-to-any generation with the trained run ``train.run``."""
 
+    ORDERS: typing.ClassVar[tuple[str, ...]] = ("maskgit", "roar")
+    SCHEDULES: typing.ClassVar[tuple[str, ...]] = ("cosine", "linear", "maskgit_cosine")
+    TEMPERATURE_SCHEDULES: typing.ClassVar[tuple[str, ...]] = ("constant", "linear", "onex:{min_t}:{power}")
+
     given: tuple[str, ...] = ("rgb",)
     """Modalities the model is shown (``make sample FROM=rgb``); eval always predicts from rgb."""
     targets: tuple[str, ...] = ()
@@ -365,19 +382,27 @@ class GenerateConfig:
     samples: int = 6
     """Rows of the sample grid, from the held-out shards."""
     steps: int = 8
-    """Map decoding steps (MaskGIT / ROAR): every one of the 196 positions is filled once over them."""
+    """Map decoding steps (MaskGIT / ROAR): every position left to generate is filled once over them."""
     order: str = "maskgit"
     """maskgit (most confident first) or roar (random order)."""
     schedule: str = "cosine"
-    """Tokens committed per map step: cosine (few first, 4M and MaskGIT's choice) or linear."""
+    """Tokens committed per map step: cosine (4M's, symmetric: few, many, few), linear (even, 4M's
+    choice for ROAR) or maskgit_cosine (MaskGIT's, rising: few first, most last)."""
     temperature: float = 1.0
     """Sampling temperature of ``make sample`` (0: greedy). ``make eval`` decodes greedily."""
     temperature_schedule: str = "constant"
-    """constant, or linear/cosine decay towards 0 over the steps."""
+    """constant; linear (falls with the share of tokens decoded, to 0); or onex:{min_t}:{power} (4M's
+    1/x^power curve from ``temperature`` to min_t)."""
     top_k: int = 0
     top_p: float = 1.0
-    guidance: float = 1.0
-    """Classifier-free guidance scale (1: conditional logits only, no extra pass)."""
+    guidance: object = 1.0
+    """Classifier-free guidance: a number scales all inputs together (1: conditional logits only, no
+    extra pass), or modality -> weight guides by each separately (``{caption: 3.0, rgb: 1.5}``, 4M's
+    multi-condition form; unnamed inputs condition every pass). Typed ``object``: the loader takes one
+    type per field, so ``__post_init__`` checks the two forms."""
+    keep: dict[str, float] = field(default_factory=dict)
+    """In-painting: target map -> share of its stored tokens given (chosen with ``seed``); the rest is
+    generated (``make sample KEEP=depth:0.5``)."""
     max_tokens: int = 0
     """Cap on a generated sequence's tokens, EOS included (0: the modality's cap, 256)."""
     seed: int = 0
@@ -389,6 +414,43 @@ class GenerateConfig:
         check(not both, "generate.targets", f"{both} also given: a target cannot be an input")
         check(self.samples >= 1, "generate.samples", "must be >= 1")
         check(self.max_tokens >= 0, "generate.max_tokens", "must be >= 0 (0: the modality's cap)")
+        check(self.order in self.ORDERS, "generate.order", f"unknown {self.order!r}; one of {', '.join(self.ORDERS)}")
+        schedules = ", ".join(self.SCHEDULES)
+        check(self.schedule in self.SCHEDULES, "generate.schedule", f"unknown {self.schedule!r}; one of {schedules}")
+        self.onex(self.temperature_schedule, "generate.temperature_schedule")
+        self.check_guidance(self.guidance, "generate.guidance")
+        check_modalities(tuple(self.keep), "generate.keep")
+        check(all(0 <= s < 1 for s in self.keep.values()), "generate.keep", "shares must be in [0, 1)")
+        check(not set(self.keep) & set(self.given), "generate.keep", "names a given modality: keep is for targets")
+
+    @staticmethod
+    def onex(schedule: str, key: str) -> tuple[float, float] | None:
+        """(min_t, power) of an ``onex:{min_t}:{power}`` temperature schedule; None for constant or linear."""
+        if schedule in ("constant", "linear"):
+            return None
+        name, *numbers = schedule.split(":")
+        try:
+            min_t, power = (float(n) for n in numbers)
+        except ValueError:
+            min_t = power = float("nan")  # fails the check below
+        check(
+            name == "onex" and min_t >= 0 and power > 0,
+            key,
+            f"unknown {schedule!r}; one of {', '.join(GenerateConfig.TEMPERATURE_SCHEDULES)} (min_t >= 0, power > 0)",
+        )
+        return min_t, power
+
+    @staticmethod
+    def check_guidance(guidance: object, key: str) -> None:
+        """A scale >= 0, or a mapping of modality names to weights (negative ones steer away)."""
+        number = (int, float)
+        if isinstance(guidance, dict):
+            check_modalities(tuple(guidance), key)
+            ok = all(isinstance(w, number) and not isinstance(w, bool) for w in guidance.values())
+            check(ok, key, f"weights must be numbers, got {guidance!r}")
+        else:
+            ok = isinstance(guidance, number) and not isinstance(guidance, bool) and guidance >= 0
+            check(ok, key, f"must be a scale >= 0 or a mapping modality -> weight, got {guidance!r}")
 
 
 @dataclass(frozen=True)

@@ -4,36 +4,37 @@ Reads top to bottom: how one target is decoded (:class:`Decoding`), the schedule
 (guidance, temperature, top-k, top-p), then :class:`Generator`, which checks the inputs and decodes
 each target the way the model was trained to predict it:
 
-- **Maps** (MaskGIT, or ROAR as in 4M): every grid position starts masked. At each of ``steps``
-  steps the encoder sees the conditioning plus the map's already-decoded tokens (as inputs of that
-  modality at their grid positions), the decoder asks for every still-masked position at once (map
-  queries attend to each other, as in training), and a token is sampled at each of them. ``maskgit``
-  commits the ``n_t`` whose sampled token is most probable, ``roar`` ``n_t`` random ones; the rest
-  are masked again. ``n_t`` follows MaskGIT's cosine schedule (few tokens first, when the map is
-  least constrained) or a linear one, rounded so the counts are >= 1 and sum to the grid exactly:
-  every position is filled once, in exactly ``steps`` steps. Every sample decodes as many tokens
-  per step, so a step's tensors are unpadded and one encoder and one decoder pass serve the batch.
-- **Sequences** (autoregressive): training shows a sequence hidden whole as the target
-  ``S_0 content EOS`` with decoder input ``SOS S_0 content``, so the generator forces ``S_0``
-  (never sampled) and samples ``content`` token by token, encoding the conditioning once and
+- **Maps** (MaskGIT, or ROAR as in 4M): every grid position to generate starts masked (in-painting
+  keeps some given). At each of ``steps`` steps the encoder sees the conditioning plus the map's
+  already-decoded tokens (as inputs of that modality at their grid positions). ``maskgit`` asks the
+  decoder for every still-masked position at once (map queries attend to each other, as in
+  training), samples a token at each and commits the ``n_t`` most confident; ``roar`` draws ``n_t``
+  random masked positions first and asks the decoder for those alone. ``n_t`` follows
+  :func:`commit_schedule` (4M's symmetric cosine by default), so every position is filled once in
+  ``steps`` steps. Every sample decodes as many tokens per step, so a step's tensors are unpadded
+  and one encoder and one decoder pass per guidance pass serve the batch.
+- **Sequences** (autoregressive): training shows a sequence hidden whole, as 4M does, with decoder
+  input ``S_0 content EOS`` and target ``content EOS S_1``, so the generator starts the decoder at
+  ``S_0`` (never sampled) and samples ``content`` token by token, encoding the conditioning once and
   re-running the decoder on the prefix (no cache: sequences are short next to the encoder's work).
   PAD, SOS, UNK and every sentinel are masked out of the logits: PAD and SOS never appear inside
   stored content, UNK does but decodes to nothing (sampling it only wastes a token), and a
   sentinel would start another span that no input refers to. A sample stops at EOS or at
   ``max_tokens`` (EOS appended); the batch stops when all samples have.
-- **Classifier-free guidance**: ``uncond + scale * (cond - uncond)``, the unconditional logits
-  coming from the same step with the conditioning's input tokens removed (the target map's own
-  decoded tokens stay; the model's context token keeps an empty input valid). Scale 1 runs no
-  unconditional pass. It helps only as far as the model saw inputs dropped in training.
+- **Classifier-free guidance** (:func:`guided`): ``uncond + sum_i w_i (cond_i - uncond)``, 4M's
+  multi-condition form. A scale guides by all inputs together (one condition); a mapping by each
+  named input modality on its own, the unnamed ones conditioning every pass. The unconditional
+  pass drops the guided inputs (the target's own decoded tokens stay; the model's context token
+  keeps an empty input valid). Scale 1 runs no extra pass. It helps only as far as the model saw
+  inputs dropped in training.
 - **Chaining**: targets are generated in the given order and each result joins the conditioning
   of the next one whole (a map's full grid, a sequence's content), as if it had been given.
 
 Choices: one ``torch.Generator`` on the model's device, seeded per call, drives every random draw
 (no global RNG), so a call is reproducible on one device (CPU and CUDA draw different numbers).
-Temperature 0 is greedy; the temperature schedules decay from ``temperature`` towards 0 over the
-steps of a map or the tokens of a sequence. MaskGIT's confidence is the sampled token's
-probability under the model's (guided) distribution, before temperature, top-k and top-p: those
-shape what is drawn, not how sure the model is of it, and so greedy and top-k 1 decode alike.
+Temperature 0 is greedy; :func:`temperatures` decays the temperature with the share of tokens
+decoded (4M's schedules). MaskGIT's confidence is the sampled token's probability under the
+distribution it was drawn from, after temperature, top-k and top-p, as 4M ranks positions.
 
 Shapes in comments: B batch, G a map's grid positions, K its decoded positions, V its vocabulary,
 N_c conditioning tokens, L a sequence's decoder length so far.
@@ -41,6 +42,7 @@ N_c conditioning tokens, L a sequence's decoder length so far.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from four_m.core.config import check
+from four_m.core.config import GenerateConfig, check
 from four_m.core.errors import UserError
 from four_m.tokenize.base import TOKEN_DTYPE
 from four_m.tokenize.text import SPECIAL_TOKENS, UNK
@@ -58,10 +60,11 @@ from four_m.train.batch import MaskedBatch
 from four_m.train.masking import Masker, ModalityInfo
 from four_m.train.model import FourM
 
-ORDERS = ("maskgit", "roar")
-SCHEDULES = ("cosine", "linear")
-TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
+ORDERS = GenerateConfig.ORDERS
+SCHEDULES = GenerateConfig.SCHEDULES
 UNK_ID = SPECIAL_TOKENS.index(UNK)
+TO_GENERATE = -1
+"""In a partly given target grid (in-painting), the id of a position to generate."""
 
 
 class GenerationError(UserError):
@@ -73,21 +76,22 @@ class Decoding:
     """How one target modality is generated."""
 
     steps: int = 8
-    """Maps: decoding steps; every masked position is filled exactly once over them (at most the grid)."""
+    """Maps: decoding steps; every position to generate is filled exactly once over them."""
     order: Literal["maskgit", "roar"] = "maskgit"
     """Maps: most-confident-first (MaskGIT) or random order (4M's ROAR)."""
-    schedule: Literal["cosine", "linear"] = "cosine"
-    """Maps: tokens committed per step; cosine commits few early, when the map is least constrained."""
+    schedule: Literal["cosine", "linear", "maskgit_cosine"] = "cosine"
+    """Maps: tokens committed per step (:func:`commit_schedule`)."""
     temperature: float = 1.0
     """0 is greedy (argmax)."""
-    temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Decay from ``temperature`` towards 0 over the steps (maps) or tokens (sequences)."""
+    temperature_schedule: str = "constant"
+    """constant, linear or ``onex:{min_t}:{power}`` (:func:`temperatures`)."""
     top_k: int = 0
     """Sample among the k most likely tokens only; 0 is off."""
     top_p: float = 1.0
     """Nucleus: sample among the most likely tokens holding this much probability; 1.0 is off."""
-    guidance: float = 1.0
-    """Classifier-free guidance scale; 1.0 is the conditional model alone (no extra pass), 0 unconditional."""
+    guidance: float | Mapping[str, float] = 1.0
+    """Classifier-free guidance: one scale for all the conditioning together (1.0: the conditional model
+    alone, no extra pass; 0: unconditional), or a weight per conditioning modality (:func:`guided`)."""
     max_tokens: int | None = None
     """Sequences: cap on generated tokens, EOS included (default: the modality's stored cap)."""
 
@@ -98,14 +102,12 @@ class Decoding:
             self.schedule in SCHEDULES, "decoding.schedule", f"unknown {self.schedule!r}; one of {', '.join(SCHEDULES)}"
         )
         check(self.temperature >= 0, "decoding.temperature", "must be >= 0 (0 is greedy)")
-        check(
-            self.temperature_schedule in TEMPERATURE_SCHEDULES,
-            "decoding.temperature_schedule",
-            f"unknown {self.temperature_schedule!r}; one of {', '.join(TEMPERATURE_SCHEDULES)}",
-        )
+        GenerateConfig.onex(self.temperature_schedule, "decoding.temperature_schedule")
         check(self.top_k >= 0, "decoding.top_k", "must be >= 0 (0 is off)")
         check(0 < self.top_p <= 1, "decoding.top_p", "must be in (0, 1] (1 is off)")
-        check(self.guidance >= 0, "decoding.guidance", "must be >= 0 (1 is no guidance)")
+        GenerateConfig.check_guidance(
+            dict(self.guidance) if isinstance(self.guidance, Mapping) else self.guidance, "decoding.guidance"
+        )
         check(self.max_tokens is None or self.max_tokens >= 1, "decoding.max_tokens", "must be >= 1 (EOS included)")
 
 
@@ -114,66 +116,112 @@ class Decoding:
 
 
 def commit_schedule(positions: int, steps: int, schedule: str = "cosine") -> list[int]:
-    """Tokens committed at each of ``steps`` steps: each >= 1, summing to ``positions``.
+    """Tokens committed at each of ``steps`` steps, summing to ``positions``.
 
-    The fraction decoded after step t of T is ``1 - cos(pi/2 * t/T)`` (MaskGIT's cosine: the masked
-    fraction is cos) or ``t/T``; rounding is repaired so every step commits at least one token.
+    ``cosine`` is 4M's (``cosine_schedule`` of ml-4m's ``fourm/utils/generation.py``): the masked
+    share before step t of T is ``(1 + cos(pi t/T)) / 2``, so the counts rise and fall symmetrically
+    (196 in 8: 7, 21, 32, 38, 38, 32, 21, 7); a step may commit 0 (small grids, many steps).
+    ``linear`` is even, larger counts first (4M's ``linear_schedule``, its ROAR schedule).
+    ``maskgit_cosine`` is MaskGIT's: the masked share after step t is ``cos(pi/2 t/T)``, few tokens
+    first and most last, each step >= 1.
     """
-    check(1 <= steps <= positions, "decoding.steps", f"must be in [1, {positions}] (the grid's positions)")
-    decoded_fraction = {
-        "cosine": lambda r: 1 - math.cos(math.pi / 2 * r),
-        "linear": lambda r: r,
-    }[schedule]
+    check(1 <= steps <= positions, "decoding.steps", f"must be in [1, {positions}] (the positions to generate)")
+    return {"cosine": _symmetric_cosine, "linear": _even, "maskgit_cosine": _rising_cosine}[schedule](positions, steps)
+
+
+def _symmetric_cosine(positions: int, steps: int) -> list[int]:
+    """4M's rounding: each step's share rounded on its own, the last step takes the rest. For some
+    pairs that rest is negative (6 in 5 steps: 1, 2, 2, 2, -1); there the cumulative share is rounded."""
+    masked = [(1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]  # before each step
+    counts = [round(positions * (before - after)) for before, after in itertools.pairwise(masked)]
+    counts.append(positions - sum(counts))
+    if counts[-1] >= 0:
+        return counts
+    decoded = [round(positions * (1 - share)) for share in masked[1:]] + [positions]  # after each step
+    return [now - before for before, now in itertools.pairwise([0, *decoded])]
+
+
+def _even(positions: int, steps: int) -> list[int]:
+    base, extra = divmod(positions, steps)
+    return [base + 1] * extra + [base] * (steps - extra)
+
+
+def _rising_cosine(positions: int, steps: int) -> list[int]:
+    """Rounding is repaired so every step commits at least one token."""
     counts, done = [], 0
     for t in range(1, steps + 1):
         # At least one more than before, and leave at least one for each later step.
-        total = min(max(round(positions * decoded_fraction(t / steps)), done + 1), positions - (steps - t))
+        decoded = round(positions * (1 - math.cos(math.pi / 2 * t / steps)))
+        total = min(max(decoded, done + 1), positions - (steps - t))
         counts.append(total - done)
         done = total
     return counts
 
 
-def temperature_at(decoding: Decoding, step: int, steps: int) -> float:
-    """The temperature of step ``step`` (0-based) of ``steps``: ``decoding.temperature`` at step 0."""
-    progress = step / steps
-    factor = {
-        "constant": 1.0,
-        "linear": 1 - progress,
-        "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
-    }[decoding.temperature_schedule]
-    return decoding.temperature * factor
+def temperatures(decoding: Decoding, counts: Sequence[int]) -> list[float]:
+    """The temperature of each step committing ``counts`` tokens (a sequence: one token per step).
+
+    As 4M (ml-4m ``fourm/utils/generation.py``), both decays follow the tokens decoded, not the
+    step index, so a step committing many tokens cools the next one more:
+
+    - ``linear`` (``linear_temp_schedule``): ``temperature`` times the share still masked before
+      the step: the full temperature first, ``temperature * counts[-1] / total`` last.
+    - ``onex:{min_t}:{power}`` (``onex_temp_schedule``): ``min_t + (temperature - min_t) * y_s *
+      (1 - decoded_s / total)``, with ``decoded_s`` the tokens decoded after step s and ``y`` the
+      curve ``x^-power`` over ``x = linspace(1, 100, total)``, scaled to [0, 1]; 4M reads it at the
+      step index ``s`` (not at the tokens decoded), and so do we, to give its numbers. It ends at
+      ``min_t``; 4M clips at 1e-9, where temperature 0 here is greedy, the same limit.
+    """
+    temperature, total = decoding.temperature, max(sum(counts), 1)  # no steps: a sequence capped at EOS
+    decoded = np.cumsum(counts) / total  # (steps,) share decoded once each step is done
+    if decoding.temperature_schedule == "constant":
+        return [temperature] * len(counts)
+    if decoding.temperature_schedule == "linear":
+        return [float(temperature * (1 - before)) for before in decoded - np.asarray(counts) / total]
+    min_t, power = GenerateConfig.onex(decoding.temperature_schedule, "decoding.temperature_schedule")
+    y = np.linspace(1, 100, total) ** -power
+    y = (y - y.min()) / (y.max() - y.min()) if total > 1 else np.ones(1)
+    return [float(min_t + (temperature - min_t) * y[s] * (1 - decoded[s])) for s in range(len(counts))]
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
 
-def guided(cond: Tensor, uncond: Tensor | None, scale: float) -> Tensor:
-    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``; ``cond`` itself at scale 1."""
-    if scale == 1 or uncond is None:
-        return cond
-    return uncond + scale * (cond - uncond)
+def guided(uncond: Tensor, conds: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Classifier-free guidance over several conditions: ``uncond + sum_i w_i (cond_i - uncond)``.
+
+    This is 4M's multi-condition form (``multi_guided_maskgit_step_batched`` in ml-4m's
+    ``fourm/models/generate.py``, after Liu et al. 2022, arXiv 2206.01714): ``cond_i`` is the model
+    given condition i, ``uncond`` given none of the guided ones. One condition of weight w is the
+    usual ``uncond + w (cond - uncond)``.
+    """
+    return uncond + sum(w * (cond - uncond) for w, cond in zip(weights, conds, strict=True))
 
 
 def sample(
     logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(..., V) float logits -> (...) sampled ids and (...) each one's probability under ``logits``
-    themselves (before temperature, top-k and top-p: the model's own confidence, so greedy decoding
-    and top-k 1 rank positions alike)."""
-    probs = logits.softmax(dim=-1)  # (..., V)
+    """(..., V) float logits -> (...) sampled ids and (...) each one's probability under the
+    distribution drawn from: tempered, then top-k and top-p filtered, renormalised.
+
+    That probability is MaskGIT's confidence, as in 4M (``sample_tokens``): a position whose draw
+    the filters made certain ranks first. Greedy (temperature 0) uses the filtered distribution at
+    temperature 1: its limit at 0 gives every argmax probability 1, which would rank nothing.
+    """
+    logits = logits / (temperature or 1.0)
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1:
+        logits = _nucleus(logits, top_p)
+    probs = logits.softmax(dim=-1)  # (..., V)
     if temperature == 0:
-        ids = logits.argmax(dim=-1)  # (...)
+        ids = probs.argmax(dim=-1)  # (...)
     else:
-        logits = logits / temperature
-        if top_p < 1:
-            logits = _nucleus(logits, top_p)
         # Inverse CDF: one uniform per draw (torch.multinomial is several times slower on a CPU
         # over a 30k-word vocabulary). Tokens of probability 0 never match: their CDF step is flat.
-        cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (..., V)
+        cdf = probs.cumsum(dim=-1)  # (..., V)
         u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]  # (..., 1)
         ids = torch.searchsorted(cdf, u, right=True)[..., 0].clamp_(max=cdf.shape[-1] - 1)  # (...)
     return ids, probs.gather(-1, ids[..., None])[..., 0]
@@ -186,6 +234,19 @@ def _nucleus(logits: Tensor, top_p: float) -> Tensor:
     before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens; 0 for the first, always kept
     drop_sorted = before >= top_p
     return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -math.inf)
+
+
+def keep_share(grids: Sequence[np.ndarray], share: float, seed: int) -> list[np.ndarray]:
+    """In-painting inputs: each grid with ``round(share * G)`` positions, drawn with ``seed``, kept
+    and the rest set to :data:`TO_GENERATE`. Every grid keeps as many, so the batch decodes in step."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for grid in grids:
+        partial = np.full(len(grid), TO_GENERATE, np.int64)
+        kept = rng.permutation(len(grid))[: round(share * len(grid))]
+        partial[kept] = grid[kept]
+        out.append(partial)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +304,41 @@ def _batch(inputs: _Tokens, m: int, position: Tensor, decoder_input: Tensor | No
     )
 
 
+@dataclass(frozen=True)
+class _Guidance:
+    """The encoder inputs of a step's passes and the weights that combine their logits.
+
+    Unguided: one pass, the whole conditioning. Guided: the unconditional pass first (the
+    conditioning without any guided modality), then one per condition (those inputs plus it). A
+    target's own decoded or kept tokens join every pass.
+    """
+
+    passes: tuple[_Tokens, ...]
+    weights: tuple[float, ...]
+    """One per condition; empty: unguided."""
+
+    @classmethod
+    def of(
+        cls,
+        rows: Sequence[Mapping[int, np.ndarray]],
+        conditions: Sequence[tuple[frozenset[int], float]],
+        device: torch.device,
+    ) -> _Guidance:
+        """``conditions``: (modality indices shown together, weight) each; none: unguided."""
+        guided_ = frozenset().union(*(shown for shown, _ in conditions))  # left out of the unconditional pass
+
+        def inputs(shown: frozenset[int]) -> _Tokens:
+            return _Tokens.padded(
+                [{k: v for k, v in r.items() if k in shown or k not in guided_} for r in rows], device
+            )
+
+        return cls((inputs(frozenset()), *(inputs(shown) for shown, _ in conditions)), tuple(w for _, w in conditions))
+
+    def combine(self, logits: Sequence[Tensor]) -> Tensor:
+        """Each pass's logits, in ``passes`` order -> the guided logits."""
+        return guided(logits[0], logits[1:], self.weights) if self.weights else logits[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # The generator
 
@@ -285,6 +381,7 @@ class Generator:
         given: Mapping[str, Sequence[np.ndarray | None]],
         targets: Sequence[tuple[str, Decoding]],
         seed: int = 0,
+        partial: Mapping[str, Sequence[np.ndarray]] | None = None,
     ) -> dict[str, list[np.ndarray]]:
         """Generates ``targets`` in order, each conditioned on ``given`` and the targets before it.
 
@@ -294,23 +391,26 @@ class Generator:
                 Unconditional generation: one modality with None for every sample.
             targets: (modality, how to decode it), generated in this order.
             seed: seeds the one random generator of the call.
+            partial: in-painting: a target map -> per sample its grid with the given ids kept and
+                :data:`TO_GENERATE` elsewhere (:func:`keep_share`); every sample keeps as many. Only
+                the rest is generated; kept ids are never changed.
 
         Returns:
             modality -> one ``TOKEN_DTYPE`` array per sample: a map's full grid, a sequence's content
             then EOS (the store's layout, which the tokenizers decode).
         """
         rows = self._read_given(given)  # per sample: {modality index: ids at positions 0..n-1}
-        plan = self._read_targets(targets, given)
+        plan = self._read_targets(targets, given, partial or {}, len(rows))
         generator = torch.Generator(device=self.device).manual_seed(seed)
         out: dict[str, list[np.ndarray]] = {}
-        for m, decoding in plan:
-            conditioning = _Tokens.padded(rows, self.device)  # (B, N_c)
+        for m, decoding, kept in plan:
+            guidance = _Guidance.of(rows, self._conditions(rows, decoding), self.device)
             if self.model.modalities[m].kind == "map":
-                grids = self._decode_map(conditioning, m, decoding, generator).cpu().numpy()  # (B, G)
+                grids = self._decode_map(guidance, m, decoding, kept, generator).cpu().numpy()  # (B, G)
                 results, contents = list(grids), list(grids)
             else:
-                results = self._decode_sequence(conditioning, m, decoding, generator)
-                contents = [ids[:-1] for ids in results]  # shown whole as an input: without EOS
+                results = self._decode_sequence(guidance, m, decoding, generator)
+                contents = results  # shown whole as an input: with its EOS, as training shows a visible one
             out[self.model.modalities[m].name] = [ids.astype(TOKEN_DTYPE) for ids in results]
             for row, content in zip(rows, contents, strict=True):
                 row[m] = content  # chaining: the next target sees this one as if given
@@ -348,10 +448,18 @@ class Generator:
         return rows
 
     def _read_targets(
-        self, targets: Sequence[tuple[str, Decoding]], given: Mapping[str, object]
-    ) -> list[tuple[int, Decoding]]:
+        self,
+        targets: Sequence[tuple[str, Decoding]],
+        given: Mapping[str, object],
+        partial: Mapping[str, Sequence[np.ndarray]],
+        batch: int,
+    ) -> list[tuple[int, Decoding, Tensor | None]]:
+        """-> (modality index, decoding, (B, G) partial grid or None) per target, in order."""
         if not targets:
             raise GenerationError("targets: name at least one modality to generate")
+        names = [name for name, _ in targets]
+        if set(partial) - set(names):
+            raise GenerationError(f"partial: {sorted(set(partial) - set(names))} are not targets")
         plan, seen = [], set()
         for name, decoding in targets:
             m = self.model.modality_index(name)
@@ -361,80 +469,120 @@ class Generator:
                 raise GenerationError(f"targets: {name!r} is repeated")
             if not isinstance(decoding, Decoding):
                 raise GenerationError(f"targets: {name!r} needs a Decoding, got {type(decoding).__name__}")
+            for condition in decoding.guidance if isinstance(decoding.guidance, Mapping) else ():
+                self.model.modality_index(condition)
+            kept = self._read_partial(name, m, partial[name], batch) if name in partial else None
             if self.model.modalities[m].kind == "map":
-                commit_schedule(self.model.modalities[m].positions, decoding.steps, decoding.schedule)  # checks steps
+                left = self.model.modalities[m].positions - (0 if kept is None else int((kept[0] >= 0).sum()))
+                commit_schedule(left, decoding.steps, decoding.schedule)  # checks steps
             seen.add(name)
-            plan.append((m, decoding))
+            plan.append((m, decoding, kept))
         return plan
+
+    def _read_partial(self, name: str, m: int, grids: Sequence[np.ndarray], batch: int) -> Tensor:
+        """A target's partial grids -> (B, G) ids, :data:`TO_GENERATE` where to generate."""
+        modality = self.model.modalities[m]
+        if modality.kind != "map":
+            raise GenerationError(f"partial {name!r}: only a map can be given in part")
+        shapes = {np.shape(grid) for grid in grids}
+        if len(grids) != batch or shapes != {(modality.positions,)}:
+            raise GenerationError(f"partial {name!r}: needs {batch} grids of {modality.positions} ids; got {shapes}")
+        ids = np.stack([np.asarray(grid, np.int64) for grid in grids])  # (B, G)
+        if ((ids < TO_GENERATE) | (ids >= modality.vocab_size)).any():
+            raise GenerationError(f"partial {name!r}: ids must be {TO_GENERATE} or in [0, {modality.vocab_size})")
+        kept = set((ids >= 0).sum(axis=1).tolist())
+        if len(kept) > 1:
+            raise GenerationError(f"partial {name!r}: every sample must keep as many positions; got {sorted(kept)}")
+        if kept == {modality.positions}:
+            raise GenerationError(f"partial {name!r}: every position is kept, nothing to generate")
+        return torch.from_numpy(ids).to(self.device)
+
+    def _conditions(self, rows: Sequence[Mapping[int, np.ndarray]], d: Decoding) -> list[tuple[frozenset[int], float]]:
+        """The guided conditions of a target: a scale guides by all inputs together, a mapping by each
+        named modality present (one not there yet, such as a later target, is left out)."""
+        present = frozenset(k for row in rows for k in row)
+        if isinstance(d.guidance, Mapping):
+            weights = {self.model.modality_index(name): float(w) for name, w in d.guidance.items()}
+            return [(frozenset({k}), w) for k, w in weights.items() if k in present]
+        return [] if d.guidance == 1 else [(present, float(d.guidance))]
 
     # -- maps: MaskGIT / ROAR ---------------------------------------------------------------
 
-    def _decode_map(self, conditioning: _Tokens, m: int, d: Decoding, generator: torch.Generator) -> Tensor:
-        """-> (B, G) ids: every position committed once over ``d.steps`` steps."""
-        B, G = conditioning.ids.shape[0], self.model.modalities[m].positions
+    def _decode_map(
+        self, guidance: _Guidance, m: int, d: Decoding, kept: Tensor | None, generator: torch.Generator
+    ) -> Tensor:
+        """-> (B, G) ids: ``kept`` ones as given, every other position committed once over ``d.steps`` steps."""
+        B, G = guidance.passes[0].ids.shape[0], self.model.modalities[m].positions
         head = self.model.head(m)
 
-        def logits(inputs: _Tokens, masked: Tensor) -> Tensor:
-            batch = _batch(inputs, m, masked)
-            return head(self.model.decode(batch, *self.model.encode(batch))).float()  # (B, G-K, V)
+        def logits(own: _Tokens, where: Tensor) -> Tensor:
+            """(B, n) grid positions -> (B, n, V) guided logits there, given the map's ``own`` tokens."""
+            per_pass = []
+            for inputs in guidance.passes:
+                batch = _batch(inputs.cat(own), m, where)
+                per_pass.append(head(self.model.decode(batch, *self.model.encode(batch))).float())
+            return guidance.combine(per_pass)
 
-        tokens = torch.zeros(B, G, dtype=torch.long, device=self.device)
-        decoded = torch.zeros(B, G, dtype=torch.bool, device=self.device)
-        for step, count in enumerate(commit_schedule(G, d.steps, d.schedule)):
+        if kept is None:
+            kept = torch.full((B, G), TO_GENERATE, dtype=torch.long, device=self.device)
+        tokens, decoded = kept.clamp(min=0), kept != TO_GENERATE  # (B, G) each
+        counts = commit_schedule(G - int(decoded[0].sum()), d.steps, d.schedule)
+        for count, temperature in zip(counts, temperatures(d, counts), strict=True):
+            if not count:
+                continue  # 4M's cosine leaves some steps of a small grid empty: no pass for them
             # Every sample has decoded the same number K of positions, so both sets are rectangular.
             known = decoded.nonzero()[:, 1].view(B, -1)  # (B, K) grid positions, ascending
             masked = (~decoded).nonzero()[:, 1].view(B, -1)  # (B, G-K)
             own = _Tokens.of_modality(tokens.gather(1, known), m, known)
-            cond = logits(conditioning.cat(own), masked)
-            uncond = logits(own, masked) if d.guidance != 1 else None
-            ids, probability = sample(
-                guided(cond, uncond, d.guidance), temperature_at(d, step, d.steps), d.top_k, d.top_p, generator
-            )  # (B, G-K) each
             if d.order == "roar":
-                score = torch.rand(probability.shape, generator=generator, device=self.device)
+                # Random order: draw this step's positions first, and ask the decoder for those alone.
+                draw = torch.rand(masked.shape, generator=generator, device=self.device)  # (B, G-K)
+                where = masked.gather(1, draw.argsort(dim=1)[:, :count])  # (B, n_t)
+                ids, _ = sample(logits(own, where), temperature, d.top_k, d.top_p, generator)  # (B, n_t)
             else:
-                score = probability
-            pick = score.topk(count, dim=1).indices  # (B, n_t) indices into `masked`
-            where = masked.gather(1, pick)  # (B, n_t) grid positions
-            tokens.scatter_(1, where, ids.gather(1, pick))
+                ids, confidence = sample(logits(own, masked), temperature, d.top_k, d.top_p, generator)  # (B, G-K)
+                pick = confidence.topk(count, dim=1).indices  # (B, n_t) indices into `masked`
+                where, ids = masked.gather(1, pick), ids.gather(1, pick)  # (B, n_t) each
+            tokens.scatter_(1, where, ids)
             decoded.scatter_(1, where, True)
         return tokens
 
     # -- sequences: autoregressive ----------------------------------------------------------
 
     def _decode_sequence(
-        self, conditioning: _Tokens, m: int, d: Decoding, generator: torch.Generator
+        self, guidance: _Guidance, m: int, d: Decoding, generator: torch.Generator
     ) -> list[np.ndarray]:
         """-> per sample the generated content then EOS, at most ``max_tokens`` ids."""
         info, head = self.infos[m], self.model.head(m)
-        B, device = conditioning.ids.shape[0], self.device
+        B, device = guidance.passes[0].ids.shape[0], self.device
         cap = d.max_tokens or info.num_tokens
-        nothing = _Tokens(*(t[:, :0] for t in conditioning.parts()))  # (B, 0): no inputs
         no_targets = torch.zeros(B, 0, dtype=torch.long, device=device)
-        memory = self.model.encode(_batch(conditioning, m, no_targets))
-        uncond_memory = self.model.encode(_batch(nothing, m, no_targets)) if d.guidance != 1 else None
+        memories = [self.model.encode(_batch(inputs, m, no_targets)) for inputs in guidance.passes]
         vocab_size = self.model.modalities[m].vocab_size
         forbidden = torch.tensor(
             [i for i in (info.pad_id, info.sos_id, UNK_ID, *info.sentinel_ids) if i < vocab_size], device=device
         )
 
-        def logits(inputs: _Tokens, encoded: tuple[Tensor, Tensor], decoder_input: Tensor) -> Tensor:
+        def logits(decoder_input: Tensor) -> Tensor:
+            """(B, V) guided logits of the next token."""
             position = torch.arange(decoder_input.shape[1], device=device).expand(B, -1)  # (B, L)
-            batch = _batch(inputs, m, position, decoder_input)
-            return head(self.model.decode(batch, *encoded)[:, -1]).float()  # (B, V): the next token's
+            per_pass = []
+            for inputs, memory in zip(guidance.passes, memories, strict=True):
+                batch = _batch(inputs, m, position, decoder_input)
+                per_pass.append(head(self.model.decode(batch, *memory)[:, -1]).float())
+            return guidance.combine(per_pass)
 
-        # Target so far: S_0 (forced, as in training), then the sampled content; decoder input: SOS + it.
-        decoder_input = torch.tensor([info.sos_id, info.first_sentinel_id], device=device).expand(B, -1)  # (B, 2)
+        # Decoder input: S_0 (the hidden span's sentinel, as in training), then the sampled content.
+        decoder_input = torch.tensor([info.first_sentinel_id], device=device).expand(B, -1)  # (B, 1)
         # EOS-filled, so a sample that reaches the cap ends with one; what a sample draws after its
         # first EOS (the batch runs on until all have one) is cut off below.
         generated = torch.full((B, cap), info.eos_id, dtype=torch.long, device=device)  # (B, cap)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for j in range(cap - 1):  # the last of `cap` tokens is always EOS
-            cond = logits(conditioning, memory, decoder_input)
-            uncond = logits(nothing, uncond_memory, decoder_input) if uncond_memory is not None else None
-            scores = guided(cond, uncond, d.guidance)
+        # One token a step; the last of `cap` tokens is always EOS.
+        for j, temperature in enumerate(temperatures(d, [1] * (cap - 1))):
+            scores = logits(decoder_input)
             scores[:, forbidden] = -math.inf
-            ids, _ = sample(scores, temperature_at(d, j, cap - 1), d.top_k, d.top_p, generator)  # (B,)
+            ids, _ = sample(scores, temperature, d.top_k, d.top_p, generator)  # (B,)
             generated[:, j] = ids
             done |= ids == info.eos_id
             if bool(done.all()):

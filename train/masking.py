@@ -3,31 +3,38 @@ tokens the decoder predicts.
 
 Per sample, over the modalities present in it only (an absent one is never drawn):
 
-1. a mixture is drawn uniformly from ``MaskingConfig.mixtures``: ``all2all`` (any present modality
-   can be input and target) or ``rgb2all`` (the whole input budget on rgb, targets among the others);
-2. a Dirichlet draw splits the input budget across the input candidates and an independent one the
-   target budget across the target candidates; :func:`split_budget` turns shares into integer token
-   counts that sum exactly to the budget wherever the sample has the tokens;
+1. a mixture is drawn by ``MaskingConfig.mixture_weights``. Each mixture is a pair of Dirichlet
+   concentrations per modality, one for the input split and one for the target split (4M's
+   ``alphas_mixture`` files); a zero or unlisted concentration keeps a modality off that side.
+   ``all2all`` (every modality both sides, concentration ``alphas``) and ``rgb2all`` (the input on
+   rgb only, targets among the others) are presets; a sample without any input candidate of its
+   mixture falls back to ``all2all``;
+2. the two Dirichlet draws split the budgets into per-modality allotments (:func:`split_budget`),
+   after each candidate got its ``min_*_tokens`` and never above its ``max_*_tokens``;
 3. a map gives a random subset of its grid as input and a random subset of the *remaining*
-   positions as target, so inputs and targets never overlap; a sequence is span-masked like T5:
-   each hidden span becomes one sentinel in the input, and ``S_0 span0 S_1 span1 ... EOS`` is the
-   target, decoded autoregressively.
+   positions as target, so inputs and targets never overlap;
+4. a sequence is masked as in 4M: EOS is appended first (so it can be hidden and predicted), a keep
+   probability is drawn by the modality's scheme (``random``: uniform in [0, 1]; ``all``: 1;
+   ``binary``: 0 or 1), every token is kept with it and each run of hidden tokens becomes one
+   sentinel; while the input is longer than the allotment the probability is lowered by a factor
+   0.9 and the draw repeated. The target is ``S_0 span0 S_1 span1 ... S_k``: the decoder reads it
+   from ``S_0`` on and predicts from ``span0`` on, so ``S_0`` costs no target slot and is never
+   predicted; the closing sentinel ``S_k`` says that no span follows. A target longer than the
+   allotment starts at a random sentinel (never the closing one) and is cut to the allotment; when
+   what follows that sentinel is shorter, at the earliest sentinel whose rest fits.
 
-Sequences and sentinels against the budgets (the choices made here):
+Where this differs from 4M, and why:
 
-- The input is allocated first, because what a sequence can offer as target depends on what of it
-  is visible. A sequence allotted ``a`` input tokens (``0 < a < n``, ``n`` its tokens before EOS)
-  uses exactly ``a``: ``a - k`` visible tokens and ``k`` sentinels, with ``k`` chosen so the hidden
-  spans average ``span_mean`` tokens (at most ``num_sentinels``; spans are separated by at least
-  one visible token). ``a >= n`` shows it whole (no target); ``a = 0`` hides it whole, as span 0
-  with no sentinel in the input (:func:`unmask_spans` reads an empty input as ``[S_0]``).
-- Its target (``S_0 span0 ... EOS``, at most ``num_tokens`` long) then competes for the target
-  budget like a map's remaining positions. A sequence allotted fewer target tokens than its target
-  has keeps the target's prefix: teacher forcing on a prefix is still exact, the spans cut off are
-  simply not predicted this step (as a map's unchosen positions are not).
-- Tokens that are neither input nor target exist for maps and sequences alike; that is 4M's design.
+- What a sequence leaves of its allotment (the keep draw seldom fills it exactly, a target cut at a
+  sentinel seldom either) goes to the sample's maps, so a batch is always ``input_budget`` and
+  ``target_budget`` tokens wherever the sample has them (4M leaves those slots empty).
+- A target allotment counts predicted tokens: 4M also counts the leading sentinel, which is only
+  the decoder's first input here.
+- Minimum counts are handed out before the split instead of redrawing the Dirichlet until they hold.
+- A sequence never needs more sentinels than the vocabulary has: if a draw makes more spans, the
+  shortest visible gaps between spans are hidden too (100 sentinels and 256-token captions would
+  otherwise fail now and then).
 
-``max_tokens_per_modality`` caps the input and the target of a modality separately.
 Everything here is numpy on one sample, so it runs in DataLoader workers; :func:`collate` pads to
 exactly the budgets, so a step's tensor shapes never depend on how many modalities a run has.
 """
@@ -35,8 +42,8 @@ exactly the budgets, so a step's tensor shapes never depend on how many modaliti
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,13 +53,23 @@ from four_m.core.modalities import MODALITIES, of_kind
 from four_m.tokenize.text import EOS, PAD, SOS, SPECIAL_TOKENS
 from four_m.train.batch import MaskedBatch
 
-MIXTURES = ("all2all", "rgb2all")
+PRESETS = ("all2all", "rgb2all")
+KEEP_SCHEMES = ("random", "all", "binary")
+KEEP_DECAY = 0.9
+"""4M lowers a sequence's keep probability by this factor until its input fits the allotment."""
 _KEY = "train.masking"
+_PER_MIXTURE = ("input_alphas", "target_alphas", "keep")
+_PER_MODALITY = ("min_input_tokens", "max_input_tokens", "min_target_tokens", "max_target_tokens")
 
 
 def _check(ok: bool, name: str, requirement: str) -> None:
     if not ok:
         raise ConfigError(f"{_KEY}.{name}: {requirement}")
+
+
+def _plain_dict(value: Mapping) -> dict:
+    """Nested mappings as plain dicts: they pickle into DataLoader workers."""
+    return {k: _plain_dict(v) if isinstance(v, Mapping) else v for k, v in value.items()}
 
 
 @dataclass(frozen=True)
@@ -62,16 +79,26 @@ class MaskingConfig:
     target_budget: int = 128
     """Target tokens per sample: the decoder's sequence length."""
     alphas: float | Mapping[str, float] = 1.0
-    """Dirichlet concentration. 1.0 draws shares uniformly from the simplex; below 1 most of a budget
-    tends to go to one modality, above 1 it is split more evenly. A mapping sets it per modality
-    (unlisted modalities keep 1.0)."""
+    """Dirichlet concentration of the presets (every modality, both sides, unless a mixture's own
+    ``input_alphas``/``target_alphas`` say otherwise). 1.0 draws shares uniformly from the simplex;
+    below 1 most of a budget tends to go to one modality. A mapping sets it per modality (unlisted
+    modalities keep 1.0)."""
     mixtures: tuple[str, ...] = ("all2all",)
-    """Drawn uniformly per sample: ``all2all``, ``rgb2all`` (needs rgb in the sample; samples
-    without it fall back to all2all)."""
-    max_tokens_per_modality: Mapping[str, int] | None = None
-    """Caps on one modality's input tokens and, separately, its target tokens."""
-    span_mean: float = 3.0
-    """Mean length of a hidden span in a sequence (T5's default: 3)."""
+    """Mixture names, drawn per sample: the presets ``all2all`` and ``rgb2all`` (needs rgb in the
+    sample, else all2all), or any name that has ``input_alphas`` and ``target_alphas``."""
+    mixture_weights: tuple[float, ...] = ()
+    """Sampling weight of each mixture, in the order of ``mixtures``; empty: equal weights."""
+    input_alphas: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Mixture -> modality -> concentration of the input split (0 or unlisted: never an input there)."""
+    target_alphas: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Mixture -> modality -> concentration of the target split (0 or unlisted: never a target there)."""
+    keep: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """Mixture -> sequence modality -> keep scheme (``random``, ``all``, ``binary``; unlisted: random)."""
+    min_input_tokens: Mapping[str, int] = field(default_factory=dict)
+    """Modality -> input tokens it gets at least whenever it is an input candidate (and has them)."""
+    max_input_tokens: Mapping[str, int] = field(default_factory=dict)
+    min_target_tokens: Mapping[str, int] = field(default_factory=dict)
+    max_target_tokens: Mapping[str, int] = field(default_factory=dict)
     unconditional_rate: float = 0.0
     """Share of samples shown no input at all (only targets): the model then also learns the
     unconditional distribution, which classifier-free guidance contrasts the conditional one with."""
@@ -83,21 +110,54 @@ class MaskingConfig:
         _check(self.input_budget >= 1, "input_budget", "must be >= 1")
         _check(self.target_budget >= 1, "target_budget", "must be >= 1")
         if isinstance(self.alphas, Mapping):
-            object.__setattr__(self, "alphas", dict(self.alphas))  # a plain dict pickles into workers
+            object.__setattr__(self, "alphas", dict(self.alphas))
             for name, alpha in self.alphas.items():
                 _check(float(alpha) > 0, f"alphas.{name}", "must be > 0")
         else:
             _check(float(self.alphas) > 0, "alphas", "must be > 0 (or a mapping modality -> alpha)")
-        object.__setattr__(self, "mixtures", tuple(self.mixtures))
-        _check(len(self.mixtures) > 0, "mixtures", f"needs at least one of {MIXTURES}")
-        for mixture in self.mixtures:
-            _check(mixture in MIXTURES, "mixtures", f"unknown mixture {mixture!r}; known: {MIXTURES}")
-        if self.max_tokens_per_modality is not None:
-            object.__setattr__(self, "max_tokens_per_modality", dict(self.max_tokens_per_modality))
-            for name, cap in self.max_tokens_per_modality.items():
-                _check(int(cap) >= 1, f"max_tokens_per_modality.{name}", "must be >= 1")
-        _check(self.span_mean >= 1, "span_mean", "must be >= 1")
+        for name in ("mixtures", "mixture_weights"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in _PER_MIXTURE + _PER_MODALITY:
+            object.__setattr__(self, name, _plain_dict(getattr(self, name)))
+        self._check_mixtures()
+        for name in _PER_MODALITY:
+            for modality, count in getattr(self, name).items():
+                _check(int(count) >= 0, f"{name}.{modality}", "must be >= 0")
+        for side, budget in (("input", self.input_budget), ("target", self.target_budget)):
+            low, high = getattr(self, f"min_{side}_tokens"), getattr(self, f"max_{side}_tokens")
+            _check(sum(low.values()) <= budget, f"min_{side}_tokens", f"sum above the {side}_budget {budget}")
+            for modality in set(low) & set(high):
+                _check(low[modality] <= high[modality], f"min_{side}_tokens.{modality}", "above its max")
         _check(0.0 <= self.unconditional_rate < 1.0, "unconditional_rate", "must be in [0, 1)")
+
+    def _check_mixtures(self) -> None:
+        _check(len(self.mixtures) > 0, "mixtures", f"needs at least one (presets: {PRESETS})")
+        _check(len(set(self.mixtures)) == len(self.mixtures), "mixtures", f"names repeat: {list(self.mixtures)}")
+        weights = self.mixture_weights
+        _check(not weights or len(weights) == len(self.mixtures), "mixture_weights", "one per mixture")
+        _check(
+            all(w >= 0 for w in weights) and (not weights or sum(weights) > 0),
+            "mixture_weights",
+            "must be >= 0, not all 0",
+        )
+        for name in _PER_MIXTURE:
+            unknown = sorted(set(getattr(self, name)) - set(self.mixtures))
+            _check(not unknown, name, f"mixtures {unknown} are not among train.mixtures {list(self.mixtures)}")
+        for mixture in self.mixtures:
+            for side in ("input_alphas", "target_alphas"):
+                alphas = getattr(self, side).get(mixture)
+                _check(alphas is not None or mixture in PRESETS, f"{side}.{mixture}", f"needed: not a preset {PRESETS}")
+                for modality, alpha in (alphas or {}).items():
+                    _check(float(alpha) >= 0, f"{side}.{mixture}.{modality}", "must be >= 0")
+                _check(alphas is None or sum(alphas.values()) > 0, f"{side}.{mixture}", "needs one alpha > 0")
+            for modality, scheme in self.keep.get(mixture, {}).items():
+                _check(scheme in KEEP_SCHEMES, f"keep.{mixture}.{modality}", f"{scheme!r} is not one of {KEEP_SCHEMES}")
+
+    @classmethod
+    def from_train(cls, train: Any, **changes: Any) -> MaskingConfig:
+        """The masking settings of a ``TrainConfig`` (same field names; its scalar ``alpha`` is ``alphas``)."""
+        values = {f.name: getattr(train, f.name) for f in fields(cls) if hasattr(train, f.name)}
+        return cls(**{"alphas": train.alpha, **values, **changes})
 
 
 _FIRST_SENTINEL = len(SPECIAL_TOKENS)  # the layout of tokenize.text: specials, then sentinels
@@ -122,8 +182,8 @@ class ModalityInfo:
     def __post_init__(self) -> None:
         if self.kind not in ("map", "sequence"):
             raise ValueError(f"{self.name}: kind must be 'map' or 'sequence', not {self.kind!r}")
-        if self.num_tokens < 1 or self.num_sentinels < 1:
-            raise ValueError(f"{self.name}: num_tokens and num_sentinels must be >= 1")
+        if self.num_tokens < 1 or self.num_sentinels < 2:
+            raise ValueError(f"{self.name}: needs num_tokens >= 1 and num_sentinels >= 2 (a span and the closing one)")
 
     @property
     def sentinel_ids(self) -> range:
@@ -187,65 +247,100 @@ def split_budget(budget: int, shares: np.ndarray, available: np.ndarray) -> np.n
     return counts
 
 
-def _composition(total: int, parts: int, minimum: int, rng: np.random.Generator) -> np.ndarray:
-    """``total`` split into ``parts`` integers >= ``minimum``, uniformly over such splits."""
-    free = total - parts * minimum
-    bars = np.sort(rng.choice(free + parts - 1, size=parts - 1, replace=False))
-    return np.diff(np.concatenate([[-1], bars, [free + parts - 1]])) - 1 + minimum
+def draw_keep_probability(scheme: str, rng: np.random.Generator) -> float:
+    """4M's keep schemes: ``random`` uniform in [0, 1], ``all`` 1 (shown whole if it fits),
+    ``binary`` 0 or 1 (wholly hidden or wholly shown)."""
+    if scheme == "random":
+        return float(rng.random())
+    if scheme == "all":
+        return 1.0
+    if scheme == "binary":
+        return float(rng.integers(2))
+    raise ValueError(f"unknown keep scheme {scheme!r}; known: {KEEP_SCHEMES}")
+
+
+def _run_starts(hidden: np.ndarray) -> np.ndarray:
+    return hidden & ~np.concatenate([[False], hidden[:-1]])
+
+
+def _limit_spans(hidden: np.ndarray, most: int) -> np.ndarray:
+    """``hidden`` with at most ``most`` runs: the shortest visible gaps between runs are hidden too."""
+    starts = np.flatnonzero(_run_starts(hidden))
+    if len(starts) <= most:
+        return hidden
+    ends = np.flatnonzero(hidden & ~np.concatenate([hidden[1:], [False]])) + 1  # one past each run
+    hidden = hidden.copy()
+    for j in np.argsort(starts[1:] - ends[:-1], kind="stable")[: len(starts) - most]:
+        hidden[ends[j] : starts[j + 1]] = True
+    return hidden
 
 
 def span_mask(
-    content: np.ndarray, input_tokens: int, info: ModalityInfo, span_mean: float, rng: np.random.Generator
+    sequence: np.ndarray, keep_probability: float, info: ModalityInfo, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """T5 span masking of ``content`` (a sequence without its EOS) into exactly
-    ``min(input_tokens, len(content))`` input tokens; returns (input, whole target).
+    """4M's span masking of ``sequence`` (EOS included): each token is kept with ``keep_probability``;
+    returns (input, target) with every run of hidden tokens one sentinel ``S_j`` in the input and
+    ``S_j run_j`` in the target, which ends with the closing sentinel ``S_k``."""
+    hidden = _limit_spans(rng.random(len(sequence)) >= keep_probability, info.num_sentinels - 1)
+    starts = _run_starts(hidden)
+    sentinel = info.first_sentinel_id + np.cumsum(starts) - 1
+    inputs = np.where(hidden, sentinel, sequence)[~hidden | starts]
+    spans = int(starts.sum())
+    target = np.insert(sequence[hidden], np.flatnonzero(starts[hidden]), info.first_sentinel_id + np.arange(spans))
+    return inputs.astype(np.int64), np.append(target, info.first_sentinel_id + spans).astype(np.int64)
 
-    The target is ``S_0 span0 S_1 span1 ... EOS``; it is empty when the input shows everything.
+
+def mask_sequence(
+    sequence: np.ndarray, allotment: int, scheme: str, info: ModalityInfo, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(input of at most ``allotment`` tokens, whole target) of ``sequence`` (EOS included).
+
+    No allotment hides it whole; else the scheme's keep probability is lowered by ``KEEP_DECAY``
+    until the input fits (it always does in the end: everything hidden is one sentinel).
     """
-    n = len(content)
-    s0, eos = info.first_sentinel_id, info.eos_id
-    if input_tokens <= 0:
-        return np.empty(0, np.int64), np.concatenate([[s0], content, [eos]]).astype(np.int64)
-    if input_tokens >= n:
-        return content.astype(np.int64), np.empty(0, np.int64)
-    # input = visible + k sentinels; hidden = n - visible; hidden / k ~ span_mean gives k below.
-    most = min((input_tokens + 1) // 2, info.num_sentinels)  # k spans need k - 1 visible separators
-    spans = round((n - input_tokens) / (span_mean - 1)) if span_mean > 1 else most
-    spans = int(np.clip(spans, 1, most))
-    visible = input_tokens - spans
-    hidden_lengths = _composition(n - visible, spans, 1, rng)
-    gaps = _composition(visible - (spans - 1), spans + 1, 0, rng)
-    gaps[1:spans] += 1
-    inputs: list[int] = []
-    target: list[int] = []
-    at = 0
-    for j in range(spans):
-        inputs.extend(content[at : at + gaps[j]])
-        at += gaps[j]
-        inputs.append(s0 + j)
-        target.append(s0 + j)
-        target.extend(content[at : at + hidden_lengths[j]])
-        at += hidden_lengths[j]
-    inputs.extend(content[at:])
-    target.append(eos)
-    return np.asarray(inputs, np.int64), np.asarray(target, np.int64)
+    if allotment <= 0:
+        _, target = span_mask(sequence, 0.0, info, rng)
+        return np.empty(0, np.int64), target
+    keep = draw_keep_probability(scheme, rng)
+    inputs, target = span_mask(sequence, keep, info, rng)
+    while len(inputs) > allotment:
+        keep *= KEEP_DECAY
+        inputs, target = span_mask(sequence, keep, info, rng)
+    return inputs, target
+
+
+def fit_target(target: np.ndarray, allotment: int, info: ModalityInfo, rng: np.random.Generator) -> np.ndarray:
+    """The part of a sequence's whole target (``S_0 ... S_k``) to train on: its tokens after the first
+    one are predicted, so at most ``allotment + 1`` tokens, always starting at a sentinel.
+
+    Over the allotment, 4M's rule: start at a random sentinel other than the closing one and cut to
+    the allotment; if the rest from there is shorter, start at the earliest sentinel whose rest fits.
+    """
+    if allotment <= 0:
+        return target[:0]
+    size = allotment + 1
+    if len(target) <= size:
+        return target
+    sentinels = np.flatnonzero((target >= info.first_sentinel_id) & (target < info.sentinel_ids.stop))
+    start = sentinels[rng.integers(max(1, len(sentinels) - 1))]
+    if len(target) - start >= size:
+        return target[start : start + size]
+    return target[sentinels[np.argmax(len(target) - sentinels <= size)] :]
 
 
 def unmask_spans(
     input_ids: Sequence[int] | np.ndarray, target_ids: Sequence[int] | np.ndarray, info: ModalityInfo
 ) -> np.ndarray:
-    """The original sequence (ending with EOS) from a span-masked input and its target.
+    """The original sequence (up to its EOS) from a span-masked input and its target (``S_0 ...``).
 
-    Each sentinel of the input is replaced by the target's tokens after that sentinel; the target is
-    read up to its EOS. An empty input stands for ``[S_0]`` (the whole sequence hidden). A sentinel
-    without a span in the target (a truncated or unfinished target) becomes nothing.
+    Each sentinel of the input is replaced by the target's tokens after that sentinel. An empty input
+    stands for ``[S_0]`` (the whole sequence hidden). A sentinel without a span in the target (a cut
+    or unfinished target) becomes nothing.
     """
     sentinels = info.sentinel_ids
     spans: dict[int, list[int]] = {}
     current: list[int] | None = None
     for token in map(int, target_ids):
-        if token == info.eos_id:
-            break
         if token in sentinels:
             current = spans.setdefault(token, [])
         elif current is not None:
@@ -253,8 +348,17 @@ def unmask_spans(
     out: list[int] = []
     for token in [int(t) for t in input_ids] or [info.first_sentinel_id]:
         out.extend(spans.get(token, ()) if token in sentinels else (token,))
-    out.append(info.eos_id)
-    return np.asarray(out, np.int64)
+    ends = [i for i, token in enumerate(out) if token == info.eos_id]
+    return np.asarray(out[: ends[0] + 1] if ends else out, np.int64)
+
+
+@dataclass(frozen=True)
+class _Mixture:
+    """One mixture over the run's modalities, in their order."""
+
+    input_alphas: np.ndarray
+    target_alphas: np.ndarray
+    keep: tuple[str, ...]
 
 
 class Masker:
@@ -271,72 +375,124 @@ class Masker:
         names = [m.name for m in self.modalities]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"the run needs distinct modalities, got {names}")
-        alphas = cfg.alphas if isinstance(cfg.alphas, Mapping) else {}
-        caps = cfg.max_tokens_per_modality or {}
-        for field_name, per_modality in (("alphas", alphas), ("max_tokens_per_modality", caps)):
-            unknown = sorted(set(per_modality) - set(names))
-            _check(not unknown, field_name, f"modalities {unknown} are not among the run's {names}")
+        self._check_names(names)
         image = of_kind("image", tuple(names))
         _check("rgb2all" not in cfg.mixtures or bool(image), "mixtures", "rgb2all needs rgb among the modalities")
+        self._rgb = names.index(image[0]) if image else None
+        alphas = cfg.alphas if isinstance(cfg.alphas, Mapping) else {}
         default_alpha = 1.0 if isinstance(cfg.alphas, Mapping) else float(cfg.alphas)
         self._alphas = np.array([float(alphas.get(n, default_alpha)) for n in names])
-        self._caps = np.array([min(m.num_tokens, int(caps.get(m.name, m.num_tokens))) for m in self.modalities])
-        self._rgb = names.index(image[0]) if image else None
+        self._mixtures = [self._resolve(name) for name in cfg.mixtures]
+        self._all2all = self._resolve("all2all")
+        weights = np.array(cfg.mixture_weights or [1.0] * len(cfg.mixtures), np.float64)
+        self._weights = weights / weights.sum()
+        self._is_map = np.array([m.kind == "map" for m in self.modalities])
+        self._limits = {
+            name: np.array([int(getattr(cfg, name).get(m.name, default)) for m in self.modalities])
+            for name, default in (
+                ("min_input_tokens", 0),
+                ("max_input_tokens", np.iinfo(np.int64).max),
+                ("min_target_tokens", 0),
+                ("max_target_tokens", np.iinfo(np.int64).max),
+            )
+        }
+
+    def _check_names(self, names: list[str]) -> None:
+        """Every modality a mixture or a limit names must be one of the run's: else stop naming it."""
+        named: list[tuple[str, Mapping]] = [
+            (f"{key}.{mixture}", per) for key in _PER_MIXTURE for mixture, per in getattr(self.cfg, key).items()
+        ]
+        named += [(key, getattr(self.cfg, key)) for key in _PER_MODALITY]
+        if isinstance(self.cfg.alphas, Mapping):
+            named.append(("alphas", self.cfg.alphas))
+        for key, per_modality in named:
+            unknown = sorted(set(per_modality) - set(names))
+            _check(not unknown, key, f"modalities {unknown} are not among the run's {names}")
+
+    def _resolve(self, name: str) -> _Mixture:
+        """A mixture's concentrations over the run's modalities: its own, else the preset's."""
+        cfg, count = self.cfg, len(self.modalities)
+        preset_input, preset_target = self._alphas.copy(), self._alphas.copy()
+        if name == "rgb2all":
+            preset_input = np.zeros(count)
+            preset_input[self._rgb] = 1.0
+            preset_target[self._rgb] = 0.0
+
+        def own(side: str, preset: np.ndarray | None) -> np.ndarray:
+            given = getattr(cfg, side).get(name)
+            if given is None:
+                return preset
+            return np.array([float(given.get(m.name, 0.0)) for m in self.modalities])
+
+        keep = cfg.keep.get(name, {})
+        return _Mixture(
+            input_alphas=own("input_alphas", preset_input),
+            target_alphas=own("target_alphas", preset_target),
+            keep=tuple(keep.get(m.name, "random") for m in self.modalities),
+        )
 
     def sample_rng(self, index: int, epoch: int = 0) -> np.random.Generator:
         """The generator for sample ``index`` of ``epoch``: same mask wherever and whenever it is drawn."""
         return np.random.default_rng((self.cfg.seed, epoch, index))
 
     def __call__(self, sample: Mapping[str, np.ndarray | None], rng: np.random.Generator) -> MaskedSample:
-        cfg = self.cfg
+        cfg, infos = self.cfg, self.modalities
         tokens = {
-            i: self._read(info, sample[info.name])
-            for i, info in enumerate(self.modalities)
-            if sample.get(info.name) is not None
+            i: self._read(info, sample[info.name]) for i, info in enumerate(infos) if sample.get(info.name) is not None
         }
-        present = list(tokens)
-        mixture = cfg.mixtures[int(rng.integers(len(cfg.mixtures)))]
-        if mixture == "rgb2all" and self._rgb in tokens:
-            input_from, target_from = [self._rgb], [i for i in present if i != self._rgb]
-        else:
-            input_from, target_from = present, present
-        input_shares, target_shares = self._dirichlet(input_from, rng), self._dirichlet(target_from, rng)
+        present = np.zeros(len(infos), bool)
+        present[list(tokens)] = True
+        mixture = self._mixtures[int(rng.choice(len(self._mixtures), p=self._weights))]
+        if not (present & (mixture.input_alphas > 0)).any():
+            mixture = self._all2all
+        input_from = present & (mixture.input_alphas > 0)
+        target_from = present & (mixture.target_alphas > 0)
+        input_shares = self._dirichlet(mixture.input_alphas, input_from, rng)
+        target_shares = self._dirichlet(mixture.target_alphas, target_from, rng)
+        lengths = np.array([len(tokens.get(i, ())) for i in range(len(infos))])
 
-        input_available = np.zeros(len(self.modalities), np.int64)
-        for i in input_from:
-            input_available[i] = min(len(tokens[i]), self._caps[i])
         # Drawn only when enabled, so a run without it keeps the random stream (and masks) it always had.
         unconditional = cfg.unconditional_rate > 0 and rng.random() < cfg.unconditional_rate
-        input_counts = split_budget(0 if unconditional else cfg.input_budget, input_shares, input_available)
+        input_budget = 0 if unconditional else cfg.input_budget
+        input_available = np.where(input_from, np.minimum(lengths, self._limits["max_input_tokens"]), 0)
+        input_counts = self._allot(input_budget, input_shares, input_available, "min_input_tokens")
+        rest: dict[int, np.ndarray] = {}  # maps: unused positions in random order; sequences: the whole target
+        sequence_inputs: dict[int, np.ndarray] = {}
+        for i in tokens:
+            if not self._is_map[i]:
+                sequence_inputs[i], rest[i] = mask_sequence(
+                    tokens[i], int(input_counts[i]), mixture.keep[i], infos[i], rng
+                )
+                input_counts[i] = len(sequence_inputs[i])
+        input_counts += self._top_up_maps(input_budget, input_counts, input_shares, input_available)
 
         inputs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (modality, ids, positions)
-        rest: dict[int, np.ndarray] = {}  # maps: unused positions in random order; sequences: the target
-        for i in present:
-            info, ids, count = self.modalities[i], tokens[i], int(input_counts[i])
-            if info.kind == "map":
-                order = rng.permutation(info.num_tokens)
-                positions = np.sort(order[:count])
-                inputs.append((i, ids[positions], positions))
-                rest[i] = order[count:]
+        for i in tokens:
+            if self._is_map[i]:
+                order = rng.permutation(infos[i].num_tokens)
+                positions = np.sort(order[: input_counts[i]])
+                inputs.append((i, tokens[i][positions], positions))
+                rest[i] = order[input_counts[i] :]
             else:
-                masked, rest[i] = span_mask(ids, count, info, cfg.span_mean, rng)
-                inputs.append((i, masked, np.arange(len(masked))))
+                inputs.append((i, sequence_inputs[i], np.arange(len(sequence_inputs[i]))))
 
-        target_available = np.zeros(len(self.modalities), np.int64)
-        for i in target_from:
-            target_available[i] = min(len(rest[i]), self._caps[i])
-        target_counts = split_budget(cfg.target_budget, target_shares, target_available)
+        predictable = np.array([len(rest[i]) - (not self._is_map[i]) if i in rest else 0 for i in range(len(infos))])
+        target_available = np.where(target_from, np.minimum(predictable, self._limits["max_target_tokens"]), 0)
+        target_counts = self._allot(cfg.target_budget, target_shares, target_available, "min_target_tokens")
+        pieces = {}
+        for i in np.flatnonzero(target_from & ~self._is_map):
+            pieces[i] = fit_target(rest[i], int(target_counts[i]), infos[i], rng)
+            target_counts[i] = max(len(pieces[i]) - 1, 0)
+        target_counts += self._top_up_maps(cfg.target_budget, target_counts, target_shares, target_available)
 
         targets: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (modality, ids, positions, decoder in)
-        for i in target_from:
-            info, count = self.modalities[i], int(target_counts[i])
-            if info.kind == "map":
+        for i in np.flatnonzero(target_from):
+            count = int(target_counts[i])
+            if self._is_map[i]:
                 positions = np.sort(rest[i][:count])
                 targets.append((i, tokens[i][positions], positions, np.zeros(count, np.int64)))
-            else:
-                target = rest[i][:count]  # a prefix: teacher forcing stays exact when truncated
-                decoder_in = np.concatenate([[info.sos_id], target[:-1]]) if count else target
-                targets.append((i, target, np.arange(count), decoder_in))
+            else:  # teacher forcing: the decoder reads the piece from its sentinel on, one step behind
+                targets.append((i, pieces[i][1:], np.arange(count), pieces[i][:-1]))
         return MaskedSample(
             input_ids=_cat([ids for _, ids, _ in inputs]),
             input_modality=_cat([np.full(len(ids), i) for i, ids, _ in inputs]),
@@ -350,15 +506,26 @@ class Masker:
     def collate(self, samples: Sequence[MaskedSample]) -> MaskedBatch:
         return collate(samples, self.cfg.input_budget, self.cfg.target_budget)
 
-    def _dirichlet(self, candidates: list[int], rng: np.random.Generator) -> np.ndarray:
+    def _allot(self, budget: int, shares: np.ndarray, available: np.ndarray, minimum: str) -> np.ndarray:
+        """Per-modality counts: each candidate's minimum first (as far as it has tokens), the rest by share."""
+        floor = np.minimum(self._limits[minimum], available)
+        return floor + split_budget(budget - int(floor.sum()), shares, available - floor)
+
+    def _top_up_maps(self, budget: int, counts: np.ndarray, shares: np.ndarray, available: np.ndarray) -> np.ndarray:
+        """What the sequences left of ``budget`` goes to the candidate maps with room, by share."""
+        room = np.where(self._is_map, available - counts, 0)
+        return split_budget(budget - int(counts.sum()), np.where(self._is_map, shares, 0.0), room)
+
+    def _dirichlet(self, alphas: np.ndarray, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         shares = np.zeros(len(self.modalities))
-        if candidates:
-            shares[candidates] = np.nan_to_num(rng.dirichlet(self._alphas[candidates]))
+        if candidates.any():
+            shares[candidates] = np.nan_to_num(rng.dirichlet(alphas[candidates]))
         return shares
 
     @staticmethod
     def _read(info: ModalityInfo, ids: np.ndarray) -> np.ndarray:
-        """Maps: the flat grid. Sequences: the tokens before EOS (trailing padding dropped)."""
+        """Maps: the flat grid. Sequences: the tokens up to EOS (trailing padding dropped), EOS appended
+        if the stored row lacks it, since 4M masks EOS like any token."""
         ids = np.asarray(ids).reshape(-1).astype(np.int64)
         if info.kind == "map":
             if len(ids) != info.num_tokens:
@@ -367,7 +534,8 @@ class Masker:
         if len(ids) > info.num_tokens:
             raise ValueError(f"{info.name}: {len(ids)} tokens, more than the cap of {info.num_tokens}")
         ends = np.flatnonzero((ids == info.eos_id) | (ids == info.pad_id))
-        return ids[: ends[0]] if len(ends) else ids
+        content = ids[: ends[0]] if len(ends) else ids[: info.num_tokens - 1]
+        return np.append(content, info.eos_id)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -9,7 +9,9 @@ modality and its position inside that modality, so the model never cares which m
 sample drew: a token's embedding is its id's (in its modality's table) + its modality's + its
 position's. The decoder predicts every target token at once. Map targets start from a learned mask
 token and attend to the other targets of their modality (MaskGIT-style); sequence targets are
-teacher-forced and causal within their sequence. Both read the encoder through cross-attention.
+teacher-forced and causal within their sequence. Both read the encoder through cross-attention, as
+4M does: to a context made of the encoder's output, linearly projected, plus each input token's
+modality and position embeddings added back, and layer-normed afresh in every decoder block.
 
 Shapes in comments: B batch, N_in input tokens, N_tgt target tokens, S = 1 + N_in encoder tokens,
 D width, H heads, M modalities, n_m the real target tokens of modality m in the batch.
@@ -18,7 +20,7 @@ D width, H heads, M modalities, n_m the real target tokens of modality m in the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from four_m.core.config import check
+from four_m.core.errors import UserError
 from four_m.core.modalities import ModalitySpec
 from four_m.train.batch import MaskedBatch
 
@@ -59,7 +62,7 @@ class ModelConfig:
 
     @classmethod
     def named(cls, size: str) -> ModelConfig:
-        """One of ``SIZES`` (tiny, small, base, large)."""
+        """One of ``SIZES`` (tiny, small, base, large, xlarge)."""
         check(size in SIZES, "model.size", f"unknown {size!r}; one of {', '.join(SIZES)}")
         return SIZES[size]
 
@@ -73,6 +76,7 @@ SIZES = MappingProxyType(
         "small": ModelConfig(dim=512, encoder_layers=8, decoder_layers=8, heads=8),
         "base": ModelConfig(dim=768, encoder_layers=12, decoder_layers=12, heads=12),
         "large": ModelConfig(dim=1024, encoder_layers=24, decoder_layers=24, heads=16),
+        "xlarge": ModelConfig(dim=2048, encoder_layers=24, decoder_layers=24, heads=32),
     }
 )
 
@@ -199,20 +203,29 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
+    """Self-attention within the targets, cross-attention to the encoder's context, SwiGLU.
+
+    The context gets its own norm in every block (4M's ``context_norm``): it is not on the decoder's
+    residual stream, so the query's pre-norm does not cover it, and each block can scale its
+    features for its own keys and values.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.self_attention_norm = nn.LayerNorm(config.dim, bias=False)
         self.self_attention = Attention(config)
         self.cross_attention_norm = nn.LayerNorm(config.dim, bias=False)
+        self.context_norm = nn.LayerNorm(config.dim, bias=False)
         self.cross_attention = Attention(config)
         self.mlp_norm = nn.LayerNorm(config.dim, bias=False)
         self.mlp = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, self_allowed: Tensor, memory: Tensor, cross_allowed: Tensor) -> Tensor:
+    def forward(self, x: Tensor, self_allowed: Tensor, context: Tensor, cross_allowed: Tensor) -> Tensor:
         h = self.self_attention_norm(x)  # (B, N_tgt, D)
         x = x + self.dropout(self.self_attention(h, h, self_allowed))
-        x = x + self.dropout(self.cross_attention(self.cross_attention_norm(x), memory, cross_allowed))
+        query, keys = self.cross_attention_norm(x), self.context_norm(context)  # (B, N_tgt, D), (B, S, D)
+        x = x + self.dropout(self.cross_attention(query, keys, cross_allowed))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -283,6 +296,8 @@ class FourM(nn.Module):
 
         self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.encoder_layers))
         self.encoder_norm = nn.LayerNorm(D, bias=False)
+        # 4M's decoder_proj_context, with its bias (4M keeps this one even in its bias-free models).
+        self.context_projection = nn.Linear(D, D)
         self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.decoder_layers))
         self.decoder_norm = nn.LayerNorm(D, bias=False)
         self.heads = nn.ModuleDict({v: nn.Linear(D, n, bias=False) for v, n in vocab_sizes.items()})
@@ -301,6 +316,7 @@ class FourM(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith(("attention.out.weight", "mlp.down.weight")):
                 normal(parameter, 0.02 / math.sqrt(residual_writes))
+        nn.init.zeros_(self.context_projection.bias)
         normal(self.mask_token)
         normal(self.context_token)
 
@@ -342,19 +358,19 @@ class FourM(nn.Module):
     # -- encoder ------------------------------------------------------------------------------
 
     def encode(self, batch: MaskedBatch) -> tuple[Tensor, Tensor]:
-        """-> memory (B, S, D), the encoder's output with the context token first, and its
-        real-token mask (B, S) for cross-attention."""
+        """-> the decoder's context (B, S, D), one row per encoder token with the context token
+        first, and its real-token mask (B, S) for cross-attention."""
         real = batch.input_mask  # (B, N_in)
         # Padding may carry any ids/modality/position: make them valid indices, they are never attended.
         modality = batch.input_modality.where(real, 0)
         position = batch.input_position.where(real, 0)
-        x = (
-            self.embed_tokens(batch.input_ids.where(real, 0), modality)
-            + self.input_modality_embedding(modality)
-            + self.embed_positions(modality, position)
-        )  # (B, N_in, D)
+        # Each token's modality + position embeddings: the decoder's context gets them again.
+        labels = self.input_modality_embedding(modality) + self.embed_positions(modality, position)  # (B, N_in, D)
+        x = self.embed_tokens(batch.input_ids.where(real, 0), modality) + labels  # (B, N_in, D)
         B = x.shape[0]
         x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, S, D)
+        # The context token has no modality or position (as 4M's register tokens): nothing to add back.
+        labels = torch.cat([labels.new_zeros(B, 1, labels.shape[-1]), labels], dim=1)  # (B, S, D)
         real = torch.cat([real.new_ones(B, 1), real], dim=1)  # (B, S)
         x = self.embedding_dropout(x)
 
@@ -363,11 +379,18 @@ class FourM(nn.Module):
         allowed = real[:, None, :]  # (B, 1, S), the same for every query
         for block in self.encoder:
             x = block(x, allowed)
-        return self.encoder_norm(x), real
+        return self.context(self.encoder_norm(x), labels), real
+
+    def context(self, encoded: Tensor, labels: Tensor) -> Tensor:
+        """Encoder output (B, S, D) and its tokens' modality + position embeddings (B, S, D) -> the
+        decoder's context (B, S, D), as 4M builds it: projected, then the embeddings added back after
+        the projection, so every key and value says which modality and position it came from however
+        deep the encoder has mixed its tokens."""
+        return self.context_projection(encoded) + labels
 
     # -- decoder ------------------------------------------------------------------------------
 
-    def decode(self, batch: MaskedBatch, memory: Tensor, memory_real: Tensor) -> Tensor:
+    def decode(self, batch: MaskedBatch, context: Tensor, context_real: Tensor) -> Tensor:
         """-> (B, N_tgt, D): the decoder's output for every target slot (padding slots included)."""
         real = batch.target_mask  # (B, N_tgt)
         modality = batch.target_modality.where(real, 0)
@@ -383,9 +406,9 @@ class FourM(nn.Module):
         x = self.embedding_dropout(x)
 
         self_allowed = decoder_attention_mask(modality, position, is_map, real)  # (B, N_tgt, N_tgt)
-        cross_allowed = memory_real[:, None, :]  # (B, 1, S): the same real encoder tokens for every query
+        cross_allowed = context_real[:, None, :]  # (B, 1, S): the same real encoder tokens for every query
         for block in self.decoder:
-            x = block(x, self_allowed, memory, cross_allowed)
+            x = block(x, self_allowed, context, cross_allowed)
         return self.decoder_norm(x)
 
     # -- heads, forward, loss -----------------------------------------------------------------
@@ -400,8 +423,7 @@ class FourM(nn.Module):
         return out
 
     def forward(self, batch: MaskedBatch) -> dict[int, Tensor]:
-        memory, memory_real = self.encode(batch)
-        return self.logits(self.decode(batch, memory, memory_real), batch)
+        return self.logits(self.decode(batch, *self.encode(batch)), batch)
 
     def loss(self, batch: MaskedBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """4M's loss: each target modality's mean token cross-entropy, averaged over the modalities
@@ -410,8 +432,7 @@ class FourM(nn.Module):
         Returns the total and detached metrics ``loss/<name>`` and ``accuracy/<name>`` (top-1); a
         batch without any target gives a zero loss and no metrics.
         """
-        memory, memory_real = self.encode(batch)
-        hidden = self.decode(batch, memory, memory_real)  # (B, N_tgt, D)
+        hidden = self.decode(batch, *self.encode(batch))  # (B, N_tgt, D)
         logits = self.logits(hidden, batch)
         if not logits:
             # Possible on tiny data (e.g. only captions, each shown whole). A zero loss still tied to
@@ -426,3 +447,34 @@ class FourM(nn.Module):
             metrics[f"loss/{name}"] = loss.detach()
             metrics[f"accuracy/{name}"] = (modality_logits.argmax(dim=-1) == target).float().mean()
         return torch.stack(losses).mean(), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved weights of another version of the model
+
+
+class OutdatedWeightsError(UserError):
+    """Saved weights whose names are not this model's: a run trained before an architecture change
+    (such as the decoder's context projection). They cannot be converted, only retrained."""
+
+
+def check_weight_names(model: FourM, saved: Iterable[str], run: str) -> None:
+    """Stop in one line, naming ``run``, unless the saved weights are named exactly as ``model``'s.
+
+    Called before loading: a missing or unexpected weight would otherwise surface as torch's key or
+    shape error, a traceback that does not say the run is merely older than the code.
+    """
+    expected, saved = set(model.state_dict()), set(saved)
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if not (missing or unexpected):
+        return
+    differences = [f"{what} {_some(names)}" for what, names in (("lack", missing), ("add", unexpected)) if names]
+    raise OutdatedWeightsError(
+        f"run {run} was trained by an older version of the model (its weights {'; '.join(differences)}):"
+        " it must be retrained (`make train` with a new train.run, or after deleting the run)"
+    )
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

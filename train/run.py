@@ -3,8 +3,9 @@
 Before any step the run checks that the three sides agree: the token store (each shard's
 ``four_m.vocab_size`` and ``four_m.tokenizer``), the trained tokenizers under ``tokenizers/``, and,
 when resuming, the checkpoint's own modalities and vocabularies. A mismatch stops with a message
-naming both sides. Single process, multi-GPU and multi-node runs differ only in
-``train.strategy``/``devices``/``num_nodes``: Lightning launches and places the processes.
+naming both sides; so does a checkpoint of an older version of the model, which must be retrained.
+Single process, multi-GPU and multi-node runs differ only in ``train.strategy``/``devices``/``num_nodes``:
+Lightning launches and places the processes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
 from four_m.train.data import TokenDataModule, store_vocabularies
 from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
-from four_m.train.model import ModelConfig, ModelModality
+from four_m.train.model import FourM, ModelConfig, ModelModality, check_weight_names
 from four_m.train.module import FourMTraining
 
 LAST = "last.ckpt"
@@ -82,17 +83,9 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
     run_dir = mirror.local  # where Lightning writes: the run folder itself, or its local mirror
     resume = run_dir / "checkpoints" / LAST
     if resume.is_file():
-        check_checkpoint(resume, modalities)
+        check_checkpoint(resume, modalities, cfg.run)
     infos = [ModalityInfo(m.name, m.kind, m.positions) for m in modalities]
-    masking = MaskingConfig(
-        input_budget=cfg.input_budget,
-        target_budget=cfg.target_budget,
-        alphas=cfg.alpha,
-        mixtures=cfg.mixtures,
-        span_mean=cfg.span_mean,
-        unconditional_rate=cfg.unconditional_rate,
-        seed=cfg.seed,
-    )
+    masking = MaskingConfig.from_train(cfg)
     data = TokenDataModule(
         root=root.path,
         modalities=[m.name for m in modalities],
@@ -171,10 +164,15 @@ def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelMod
     return modalities
 
 
-def check_checkpoint(path: Path, modalities: list[ModelModality]) -> None:
-    """A resumed run must be the same model over the same vocabularies."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]["modalities"]
-    now = [asdict(m) for m in modalities]
+def check_checkpoint(path: Path, modalities: list[ModelModality], run: str) -> None:
+    """A resumed run must be this version of the model, over the same vocabularies."""
+    # mmap: only the tensors' names are read here, not a large model's weights and optimizer state.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hyper = checkpoint["hyper_parameters"]
+    with torch.device("meta"):  # the checkpoint's own model, shapes only: the weights' names it should have
+        model = FourM(ModelConfig(**hyper["model"]), [ModelModality(**m) for m in hyper["modalities"]])
+    check_weight_names(model, [name.removeprefix("model.") for name in checkpoint["state_dict"]], run)
+    saved, now = hyper["modalities"], [asdict(m) for m in modalities]
     if saved != now:
         raise TrainingMismatchError(
             f"checkpoint {path} was trained on {_describe(saved)}, the token store now has {_describe(now)}:"

@@ -25,7 +25,7 @@ from four_m.core.errors import UserError
 from four_m.core.modalities import of_kind
 from four_m.tokenize.maps import configured
 from four_m.tokenize.preview import HEADER, render_value, text_tile
-from four_m.train.generate import Decoding, Generator
+from four_m.train.generate import Decoding, Generator, keep_share
 from four_m.train.held_out import Labels, held_out_rows
 from four_m.train.trained import TrainedRun, load_trained
 
@@ -46,6 +46,8 @@ class SampleRows:
     """Modality -> the value to draw for a given modality or a target's pseudo-label (None: none)."""
     views: list[np.ndarray]
     """The row's image view, for drawing boxes on."""
+    stored: dict[str, list[np.ndarray | None]]
+    """Modality -> the row's stored tokens of each target (in-painting keeps some); empty for user input."""
 
 
 def write_samples(config: Config, image: Path | None = None, caption: str | None = None) -> Path:
@@ -55,7 +57,10 @@ def write_samples(config: Config, image: Path | None = None, caption: str | None
     user = image is not None or caption is not None
     rows = user_rows(config, run, given, image, caption) if user else held_out_sample_rows(config, run, given, targets)
     predicted = Generator(run.model).generate(
-        rows.given, [(t, decoding(config.generate)) for t in targets], seed=config.generate.seed
+        rows.given,
+        [(t, decoding(config.generate)) for t in targets],
+        seed=config.generate.seed,
+        partial=partial(config.generate, rows),
     )
     decoded = {t: run.tokenizers[t].decode(predicted[t]) for t in targets}
     grid = draw_grid(config.label.size, given, targets, rows, decoded)
@@ -75,17 +80,29 @@ def plan(cfg: GenerateConfig, run: TrainedRun) -> tuple[tuple[str, ...], tuple[s
         raise SampleInputError(f"run {run.directory.name} has no {unknown}; it knows {', '.join(run.modalities)}")
     if not targets:
         raise SampleInputError(f"nothing to generate: generate.given covers all of {', '.join(run.modalities)}")
+    not_maps = sorted(m for m in cfg.keep if m not in targets or m not in of_kind("map"))
+    if not_maps:
+        raise SampleInputError(f"generate.keep: {not_maps} are not map targets of this sample; only those in-paint")
     return cfg.given, targets
 
 
+def partial(cfg: GenerateConfig, rows: SampleRows) -> dict[str, list[np.ndarray]]:
+    """In-painting: per ``generate.keep`` target, its stored tokens with the kept share given."""
+    missing = sorted(m for m in cfg.keep if m not in rows.stored or any(ids is None for ids in rows.stored[m]))
+    if missing:
+        raise SampleInputError(f"generate.keep: {missing} has no stored tokens to keep in a user's own input")
+    return {m: keep_share(rows.stored[m], share, cfg.seed) for m, share in cfg.keep.items()}
+
+
 def decoding(cfg: GenerateConfig, temperature: float | None = None) -> Decoding:
-    """The generate section as one target's decoding (``temperature`` overrides the section's)."""
+    """The generate section as one target's decoding; ``temperature`` overrides the section's and its
+    schedule (onex would otherwise climb from it towards its min_t)."""
     return Decoding(
         steps=cfg.steps,
         order=cfg.order,
         schedule=cfg.schedule,
         temperature=cfg.temperature if temperature is None else temperature,
-        temperature_schedule=cfg.temperature_schedule,
+        temperature_schedule=cfg.temperature_schedule if temperature is None else "constant",
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         guidance=cfg.guidance,
@@ -96,15 +113,18 @@ def decoding(cfg: GenerateConfig, temperature: float | None = None) -> Decoding:
 def held_out_sample_rows(
     config: Config, run: TrainedRun, given: tuple[str, ...], targets: tuple[str, ...]
 ) -> SampleRows:
-    """The first ``generate.samples`` held-out rows that have tokens for every given modality."""
-    chosen = list(itertools.islice(held_out_rows(config, run.modalities, needed=given), config.generate.samples))
+    """The first ``generate.samples`` held-out rows that have tokens for every given modality (and
+    every one in-painted: ``generate.keep``)."""
+    needed = (*given, *config.generate.keep)
+    chosen = list(itertools.islice(held_out_rows(config, run.modalities, needed=needed), config.generate.samples))
     if not chosen:
-        raise SampleInputError(f"no held-out row has tokens for all of {', '.join(given)}")
+        raise SampleInputError(f"no held-out row has tokens for all of {', '.join(needed)}")
     labels = Labels(config)
     return SampleRows(
         given={m: [row.tokens[m] for row in chosen] for m in given},
         shown={m: [labels.value(m, row) for row in chosen] for m in (*given, *targets)},
         views=[labels.view(row) for row in chosen],
+        stored={m: [row.tokens.get(m) for row in chosen] for m in targets},
     )
 
 
@@ -137,6 +157,7 @@ def user_rows(
         given={m: list(ids[m]) for m in given},
         shown={m: [supplied.get(m)] for m in given},
         views=[view if view is not None else np.full((config.label.size,) * 2 + (3,), 128, np.uint8)],
+        stored={},
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from safetensors import safe_open
 from safetensors.torch import load_model
 
 from four_m.core.config import Config
@@ -22,7 +23,7 @@ from four_m.core.runs import DESCRIPTION
 from four_m.core.storage import RootPath, local_file
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
-from four_m.train.model import FourM, ModelConfig, ModelModality
+from four_m.train.model import FourM, ModelConfig, ModelModality, check_weight_names
 
 
 class RunMismatchError(UserError):
@@ -66,6 +67,13 @@ def load_trained(config: Config) -> TrainedRun:
             )
         tokenizers[modality.name] = tokenizer
     model = FourM(ModelConfig(**spec["model"]), modalities)
-    with local_file(weights) as local:  # the run folder may be on a remote root
-        load_model(model, str(local))
+    load_weights(model, weights, directory.name)
     return TrainedRun(directory, model.eval(), tokenizers)
+
+
+def load_weights(model: FourM, weights: RootPath, run: str) -> None:
+    """``model.safetensors`` into ``model``, once its weights' names show it is this version's model."""
+    with local_file(weights) as local:  # the run folder may be on a remote root
+        with safe_open(str(local), "pt") as saved:  # reads the header only
+            check_weight_names(model, saved.keys(), run)
+        load_model(model, str(local))

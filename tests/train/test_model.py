@@ -1,5 +1,6 @@
-"""The 4M encoder-decoder, made tiny: shapes, masking of padding, the decoder's attention pattern,
-that it can learn (overfits a few samples), bf16 autocast, and its config."""
+"""The 4M encoder-decoder, made tiny: shapes, masking of padding, the decoder's attention pattern and
+context, that it can learn (overfits a few samples), bf16 autocast, its config, and refusing the
+weights of an older version of it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,23 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import save_file, save_model
 
 from four_m.core.config import ConfigError
+from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
 from four_m.train.batch import MaskedBatch
-from four_m.train.model import SIZES, FourM, ModelConfig, ModelModality, decoder_attention_mask
+from four_m.train.model import (
+    SIZES,
+    FourM,
+    ModelConfig,
+    ModelModality,
+    OutdatedWeightsError,
+    check_weight_names,
+    decoder_attention_mask,
+)
+from four_m.train.run import check_checkpoint
+from four_m.train.trained import load_weights
 
 TINY = ModelConfig(dim=32, encoder_layers=2, decoder_layers=2, heads=4)
 MODALITIES_4 = (
@@ -234,7 +247,13 @@ def test_overfits_a_few_samples():
 
 
 def test_named_sizes():
-    expected = {"tiny": (6, 384, 6), "small": (8, 512, 8), "base": (12, 768, 12), "large": (24, 1024, 16)}
+    expected = {
+        "tiny": (6, 384, 6),
+        "small": (8, 512, 8),
+        "base": (12, 768, 12),
+        "large": (24, 1024, 16),
+        "xlarge": (24, 2048, 32),
+    }
     for name, (layers, dim, heads) in expected.items():
         config = ModelConfig.named(name)
         assert config is SIZES[name]
@@ -244,6 +263,22 @@ def test_named_sizes():
     assert len(model.encoder) == len(model.decoder) == 6
     assert model.parameter_count() == sum(p.numel() for p in model.parameters())
     assert 15e6 < model.parameter_count() < 40e6
+
+
+def test_xlarge_builds_with_the_parameters_4m_xl_has():
+    """4M-XL (24+24 layers, 2048 wide, 32 heads): counted by hand, built on the meta device (no 11 GB of weights)."""
+    config = ModelConfig.named("xlarge")
+    with torch.device("meta"):
+        model = FourM(config, MODALITIES_4)
+    D, hidden, M = config.dim, int(2 * config.mlp_ratio * config.dim / 3), len(MODALITIES_4)
+    mlp = 3 * D * hidden  # SwiGLU: gate, up, down
+    encoder_block = 4 * D * D + mlp + 2 * D  # q, k, v, out; 2 norms
+    decoder_block = 8 * D * D + mlp + 4 * D  # self- and cross-attention; 4 norms (one for the context)
+    body = 24 * (encoder_block + decoder_block) + 2 * D + (D * D + D)  # + final norms + context projection
+    vocabularies = 16 + 12 + 20  # rgb, depth, text: a table and a head each
+    assert model.parameter_count() == body + 2 * vocabularies * D + 2 * M * D + 2 * D  # + modality emb., mask, context
+    assert 2.7e9 < body < 2.9e9
+    assert model.decoder[0].cross_attention.heads == 32
 
 
 def test_the_registry_modalities_fit():
@@ -292,3 +327,103 @@ def test_modalities_of_one_vocabulary_share_its_table_and_head():
 def test_a_vocabulary_has_one_size():
     with pytest.raises(ConfigError, match="det.vocab_size"):
         FourM(TINY, [MODALITIES_4[2], dataclasses.replace(MODALITIES_4[3], vocab_size=21)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder's context, as 4M builds it
+
+
+def test_the_decoder_reads_the_encoder_through_the_context_projection():
+    model, batch = make_model(), random_batch()
+    with torch.no_grad():
+        before = model(batch)
+        model.context_projection.weight.mul_(2.0)
+        after = model(batch)
+    assert all(not torch.allclose(before[m], after[m]) for m in before)
+
+
+def test_the_context_carries_the_inputs_modality_and_position_embeddings():
+    """With the projection zeroed, the context is exactly what was added back after it: each input's
+    modality + position embedding (nothing for the leading context token). The decoder still tells
+    where the inputs are; without the add-back it would see a context of zeros."""
+    model, batch = make_model(), random_batch()
+    with torch.no_grad():
+        model.context_projection.weight.zero_()
+        model.context_projection.bias.zero_()
+        context, real = model.encode(batch)  # (B, S, D)
+        modality, position = batch.input_modality, batch.input_position  # (B, N_in)
+        labels = model.input_modality_embedding(modality) + model.embed_positions(modality, position)
+        torch.testing.assert_close(context[:, 1:][batch.input_mask], labels[batch.input_mask])
+        assert torch.equal(context[:, 0], torch.zeros_like(context[:, 0]))
+
+        before = model(batch)
+        moved = copy(batch)
+        rgb = batch.input_modality == RGB
+        moved.input_position[rgb] = (batch.input_position[rgb] + 1) % 16  # same ids, other grid cells
+        after = model(moved)
+    assert all(not torch.allclose(before[m], after[m]) for m in before)
+
+
+def test_every_decoder_block_normalises_the_context():
+    """A bias-free layer norm on the context in each block, before cross-attention: scaling the
+    context (all its features by one factor) changes no output."""
+    model, batch = make_model(), random_batch()
+    for block in model.decoder:
+        assert isinstance(block.context_norm, torch.nn.LayerNorm) and block.context_norm.bias is None
+    with torch.no_grad():
+        context, real = model.encode(batch)
+        torch.testing.assert_close(
+            model.decode(batch, 5.0 * context, real), model.decode(batch, context, real), atol=1e-4, rtol=1e-4
+        )
+        before = model.decode(batch, context, real)
+        model.decoder[1].context_norm.weight.mul_(3.0)  # the norm is the one the cross-attention reads
+        assert not torch.allclose(model.decode(batch, context, real), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights saved by an older version of the model
+
+
+def older_weights(model: FourM) -> dict[str, torch.Tensor]:
+    """``model``'s weights as a run trained before the context projection and norms saved them."""
+    return {k: v for k, v in model.state_dict().items() if "context_projection." not in k and "context_norm." not in k}
+
+
+def test_weights_of_an_older_model_stop_with_one_line_naming_the_run():
+    model = make_model()
+    check_weight_names(model, model.state_dict(), "current")  # this version's own: no complaint
+    with pytest.raises(OutdatedWeightsError, match=r"^run old was trained by an older version of the model") as err:
+        check_weight_names(model, older_weights(model), "old")
+    message = str(err.value)
+    assert isinstance(err.value, UserError) and "\n" not in message
+    assert (
+        "lack context_projection.bias, context_projection.weight, decoder.0.context_norm.weight and 1 more" in message
+    )
+    assert "must be retrained" in message
+    with pytest.raises(OutdatedWeightsError, match="add patch_embedding.weight"):
+        check_weight_names(model, [*model.state_dict(), "patch_embedding.weight"], "future")
+
+
+def test_make_train_refuses_to_resume_a_checkpoint_of_an_older_model(tmp_path):
+    model = make_model()
+
+    def save_checkpoint(path, state: dict[str, torch.Tensor]) -> None:
+        """As Lightning saves ``FourMTraining``: plain hyperparameters, the module's ``model.`` weights."""
+        hyper = {"model": dataclasses.asdict(TINY), "modalities": [dataclasses.asdict(m) for m in MODALITIES_4]}
+        torch.save({"hyper_parameters": hyper, "state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
+
+    save_checkpoint(tmp_path / "current.ckpt", model.state_dict())
+    save_checkpoint(tmp_path / "old.ckpt", older_weights(model))
+    check_checkpoint(tmp_path / "current.ckpt", list(MODALITIES_4), "current")
+    with pytest.raises(OutdatedWeightsError, match="run old was trained by an older version .* must be retrained"):
+        check_checkpoint(tmp_path / "old.ckpt", list(MODALITIES_4), "old")
+
+
+def test_sample_and_eval_refuse_the_final_weights_of_an_older_model(tmp_path):
+    trained, fresh = make_model(seed=0), make_model(seed=1)
+    save_model(trained, str(tmp_path / "model.safetensors"))
+    load_weights(fresh, tmp_path / "model.safetensors", "current")
+    assert torch.equal(fresh.context_projection.weight, trained.context_projection.weight)
+    save_file(older_weights(trained), str(tmp_path / "old.safetensors"))
+    with pytest.raises(OutdatedWeightsError, match="run old was trained by an older version .* must be retrained"):
+        load_weights(fresh, tmp_path / "old.safetensors", "old")
