@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -40,6 +41,8 @@ MAP_KINDS = ("image", "continuous_map", "direction_map", "class_map", "feature_m
 SEQUENCE_KINDS = ("text", "boxes")
 """Kinds tokenized by the shared WordPiece vocabulary: free text, and 4M's box sequences."""
 KINDS = MAP_KINDS + SEQUENCE_KINDS
+NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+"""A modality's name: it becomes folder names under the root (``labels/<name>``, ``tokens/<name>``)."""
 
 
 class ModalityError(UserError, KeyError):
@@ -79,6 +82,11 @@ class ModalitySpec:
     """Known once the tokenizer is trained (a VQ codebook, the shared WordPiece vocabulary)."""
 
     def __post_init__(self) -> None:
+        if not NAME.fullmatch(self.name):
+            raise ModalityError(f"modality {self.name!r}: a name is lower-case letters, digits, '_' (it names folders)")
+        if self.folder not in ("images", f"labels/{self.name}"):
+            wanted = f"images or labels/{self.name}"
+            raise ModalityError(f"modality {self.name!r}: folder must be {wanted}, not {self.folder!r}")
         if self.kind not in KINDS:
             raise ModalityError(f"modality {self.name!r}: unknown kind {self.kind!r}; known: {', '.join(KINDS)}")
         if self.layout == "map" and self.tokenizer_config is None:

@@ -3,10 +3,12 @@ renderer or metric would otherwise drop the modality from a preview or from `mak
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from four_m.core.config import Config
-from four_m.core.modalities import MODALITIES, labelled_modalities
+from four_m.core.modalities import MODALITIES, ModalityError, labelled_modalities
 from four_m.datasets_cards.stats import LABEL_DETAILS
 from four_m.labelers.registry import LABELERS
 from four_m.tokenize import label_preview, preview
@@ -56,3 +58,18 @@ def test_every_map_has_a_tokenizer_config_section_with_its_declared_defaults():
     for name, spec in MODALITIES.items():
         if spec.layout == "map":
             assert config.tokenize.vq(name) == spec.tokenizer_config
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"name": "../up"}, "lower-case letters, digits, '_'"),
+        ({"folder": "labels/elsewhere"}, "folder must be images or labels/depth"),
+        ({"kind": "sound"}, "unknown kind 'sound'"),
+        ({"tokenizer_config": None}, "a map needs tokenizer_config"),
+        ({"labeler": "no_colon"}, "labeler must be 'module:Class'"),
+    ],
+)
+def test_a_bad_declaration_stops_in_one_line_naming_the_modality(changes, message):
+    with pytest.raises(ModalityError, match=message):
+        replace(MODALITIES["depth"], **changes)
