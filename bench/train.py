@@ -2,7 +2,8 @@
 
 (a) Step time (forward + backward + gradient clipping + AdamW, as ``make train`` does: the
 trainer's own optimiser and clip, bf16 autocast on a GPU, fp32 on a CPU) of the same model size at
-the same budgets and batch size, with 4M-7's modalities and with 14: those plus 5 synthetic maps
+the same budgets and batch size, with 4M-7's modalities (RGB as pixels and as tokens, depth, normals,
+semseg, CLIP, caption, boxes) and with 14: those plus 5 synthetic maps
 (1024-code books, as 4M-7's) and 2 synthetic text-like sequences in the shared text vocabulary (as
 4M-21's metadata and palette modalities share its text tokenizer). Every step sees the same number
 of tokens (the masking pads to the budgets, and every sample has enough tokens to fill them), so only
@@ -16,7 +17,9 @@ and the dense gradients of the larger tables and heads, all memory-bound.
 (b) Samples/s of the real data path on one core (``TokenDataModule.train_dataloader()``,
 ``num_workers=0``: reading in the main process, Arrow and torch at one thread) over a synthetic
 token store written by the store's own writer (4M-7's modalities, maps of 196 ids from 1024
-codes, captions of 5-60 word pieces, det sequences of 1-30 boxes, Zipf-like ids, ~2% absent rows),
+codes, captions of 5-60 word pieces, det sequences of 1-30 boxes, Zipf-like ids, ~2% absent rows)
+and an ``images/`` of real photos as the download stores them (JPEG, 256 px shorter side), whose
+decoding into the 224 px pixel input is the loader's largest cost; with the pixel input and without,
 against the samples/s that (a)'s 7-modality step consumes (goal >= 10x: then one loader worker
 per GPU has room to spare).
 (c) Tokens/s of training (input + target tokens per step over the step time), 7 modalities.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import tempfile
@@ -46,14 +50,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from four_m.core.coco import COCO_THINGS
-from four_m.core.config import TextTokenizerConfig, TokenizeConfig, TrainConfig
+from four_m.core.config import DownloadConfig, TextTokenizerConfig, TokenizeConfig, TrainConfig
 from four_m.core.dataset_root import shard_name
-from four_m.core.modalities import MODALITIES
+from four_m.core.modalities import MODALITIES, of_kind
+from four_m.core.views import label_view
 from four_m.tokenize.base import TOKEN_DTYPE
 from four_m.tokenize.store import token_schema, token_table, write_tokens
 from four_m.tokenize.text import COORDINATE_AXES, EOS, SPECIAL_TOKENS, reserved_tokens
@@ -90,21 +97,29 @@ class Modality:
 
     @property
     def tokens(self) -> int:
-        """Maps: the grid; sequences: the cap, EOS included."""
-        return MODALITIES["rgb"].max_tokens if self.kind == "map" else TEXT.max_tokens
+        """Maps and pixels: the grid; sequences: the cap, EOS included."""
+        return MODALITIES[IMAGE].max_tokens if self.kind != "sequence" else TEXT.max_tokens
 
     def model(self) -> ModelModality:
+        if self.kind == "pixels":
+            return ModelModality.pixels_of(MODALITIES[IMAGE])
         return ModelModality(self.name, self.kind, self.vocab_size, self.tokens, self.vocabulary)
 
     def info(self) -> ModalityInfo:
-        return ModalityInfo(self.name, self.kind, self.tokens, num_sentinels=TEXT.sentinels)
+        side = MODALITIES[IMAGE].pixel_side if self.kind == "pixels" else 0
+        return ModalityInfo(self.name, self.kind, self.tokens, num_sentinels=TEXT.sentinels, image_size=side)
 
 
+IMAGE = of_kind("image")[0]
+PIXELS = MODALITIES[IMAGE].pixel_input.name
 SEVEN = tuple(
     Modality(n, "map", CODEBOOK) if s.layout == "map" else Modality(n, "sequence", TEXT_VOCAB, s.vocabulary)
     for n, s in MODALITIES.items()
-)
+) + (Modality(PIXELS, "pixels", 0),)
+"""4M-7's modalities: the six token maps and sequences besides RGB, RGB's tokens, and RGB as pixels."""
+TOKENS_ONLY = SEVEN[:-1]
 EXTRA = tuple(Modality(n, "map", CODEBOOK) for n in EXTRA_MAPS)
+LOADER_RUNS = {"pixels decoded from images/ + tokens": SEVEN, "tokens only (no pixel input)": TOKENS_ONLY}
 FOURTEEN = (*SEVEN, *EXTRA, *(Modality(n, "sequence", TEXT_VOCAB, "text") for n in EXTRA_SEQUENCES))
 FOURTEEN_OWN_VOCABULARIES = (*SEVEN, *EXTRA, *(Modality(n, "sequence", TEXT_VOCAB) for n in EXTRA_SEQUENCES))
 
@@ -123,10 +138,13 @@ def synthetic_rows(modality: Modality, count: int, rng: np.random.Generator) -> 
     """``count`` rows of one modality's ids as the tokenize stage stores them, about ``ABSENT`` None.
 
     Maps: 196 codes. ``det``: boxes ``v0 v1 v2 v3 class`` then EOS. Other sequences: word pieces
-    (ids above the reserved block) then EOS.
+    (ids above the reserved block) then EOS. Pixels: the photos of :func:`photos`, in turn.
     """
     eos = SPECIAL_TOKENS.index(EOS)
-    if modality.kind == "map":
+    if modality.kind == "pixels":
+        views = [label_view(jpeg, MODALITIES[IMAGE].pixel_side) for jpeg in photos()]
+        rows = [views[i % len(views)] for i in range(count)]
+    elif modality.kind == "map":
         grid = rng.choice(modality.vocab_size, size=(count, modality.tokens), p=zipf_probabilities(CODEBOOK, rng))
         rows = list(grid.astype(TOKEN_DTYPE))
     elif modality.name == "det":
@@ -146,6 +164,25 @@ def synthetic_rows(modality: Modality, count: int, rng: np.random.Generator) -> 
     return [None if gone else row for row, gone in zip(rows, absent, strict=True)]
 
 
+@functools.cache
+def photos() -> tuple[bytes, ...]:
+    """scikit-image's sample photos as the download stage stores them: JPEG (quality 95, img2dataset's
+    default), the shorter side resized to ``download.image_size`` (256), the aspect ratio kept."""
+    import skimage.data
+
+    size = DownloadConfig().image_size
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"):
+        image = getattr(skimage.data, name)()[..., :3]
+        scale = size / min(image.shape[:2])
+        width, height = round(image.shape[1] * scale), round(image.shape[0] * scale)
+        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(resized, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        assert ok
+        out.append(jpeg.tobytes())
+    return tuple(out)
+
+
 def synthetic_samples(modalities: tuple[Modality, ...], count: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     columns = {m.name: synthetic_rows(m, count, rng) for m in modalities}
@@ -153,11 +190,24 @@ def synthetic_samples(modalities: tuple[Modality, ...], count: int, seed: int) -
 
 
 def write_synthetic_store(root: Path, samples: int, per_shard: int = 256, seed: int = 0) -> None:
-    """``root/tokens/`` for 4M-7's modalities, written by the store's own schema, table builder and writer."""
+    """``root/tokens/`` for 4M-7's token modalities, written by the store's own schema, table builder
+    and writer, and ``root/images/`` beside it (the :func:`photos` in turn, as the download stores them)."""
     rng = np.random.default_rng(seed)
     keys = [f"{index:09d}" for index in range(samples)]
     row_group_rows = TokenizeConfig().row_group_rows
-    for modality in SEVEN:
+    jpegs = photos()
+    (root / "images").mkdir(parents=True)
+    for shard, start in enumerate(range(0, samples, per_shard)):
+        rows = range(start, min(start + per_shard, samples))
+        images = pa.table(
+            {
+                "key": [keys[i] for i in rows],
+                "status": ["success"] * len(rows),
+                "jpg": pa.array([jpegs[i % len(jpegs)] for i in rows], pa.binary()),
+            }
+        )
+        pq.write_table(images, root / "images" / f"{shard_name(shard)}.parquet", row_group_size=row_group_rows)
+    for modality in TOKENS_ONLY:
         rows = synthetic_rows(modality, samples, rng)
         provenance = {"vocab_size": str(modality.vocab_size), "max_tokens": str(modality.tokens), "tokenizer": "synth"}
         schema = token_schema(modality.tokens if modality.kind == "map" else None, provenance)
@@ -253,7 +303,8 @@ def step_flops(model: FourM, batch: MaskedBatch) -> float:
     Each weight matrix counts once per token it is applied to (encoder blocks: the S = 1 + N_in
     encoder tokens; decoder blocks: the N_tgt targets, the cross-attention's keys and values the S
     encoder tokens; a modality's head: that modality's real targets), plus the attention scores and
-    weighted sums (2 x queries x keys x D per attention). Embedding lookups, norms, softmax: nothing.
+    weighted sums (2 x queries x keys x D per attention), and a pixel input's patch embedding once per
+    input patch. Embedding lookups, norms, softmax: nothing.
     """
     B, n_in = batch.input_ids.shape
     n_tgt = batch.target_ids.shape[1]
@@ -271,22 +322,28 @@ def step_flops(model: FourM, batch: MaskedBatch) -> float:
         per_sample += 2 * n_tgt * n_tgt * D + 2 * n_tgt * S * D
     heads = sum(
         model.head(m).weight.numel() * int(((batch.target_modality == m) & batch.target_mask).sum())
-        for m in range(len(model.modalities))
+        for m, modality in enumerate(model.modalities)
+        if modality.kind != "pixels"
     )
-    return 6.0 * (B * per_sample + heads)
+    patches = sum(
+        model.patch_embeddings[name].weight.numel()
+        * int(((batch.input_modality == model.modality_index(name)) & batch.input_mask).sum())
+        for name in model.patch_embeddings
+    )
+    return 6.0 * (B * per_sample + heads + patches)
 
 
 # ---------------------------------------------------------------------------------------------
 # Data loading
 
 
-def loader_rate(root: Path, batches: int, args: argparse.Namespace) -> float:
+def loader_rate(root: Path, modalities: tuple[Modality, ...], batches: int, args: argparse.Namespace) -> float:
     """Samples/s of ``batches`` batches from the real DataModule's loader, in this process, one thread."""
     data = TokenDataModule(
         root,
-        masker_for(SEVEN, args),
+        masker_for(modalities, args),
         args.batch_size,
-        modalities=[m.name for m in SEVEN],
+        modalities=[m.name for m in modalities],
         num_workers=0,
         shuffle_buffer=TrainConfig().shuffle_buffer,
     )
@@ -360,19 +417,20 @@ def compare_modalities(args: argparse.Namespace, device: torch.device) -> tuple[
 
 
 def report_loader(args: argparse.Namespace, step_seconds: float) -> None:
-    """Figures (b): the data path against what (a)'s 7-modality step consumes."""
+    """Figures (b): the data path, with and without decoding the pixel input's JPEGs, against what
+    (a)'s 7-modality step consumes."""
     batches = max(1, args.samples // args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_store(Path(tmp), args.samples)
-        rate = loader_rate(Path(tmp), batches, args)
+        rates = {label: loader_rate(Path(tmp), m, batches, args) for label, m in LOADER_RUNS.items()}
     consumed = args.batch_size / step_seconds
     print(
-        f"(b) data loader + masking, one core (num_workers=0, Arrow and torch at 1 thread), 7 modalities,"
-        f" {args.samples}-sample synthetic store, {batches} batches of {args.batch_size}"
+        f"(b) data loader + masking, one core (num_workers=0, Arrow and torch at 1 thread), 4M-7's modalities,"
+        f" {args.samples}-sample synthetic store with JPEG photos in images/, {batches} batches of {args.batch_size}"
     )
-    print(f"    loader: {rate:10,.0f} samples/s")
     print(f"    a 7-modality step consumes {consumed:10,.1f} samples/s")
-    print(f"    ratio loader / step: {rate / consumed:,.0f}x  (goal >= 10x)")
+    for label, rate in rates.items():
+        print(f"    loader, {label:36s} {rate:8,.0f} samples/s, loader / step {rate / consumed:,.0f}x  (goal >= 10x)")
 
 
 def report_mfu(args: argparse.Namespace, device: torch.device, cpu_step: tuple[float, MaskedBatch, Trainee]) -> None:

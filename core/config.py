@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from four_m.core.errors import UserError
-from four_m.core.modalities import MODALITIES, labelled_modalities
+from four_m.core.modalities import MODALITIES, input_modalities, labelled_modalities
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = "sections"
@@ -303,7 +303,9 @@ class TrainConfig:
 
     run: str = "tiny"
     """The run's folder: ``<root>/runs/<run>/`` (checkpoints, logs, loss curve, final weights)."""
-    modalities: tuple[str, ...] = field(default_factory=lambda: tuple(MODALITIES))
+    modalities: tuple[str, ...] = field(default_factory=input_modalities)
+    """Every modality by default, and each image's pixel input (``rgb_pixels``, read from ``images/``);
+    leave the pixel input out to train on a token store alone."""
     model: str = "tiny"
     """A named size: tiny (6+6 layers, 384), small (8+8, 512), base (12+12, 768), large (24+24, 1024),
     xlarge (24+24, 2048)."""
@@ -354,7 +356,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_folder_name(self.run, "train.run")
-        check_modalities(self.modalities, "train.modalities")
+        check_modalities(self.modalities, "train.modalities", pixels=True)
         check(self.input_budget >= 1 and self.target_budget >= 1, "train.input_budget/target_budget", "must be >= 1")
         check(self.alpha > 0, "train.alpha", "must be > 0")
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -375,7 +377,8 @@ class GenerateConfig:
     TEMPERATURE_SCHEDULES: typing.ClassVar[tuple[str, ...]] = ("constant", "linear", "onex:{min_t}:{power}")
 
     given: tuple[str, ...] = ("rgb",)
-    """Modalities the model is shown (``make sample FROM=rgb``); eval always predicts from rgb."""
+    """Modalities the model is shown (``make sample FROM=rgb``); eval always predicts from rgb. An image
+    is shown as its pixels where the run has its pixel input (``rgb_pixels``), else as its tokens."""
     targets: tuple[str, ...] = ()
     """Generated in this order, each joining the conditioning of the next (``TO=depth,normal``);
     empty: every other modality of the run."""
@@ -408,8 +411,8 @@ class GenerateConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key, names in (("given", self.given), ("targets", self.targets)):
-            check_modalities(names, f"generate.{key}")
+        check_modalities(self.given, "generate.given", pixels=True)
+        check_modalities(self.targets, "generate.targets")
         both = sorted(set(self.given) & set(self.targets))
         check(not both, "generate.targets", f"{both} also given: a target cannot be an input")
         check(self.samples >= 1, "generate.samples", "must be >= 1")
@@ -445,7 +448,7 @@ class GenerateConfig:
         """A scale >= 0, or a mapping of modality names to weights (negative ones steer away)."""
         number = (int, float)
         if isinstance(guidance, dict):
-            check_modalities(tuple(guidance), key)
+            check_modalities(tuple(guidance), key, pixels=True)
             ok = all(isinstance(w, number) and not isinstance(w, bool) for w in guidance.values())
             check(ok, key, f"weights must be numbers, got {guidance!r}")
         else:
@@ -588,10 +591,12 @@ def _defaults(attribute: str) -> dict[str, Any]:
     return {n: getattr(s, attribute) for n, s in MODALITIES.items() if getattr(s, attribute) is not None}
 
 
-def check_modalities(names: tuple[str, ...], key: str) -> None:
-    """Every name is a registered modality, each once; else one line naming the key and the known ones."""
-    unknown = sorted(set(names) - set(MODALITIES))
-    check(not unknown, key, f"unknown {unknown}; known: {', '.join(MODALITIES)}")
+def check_modalities(names: tuple[str, ...], key: str, *, pixels: bool = False) -> None:
+    """Every name is a registered modality (or, with ``pixels``, an image's pixel input), each once;
+    else one line naming the key and the known ones."""
+    known = input_modalities() if pixels else tuple(MODALITIES)
+    unknown = sorted(set(names) - set(known))
+    check(not unknown, key, f"unknown {unknown}; known: {', '.join(known)}")
     check(len(set(names)) == len(names), key, f"names repeat: {list(names)}")
 
 

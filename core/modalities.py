@@ -20,6 +20,7 @@ This module imports nothing of the stages and no heavy library: ``make card`` re
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 import re
 from collections.abc import Iterator, Mapping
@@ -43,6 +44,35 @@ SEQUENCE_KINDS = ("text", "boxes")
 KINDS = MAP_KINDS + SEQUENCE_KINDS
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 """A modality's name: it becomes folder names under the root (``labels/<name>``, ``tokens/<name>``)."""
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PixelInput:
+    """An image modality's pixels as an encoder input of their own (4M's ``rgb@224``): the label view
+    at ``grid * patch_size`` pixels, standardised per channel, cut into ``patch_size`` squares that
+    the model embeds linearly, one per grid position (the image's token grid).
+
+    It is input only (nothing predicts pixels) and has no tokenizer: the loader reads it from
+    ``images/`` beside the tokens. The image's VQ tokens stay a modality of their own, so a model can
+    be given the photo itself and still be asked for its tokens.
+    """
+
+    name: str
+    """How runs, mixtures and ``make sample FROM=`` name it; must not be a registered modality's name."""
+    patch_size: int = 16
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean and std of [0, 1] pixels; 4M's defaults (ImageNet's) unless a model needs others."""
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if not NAME.fullmatch(self.name):
+            raise ModalityError(f"pixel input {self.name!r}: a name is lower-case letters, digits, '_'")
+        if self.patch_size < 1 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ModalityError(f"pixel input {self.name!r}: needs patch_size >= 1 and three means and stds > 0")
 
 
 class ModalityError(UserError, KeyError):
@@ -80,6 +110,8 @@ class ModalitySpec:
     """Position among the modalities (ties by name): the order of tokenizing, training and display."""
     vocab_size: int | None = None
     """Known once the tokenizer is trained (a VQ codebook, the shared WordPiece vocabulary)."""
+    pixel_input: PixelInput | None = None
+    """An ``image`` may also be fed to the encoder as pixels (see :class:`PixelInput`)."""
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):
@@ -93,6 +125,8 @@ class ModalitySpec:
             raise ModalityError(f"modality {self.name!r}: a map needs tokenizer_config (a VQConfig)")
         if self.labeler is not None and (":" not in self.labeler or self.labeler_config is None):
             raise ModalityError(f"modality {self.name!r}: labeler must be 'module:Class' with a labeler_config")
+        if self.pixel_input is not None and (self.kind != "image" or self.pixel_input.name == self.name):
+            raise ModalityError(f"modality {self.name!r}: only an image has a pixel input, under a name of its own")
 
     @property
     def layout(self) -> str:
@@ -103,6 +137,11 @@ class ModalitySpec:
     def tokenizer(self) -> str:
         """The tokenizer family: a VQ tokenizer per map, the shared WordPiece vocabulary for sequences."""
         return "vq" if self.layout == "map" else "text"
+
+    @property
+    def pixel_side(self) -> int:
+        """The side of the pixel input's image: the token grid's side times the patch size (0: none)."""
+        return math.isqrt(self.max_tokens) * self.pixel_input.patch_size if self.pixel_input else 0
 
     @property
     def vocabulary(self) -> str:
@@ -120,6 +159,9 @@ class _Registry(Mapping[str, ModalitySpec]):
     def _loaded(self) -> dict[str, ModalitySpec]:
         if self._specs is None:
             specs = sorted(_discover(), key=lambda s: (s.order, s.name))
+            clash = sorted({s.pixel_input.name for s in specs if s.pixel_input} & {s.name for s in specs})
+            if clash:
+                raise ModalityError(f"{clash}: declared both as a modality and as an image's pixel input")
             self._specs = {s.name: s for s in specs}
         return self._specs
 
@@ -156,6 +198,25 @@ def labelled_modalities() -> tuple[str, ...]:
 def of_kind(kind: str, among: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """The registered modalities of ``kind`` (only those in ``among``, if given), in registry order."""
     return tuple(n for n, s in MODALITIES.items() if s.kind == kind and (among is None or n in among))
+
+
+def pixel_inputs(among: tuple[str, ...] | None = None) -> dict[str, ModalitySpec]:
+    """Pixel input name -> the image modality it belongs to (only names in ``among``, if given)."""
+    found = {s.pixel_input.name: s for s in MODALITIES.values() if s.pixel_input is not None}
+    return {n: s for n, s in found.items() if among is None or n in among}
+
+
+def pixel_input_of(image: str, among: tuple[str, ...]) -> str | None:
+    """The pixel input of modality ``image`` when ``among`` (a run's modalities) has it, else None."""
+    return next((n for n, s in pixel_inputs(among).items() if s.name == image), None)
+
+
+def input_modalities() -> tuple[str, ...]:
+    """What a run can be given, in order: every modality, each image's pixel input right after it."""
+    names: list[str] = []
+    for name, spec in MODALITIES.items():
+        names += [name, spec.pixel_input.name] if spec.pixel_input else [name]
+    return tuple(names)
 
 
 def _discover() -> list[ModalitySpec]:

@@ -1,7 +1,8 @@
-"""rgb: the image itself, the label view of the downloaded photo, tokenized by a VQ tokenizer."""
+"""rgb: the image itself, the label view of the downloaded photo, tokenized by a VQ tokenizer; its
+pixels are also an encoder input of their own, ``rgb_pixels``."""
 
 from four_m.core.config import VQConfig
-from four_m.core.modalities import ModalitySpec
+from four_m.core.modalities import ModalitySpec, PixelInput
 
 MODALITY = ModalitySpec(
     name="rgb",
@@ -12,4 +13,6 @@ MODALITY = ModalitySpec(
     tokenizer_config=VQConfig(),
     no_metric="the input of `make eval` (rgb -> X): the tokenizer's own PSNR is in its trained.json",
     order=0,
+    # 4M's rgb@224: 16x16 patches of the 224 px view, standardised with ImageNet's mean and std.
+    pixel_input=PixelInput(name="rgb_pixels", patch_size=16),
 )

@@ -8,7 +8,7 @@ number of modalities: that is why a step costs the same with 7 or 14 modalities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -34,6 +34,16 @@ class MaskedBatch:
     decoder_input_ids: torch.Tensor
     """(B, N_tgt) long: sequences are teacher-forced (the previous target token, SOS first);
     map targets are predicted from a mask token, so their entries are ignored (0)."""
+    pixels: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Pixel input name -> (B, S, S, 3) uint8 images: the input tokens of that modality are their
+    patches at ``input_position`` (their ``input_ids`` are 0). Kept as bytes until the model
+    standardises them, a quarter of float32's size on the way to the device."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name, each pixel input's images as ``pixels.<name>``: to compare two batches."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pixels"}
+        return out | {f"pixels.{name}": images for name, images in self.pixels.items()}
 
     def to(self, device: torch.device | str) -> MaskedBatch:
-        return MaskedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "pixels"}
+        return MaskedBatch(**moved, pixels={name: images.to(device) for name, images in self.pixels.items()})

@@ -12,6 +12,14 @@ Three layers, each usable alone:
 
 Choices (the why is in each docstring):
 
+- A pixel input (``rgb_pixels``, 4M's ``rgb@224``) is read from ``images/`` beside the tokens: the
+  same shard, row for row (the tokenize stage keeps ``images/``'s rows), its key checked like a
+  token file's. The JPEG is decoded only for the rows a stream keeps, after a resumed stream's
+  fast-forward, and cut exactly as the RGB tokens were (:func:`four_m.core.views.label_view`), so
+  pixels and tokens show the same view. Decoding beats storing the crop: ``images/`` is already
+  there, 150 KB per sample of raw pixels is not, and a different crop later (4M's multi-crop) needs
+  the whole image. A row whose image failed to download has no pixels (an absent input); one that
+  does not decode is absent too and counted (``undecodable_images``).
 - A shard must exist for every requested modality: one missing is an error that names the file,
   unless ``skip_incomplete`` (then it is left out and listed in ``TokenShards.skipped``). Token
   files are written atomically, so a file that exists is complete.
@@ -57,12 +65,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from four_m.core import storage
 from four_m.core.errors import UserError
+from four_m.core.failures import SUCCESS
+from four_m.core.modalities import pixel_inputs
+from four_m.core.views import label_view
 from four_m.train.batch import MaskedBatch
 from four_m.train.masking import Masker, ModalityInfo
 
 TOKENS = "tokens"
-Sample = dict[str, np.ndarray | None]
-"""Modality -> its uint16 ids, None where absent (the masker's input)."""
+IMAGES = "images"
+Sample = dict[str, np.ndarray | bytes | None]
+"""Modality -> its uint16 ids (a pixel input: its encoded image bytes, then once decoded its
+(S, S, 3) uint8 view), None where absent (the masker's input, decoded)."""
 
 
 class TokenStoreError(UserError):
@@ -78,6 +91,15 @@ class TokenShard:
 
 
 def _shard_files(root: Path, modality: str) -> dict[str, Path]:
+    if modality in pixel_inputs():
+        folder = root / IMAGES
+        files = {p.stem: p for p in folder.glob("*.parquet") if not p.name.startswith(".")}
+        if not files:
+            raise TokenStoreError(
+                f"no image shards in {folder} for the pixel input {modality!r}: leave {modality} out of"
+                " train.modalities to train on the token store alone"
+            )
+        return files
     folder = root / TOKENS / modality
     files = {p.stem: p for p in folder.glob("*.parquet") if not p.name.startswith(".")}
     if not files:
@@ -130,6 +152,10 @@ class TokenShards:
         self.held_out = tuple(complete[len(complete) - holdout :])
         self.empty_rows = 0
         """Rows skipped because every modality was absent, counted each time they are read (in this process)."""
+        self.pixel_sides = {name: spec.pixel_side for name, spec in pixel_inputs(self.modalities).items()}
+        """Pixel input name -> the side of its decoded images."""
+        self.undecodable_images = 0
+        """Pixel inputs left absent because their stored image did not decode (in this process)."""
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -147,7 +173,10 @@ class TokenShards:
             if len(set(rows.values())) > 1:
                 listed = ", ".join(f"{path}: {n}" for path, n in rows.items())
                 raise TokenStoreError(f"shard {shard.name}: the modality files have different row counts ({listed})")
-            readers = (_file_rows(f, shard.files[m], m) for m, f in zip(self.modalities, files, strict=True))
+            readers = (
+                _image_rows(f) if m in self.pixel_sides else _file_rows(f, shard.files[m], m)
+                for m, f in zip(self.modalities, files, strict=True)
+            )
             columns = zip(*readers, strict=True)
             for index, row in enumerate(columns):
                 key = row[0][0]
@@ -161,6 +190,25 @@ class TokenShards:
                     self.empty_rows += 1
                     continue
                 yield key, {m: ids for m, (_, ids) in zip(self.modalities, row, strict=True)}
+
+    def decode(self, sample: Sample) -> Sample:
+        """``sample`` with each pixel input's image bytes decoded to its (S, S, 3) uint8 view."""
+        decoded = dict(sample)
+        for name, side in self.pixel_sides.items():
+            data = sample.get(name)
+            if isinstance(data, bytes):
+                decoded[name] = label_view(data, side)
+                self.undecodable_images += decoded[name] is None
+        return decoded
+
+
+def _image_rows(file: pq.ParquetFile) -> Iterator[tuple[str, bytes | None]]:
+    """``images/``'s rows as (key, JPEG bytes), None where the download failed."""
+    for group in range(file.num_row_groups):
+        table = file.read_row_group(group, columns=["key", "status", "jpg"])
+        rows = zip(*(table.column(c).to_pylist() for c in ("key", "status", "jpg")), strict=True)
+        for key, status, data in rows:
+            yield key, data if status == SUCCESS and data else None
 
 
 def _file_rows(file: pq.ParquetFile, path: Path, modality: str) -> Iterator[tuple[str, np.ndarray | None]]:
@@ -372,6 +420,7 @@ class TokenStream(IterableDataset):
             if skip:  # fast-forward: the order is recomputed, the masks need not be
                 skip -= 1
                 continue
+            sample = self.shards.decode(sample)
             batch.append(self.masker(sample, self.masker.sample_rng(key_index(key), epoch)))
             if len(batch) == self.batch_size:
                 yield self.masker.collate(batch)
@@ -474,8 +523,9 @@ class TokenDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Find the shards and check the stored tokens against the masker's modalities (once)."""
         if self.shards is None:
-            self.vocabularies = store_vocabularies(self.root, self.modalities)
-            check_store(self.vocabularies, self.masker.modalities)
+            tokens = [m for m in self.masker.modalities if m.kind != "pixels"]
+            self.vocabularies = store_vocabularies(self.root, [m.name for m in tokens])
+            check_store(self.vocabularies, tokens)
             self.shards = TokenShards(
                 self.root, self.modalities, skip_incomplete=self.skip_incomplete, holdout=self.holdout
             )

@@ -3,15 +3,16 @@
 For every modality X of the run besides rgb (depth, normal, semseg, clip, det, caption), three
 columns, so a figure means something:
 
-- **model**: X generated from the rgb tokens alone (greedy decoding: a metric of the model, not of
+- **model**: X generated from the image alone (greedy decoding: a metric of the model, not of
   the sampler's noise; the other decoding settings come from ``generate``), decoded by X's
-  tokenizer;
+  tokenizer. The image is shown as pixels where the run has its pixel input (``rgb_pixels``, as 4M
+  evaluates), else as its tokens;
 - **baseline**: one fixed prediction fitted on the pseudo-labels of the *training* shards (the
   per-pixel mean map, the per-pixel most frequent class, ...; see ``train/metrics.py``);
 - **tokenizer ceiling**: X's own stored tokens decoded, i.e. the best any model predicting these
   tokens can score, since every prediction passes through the same tokenizer.
 
-Rows without rgb tokens are skipped (nothing to predict from); a row without X's pseudo-label
+Rows without the image (pixels or tokens) are skipped (nothing to predict from); a row without X's pseudo-label
 (its labeler failed) does not count for X. Captions are scored on token ids, everything else on
 decoded values. Writes ``runs/<run>/eval/metrics.md`` and ``metrics.json``.
 """
@@ -27,7 +28,7 @@ from typing import Any
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, write_text_atomic
 from four_m.core.errors import UserError
-from four_m.core.modalities import MODALITIES
+from four_m.core.modalities import MODALITIES, pixel_input_of
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.sources import read_rows
 from four_m.train.data import TokenShards
@@ -68,9 +69,10 @@ def run_eval(config: Config) -> EvalReport:
     if source is None:
         raise UserError(f"run {run.directory.name} has no image modality to predict from: make eval scores rgb -> X")
     targets = [m for m in run.modalities if m != source and m in METRICS]
-    rows = list(held_out_rows(config, run.modalities, needed=(source,)))
+    shown = pixel_input_of(source, run.modalities) or source
+    rows = list(held_out_rows(config, run.modalities, needed=(shown,)))
     if not rows:
-        raise UserError(f"no held-out row has {source} tokens: nothing to evaluate")
+        raise UserError(f"no held-out row has {shown}: nothing to evaluate")
     labels = Labels(config)
     generator = Generator(run.model)
     greedy = decoding(config.generate, temperature=0.0)
@@ -83,7 +85,7 @@ def run_eval(config: Config) -> EvalReport:
         fixed = baseline.predict()
         for batch in _batches(rows):
             predicted = generator.generate(
-                {source: [row.tokens[source] for row in batch]}, [(target, greedy)], seed=config.generate.seed
+                {shown: [row.tokens[shown] for row in batch]}, [(target, greedy)], seed=config.generate.seed
             )[target]
             for row, ids in zip(batch, predicted, strict=True):
                 label = labels.value(target, row)
@@ -99,10 +101,10 @@ def run_eval(config: Config) -> EvalReport:
     table, data = results_table(columns)
     out = run.directory / "eval"
     markdown, figures = out / "metrics.md", out / "metrics.json"
-    header = f"# {source} -> X on the held-out shards of {DatasetRoot(config.root).path}, run {run.directory.name}\n\n"
+    header = f"# {shown} -> X on the held-out shards of {DatasetRoot(config.root).path}, run {run.directory.name}\n\n"
     write_text_atomic(markdown, header + table)
     write_text_atomic(figures, json.dumps({"rows": len(rows), **data}, indent=1) + "\n")
-    return EvalReport(table, (markdown, figures), len(rows), source)
+    return EvalReport(table, (markdown, figures), len(rows), shown)
 
 
 def _batches(rows: list[HeldOutRow]) -> Iterator[list[HeldOutRow]]:

@@ -289,8 +289,11 @@ class _Tokens:
         return self.ids, self.modality, self.position, self.mask
 
 
-def _batch(inputs: _Tokens, m: int, position: Tensor, decoder_input: Tensor | None = None) -> MaskedBatch:
-    """A model batch: ``inputs`` to encode, targets of modality ``m`` at ``position`` (B, N_tgt)."""
+def _batch(
+    inputs: _Tokens, m: int, position: Tensor, pixels: Mapping[str, Tensor], decoder_input: Tensor | None = None
+) -> MaskedBatch:
+    """A model batch: ``inputs`` to encode (pixel inputs' patches from ``pixels``), targets of
+    modality ``m`` at ``position`` (B, N_tgt)."""
     return MaskedBatch(
         input_ids=inputs.ids,
         input_modality=inputs.modality,
@@ -301,6 +304,7 @@ def _batch(inputs: _Tokens, m: int, position: Tensor, decoder_input: Tensor | No
         target_position=position,
         target_mask=torch.ones_like(position, dtype=torch.bool),
         decoder_input_ids=decoder_input if decoder_input is not None else torch.zeros_like(position),
+        pixels=dict(pixels),
     )
 
 
@@ -316,12 +320,15 @@ class _Guidance:
     passes: tuple[_Tokens, ...]
     weights: tuple[float, ...]
     """One per condition; empty: unguided."""
+    pixels: Mapping[str, Tensor]
+    """Pixel input name -> (B, S, S, 3) images, for the passes whose inputs include its patches."""
 
     @classmethod
     def of(
         cls,
         rows: Sequence[Mapping[int, np.ndarray]],
         conditions: Sequence[tuple[frozenset[int], float]],
+        pixels: Mapping[str, Tensor],
         device: torch.device,
     ) -> _Guidance:
         """``conditions``: (modality indices shown together, weight) each; none: unguided."""
@@ -332,7 +339,8 @@ class _Guidance:
                 [{k: v for k, v in r.items() if k in shown or k not in guided_} for r in rows], device
             )
 
-        return cls((inputs(frozenset()), *(inputs(shown) for shown, _ in conditions)), tuple(w for _, w in conditions))
+        passes = (inputs(frozenset()), *(inputs(shown) for shown, _ in conditions))
+        return cls(passes, tuple(w for _, w in conditions), pixels)
 
     def combine(self, logits: Sequence[Tensor]) -> Tensor:
         """Each pass's logits, in ``passes`` order -> the guided logits."""
@@ -354,7 +362,7 @@ class Generator:
     def __init__(self, model: FourM, infos: Sequence[ModalityInfo] | None = None):
         self.model = model.eval()
         names = [m.name for m in model.modalities]
-        default = (ModalityInfo(m.name, m.kind, m.positions) for m in model.modalities)
+        default = (ModalityInfo(m.name, m.kind, m.positions, image_size=m.image_size) for m in model.modalities)
         self.infos = tuple(infos if infos is not None else default)
         check(
             [(i.name, i.kind) for i in self.infos] == [(m.name, m.kind) for m in model.modalities],
@@ -387,7 +395,8 @@ class Generator:
 
         Args:
             given: modality -> one entry per sample: a map's full grid of ids, a sequence as the token
-                store holds it (content, EOS, maybe PAD after); None where a sample lacks the modality.
+                store holds it (content, EOS, maybe PAD after), a pixel input's (S, S, 3) uint8 image
+                (every patch shown); None where a sample lacks the modality.
                 Unconditional generation: one modality with None for every sample.
             targets: (modality, how to decode it), generated in this order.
             seed: seeds the one random generator of the call.
@@ -399,12 +408,12 @@ class Generator:
             modality -> one ``TOKEN_DTYPE`` array per sample: a map's full grid, a sequence's content
             then EOS (the store's layout, which the tokenizers decode).
         """
-        rows = self._read_given(given)  # per sample: {modality index: ids at positions 0..n-1}
+        rows, pixels = self._read_given(given)  # per sample: {modality index: ids at positions 0..n-1}
         plan = self._read_targets(targets, given, partial or {}, len(rows))
         generator = torch.Generator(device=self.device).manual_seed(seed)
         out: dict[str, list[np.ndarray]] = {}
         for m, decoding, kept in plan:
-            guidance = _Guidance.of(rows, self._conditions(rows, decoding), self.device)
+            guidance = _Guidance.of(rows, self._conditions(rows, decoding), pixels, self.device)
             if self.model.modalities[m].kind == "map":
                 grids = self._decode_map(guidance, m, decoding, kept, generator).cpu().numpy()  # (B, G)
                 results, contents = list(grids), list(grids)
@@ -418,7 +427,11 @@ class Generator:
 
     # -- input checks -----------------------------------------------------------------------
 
-    def _read_given(self, given: Mapping[str, Sequence[np.ndarray | None]]) -> list[dict[int, np.ndarray]]:
+    def _read_given(
+        self, given: Mapping[str, Sequence[np.ndarray | None]]
+    ) -> tuple[list[dict[int, np.ndarray]], dict[str, Tensor]]:
+        """-> per sample {modality index: ids}, and per pixel input its (B, S, S, 3) images (zeros where
+        a sample lacks it; its ids are placeholders for the patches)."""
         if not given:
             raise GenerationError(
                 "given: needs at least one modality with one entry per sample (None entries for unconditional)"
@@ -429,9 +442,13 @@ class Generator:
         if not next(iter(lengths.values())):
             raise GenerationError("given: empty batch (no samples)")
         rows: list[dict[int, np.ndarray]] = [{} for _ in range(next(iter(lengths.values())))]
+        pixels: dict[str, Tensor] = {}
         for name, entries in given.items():
             m = self.model.modality_index(name)
             info, vocab_size = self.infos[m], self.model.modalities[m].vocab_size
+            if info.kind == "pixels":
+                side = info.image_size
+                pixels[name] = torch.zeros(len(rows), side, side, 3, dtype=torch.uint8, device=self.device)
             for b, ids in enumerate(entries):
                 if ids is None:
                     continue
@@ -439,13 +456,15 @@ class Generator:
                     content = Masker._read(info, ids)  # maps: the grid; sequences: ids before EOS/PAD
                 except ValueError as error:
                     raise GenerationError(f"given {name!r}, sample {b}: {error}") from None
-                if content.size and not (0 <= content.min() and content.max() < vocab_size):
+                if info.kind == "pixels":
+                    pixels[name][b] = torch.from_numpy(np.ascontiguousarray(ids))
+                elif content.size and not (0 <= content.min() and content.max() < vocab_size):
                     raise GenerationError(
                         f"given {name!r}, sample {b}: ids {content.min()}..{content.max()} are outside"
                         f" its vocabulary of {vocab_size} ids"
                     )
                 rows[b][m] = content
-        return rows
+        return rows, pixels
 
     def _read_targets(
         self,
@@ -467,6 +486,8 @@ class Generator:
                 raise GenerationError(f"targets: {name!r} is also given; generate only what is missing")
             if name in seen:
                 raise GenerationError(f"targets: {name!r} is repeated")
+            if self.model.modalities[m].kind == "pixels":
+                raise GenerationError(f"targets: {name!r} is a pixel input: nothing generates pixels")
             if not isinstance(decoding, Decoding):
                 raise GenerationError(f"targets: {name!r} needs a Decoding, got {type(decoding).__name__}")
             for condition in decoding.guidance if isinstance(decoding.guidance, Mapping) else ():
@@ -519,7 +540,7 @@ class Generator:
             """(B, n) grid positions -> (B, n, V) guided logits there, given the map's ``own`` tokens."""
             per_pass = []
             for inputs in guidance.passes:
-                batch = _batch(inputs.cat(own), m, where)
+                batch = _batch(inputs.cat(own), m, where, guidance.pixels)
                 per_pass.append(head(self.model.decode(batch, *self.model.encode(batch))).float())
             return guidance.combine(per_pass)
 
@@ -557,7 +578,7 @@ class Generator:
         B, device = guidance.passes[0].ids.shape[0], self.device
         cap = d.max_tokens or info.num_tokens
         no_targets = torch.zeros(B, 0, dtype=torch.long, device=device)
-        memories = [self.model.encode(_batch(inputs, m, no_targets)) for inputs in guidance.passes]
+        memories = [self.model.encode(_batch(inputs, m, no_targets, guidance.pixels)) for inputs in guidance.passes]
         vocab_size = self.model.modalities[m].vocab_size
         forbidden = torch.tensor(
             [i for i in (info.pad_id, info.sos_id, UNK_ID, *info.sentinel_ids) if i < vocab_size], device=device
@@ -568,7 +589,7 @@ class Generator:
             position = torch.arange(decoder_input.shape[1], device=device).expand(B, -1)  # (B, L)
             per_pass = []
             for inputs, memory in zip(guidance.passes, memories, strict=True):
-                batch = _batch(inputs, m, position, decoder_input)
+                batch = _batch(inputs, m, position, guidance.pixels, decoder_input)
                 per_pass.append(head(self.model.decode(batch, *memory)[:, -1]).float())
             return guidance.combine(per_pass)
 

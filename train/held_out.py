@@ -28,11 +28,11 @@ class HeldOutRow:
     shard: int
     key: str
     tokens: Sample
-    """Modality -> its stored ids (None where absent)."""
+    """Modality -> its stored ids, a pixel input's decoded (S, S, 3) image (None where absent)."""
 
 
 def held_out_rows(config: Config, modalities: Sequence[str], needed: Sequence[str] = ()) -> Iterator[HeldOutRow]:
-    """Rows of the held-out shards, in order, that have tokens for every modality in ``needed``."""
+    """Rows of the held-out shards, in order, that have tokens (or pixels) for every modality in ``needed``."""
     holdout = config.train.holdout_shards
     if holdout < 1:
         raise NothingHeldOutError(
@@ -41,7 +41,8 @@ def held_out_rows(config: Config, modalities: Sequence[str], needed: Sequence[st
         )
     shards = TokenShards(config.root, modalities, holdout=holdout)
     for shard in shards.held_out:
-        for key, sample in shards.read(shard):
+        for key, stored in shards.read(shard):
+            sample = shards.decode(stored)
             if all(sample[m] is not None for m in needed):
                 yield HeldOutRow(int(shard.name), key, sample)
 

@@ -7,12 +7,14 @@ Per sample, over the modalities present in it only (an absent one is never drawn
    concentrations per modality, one for the input split and one for the target split (4M's
    ``alphas_mixture`` files); a zero or unlisted concentration keeps a modality off that side.
    ``all2all`` (every modality both sides, concentration ``alphas``) and ``rgb2all`` (the input on
-   rgb only, targets among the others) are presets; a sample without any input candidate of its
-   mixture falls back to ``all2all``;
+   the image only, as pixels where the run has its pixel input, else as tokens; targets among all
+   the others, the image's tokens included when the pixels are the input) are presets; a sample
+   without any input candidate of its mixture falls back to ``all2all``;
 2. the two Dirichlet draws split the budgets into per-modality allotments (:func:`split_budget`),
    after each candidate got its ``min_*_tokens`` and never above its ``max_*_tokens``;
 3. a map gives a random subset of its grid as input and a random subset of the *remaining*
-   positions as target, so inputs and targets never overlap;
+   positions as target, so inputs and targets never overlap. A pixel input (4M's ``rgb@224``) is
+   masked like a map's input, by patch; it is never a target;
 4. a sequence is masked as in 4M: EOS is appended first (so it can be hidden and predicted), a keep
    probability is drawn by the modality's scheme (``random``: uniform in [0, 1]; ``all``: 1;
    ``binary``: 0 or 1), every token is kept with it and each run of hidden tokens becomes one
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 
 from four_m.core.config import ConfigError, TextTokenizerConfig
-from four_m.core.modalities import MODALITIES, of_kind
+from four_m.core.modalities import MODALITIES, of_kind, pixel_input_of, pixel_inputs
 from four_m.tokenize.text import EOS, PAD, SOS, SPECIAL_TOKENS
 from four_m.train.batch import MaskedBatch
 
@@ -168,20 +170,25 @@ class ModalityInfo:
     """What the masker needs of one modality of the run's ordered modality list."""
 
     name: str
-    kind: Literal["map", "sequence"]
+    kind: Literal["map", "sequence", "pixels"]
     num_tokens: int
-    """Maps: the grid's token count (every sample has exactly that many, row-major). Sequences: the
-    cap of a stored sequence, EOS included. All input and target positions are below it."""
+    """Maps and pixels: the grid's token count (every sample has exactly that many, row-major; a pixel
+    input's patches). Sequences: the cap of a stored sequence, EOS included. All input and target
+    positions are below it."""
     pad_id: int = SPECIAL_TOKENS.index(PAD)
     sos_id: int = SPECIAL_TOKENS.index(SOS)
     eos_id: int = SPECIAL_TOKENS.index(EOS)
     first_sentinel_id: int = _FIRST_SENTINEL
     num_sentinels: int = TextTokenizerConfig.sentinels
     """Special ids of the shared text vocabulary; only sequences use them."""
+    image_size: int = 0
+    """Pixels: the side of the square image a sample carries (grid side times the patch size)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("map", "sequence"):
-            raise ValueError(f"{self.name}: kind must be 'map' or 'sequence', not {self.kind!r}")
+        if self.kind not in ("map", "sequence", "pixels"):
+            raise ValueError(f"{self.name}: kind must be 'map', 'sequence' or 'pixels', not {self.kind!r}")
+        if (self.kind == "pixels") != (self.image_size > 0):
+            raise ValueError(f"{self.name}: image_size is for pixel inputs only, and they need one")
         if self.num_tokens < 1 or self.num_sentinels < 2:
             raise ValueError(f"{self.name}: needs num_tokens >= 1 and num_sentinels >= 2 (a span and the closing one)")
 
@@ -194,9 +201,13 @@ def modality_infos(names: Sequence[str], text: TextTokenizerConfig | None = None
     """The run's modalities, in the given order, from ``core.modalities`` and the text tokenizer's config."""
     text = text or TextTokenizerConfig()
     infos = []
+    pixels = pixel_inputs()
     for name in names:
+        if name in pixels:
+            infos.append(ModalityInfo(name, "pixels", pixels[name].max_tokens, image_size=pixels[name].pixel_side))
+            continue
         if name not in MODALITIES:
-            raise ValueError(f"unknown modality {name!r}; known: {tuple(MODALITIES)}")
+            raise ValueError(f"unknown modality {name!r}; known: {tuple(MODALITIES)} and pixel inputs {tuple(pixels)}")
         spec = MODALITIES[name]
         num_tokens = spec.max_tokens if spec.layout == "map" else text.max_tokens
         infos.append(ModalityInfo(name, spec.layout, num_tokens, num_sentinels=text.sentinels))
@@ -215,6 +226,8 @@ class MaskedSample:
     target_modality: np.ndarray
     target_position: np.ndarray
     decoder_input_ids: np.ndarray
+    pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    """Pixel input name -> the sample's (S, S, 3) uint8 image, where some of its patches are inputs."""
 
 
 def split_budget(budget: int, shares: np.ndarray, available: np.ndarray) -> np.ndarray:
@@ -376,9 +389,14 @@ class Masker:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"the run needs distinct modalities, got {names}")
         self._check_names(names)
+        self._pixels = np.array([m.kind == "pixels" for m in self.modalities])
+        self._check_input_only()
         image = of_kind("image", tuple(names))
         _check("rgb2all" not in cfg.mixtures or bool(image), "mixtures", "rgb2all needs rgb among the modalities")
-        self._rgb = names.index(image[0]) if image else None
+        if image:
+            self._rgb = names.index(image[0])
+            pixels = pixel_input_of(image[0], tuple(names))
+            self._rgb_input = names.index(pixels) if pixels else self._rgb
         alphas = cfg.alphas if isinstance(cfg.alphas, Mapping) else {}
         default_alpha = 1.0 if isinstance(cfg.alphas, Mapping) else float(cfg.alphas)
         self._alphas = np.array([float(alphas.get(n, default_alpha)) for n in names])
@@ -386,7 +404,7 @@ class Masker:
         self._all2all = self._resolve("all2all")
         weights = np.array(cfg.mixture_weights or [1.0] * len(cfg.mixtures), np.float64)
         self._weights = weights / weights.sum()
-        self._is_map = np.array([m.kind == "map" for m in self.modalities])
+        self._is_map = np.array([m.kind in ("map", "pixels") for m in self.modalities])  # grids
         self._limits = {
             name: np.array([int(getattr(cfg, name).get(m.name, default)) for m in self.modalities])
             for name, default in (
@@ -409,14 +427,24 @@ class Masker:
             unknown = sorted(set(per_modality) - set(names))
             _check(not unknown, key, f"modalities {unknown} are not among the run's {names}")
 
+    def _check_input_only(self) -> None:
+        """A pixel input is never a target: a mixture or limit that makes it one stops the run."""
+        inputs_only = {m.name for m in self.modalities if m.kind == "pixels"}
+        for mixture, alphas in self.cfg.target_alphas.items():
+            targets = sorted(n for n, alpha in alphas.items() if n in inputs_only and float(alpha) > 0)
+            _check(not targets, f"target_alphas.{mixture}", f"{targets} are pixel inputs: nothing predicts pixels")
+        for key in ("min_target_tokens", "max_target_tokens"):
+            named = sorted(set(getattr(self.cfg, key)) & inputs_only)
+            _check(not named, key, f"{named} are pixel inputs, never targets")
+
     def _resolve(self, name: str) -> _Mixture:
         """A mixture's concentrations over the run's modalities: its own, else the preset's."""
         cfg, count = self.cfg, len(self.modalities)
-        preset_input, preset_target = self._alphas.copy(), self._alphas.copy()
-        if name == "rgb2all":
+        preset_input, preset_target = self._alphas.copy(), np.where(self._pixels, 0.0, self._alphas)
+        if name == "rgb2all":  # 4M: the image in, everything else out (its tokens too, when pixels are in)
             preset_input = np.zeros(count)
-            preset_input[self._rgb] = 1.0
-            preset_target[self._rgb] = 0.0
+            preset_input[self._rgb_input] = 1.0
+            preset_target[self._rgb_input] = 0.0
 
         def own(side: str, preset: np.ndarray | None) -> np.ndarray:
             given = getattr(cfg, side).get(name)
@@ -477,6 +505,7 @@ class Masker:
                 inputs.append((i, sequence_inputs[i], np.arange(len(sequence_inputs[i]))))
 
         predictable = np.array([len(rest[i]) - (not self._is_map[i]) if i in rest else 0 for i in range(len(infos))])
+        target_from &= ~self._pixels
         target_available = np.where(target_from, np.minimum(predictable, self._limits["max_target_tokens"]), 0)
         target_counts = self._allot(cfg.target_budget, target_shares, target_available, "min_target_tokens")
         pieces = {}
@@ -501,10 +530,12 @@ class Masker:
             target_modality=_cat([np.full(len(ids), i) for i, ids, _, _ in targets]),
             target_position=_cat([positions for _, _, positions, _ in targets]),
             decoder_input_ids=_cat([decoder_in for *_, decoder_in in targets]),
+            pixels={infos[i].name: sample[infos[i].name] for i in tokens if self._pixels[i] and input_counts[i]},
         )
 
     def collate(self, samples: Sequence[MaskedSample]) -> MaskedBatch:
-        return collate(samples, self.cfg.input_budget, self.cfg.target_budget)
+        sizes = {m.name: m.image_size for m in self.modalities if m.kind == "pixels"}
+        return collate(samples, self.cfg.input_budget, self.cfg.target_budget, sizes)
 
     def _allot(self, budget: int, shares: np.ndarray, available: np.ndarray, minimum: str) -> np.ndarray:
         """Per-modality counts: each candidate's minimum first (as far as it has tokens), the rest by share."""
@@ -525,7 +556,13 @@ class Masker:
     @staticmethod
     def _read(info: ModalityInfo, ids: np.ndarray) -> np.ndarray:
         """Maps: the flat grid. Sequences: the tokens up to EOS (trailing padding dropped), EOS appended
-        if the stored row lacks it, since 4M masks EOS like any token."""
+        if the stored row lacks it, since 4M masks EOS like any token. Pixels: the (S, S, 3) image,
+        whose patches stand as the grid's ids (0: the model embeds the pixels, not an id)."""
+        if info.kind == "pixels":
+            shape = (info.image_size, info.image_size, 3)
+            if np.shape(ids) != shape or np.asarray(ids).dtype != np.uint8:
+                raise ValueError(f"{info.name}: expected a uint8 image of shape {shape}, got {np.shape(ids)}")
+            return np.zeros(info.num_tokens, np.int64)
         ids = np.asarray(ids).reshape(-1).astype(np.int64)
         if info.kind == "map":
             if len(ids) != info.num_tokens:
@@ -542,8 +579,12 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
-def collate(samples: Sequence[MaskedSample], input_budget: int, target_budget: int) -> MaskedBatch:
-    """Pads masked samples to exactly ``input_budget`` inputs and ``target_budget`` targets."""
+def collate(
+    samples: Sequence[MaskedSample], input_budget: int, target_budget: int, pixel_sizes: Mapping[str, int] | None = None
+) -> MaskedBatch:
+    """Pads masked samples to exactly ``input_budget`` inputs and ``target_budget`` targets; stacks each
+    pixel input's images (``pixel_sizes``: name -> side) as (B, S, S, 3) uint8, zeros where a sample has
+    none among its inputs."""
 
     def pad(rows: list[np.ndarray], width: int, what: str) -> torch.Tensor:
         out = np.zeros((len(rows), width), np.int64)
@@ -565,4 +606,13 @@ def collate(samples: Sequence[MaskedSample], input_budget: int, target_budget: i
         target_position=pad([s.target_position for s in samples], target_budget, "target"),
         target_mask=torch.arange(target_budget) < target_lengths,
         decoder_input_ids=pad([s.decoder_input_ids for s in samples], target_budget, "target"),
+        pixels={n: _stack([s.pixels.get(n) for s in samples], side) for n, side in (pixel_sizes or {}).items()},
     )
+
+
+def _stack(images: list[np.ndarray | None], side: int) -> torch.Tensor:
+    out = np.zeros((len(images), side, side, 3), np.uint8)
+    for b, image in enumerate(images):
+        if image is not None:
+            out[b] = image
+    return torch.from_numpy(out)

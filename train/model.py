@@ -91,33 +91,49 @@ class ModelModality:
     (``MaskedBatch.input_modality``/``target_modality``) indexes that list."""
 
     name: str
-    kind: Literal["map", "sequence"]
+    kind: Literal["map", "sequence", "pixels"]
     vocab_size: int
-    """Size of the modality's token table and output head."""
+    """Size of the modality's token table and output head (0 for pixels: they have neither)."""
     positions: int
-    """Maps: the grid's token count (side * side, row-major positions). Sequences: the cap the masking
-    truncates to; the 1D sin-cos is computed from the position itself, so it sets no hard limit."""
+    """Maps and pixels: the grid's token count (side * side, row-major positions; a pixel input's
+    patches). Sequences: the cap the masking truncates to; the 1D sin-cos is computed from the
+    position itself, so it sets no hard limit."""
     vocabulary: str = ""
     """The id space the modality's tokens live in (default: its own, named after it). Modalities of
     one vocabulary (caption and det share the text tokenizer's) share one token table and one output
     head, as the issue's "one output head per vocabulary" asks: the modality embedding already tells
     a caption's word from a box list's, and a run with many text-like modalities (4M-21's metadata,
     palettes, ...) then costs no extra 30k-row tables to store, clip and update."""
+    patch_size: int = 0
+    """Pixels: the side of a patch, in pixels (0 for token modalities)."""
+    mean: tuple[float, ...] = ()
+    """Pixels: the per-channel mean and std that standardise [0, 1] pixels before the patch embedding."""
+    std: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.vocabulary:
             object.__setattr__(self, "vocabulary", self.name)
+        for name in ("mean", "std"):  # JSON gives lists back
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         check(bool(self.name), "modality.name", "must not be empty")
-        check(self.kind in ("map", "sequence"), f"modality {self.name}.kind", "map|sequence")
-        check(self.vocab_size >= 1, f"modality {self.name}.vocab_size", "must be >= 1")
+        check(self.kind in ("map", "sequence", "pixels"), f"modality {self.name}.kind", "map|sequence|pixels")
+        pixels = self.kind == "pixels"
+        check(pixels or self.vocab_size >= 1, f"modality {self.name}.vocab_size", "must be >= 1")
         check(self.positions >= 1, f"modality {self.name}.positions", "must be >= 1")
-        if self.kind == "map":
+        if self.kind != "sequence":
             check(math.isqrt(self.positions) ** 2 == self.positions, f"modality {self.name}.positions", "a square")
+        shaped = self.patch_size >= 1 and len(self.mean) == len(self.std) == 3
+        check(shaped == pixels, f"modality {self.name}.patch_size", "pixels need patch_size, mean, std; tokens none")
 
     @property
     def grid(self) -> int:
-        """Side of a map's token grid (1 for sequences, where it is not used)."""
-        return math.isqrt(self.positions) if self.kind == "map" else 1
+        """Side of a map's token grid or a pixel input's patch grid (1 for sequences, where it is not used)."""
+        return math.isqrt(self.positions) if self.kind != "sequence" else 1
+
+    @property
+    def image_size(self) -> int:
+        """Pixels: the side of the image (0 for token modalities)."""
+        return self.grid * self.patch_size
 
     @classmethod
     def from_spec(cls, spec: ModalitySpec, vocab_size: int | None = None) -> ModelModality:
@@ -125,6 +141,13 @@ class ModelModality:
         vocab_size = vocab_size if vocab_size is not None else spec.vocab_size
         check(vocab_size is not None, f"modality {spec.name}.vocab_size", "unknown: train its tokenizer first")
         return cls(spec.name, spec.layout, vocab_size, spec.max_tokens, spec.vocabulary)
+
+    @classmethod
+    def pixels_of(cls, image: ModalitySpec) -> ModelModality:
+        """The pixel input of an image modality's spec (on the image's token grid)."""
+        pixels = image.pixel_input
+        check(pixels is not None, f"modality {image.name}", "has no pixel input")
+        return cls(pixels.name, "pixels", 0, image.max_tokens, "", pixels.patch_size, pixels.mean, pixels.std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,10 +286,12 @@ class FourM(nn.Module):
         check(len(set(names)) == len(names), "model.modalities", f"names repeat: {names}")
         self.config = config
         self.modalities = tuple(modalities)
+        tokens = [m for m in modalities if m.kind != "pixels"]
+        pixels = [m for m in modalities if m.kind == "pixels"]
         vocab_sizes: dict[str, int] = {}  # ordered by first use, sized by the first user
-        for m in modalities:
+        for m in tokens:
             vocab_sizes.setdefault(m.vocabulary, m.vocab_size)
-        for m in modalities:
+        for m in tokens:
             check(
                 m.vocab_size == vocab_sizes[m.vocabulary],
                 f"modality {m.name}.vocab_size",
@@ -275,16 +300,23 @@ class FourM(nn.Module):
         vocabularies = list(vocab_sizes)
         D = config.dim
 
-        # Per-modality lookups by modality index: is it a map, its grid side, its vocabulary's index.
-        self.register_buffer("is_map", torch.tensor([m.kind == "map" for m in modalities]), persistent=False)
+        # Per-modality lookups by modality index: is it on a grid (maps, pixels), its grid side, its
+        # vocabulary's index (-1: pixels have none).
+        self.register_buffer("is_map", torch.tensor([m.kind != "sequence" for m in modalities]), persistent=False)
         self.register_buffer("grid", torch.tensor([m.grid for m in modalities]), persistent=False)
-        self._vocabulary_of = [vocabularies.index(m.vocabulary) for m in modalities]
+        self._vocabulary_of = [vocabularies.index(m.vocabulary) if m in tokens else -1 for m in modalities]
         self.register_buffer("vocabulary_of", torch.tensor(self._vocabulary_of), persistent=False)
 
         # Embeddings, one token table per vocabulary. Tables are shared by the encoder's inputs and the
         # decoder's teacher-forced sequence inputs; the modality embeddings are not: "an input of m"
         # and "predict m" differ.
         self.token_embeddings = nn.ModuleDict({v: nn.Embedding(n, D) for v, n in vocab_sizes.items()})
+        # 4M's rgb@224: a bias-free linear map of each flattened patch (rows, columns, channels), so
+        # the modality embedding alone says "pixels".
+        self.patch_embeddings = nn.ModuleDict({m.name: nn.Linear(m.patch_size**2 * 3, D, bias=False) for m in pixels})
+        for m in pixels:
+            self.register_buffer(f"_mean_{m.name}", torch.tensor(m.mean), persistent=False)
+            self.register_buffer(f"_std_{m.name}", torch.tensor(m.std), persistent=False)
         self.input_modality_embedding = nn.Embedding(len(modalities), D)
         self.target_modality_embedding = nn.Embedding(len(modalities), D)
         self.mask_token = nn.Parameter(torch.zeros(D))
@@ -348,6 +380,27 @@ class FourM(nn.Module):
             x[here] = table(ids[here])  # (tokens of vocabulary v, D)
         return x
 
+    def embed_patches(self, name: str, images: Tensor) -> Tensor:
+        """(B, S, S, 3) uint8 images of pixel input ``name`` -> (B, G, D): every patch, row-major,
+        standardised and linearly embedded (the caller picks the patches that are inputs)."""
+        m = self.modalities[self.modality_index(name)]
+        p, dtype = m.patch_size, self.mask_token.dtype
+        x = (images.to(dtype) / 255 - getattr(self, f"_mean_{name}")) / getattr(self, f"_std_{name}")  # (B, S, S, 3)
+        B, g = x.shape[0], m.grid
+        patches = x.reshape(B, g, p, g, p, 3).transpose(2, 3).reshape(B, g * g, p * p * 3)  # (B, G, p*p*3)
+        return self.patch_embeddings[name](patches)  # (B, G, D)
+
+    def embed_inputs(self, batch: MaskedBatch, modality: Tensor, position: Tensor) -> Tensor:
+        """(B, N_in) -> (B, N_in, D): token inputs from their tables, pixel inputs from their patches."""
+        x = self.embed_tokens(batch.input_ids.where(batch.input_mask, 0), modality)  # (B, N_in, D)
+        for name in self.patch_embeddings:
+            here = (modality == self.modality_index(name)) & batch.input_mask  # (B, N_in)
+            if here.any():
+                patches = self.embed_patches(name, batch.pixels[name])  # (B, G, D)
+                rows = here.nonzero(as_tuple=True)[0]
+                x[here] = patches[rows, position[here]].to(x.dtype)
+        return x
+
     def embed_positions(self, modality: Tensor, position: Tensor) -> Tensor:
         """(B, N) -> (B, N, D): 2D sin-cos of (row, column) for map tokens, 1D sin-cos for sequences."""
         grid = self.grid[modality]  # (B, N)
@@ -366,7 +419,7 @@ class FourM(nn.Module):
         position = batch.input_position.where(real, 0)
         # Each token's modality + position embeddings: the decoder's context gets them again.
         labels = self.input_modality_embedding(modality) + self.embed_positions(modality, position)  # (B, N_in, D)
-        x = self.embed_tokens(batch.input_ids.where(real, 0), modality) + labels  # (B, N_in, D)
+        x = self.embed_inputs(batch, modality, position) + labels  # (B, N_in, D)
         B = x.shape[0]
         x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, S, D)
         # The context token has no modality or position (as 4M's register tokens): nothing to add back.

@@ -27,7 +27,7 @@ from safetensors.torch import save_model
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path, clear_temporaries, write_text_atomic
 from four_m.core.errors import UserError
-from four_m.core.modalities import MODALITIES
+from four_m.core.modalities import MODALITIES, pixel_inputs
 from four_m.core.runs import DESCRIPTION, LOGS, read_losses
 from four_m.core.storage import RootPath
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
@@ -84,7 +84,7 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
     resume = run_dir / "checkpoints" / LAST
     if resume.is_file():
         check_checkpoint(resume, modalities, cfg.run)
-    infos = [ModalityInfo(m.name, m.kind, m.positions) for m in modalities]
+    infos = [ModalityInfo(m.name, m.kind, m.positions, image_size=m.image_size) for m in modalities]
     masking = MaskingConfig.from_train(cfg)
     data = TokenDataModule(
         root=root.path,
@@ -137,7 +137,7 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
         described = {
             "model": asdict(module.model.config),
             "modalities": [asdict(m) for m in modalities],
-            "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities},
+            "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities if m.kind != "pixels"},
         }
         write_text_atomic(run_dir / DESCRIPTION, json.dumps(described, indent=1))
         plot_losses(losses, run_dir / "loss.png")
@@ -147,10 +147,15 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
 
 
 def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelModality]:
-    """The run's modalities with their vocabularies, once the store and the tokenizers agree."""
-    store = store_vocabularies(root.path, list(names))
+    """The run's modalities with their vocabularies, once the store and the tokenizers agree (pixel
+    inputs have neither: they are read from ``images/``)."""
+    pixels = pixel_inputs(names)
+    store = store_vocabularies(root.path, [n for n in names if n not in pixels])
     modalities = []
     for name in names:
+        if name in pixels:
+            modalities.append(ModelModality.pixels_of(pixels[name]))
+            continue
         tokenizer = load_tokenizer(root, name)
         side = store[name]
         if side["vocab_size"] != tokenizer.vocab_size or side["tokenizer"] != tokenizer_id(root, name):

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 from four_m.core.config import Config, GenerateConfig
 from four_m.core.dataset_root import atomic_path
 from four_m.core.errors import UserError
-from four_m.core.modalities import of_kind
+from four_m.core.modalities import MODALITIES, map_modalities, of_kind, pixel_input_of, pixel_inputs
+from four_m.core.views import label_view
 from four_m.tokenize.maps import configured
 from four_m.tokenize.preview import HEADER, render_value, text_tile
 from four_m.train.generate import Decoding, Generator, keep_share
@@ -41,7 +42,7 @@ class SampleRows:
     """What the grid shows besides the predictions, one entry per row."""
 
     given: dict[str, list[np.ndarray | None]]
-    """Modality -> ids the model is shown."""
+    """Modality -> what the model is shown: ids, or an image's pixels where the run has its pixel input."""
     shown: dict[str, list[Any]]
     """Modality -> the value to draw for a given modality or a target's pseudo-label (None: none)."""
     views: list[np.ndarray]
@@ -56,9 +57,10 @@ def write_samples(config: Config, image: Path | None = None, caption: str | None
     given, targets = plan(config.generate, run)
     user = image is not None or caption is not None
     rows = user_rows(config, run, given, image, caption) if user else held_out_sample_rows(config, run, given, targets)
+    inputs = model_inputs(given, run)
     predicted = Generator(run.model).generate(
-        rows.given,
-        [(t, decoding(config.generate)) for t in targets],
+        {inputs[m]: rows.given[m] for m in given},
+        [(t, decoding(config.generate, inputs=inputs)) for t in targets],
         seed=config.generate.seed,
         partial=partial(config.generate, rows),
     )
@@ -72,18 +74,34 @@ def write_samples(config: Config, image: Path | None = None, caption: str | None
     return out
 
 
+def model_inputs(given: tuple[str, ...], run: TrainedRun) -> dict[str, str]:
+    """Given modality -> what the model is shown: an image's pixel input where the run has one (4M
+    conditions on the photo, not on its lossy tokens), else the modality itself."""
+    return {m: pixel_input_of(m, run.modalities) or m for m in given}
+
+
 def plan(cfg: GenerateConfig, run: TrainedRun) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(given, targets) checked against the run's modalities; no targets means every other one."""
-    targets = cfg.targets or tuple(m for m in run.modalities if m not in cfg.given)
-    unknown = sorted((set(cfg.given) | set(targets)) - set(run.modalities))
+    """(given, targets) checked against the run's modalities; no targets means every other token
+    modality (pixel inputs are never generated). A pixel input given by name (``rgb_pixels``) is given
+    as its image (``rgb``), which :func:`model_inputs` shows as pixels."""
+    unknown = sorted(set(cfg.given) - set(run.modalities))
+    if unknown:
+        raise SampleInputError(f"run {run.directory.name} has no {unknown}; it knows {', '.join(run.modalities)}")
+    images = pixel_inputs()
+    given = tuple(dict.fromkeys(images[m].name if m in images else m for m in cfg.given))
+    shown = model_inputs(given, run)
+    targets = cfg.targets or tuple(
+        m for m in run.modalities if m not in given and m not in shown.values() and m in MODALITIES
+    )
+    unknown = sorted({shown[m] for m in given} - set(run.modalities) | set(targets) - set(run.modalities))
     if unknown:
         raise SampleInputError(f"run {run.directory.name} has no {unknown}; it knows {', '.join(run.modalities)}")
     if not targets:
         raise SampleInputError(f"nothing to generate: generate.given covers all of {', '.join(run.modalities)}")
-    not_maps = sorted(m for m in cfg.keep if m not in targets or m not in of_kind("map"))
+    not_maps = sorted(m for m in cfg.keep if m not in targets or m not in map_modalities())
     if not_maps:
         raise SampleInputError(f"generate.keep: {not_maps} are not map targets of this sample; only those in-paint")
-    return cfg.given, targets
+    return given, targets
 
 
 def partial(cfg: GenerateConfig, rows: SampleRows) -> dict[str, list[np.ndarray]]:
@@ -94,9 +112,13 @@ def partial(cfg: GenerateConfig, rows: SampleRows) -> dict[str, list[np.ndarray]
     return {m: keep_share(rows.stored[m], share, cfg.seed) for m, share in cfg.keep.items()}
 
 
-def decoding(cfg: GenerateConfig, temperature: float | None = None) -> Decoding:
+def decoding(cfg: GenerateConfig, temperature: float | None = None, inputs: dict[str, str] | None = None) -> Decoding:
     """The generate section as one target's decoding; ``temperature`` overrides the section's and its
-    schedule (onex would otherwise climb from it towards its min_t)."""
+    schedule (onex would otherwise climb from it towards its min_t); ``inputs`` renames per-condition
+    guidance weights to what the model is shown (:func:`model_inputs`)."""
+    guidance = cfg.guidance
+    if isinstance(guidance, dict) and inputs:
+        guidance = {inputs.get(m, m): weight for m, weight in guidance.items()}
     return Decoding(
         steps=cfg.steps,
         order=cfg.order,
@@ -105,7 +127,7 @@ def decoding(cfg: GenerateConfig, temperature: float | None = None) -> Decoding:
         temperature_schedule=cfg.temperature_schedule if temperature is None else "constant",
         top_k=cfg.top_k,
         top_p=cfg.top_p,
-        guidance=cfg.guidance,
+        guidance=guidance,
         max_tokens=cfg.max_tokens or None,
     )
 
@@ -115,13 +137,14 @@ def held_out_sample_rows(
 ) -> SampleRows:
     """The first ``generate.samples`` held-out rows that have tokens for every given modality (and
     every one in-painted: ``generate.keep``)."""
-    needed = (*given, *config.generate.keep)
+    inputs = model_inputs(given, run)
+    needed = (*inputs.values(), *config.generate.keep)
     chosen = list(itertools.islice(held_out_rows(config, run.modalities, needed=needed), config.generate.samples))
     if not chosen:
         raise SampleInputError(f"no held-out row has tokens for all of {', '.join(needed)}")
     labels = Labels(config)
     return SampleRows(
-        given={m: [row.tokens[m] for row in chosen] for m in given},
+        given={m: [row.tokens[inputs[m]] for row in chosen] for m in given},
         shown={m: [labels.value(m, row) for row in chosen] for m in (*given, *targets)},
         views=[labels.view(row) for row in chosen],
         stored={m: [row.tokens.get(m) for row in chosen] for m in targets},
@@ -147,7 +170,11 @@ def user_rows(
             f"generate.given is {', '.join(given)}, but only {', '.join(supplied)} was supplied (IMAGE= is"
             f" {image_modality}, CAPTION= is a text modality): set FROM to what you pass"
         )
-    ids = {m: run.tokenizers[m].encode([supplied[m]]) for m in given}
+    inputs = model_inputs(given, run)
+    pixels = pixel_input_of(image_modality, run.modalities)
+    ids = {m: run.tokenizers[m].encode([supplied[m]]) for m in given if inputs[m] != pixels}
+    if pixels in inputs.values():  # the photo itself, cut as the label view at the pixel input's size
+        ids[image_modality] = [label_view(Path(image).read_bytes(), MODALITIES[image_modality].pixel_side)]
     view = (
         configured(image_modality, config.label.size, {}).render(supplied[image_modality])
         if image_modality in supplied

@@ -36,7 +36,7 @@ class TrainedRun:
     model: FourM
     """In eval mode, on the CPU."""
     tokenizers: dict[str, Tokenizer]
-    """Modality -> the tokenizer whose vocabulary the model was trained on."""
+    """Token modality -> the tokenizer whose vocabulary the model was trained on (pixel inputs have none)."""
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -53,7 +53,7 @@ def load_trained(config: Config) -> TrainedRun:
     spec = json.loads(described.read_text())
     modalities = [ModelModality(**m) for m in spec["modalities"]]
     tokenizers = {}
-    for modality in modalities:
+    for modality in (m for m in modalities if m.kind != "pixels"):  # pixels have no tokenizer
         try:
             tokenizer = load_tokenizer(root, modality.name)
         except FileNotFoundError as err:

@@ -55,6 +55,15 @@ def test_sample_writes_inputs_pseudo_labels_and_predictions_of_held_out_rows(tra
     assert grid.size == (7 * SIZE, 18 + 2 * SIZE)
 
 
+def test_sample_shows_the_pixels_and_can_ask_for_rgb_tokens_and_in_paint(trained):
+    """The run has rgb_pixels: FROM=rgb_pixels is the photo, so rgb's own tokens can be a target;
+    KEEP gives half of depth's stored tokens."""
+    config = _config(trained, "generate.given=[rgb_pixels]", "generate.targets=[rgb,depth]", "generate.keep.depth=0.5")
+    out = write_samples(config)
+    assert out.name == "rgb-to-rgb+depth.png"
+    assert Image.open(out).size == (5 * SIZE, 18 + 2 * SIZE)
+
+
 def test_sample_from_a_user_image_and_caption(trained, photos):
     image = photos[0][0]
     config = _config(trained, "generate.given=[rgb,caption]", "generate.targets=[depth]")
@@ -93,6 +102,7 @@ def test_a_run_whose_tokenizers_were_retrained_is_refused(trained, tmp_path):
 
 def test_eval_scores_rgb_to_every_modality_beside_baseline_and_tokenizer_ceiling(trained):
     report = run_eval(_config(trained))
+    assert report.source == "rgb_pixels"  # the run has the pixel input: eval conditions on the photo
     figures = json.loads((trained / "runs/tiny/eval/metrics.json").read_text())
     assert figures["columns"] == ["baseline", "model", "tokenizer ceiling"] and figures["rows"] == 2
     results = figures["results"]

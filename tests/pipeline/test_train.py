@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from four_m.core.config import load_config
+from four_m.core.modalities import MODALITIES
 from four_m.core.runs import read_losses
+from four_m.train.data import TokenStoreError
 from four_m.train.run import TrainingMismatchError, run_train
 
 NANO = [
@@ -83,6 +85,16 @@ def test_store_tokenizer_and_checkpoint_mismatches_stop_before_training(root):
     trained.write_text(trained.read_text().replace('"samples"', '"samples_"'))  # another tokenizer now
     with pytest.raises(TrainingMismatchError, match="tokens/depth were made by tokenizer depth-.* tokenizers/depth"):
         run_train(_config(root, "train.max_steps=3", "train.run=other"))
+
+
+def test_a_token_store_alone_trains_once_the_pixel_input_is_left_out(root):
+    """Runs include rgb_pixels (read from images/) by default; tokens copied without images/ still train."""
+    shutil.rmtree(root / "images")
+    short = ["train.max_steps=2", "train.warmup_steps=0"]
+    with pytest.raises(TokenStoreError, match="leave rgb_pixels out of train.modalities"):
+        run_train(_config(root, *short))
+    summary = run_train(_config(root, *short, f"train.modalities=[{', '.join(MODALITIES)}]"))
+    assert summary.steps == 2
 
 
 def test_two_process_ddp_on_cpu_finishes_with_equal_steps(root, tmp_path):
