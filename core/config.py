@@ -21,6 +21,7 @@ import yaml
 
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES, input_modalities, labelled_modalities
+from four_m.core.precision import PRECISIONS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = "sections"
@@ -136,9 +137,22 @@ class LabelerConfig:
     """Per actor. Fractional on purpose: six whole-CPU pools cannot all be placed on 2 cores."""
     num_gpus: float = field(default=0.0, metadata=RUNTIME_ONLY)
     """Per actor; a fraction lets several labelers share one GPU."""
+    precision: str = field(default="auto", metadata=RUNTIME_ONLY)
+    """auto (bf16 autocast on a GPU that has it, else fp16; fp32 on a CPU), 32, bf16 or fp16. A
+    network's labels differ by rounding between settings, not in kind; the run's config records it."""
+    channels_last: bool = field(default=True, metadata=RUNTIME_ONLY)
+    """On a GPU, the model in channels-last memory format (faster convolutions)."""
+    compile: bool = field(default=False, metadata=RUNTIME_ONLY)
+    """Wrap the model in ``torch.compile`` (worth it for long runs: compiling takes minutes)."""
+    timeout_s: float = field(default=600.0, metadata=RUNTIME_ONLY)
+    """Time limit of one batch: a batch past it is retried row by row, and a row past it alone is
+    recorded as ``labeler_timeout`` with its key, so one pathological image never stalls the pool.
+    Generous by default: a slow batch is not a hung one."""
 
     def __post_init__(self) -> None:
         check(16 <= self.input_size <= 2048, "label.*.input_size", "must be in [16, 2048]")
+        check(self.timeout_s > 0, "label.*.timeout_s", "must be > 0 seconds")
+        check(self.precision in PRECISIONS, "label.*.precision", f"one of {', '.join(PRECISIONS)}")
         check(self.batch_size >= 1, "label.*.batch_size", "must be >= 1")
         check(self.concurrency >= 1, "label.*.concurrency", "must be >= 1")
         check(self.num_cpus > 0, "label.*.num_cpus", "must be > 0")
@@ -273,6 +287,9 @@ class TokenizeConfig:
     """Most tokenize actors at once (each holds every tokenizer); Ray starts fewer if CPUs are short."""
     num_gpus: float = field(default=0.0, metadata=RUNTIME_ONLY)
     """Per task, for VQ encoders and tokenizer training (0: CPU)."""
+    precision: str = field(default="auto", metadata=RUNTIME_ONLY)
+    """VQ encoding and tokenizer training on a GPU: auto (bf16 autocast, fp16 without bf16), 32,
+    bf16 or fp16; a CPU runs fp32 under auto. The quantizer's nearest-code search is always fp32."""
     train_samples: int = 20_000
     """At most this many samples (from the first shards) train each tokenizer."""
     row_group_rows: int = field(default=1024, metadata=RUNTIME_ONLY)
@@ -292,6 +309,7 @@ class TokenizeConfig:
         check(self.caption_source in sources, "tokenize.caption_source", f"must be one of {sources}")
         check(self.train_samples >= 1, "tokenize.train_samples", "must be >= 1")
         check(self.row_group_rows >= 1, "tokenize.row_group_rows", "must be >= 1")
+        check(self.precision in PRECISIONS, "tokenize.precision", f"one of {', '.join(PRECISIONS)}")
 
     def vq(self, modality: str) -> VQConfig:
         return self.sections[modality]

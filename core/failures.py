@@ -15,6 +15,8 @@ ERROR = "error"
 """The column of ``labels/`` and ``tokens/`` files that says why a row has no payload (null: it has one)."""
 NO_IMAGE = "no image"
 """How a label error starts when the row had no usable image (as opposed to a labeler that failed)."""
+LABELER_TIMEOUT = "labeler timeout"
+"""How a label error starts when the labeler took longer than its time limit on that row alone."""
 ABSENT = "absent_upstream"
 """The one reason tokens fail: the image or label of that row failed in an earlier stage."""
 
@@ -68,8 +70,16 @@ def download_failed(error_message: str | None) -> str:
 
 
 def label_failure_reason(error: str) -> str:
-    """The reason for one failed label row: no image to label, or the labeler failed on it."""
-    return "no_image" if error.startswith(NO_IMAGE) else "labeler_error"
+    """The reason for one failed label row: no image to label, the labeler hung on it (past its
+    time limit), or the labeler failed on it."""
+    if error.startswith(NO_IMAGE):
+        return "no_image"
+    return "labeler_timeout" if error.startswith(LABELER_TIMEOUT) else "labeler_error"
+
+
+def labeler_timeout(labeler: str, seconds: float) -> str:
+    """The error of a row that alone kept ``labeler`` past its time limit."""
+    return f"{LABELER_TIMEOUT}: {labeler} took longer than {seconds:g} s on this row alone"
 
 
 def absent(upstream_error: str | None) -> str:

@@ -203,7 +203,8 @@ def _failures(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -
         yield from _table(("stage", "reason", "rows"), rows)
         yield (
             "Download reasons classify img2dataset's messages (`core/failures.py`); labels fail with"
-            " `no_image` (the download failed) or `labeler_error`; tokens are `absent_upstream` where the image"
+            " `no_image` (the download failed), `labeler_error` or `labeler_timeout` (the labeler hung on that"
+            " image alone); tokens are `absent_upstream` where the image"
             " or label is missing.\n"
         )
     else:

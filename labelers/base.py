@@ -69,6 +69,11 @@ class Labeler(ABC):
     def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         """(B, S, S, 3) uint8 RGB at ``cfg.input_size`` -> one payload dict per image."""
 
+    def labelled(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        """What the stage calls: ``label`` in the labeler's numeric setting (a network's autocast),
+        entered here, in the calling thread, because autocast is per thread."""
+        return self.label(pixels)
+
     @abstractmethod
     def provenance(self) -> dict[str, str]:
         """Written into every output file's metadata; like ``schema()``, callable after ``prepare()``.

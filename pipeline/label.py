@@ -3,9 +3,11 @@
 One Ray Data execution covers up to ``label.shards_per_run`` shards: a task pool decodes each
 image once and cuts its views (``core.views``, packed into batches by ``pipeline.views``), then one
 actor pool per labeler (batch size, concurrency, CPU and GPU share from config) adds that labeler's
-columns. Execution preserves order, so the driver receives rows in ``images/`` order, streams each
-labeler's columns into that shard's file under a temporary name, and renames it and writes its
-marker once the shard's last row has arrived. Markers are per labeler and shard
+columns. The last pool's actors write what they labelled where they run, as parts of each
+labeler's shard files (``pipeline.shard_parts``), and hand the driver only (shard, rows). Order is
+not preserved, so no pool waits for the slowest block; once a shard's rows are all written, a
+remote task merges its parts into the shard file in ``images/`` row order, and the driver checks
+its keys and writes its marker. The driver never holds a label byte. Markers are per labeler and shard
 (``_state/label/<modality>/``) and record the digest of the ``images/`` shard they were made from:
 a rerun, or ``--only depth,det``, redoes exactly what is missing or was made from images that
 changed since (a retried download), and never touches the other folders.
@@ -16,13 +18,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import ray
 import torch
 
@@ -31,12 +32,15 @@ from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.errors import UserError
-from four_m.core.failures import ERROR, label_failure_reason
+from four_m.core.failures import ERROR, label_failure_reason, labeler_timeout
+from four_m.core.storage import RootPath
 from four_m.labelers.base import Labeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.executor import ray_session, worker_options
+from four_m.pipeline.shard_parts import ROW, merge_parts, remove_parts, write_part
 from four_m.pipeline.stage import Output, StageRun, downloaded_images, image_keys, images_file
-from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_column, pixels_of
+from four_m.pipeline.time_limit import TimeLimitExceeded, within
+from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_of
 
 STAGE = "label"
 log = logging.getLogger(__name__)
@@ -54,14 +58,52 @@ def column(labeler: str, name: str) -> str:
     return f"{labeler}.{name}"
 
 
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where one labeler's shards go in this run: small and picklable, for the writing actors."""
+
+    folder: str
+    """Relative to the root: ``labels/<name>``."""
+    schema: pa.Schema
+    shards: frozenset[int]
+    """The shards this labeler writes in this run (the others are done or not in the chunk)."""
+
+
+@dataclass(frozen=True)
+class PartWriter:
+    """Writes a labelled batch, per shard and labeler, as a part of that labeler's shard file, and
+    returns only ``(shard, rows)`` per shard in the batch: what the driver needs to know."""
+
+    root: RootPath
+    targets: dict[str, ShardTarget]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        shards, rows = [], []
+        for path in sorted(set(batch["path"].to_pylist())):
+            part = batch.filter(pc.equal(batch["path"], path))
+            shard = _shard_of(path)
+            for name, target in self.targets.items():
+                if shard in target.shards:
+                    table = _modality_table(part, name, target.schema).append_column(ROW, part[ROW])
+                    write_part(self.root, target.folder, shard, table)
+            shards.append(shard)
+            rows.append(part.num_rows)
+        return pa.table({"shard": pa.array(shards, pa.int64()), "rows": pa.array(rows, pa.int64())})
+
+
+def _shard_of(path: str) -> int:
+    return int(Path(path).name.split(".")[0])
+
+
 class LabelerActor:
     """One actor of a pool: loads its labelers' weights once, then labels batch after batch.
 
     Usually one labeler per pool; ``label.actor_groups`` puts several in one actor where a
     machine is too small for a process per labeler (each process imports torch and friends).
+    The last pool's actors also write the labels (``writer``) and return only what they wrote.
     """
 
-    def __init__(self, names: list[str], config: Config, models_dir: str):
+    def __init__(self, names: list[str], config: Config, models_dir: str, writer: PartWriter | None = None):
         # As many threads as CPUs Ray reserved for this actor.
         torch.set_num_threads(max(1, math.ceil(config.label.pool_settings(names).num_cpus)))
         self.labelers = []
@@ -70,11 +112,12 @@ class LabelerActor:
             labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name, root)
             labeler.setup()
             self.labelers.append((labeler, labeler.schema()))
+        self.writer = writer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for labeler, schema in self.labelers:
             batch = _apply(labeler, schema, batch)
-        return batch
+        return self.writer(batch) if self.writer is not None else batch
 
 
 def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
@@ -85,7 +128,8 @@ def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
     if rows:
         pixels = pixels_of(batch, labeler.cfg.input_size)[rows]
         keys = batch["key"].to_pylist()
-        for row, payload, error in _label_isolated(labeler, pixels, rows, [keys[row] for row in rows]):
+        row_keys = [keys[row] for row in rows]
+        for row, payload, error in _label_isolated(labeler, pixels, rows, row_keys, labeler.cfg.timeout_s):
             payloads[row] = payload
             errors[row] = error
     table = pa.Table.from_pylist([p or {} for p in payloads], schema=schema)
@@ -95,15 +139,29 @@ def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
 
 
 def _label_isolated(
-    labeler: Labeler, pixels, rows: list[int], keys: list[str]
+    labeler: Labeler, pixels, rows: list[int], keys: list[str], limit: float
 ) -> list[tuple[int, dict | None, str | None]]:
-    """Label the batch; if that fails, row by row, so one bad image costs only its own row.
+    """Label the batch; if that fails or takes longer than ``limit`` seconds, row by row, so one bad
+    image costs only its own row: a row that alone fails is a ``labeler_error``, one that alone takes
+    longer than ``limit`` a ``labeler_timeout`` (:mod:`four_m.pipeline.time_limit` says what
+    happens to the hung call).
 
     The fallback and each failing row are logged with their keys (the summary only counts them),
     so the image that broke a labeler can be found.
     """
     try:
-        return [(row, payload, None) for row, payload in zip(rows, labeler.label(pixels), strict=True)]
+        return [
+            (row, payload, None) for row, payload in zip(rows, within(limit, labeler.labelled, pixels), strict=True)
+        ]
+    except TimeLimitExceeded:
+        log.warning(
+            "label/%s: a batch of %d rows (keys %s..%s) took longer than %g s, retrying row by row",
+            labeler.name,
+            len(rows),
+            keys[0],
+            keys[-1],
+            limit,
+        )
     except Exception as err:  # noqa: BLE001 - the culprit is isolated below
         log.warning(
             "label/%s: a batch of %d rows (keys %s..%s) failed, retrying row by row: %s: %s",
@@ -117,8 +175,11 @@ def _label_isolated(
     results = []
     for index, (row, key) in enumerate(zip(rows, keys, strict=True)):
         try:
-            (payload,) = labeler.label(pixels[index : index + 1])
+            (payload,) = within(limit, labeler.labelled, pixels[index : index + 1])
             results.append((row, payload, None))
+        except TimeLimitExceeded:
+            log.warning("label/%s: row %s took longer than %g s alone: quarantined", labeler.name, key, limit)
+            results.append((row, None, labeler_timeout(labeler.name, limit)))
         except Exception as err:  # noqa: BLE001 - counted and stored with the row
             log.warning("label/%s: row %s failed: %s: %s", labeler.name, key, type(err).__name__, err)
             results.append((row, None, f"{labeler.name} failed: {type(err).__name__}: {err}"))
@@ -127,9 +188,12 @@ def _label_isolated(
 
 @dataclass
 class LabelSummary:
-    """Per labeler: rows, labelled rows, failures by reason, shards done/skipped."""
+    """Per labeler: rows, labelled rows, failures by reason, shards done/skipped; and what the
+    driver carried: the bytes it received from the workers and its CPU time."""
 
     seconds: float = 0.0
+    driver_bytes: int = 0
+    driver_cpu_seconds: float = 0.0
     rows: Counter = field(default_factory=Counter)
     labelled: Counter = field(default_factory=Counter)
     failures: dict[str, Counter] = field(default_factory=dict)
@@ -147,29 +211,9 @@ class LabelSummary:
                 f" failed {self.rows[name] - self.labelled[name]}{f' ({reasons})' if reasons else ''};"
                 f" shards done {self.shards_done[name]}, skipped {self.shards_skipped[name]}{warning}"
             )
-        lines.append(f"label: {self.seconds:.1f} s")
+        driver = f"driver: {self.driver_bytes:,} bytes received, {self.driver_cpu_seconds:.1f} s CPU"
+        lines.append(f"label: {self.seconds:.1f} s ({driver})")
         return lines
-
-
-@dataclass
-class _ShardSink:
-    """Streams one labeler's columns of one shard into a temporary file; renamed when complete."""
-
-    final: Path
-    schema: pa.Schema
-    writer: pq.ParquetWriter | None = None
-    temp: Path | None = None
-
-    def write(self, table: pa.Table) -> None:
-        if self.writer is None:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.temp = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:8]}.tmp")
-            self.writer = storage.parquet_writer(self.temp, self.schema)
-        self.writer.write_table(table.cast(self.schema), row_group_size=ROW_GROUP_ROWS)
-
-    def close(self) -> None:
-        self.writer.close()
-        storage.replace(self.temp, self.final)
 
 
 def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True) -> LabelSummary:
@@ -184,7 +228,7 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
 
 
 def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progress: bool) -> LabelSummary:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     labelers = {
         n: LABELERS[n](config.label.labeler(n), config.label.size, models_dir(root) / n, root.path) for n in names
     }
@@ -217,6 +261,7 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
                 chosen = {n: labelers[n] for n in active}
                 _run_chunk(run, chunk, chosen, work)
     run.summary.seconds = time.perf_counter() - started
+    run.summary.driver_cpu_seconds = time.process_time() - cpu_started
     run.write_summary(_summary_dict(run.summary))
     return run.summary
 
@@ -237,7 +282,7 @@ def _run_chunk(
         s: storage.parquet_file(storage.location(f)).metadata.num_rows for f, s in zip(files, chunk, strict=True)
     }
     sizes = tuple(sorted({lab.cfg.input_size for lab in labelers.values()}))
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ray.data.DataContext.get_current().execution_options.preserve_order = False
     # The shards are read by our own small generator task rather than read_parquet, whose file
     # listing takes a whole CPU that six actor pools on two cores would never leave free.
     dataset = (
@@ -247,12 +292,22 @@ def _run_chunk(
     )
     pools = config.label.pools(list(labelers))
     _check_resources(config, pools)
-    for group in pools:
+    targets = {
+        n: ShardTarget(run.outputs[n].folder, _file_schema(lab, config, run.outputs[n].config_hash), frozenset(work[n]))
+        for n, lab in labelers.items()
+    }
+    for index, group in enumerate(pools):
         pool = config.label.pool_settings(group)
+        writer = PartWriter(root.path, targets) if index == len(pools) - 1 else None
         dataset = dataset.map_batches(
             LabelerActor,
             # Tiny random-init variants are built where they run: on each node's disk for a remote root.
-            fn_constructor_kwargs={"names": group, "config": config, "models_dir": str(models_dir(root))},
+            fn_constructor_kwargs={
+                "names": group,
+                "config": config,
+                "models_dir": str(models_dir(root)),
+                "writer": writer,
+            },
             batch_format="pyarrow",
             batch_size=pool.batch_size,
             compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
@@ -260,23 +315,34 @@ def _run_chunk(
             num_gpus=pool.num_gpus or None,
             **worker_options(),
         )
-    pixel_columns = [pixels_column(size) for size in sizes]
-    dataset = dataset.drop_columns(pixel_columns)
-    schemas = {n: _file_schema(lab, config, run.outputs[n].config_hash) for n, lab in labelers.items()}
-    sinks: dict[tuple[str, int], _ShardSink] = {}
     seen: Counter = Counter()
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        for path, offset, length in _runs(batch["path"].to_pylist()):
-            shard = int(Path(path).name.split(".")[0])
-            part = batch.slice(offset, length)
-            for name in labelers:
-                if shard in work[name]:
-                    final = root / f"{run.outputs[name].folder}/{shard_name(shard)}.parquet"
-                    sink = sinks.setdefault((name, shard), _ShardSink(final, schemas[name]))
-                    sink.write(_modality_table(part, name, schemas[name]))
-            seen[shard] += length
+    merging: dict[int, dict[str, ray.ObjectRef]] = {}  # shard -> labeler -> its merge
+    merge = ray.remote(merge_parts).options(num_cpus=TASK_CPUS, **worker_options())
+    for written in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        run.summary.driver_bytes += written.nbytes
+        for shard, rows in zip(written["shard"].to_pylist(), written["rows"].to_pylist(), strict=True):
+            seen[shard] += rows
             if seen[shard] == expected[shard]:
-                _finish_shard(run, shard, labelers, sinks)
+                merging[shard] = {
+                    n: merge.remote(root.path, t.folder, shard, t.schema, expected[shard], ROW_GROUP_ROWS)
+                    for n, t in targets.items()
+                    if shard in t.shards
+                }
+        _finish_merged(run, merging, wait=False)
+    _finish_merged(run, merging, wait=True)
+    for target in targets.values():
+        remove_parts(root.path, target.folder)
+
+
+def _finish_merged(run: StageRun[LabelSummary], merging: dict[int, dict[str, ray.ObjectRef]], wait: bool) -> None:
+    """Mark done the shards whose merges have ended (all of them with ``wait``); a failed merge raises."""
+    for shard, merges in list(merging.items()):
+        refs = list(merges.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        if len(ready) == len(refs):
+            ray.get(refs)
+            del merging[shard]
+            _finish_shard(run, shard, list(merges))
 
 
 def _check_resources(config: Config, pools: list[list[str]]) -> None:
@@ -303,20 +369,15 @@ def _check_resources(config: Config, pools: list[list[str]]) -> None:
 
 
 def read_images(batch: pa.Table):
-    """Stream one images/ shard (a one-row batch naming it) in row groups, tagged with its path."""
+    """Stream one images/ shard (a one-row batch naming it) in row groups, each row tagged with its
+    path and its index in the shard (:data:`ROW`), which the shard's parts are merged by."""
     (path,) = batch["path"].to_pylist()
     columns = ["key", "jpg", "status", "error_message", "caption"]
+    first = 0
     for part in storage.parquet_file(storage.location(path)).iter_batches(batch_size=64, columns=columns):
-        yield pa.Table.from_batches([part]).append_column("path", pa.array([path] * part.num_rows))
-
-
-def _runs(paths: list[str]):
-    """(path, offset, length) of each run of equal consecutive paths in a batch."""
-    start = 0
-    for index in range(1, len(paths) + 1):
-        if index == len(paths) or paths[index] != paths[start]:
-            yield paths[start], start, index - start
-            start = index
+        table = pa.Table.from_batches([part]).append_column("path", pa.array([path] * part.num_rows))
+        yield table.append_column(ROW, pa.array(range(first, first + part.num_rows), pa.int64()))
+        first += part.num_rows
 
 
 def _modality_table(part: pa.Table, name: str, schema: pa.Schema) -> pa.Table:
@@ -341,19 +402,15 @@ def _file_schema(labeler: Labeler, config: Config, config_hash: str) -> pa.Schem
     return pa.schema(fields, metadata={f"four_m.{k}": v for k, v in provenance.items()})
 
 
-def _finish_shard(
-    run: StageRun[LabelSummary], shard: int, labelers: dict[str, Labeler], sinks: dict[tuple[str, int], _ShardSink]
-) -> None:
-    """Close the shard's files, count their rows and failures, and mark each done."""
+def _finish_shard(run: StageRun[LabelSummary], shard: int, names: list[str]) -> None:
+    """Check the keys of the shard's merged files (of labelers ``names``) against ``images/``, count
+    their rows and failures, and mark each done (reading only the key and error columns)."""
     keys = image_keys(run.root, shard)
     summary = run.summary
-    for name in labelers:
-        sink = sinks.pop((name, shard), None)
-        if sink is None:
-            continue
-        sink.close()
-        written = storage.read_table(sink.final, columns=["key", ERROR])
-        run.finish(name, shard, sink.final, written["key"], written.num_rows, keys)
+    for name in names:
+        final = run.root / f"{run.outputs[name].folder}/{shard_name(shard)}.parquet"
+        written = storage.read_table(final, columns=["key", ERROR])
+        run.finish(name, shard, final, written["key"], written.num_rows, keys)
         errors = [e for e in written[ERROR].to_pylist() if e is not None]
         summary.rows[name] += written.num_rows
         summary.labelled[name] += written.num_rows - len(errors)
@@ -364,6 +421,8 @@ def _finish_shard(
 def _summary_dict(summary: LabelSummary) -> dict:
     return {
         "seconds": round(summary.seconds, 3),
+        "driver_bytes": summary.driver_bytes,
+        "driver_cpu_seconds": round(summary.driver_cpu_seconds, 3),
         "random_init": summary.random_init,
         "labelers": {
             name: {

@@ -65,6 +65,9 @@ class TokenizeActor:
         self.root = DatasetRoot(config.root)
         self.config = config
         self.tokenizers = {m: load_tokenizer(self.root, m) for m in modalities}
+        device = "cuda" if config.tokenize.num_gpus > 0 else "cpu"
+        for tokenizer in self.tokenizers.values():
+            tokenizer.run_on(device, config.tokenize.precision)
         self.provenance = provenance
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -51,6 +51,10 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[np.ndarray]) -> list[Any]: ...
 
+    def run_on(self, device_type: str, precision: str) -> None:  # noqa: B027 - a text tokenizer has nothing to place
+        """Where and how to encode: a network moves to ``device_type`` (``cpu``, ``cuda``) and runs
+        at ``precision`` (``core.precision``); a tokenizer without one ignores this."""
+
     @abstractmethod
     def save(self, directory: Path) -> None:
         """Config as JSON, weights (if any) as safetensors: loadable without pickle."""

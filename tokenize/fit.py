@@ -71,7 +71,8 @@ def fit_group(root: DatasetRoot, group: str, config: Config, shards: list[int]) 
         with _finished_folder(root, group) as folder:
             size = values[0].shape[-1]  # the label view, or clip's feature grid
             accelerator = "gpu" if config.tokenize.num_gpus > 0 else "cpu"
-            metrics = train_vq(group, values, config.tokenize.vq(group), size, folder, params, accelerator)
+            vq = config.tokenize.vq(group)
+            metrics = train_vq(group, values, vq, size, folder, params, accelerator, config.tokenize.precision)
             _write_trained(folder, group, fit_hash(config, group), len(values), metrics)
         results = {group: {"samples": len(values), **metrics}}
     for result in results.values():

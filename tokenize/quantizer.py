@@ -50,7 +50,14 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("idle", torch.zeros(codebook_size, dtype=torch.long))  # (K,) steps since last use
 
     def forward(self, encodings: torch.Tensor) -> Quantized:
-        """(B, D, H, W) encodings -> their nearest codes; in training mode also updates the codebook."""
+        """(B, D, H, W) encodings -> their nearest codes; in training mode also updates the codebook.
+
+        Always in fp32, autocast or not: in bf16 the cosine similarities of near codes tie, and which
+        code wins would depend on rounding."""
+        with torch.autocast(encodings.device.type, enabled=False):
+            return self._quantize(encodings.float())
+
+    def _quantize(self, encodings: torch.Tensor) -> Quantized:
         batch, dim, height, width = encodings.shape
         flat = F.normalize(encodings.permute(0, 2, 3, 1).reshape(-1, dim), dim=1)  # (N, D), N = B*H*W
         with torch.no_grad():

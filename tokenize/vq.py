@@ -32,6 +32,7 @@ from torch import nn
 from four_m.core.config import VQConfig
 from four_m.core.dataset_root import atomic_path, write_text_atomic
 from four_m.core.errors import UserError
+from four_m.core.precision import autocast_dtype
 from four_m.tokenize.base import TOKEN_DTYPE, Tokenizer, TokenizerInputError
 from four_m.tokenize.maps import MapAdapter, configured
 from four_m.tokenize.quantizer import Quantized, VectorQuantizer
@@ -123,6 +124,8 @@ class VQTokenizer(Tokenizer):
         self.cfg = cfg
         self.adapter = configured(modality, image_size, adapter_params or {})
         self.model = VQModel(self.adapter, cfg).eval()
+        self.autocast: torch.dtype | None = None
+        """Encoding's autocast dtype (:meth:`run_on`); None: fp32."""
 
     @property
     def vocab_size(self) -> int:
@@ -140,6 +143,11 @@ class VQTokenizer(Tokenizer):
         self.model.to(device)
         return self
 
+    def run_on(self, device_type: str, precision: str) -> None:
+        device = "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
+        self.to(device)
+        self.autocast = autocast_dtype(precision, device)
+
     @torch.inference_mode()
     def encode(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
         for value in values:
@@ -147,7 +155,8 @@ class VQTokenizer(Tokenizer):
         ids: list[np.ndarray] = []
         for start in range(0, len(values), INFERENCE_BATCH):
             batch = torch.from_numpy(np.stack(values[start : start + INFERENCE_BATCH])).to(self.device)
-            codes = self.model.encode(batch).ids.flatten(1)  # (B, G*G), row-major
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                codes = self.model.encode(batch).ids.flatten(1)  # (B, G*G), row-major
             ids += list(codes.cpu().numpy().astype(TOKEN_DTYPE))
         return ids
 

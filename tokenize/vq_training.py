@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from four_m.core.config import VQConfig
 from four_m.core.dataset_root import write_text_atomic
 from four_m.core.errors import UserError
+from four_m.core.precision import lightning_precision
 from four_m.tokenize.maps import MapAdapter
 from four_m.tokenize.vq import INFERENCE_BATCH, VQModel, VQTokenizer
 
@@ -94,6 +95,7 @@ def train_vq(
     out_dir: Path,
     adapter_params: Mapping[str, Any] | None = None,
     accelerator: str = "cpu",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Train, evaluate and save one VQ tokenizer; returns what ``metrics.json`` holds.
 
@@ -105,6 +107,7 @@ def train_vq(
             reads them from a label file: ``{"classes": C}`` for semseg, ``{"dim": D}`` for clip.
         accelerator: Lightning's accelerator name ("cpu", "gpu", "auto"); one device either way,
             since the quantizer's EMA updates are not synchronised across replicas.
+        precision: ``core.precision``'s setting: mixed precision on a GPU under ``auto``.
     """
     if not values:
         raise UserError(f"{modality}: no values to train a VQ tokenizer on")
@@ -123,6 +126,7 @@ def train_vq(
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
+        precision=lightning_precision(precision, "cuda" if accelerator == "gpu" else "cpu"),
         max_steps=cfg.steps,
         max_epochs=1,
         logger=CSVLogger(out_dir, name="", version=LOG_DIR),

@@ -62,3 +62,27 @@ def test_a_local_folder_loads_from_safetensors_only(tmp_path):
     for cfg, workdir in ((LabelerConfig(input_size=INPUT), folder), (LabelerConfig(model=str(folder)), None)):
         with pytest.raises(MissingWeightsError, match="model.safetensors"):
             DepthLabeler(cfg, VIEW, workdir).setup()
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("auto", None), ("32", None), ("bf16", torch.bfloat16)])
+def test_precision_selects_autocast_from_config_and_keeps_the_schema(built, precision, dtype):
+    """On a CPU ``auto`` is full fp32; ``bf16`` forces autocast (as a GPU's ``auto`` would): the labels
+    keep their schema and stay within bf16's rounding of the fp32 ones."""
+    _, production, pixels, payloads = built(DepthLabeler, INPUT, VIEW)
+    labeler = DepthLabeler(LabelerConfig(model=production.cfg.model, input_size=INPUT, precision=precision), VIEW)
+    labeler.setup()
+    assert labeler.autocast_dtype() == dtype
+    seen = []
+    label = labeler.label
+    labeler.label = lambda p: seen.append(torch.is_autocast_enabled("cpu")) or label(p)
+    out = labeler.labelled(pixels)
+    assert seen == [dtype is not None]
+    assert [{k: type(v) for k, v in p.items()} for p in out] == [{k: type(v) for k, v in p.items()} for p in payloads]
+    for mixed, full in zip(out, payloads, strict=True):
+        span = full["depth_max"] - full["depth_min"]
+        assert abs(mixed["depth_min"] - full["depth_min"]) <= 0.05 * span + 1e-6
+        if dtype is None:
+            assert mixed == full
+        else:
+            codes, reference = decode_png(mixed["depth"]).astype(float), decode_png(full["depth"]).astype(float)
+            assert np.abs(codes - reference).mean() < 0.05 * 65535

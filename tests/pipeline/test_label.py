@@ -29,6 +29,16 @@ def test_every_labeler_writes_every_row_and_counts_failures(labelled):
     assert sorted(summary.random_init) == sorted(labelled_modalities())
 
 
+def test_workers_write_the_labels_and_the_driver_receives_no_payload(labelled):
+    """The driver gets (shard, rows) per written batch: 16 bytes each, however large the labels."""
+    config, keys, summary = labelled
+    root = Path(config.root)
+    payload = sum(p.stat().st_size for p in root.glob("labels/*/*.parquet"))
+    rows = sum(len(k) for k in keys)
+    assert 0 < summary.driver_bytes <= 16 * rows < payload / 100
+    assert not list(root.glob("labels/*/_tmp"))  # every part merged and removed
+
+
 def test_all_modalities_align_with_images_row_by_row(labelled):
     config, keys, _ = labelled
     root = Path(config.root)
@@ -131,10 +141,47 @@ def test_a_failing_batch_is_retried_row_by_row_and_logged_with_its_keys(caplog):
                 raise ValueError("cannot read this image")
             return [{"value": int(p)} for p in pixels]
 
+        labelled = label  # no numeric setting of its own
+
     with caplog.at_level(logging.WARNING, logger="four_m.pipeline.label"):
-        results = _label_isolated(Picky(), np.array([1, 0, 2]), [0, 2, 5], ["k1", "k2", "k3"])
+        results = _label_isolated(Picky(), np.array([1, 0, 2]), [0, 2, 5], ["k1", "k2", "k3"], limit=60)
     assert [(row, error is None) for row, _, error in results] == [(0, True), (2, False), (5, True)]
     assert [record.getMessage() for record in caplog.records] == [
         "label/depth: a batch of 3 rows (keys k1..k3) failed, retrying row by row: ValueError: cannot read this image",
         "label/depth: row k2 failed: ValueError: cannot read this image",
+    ]
+
+
+def test_a_row_that_hangs_the_labeler_is_quarantined_and_the_others_labelled(caplog):
+    """The planted image (value 0) blocks the labeler until the test ends: the batch passes its time
+    limit, is retried row by row, and only that row is lost, as labeler_timeout, with its key."""
+    import threading
+
+    import numpy as np
+
+    from four_m.core.failures import label_failure_reason
+    from four_m.pipeline.label import _label_isolated
+
+    released = threading.Event()
+
+    class Hangs:
+        name = "depth"
+
+        def label(self, pixels):
+            if (pixels == 0).any():
+                released.wait()  # hung until the test releases it: no race on when it returns
+            return [{"value": int(p)} for p in pixels]
+
+        labelled = label
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="four_m.pipeline.label"):
+            results = _label_isolated(Hangs(), np.array([1, 0, 2]), [0, 2, 5], ["k1", "k2", "k3"], limit=1.0)
+    finally:
+        released.set()
+    assert [(row, payload) for row, payload, _ in results] == [(0, {"value": 1}), (2, None), (5, {"value": 2})]
+    assert label_failure_reason(results[1][2]) == "labeler_timeout"
+    assert [record.getMessage() for record in caplog.records] == [
+        "label/depth: a batch of 3 rows (keys k1..k3) took longer than 1 s, retrying row by row",
+        "label/depth: row k2 took longer than 1 s alone: quarantined",
     ]

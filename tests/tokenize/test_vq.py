@@ -146,3 +146,30 @@ def test_wrong_inputs_fail_before_any_work(tmp_path):
 def test_the_image_size_must_be_the_grid_times_a_power_of_two():
     with pytest.raises(UserError, match="24 is not the token grid 4 times a power of two"):
         VQTokenizer("rgb", CFG, 24)
+
+
+def test_encoding_under_bf16_autocast_keeps_the_nearest_code_search_in_fp32(monkeypatch):
+    """``run_on(..., "bf16")`` (what ``auto`` picks on a bf16 GPU) autocasts the encoder only: the
+    quantizer receives fp32 encodings with autocast off, and the ids stay uint16 grids; ``auto`` on
+    a CPU is plain fp32 and gives the very same ids as before."""
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer("depth", CFG, SIZE)
+    values = synthetic("depth", count=4)
+    full = tokenizer.encode(values)
+    tokenizer.run_on("cpu", "auto")
+    assert tokenizer.autocast is None
+    assert all(np.array_equal(a, b) for a, b in zip(full, tokenizer.encode(values), strict=True))
+    tokenizer.run_on("cpu", "bf16")
+    assert tokenizer.autocast == torch.bfloat16
+    seen = []
+    quantize = tokenizer.model.quantizer._quantize
+    monkeypatch.setattr(
+        tokenizer.model.quantizer,
+        "_quantize",
+        lambda e: seen.append((e.dtype, torch.is_autocast_enabled("cpu"))) or quantize(e),
+    )
+    mixed = tokenizer.encode(values)
+    assert seen == [(torch.float32, False)]
+    assert all(ids.dtype == TOKEN_DTYPE and ids.shape == (GRID * GRID,) for ids in mixed)
+    agreement = np.mean([np.mean(a == b) for a, b in zip(full, mixed, strict=True)])
+    assert agreement > 0.5  # bf16 encoder rounding moves only near ties to a neighbouring code
