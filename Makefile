@@ -4,6 +4,7 @@
 # `make label ONLY=depth,det` reruns chosen labelers without touching the others;
 # `make download RETRY_FAILED=1` re-fetches only the failed urls of finished shards;
 # `make preview SAMPLES=4` (and preview-tokens) sets the rows of the grid;
+# `make models OMNIDATA=omnidata_dpt_normal_v2.ckpt` converts Omnidata's normal model into label.normal.model;
 # `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"] [KEEP=depth:0.5]` generates with the
 # trained run (KEEP: in-paint, half of depth's stored tokens given)
 # (`make demo` takes FROM= and TO= too: it runs sample).
@@ -25,6 +26,7 @@ TO     ?=
 IMAGE  ?=
 CAPTION ?=
 KEEP   ?=
+OMNIDATA ?=
 SAMPLES ?=
 # Every verb's options, then each verb's own: target `x` passes $(x_ARGS) after $(ARGS).
 ARGS     = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
@@ -34,6 +36,7 @@ GENERATE = $(if $(FROM),--set 'generate.given=[$(FROM)]') $(if $(TO),--set 'gene
            $(foreach k,$(subst $(comma), ,$(KEEP)),--set 'generate.keep.$(subst :,=,$(k))')
 download_ARGS       = $(if $(RETRY_FAILED),--retry-failed)
 label_ARGS          = $(if $(ONLY),--only $(ONLY))
+models_ARGS         = $(if $(OMNIDATA),--omnidata '$(OMNIDATA)')
 preview_ARGS        = $(if $(SAMPLES),--samples $(SAMPLES))
 preview-tokens_ARGS = $(preview_ARGS)
 sample_ARGS         = $(GENERATE) $(if $(IMAGE),--image '$(IMAGE)') $(if $(CAPTION),--caption '$(CAPTION)')

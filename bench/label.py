@@ -13,6 +13,7 @@ the same run: the same models labelling the same images in batches in one proces
 against the bytes of labels they wrote, and the driver's CPU time per 1,000 images.
 
     .venv/bin/python bench/label.py [--images 144] [--config default] [--set label.actor_groups=...]
+        [--device cpu|cuda] [--production]    # e.g. --device cuda --production on a GPU machine
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import ray
+import torch
 from common import make_images, write_images_root
 
 from four_m.core.config import load_config
@@ -107,7 +109,21 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=16)
     parser.add_argument("--config", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the labelers share one GPU")
+    parser.add_argument(
+        "--production",
+        action="store_true",
+        help="configs/cc12m.yaml's labelers (real weights: run `make models` first)",
+    )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no GPU: --device cuda, but torch.cuda.is_available() is False; nothing measured")
+        return
+    if args.production:
+        args.config = "cc12m"
+    if args.device == "cuda":  # every labeler an equal share of the one GPU, on top of the config's settings
+        labelers = load_config(args.config).label.labelers
+        args.overrides += [f"label.{n}.num_gpus={1 / len(labelers):.4f}" for n in labelers]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "photos").mkdir()

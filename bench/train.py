@@ -35,6 +35,7 @@ on other load (the worst-case 14-modality model's set-up alone takes ~10 s: init
 
     .venv/bin/python bench/train.py [--model tiny] [--steps 10] [--batch-size 8] [--samples 4096]
         [--input-budget 128] [--target-budget 128] [--gpu-batch-size 64] [--peak-tflops 989]
+        [--device auto|cpu|cuda]      # e.g. --model base --device cuda on a GPU machine
 """
 
 from __future__ import annotations
@@ -487,11 +488,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096, help="samples in the synthetic store for (b)")
     parser.add_argument("--gpu-batch-size", type=int, default=64, help="batch of the GPU MFU runs")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU if there is one")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no GPU: --device cuda, but torch.cuda.is_available() is False; nothing measured")
+        return
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {cores} cores, fp32"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load}")

@@ -123,12 +123,22 @@ def _bad_input(config: Config, args: argparse.Namespace) -> int:
 
 
 def _models(config: Config, args: argparse.Namespace) -> int:
-    """Fetch production weights for the configured labelers (needs a reachable hub)."""
+    """Fetch production weights for the configured labelers (needs a reachable hub); with
+    ``--omnidata``, first convert Omnidata's normal checkpoint into ``label.normal.model``."""
     from pathlib import Path
 
     from four_m.labelers.pretrained import PretrainedLabeler
     from four_m.labelers.registry import LABELERS
 
+    if args.omnidata:
+        from four_m.labelers.omnidata import convert_checkpoint
+
+        target = config.label.labeler("normal").model
+        if target is None or Path(target).exists():
+            raise UserError(
+                f"--omnidata converts into label.normal.model, which must name a folder not there yet (it is {target})"
+            )
+        print(f"models: normal: {args.omnidata} -> {convert_checkpoint(Path(args.omnidata), Path(target))} (converted)")
     failed = 0
     for name in config.label.labelers:
         cfg = config.label.labeler(name)
@@ -204,6 +214,11 @@ def _retry_failed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help=help_)
 
 
+def _omnidata(parser: argparse.ArgumentParser) -> None:
+    help_ = "convert Omnidata's DPT-Hybrid normal checkpoint (.ckpt) into label.normal.model first"
+    parser.add_argument("--omnidata", metavar="CKPT", help=help_)
+
+
 def _samples(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=8, help="rows in the grid (default 8)")
 
@@ -239,7 +254,9 @@ VERBS: dict[str, Verb] = {
     "sample": Verb(_sample, "runs/<run>/samples/*.png: predictions from held-out rows or your input", (_user_input,)),
     "eval": Verb(_eval, "runs/<run>/eval/metrics.md: rgb -> each modality on the held-out shards"),
     "card": Verb(_card, "<root>/README.md: the Hugging Face dataset card of the root"),
-    "models": Verb(_models, "fetch the configured labelers' production weights", writes_root=False),
+    "models": Verb(
+        _models, "fetch the configured labelers' production weights (--omnidata: convert normals)", (_omnidata,), False
+    ),
     "bad-input": Verb(_bad_input, "the bad-input corpus through every stage in <root>/_bad_input/, audited"),
     "demo": Verb(_demo, f"every stage in order: {', '.join(DEMO)}"),
 }

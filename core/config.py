@@ -30,6 +30,9 @@ in YAML as keys of the enclosing section (``label.depth``, ``tokenize.rgb``); th
 ``ModalitySpec`` attribute that holds a modality's defaults (and so its section's class)."""
 RUNTIME_ONLY = {"runtime_only": True}
 """Field metadata: the field tunes speed, not output, so changing it does not make shards stale."""
+SHAPING_IF_SET = {"shaping_if_set": True}
+"""Field metadata: the field shapes output, but enters the hash only when set to another value than
+its default. For fields added to a section later: shards made before they existed keep their hash."""
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """A config value that names a folder under the root: one plain path component (see ``_check_folder_name``)."""
@@ -536,6 +539,7 @@ def _shaping(value: Any) -> Any:
         f.name: _shaping(getattr(value, f.name))
         for f in dataclasses.fields(value)
         if not f.metadata.get("runtime_only")
+        and not (f.metadata.get("shaping_if_set") and getattr(value, f.name) == f.default)
     }
 
 

@@ -1,6 +1,8 @@
 """Depth pseudo-labels: a DPT depth model's relative inverse depth, one 16-bit PNG per image.
 
-Production weights are MiDaS-trained DPT (``Intel/dpt-hybrid-midas``, ``Intel/dpt-large``). Their
+Production weights are MiDaS-trained DPT (``Intel/dpt-hybrid-midas``, ``Intel/dpt-large``), 4M's
+choice, or Depth Anything V2 (``label.depth.architecture: depth_anything``; a ViT-DINOv2 encoder and
+a DPT neck, better and faster). Both load through ``AutoModelForDepthEstimation``. Their
 ``predicted_depth`` is *relative inverse depth* (disparity up to an unknown scale and shift): larger
 is nearer, and values are comparable within one image only. So each map is scaled per image:
 
@@ -13,18 +15,39 @@ extremes keep the raw values recoverable for anyone who wants them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-from transformers import DPTForDepthEstimation
+from transformers import (
+    AutoModelForDepthEstimation,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    Dinov2Config,
+    DPTForDepthEstimation,
+    DPTImageProcessor,
+)
 
+from four_m.core.config import LabelerConfig
+from four_m.core.errors import UserError
 from four_m.core.label_codec import encode_png
-from four_m.labelers.dpt import DPTLabeler
+from four_m.core.modalities import IMAGENET_MEAN, IMAGENET_STD
+from four_m.labelers.dpt import DPTLabeler, check_hybrid_size
+from four_m.labelers.hf import load_model, normalisation
 from four_m.labelers.resize import resize_maps
+from four_m.modalities.depth import ARCHITECTURES, DepthConfig
 
 UINT16_MAX = 65535
+TINY_DEPTH_ANYTHING = {
+    "backbone": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64},
+    "neck_hidden_sizes": [16, 32, 32, 32],
+    "fusion_hidden_size": 32,
+    "head_hidden_size": 16,
+    "reassemble_hidden_size": 32,
+}
+"""A Depth Anything V2 of about 0.2 M parameters (ViT-S is 25 M): DINOv2's 14 px patches, 4 layers."""
 
 
 class DepthLabeler(DPTLabeler):
@@ -32,6 +55,46 @@ class DepthLabeler(DPTLabeler):
 
     name = "depth"
     model_cls = DPTForDepthEstimation
+    cfg: DepthConfig
+
+    def __init__(self, cfg: LabelerConfig, *args: Any, **kwargs: Any):
+        # A plain LabelerConfig (a caller that knows no depth settings) is a DepthConfig at its defaults.
+        cfg = cfg if isinstance(cfg, DepthConfig) else DepthConfig(**dataclasses.asdict(cfg))
+        super().__init__(cfg, *args, **kwargs)
+
+    def build_tiny(self, directory) -> None:
+        if self.cfg.architecture == "dpt":
+            super().build_tiny(directory)
+            return
+        size, patch = self.cfg.input_size, 14
+        if size % patch:
+            raise UserError(f"depth: Depth Anything takes inputs in multiples of {patch} px; input_size is {size}")
+        backbone = Dinov2Config(
+            **TINY_DEPTH_ANYTHING["backbone"],
+            patch_size=patch,
+            image_size=size,
+            out_indices=[1, 2, 3, 4],
+            reshape_hidden_states=False,  # the neck reshapes them itself, as in the released configs
+        )
+        shapes = {k: v for k, v in TINY_DEPTH_ANYTHING.items() if k != "backbone"}
+        config = DepthAnythingConfig(backbone_config=backbone, patch_size=patch, **shapes)
+        DepthAnythingForDepthEstimation(config).save_pretrained(directory)
+        processor = DPTImageProcessor(
+            size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
+        )
+        processor.save_pretrained(directory)
+
+    def load(self, source: str, revision: str | None) -> None:
+        """Either architecture through transformers' auto class; a checkpoint of the other one stops."""
+        self.model = load_model(AutoModelForDepthEstimation, source, revision, self.device)
+        found, wanted = self.model.config.model_type, ARCHITECTURES[self.cfg.architecture]
+        if found != wanted:
+            raise UserError(
+                f"depth: {source!r} is a {found} model, but label.depth.architecture is {self.cfg.architecture}"
+            )
+        self.mean, self.std = normalisation(source, revision)
+        if found == "dpt":
+            check_hybrid_size(self.model.config, self.cfg.input_size, self.name)
 
     def schema(self) -> pa.Schema:
         return pa.schema(
@@ -43,7 +106,9 @@ class DepthLabeler(DPTLabeler):
         )
 
     def provenance(self) -> dict[str, str]:
-        return {**super().provenance(), "depth_kind": "relative inverse depth (disparity), per-image min/max scaling"}
+        kind = {"depth_kind": "relative inverse depth (disparity), per-image min/max scaling"}
+        architecture = {"architecture": self.cfg.architecture} if self.cfg.architecture != "dpt" else {}
+        return {**super().provenance(), **kind, **architecture}
 
     @torch.inference_mode()
     def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:

@@ -54,17 +54,21 @@ class DPTLabeler(PretrainedLabeler):
         )
         processor.save_pretrained(directory)
 
+    def model_class(self, source: str, revision: str | None) -> type[DPTPreTrainedModel]:
+        """The class to load ``source`` with (a labeler that accepts several heads picks by its config)."""
+        return self.model_cls
+
     def load(self, source: str, revision: str | None) -> None:
-        self.model = load_model(self.model_cls, source, revision, self.device)
+        self.model = load_model(self.model_class(source, revision), source, revision, self.device)
         self.mean, self.std = normalisation(source, revision)
-        _check_hybrid_size(self.model.config, self.cfg.input_size, self.name)
+        check_hybrid_size(self.model.config, self.cfg.input_size, self.name)
 
     def forward(self, pixels: np.ndarray) -> Any:
         """One batched forward of (B, S, S, 3) uint8 pixels; the caller holds inference mode."""
         return self.model(pixel_values=normalised(pixels, self.mean, self.std, self.device))
 
 
-def _check_hybrid_size(config: DPTConfig, input_size: int, name: str) -> None:
+def check_hybrid_size(config: DPTConfig, input_size: int, name: str) -> None:
     """Fail at setup, not on the first batch: DPT-Hybrid's embeddings accept only their own size.
 
     transformers interpolates the position embeddings of the plain ViT backbone for any input, but

@@ -1,11 +1,13 @@
 """Surface-normal pseudo-labels: a learned DPT with a 3-channel dense head, one 8-bit RGB PNG per image.
 
-4M labels normals with Omnidata's model, which is DPT-Hybrid with a 3-channel output head. Here that
-is ``DPTForSemanticSegmentation`` with ``num_labels=3``: its "logits" are read as one normal vector
-per pixel, with the axes as the model emits them. A production checkpoint (a local directory) must
-therefore emit the vector itself. Omnidata's released head is laid out like DPT's depth head instead
-(two 3x3 convolutions, then 1x1 to 3 channels and a ReLU) and emits the colour (n + 1) / 2 in [0, 1],
-so its backbone and neck convert one to one but its head does not.
+4M labels normals with Omnidata's model, DPT-Hybrid with a 3-channel output head. Two heads load:
+
+- Omnidata's own (``labelers.omnidata``: DPT's depth head layout, two 3x3 convolutions, then 1x1
+  to 3 channels and a ReLU), converted from its released checkpoint by ``make models
+  OMNIDATA=<ckpt>``. It emits the colour (n + 1) / 2, clamped to [0, 1] as Omnidata does, so
+  n = 2 c - 1. A converted folder says so in its config (``normal_head: omnidata``).
+- A dense head, ``DPTForSemanticSegmentation`` with ``num_labels=3``, whose "logits" are the vector
+  itself (the tiny random-init variant, and any checkpoint trained that way).
 
 Encoding: vectors are scaled to unit length, upsampled to the view (bilinear, then unit length
 again: interpolating unit vectors shortens them) and stored per channel as
@@ -23,11 +25,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from transformers import DPTForSemanticSegmentation
+from transformers import AutoConfig, DPTForSemanticSegmentation
+from transformers.models.dpt.modeling_dpt import DPTPreTrainedModel
 
 from four_m.core.errors import UserError
 from four_m.core.label_codec import encode_png
 from four_m.labelers.dpt import DPTLabeler
+from four_m.labelers.omnidata import OMNIDATA_HEAD, DPTForOmnidataNormals
 from four_m.labelers.resize import resize_maps
 
 
@@ -47,15 +51,26 @@ class NormalLabeler(DPTLabeler):
         return pa.schema([pa.field("normal", pa.binary())])
 
     def provenance(self) -> dict[str, str]:
+        head = "Omnidata's head, colour (n + 1) / 2" if self._omnidata(self.source) else "DPT dense head"
         return {
             **super().provenance(),
-            "normal_source": "learned (DPT dense head)",
+            "normal_source": f"learned ({head})",
             "normal_encoding": "8-bit RGB PNG, n = v / 255 * 2 - 1 per channel, unit length",
         }
 
+    def _omnidata(self, source: str, revision: str | None = None) -> bool:
+        """Whether ``source`` is a converted Omnidata model (its config says so); the tiny variant is not."""
+        if self.random_init:
+            return False
+        return getattr(AutoConfig.from_pretrained(source, revision=revision), "normal_head", None) == OMNIDATA_HEAD
+
+    def model_class(self, source: str, revision: str | None) -> type[DPTPreTrainedModel]:
+        return DPTForOmnidataNormals if self._omnidata(source, revision) else DPTForSemanticSegmentation
+
     def load(self, source: str, revision: str | None) -> None:
         super().load(source, revision)
-        if self.model.config.num_labels != 3:
+        self.emits_colour = isinstance(self.model, DPTForOmnidataNormals)
+        if not self.emits_colour and self.model.config.num_labels != 3:
             raise UserError(
                 f"normal: {source!r} has a {self.model.config.num_labels}-channel head; "
                 "a normal model has exactly 3 (x, y, z)"
@@ -63,7 +78,11 @@ class NormalLabeler(DPTLabeler):
 
     @torch.inference_mode()
     def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:
-        vectors = unit_length(self.forward(pixels).logits.float())  # (B, 3, S, S)
+        output = self.forward(pixels)
+        if self.emits_colour:  # Omnidata: the colour (n + 1) / 2, clamped to [0, 1] as Omnidata does
+            vectors = unit_length(output.predicted_depth.float().clamp(0.0, 1.0) * 2 - 1)  # (B, 3, S, S)
+        else:
+            vectors = unit_length(output.logits.float())  # (B, 3, S, S)
         normals = unit_length(resize_maps(vectors, self.view_size))  # (B, 3, V, V)
         codes = ((normals.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
         return [{"normal": encode_png(code)} for code in codes.permute(0, 2, 3, 1).cpu().numpy()]

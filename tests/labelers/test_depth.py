@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from four_m.core.config import LabelerConfig
+from four_m.core.errors import UserError
 from four_m.core.label_codec import decode_png
 from four_m.labelers.depth import DepthLabeler
 from four_m.labelers.pretrained import MissingWeightsError
+from four_m.modalities.depth import DepthConfig
 
 INPUT, VIEW = 64, 48  # the view is smaller than the input here: maps are resized, inputs are not
 
@@ -86,3 +88,33 @@ def test_precision_selects_autocast_from_config_and_keeps_the_schema(built, prec
         else:
             codes, reference = decode_png(mixed["depth"]).astype(float), decode_png(full["depth"]).astype(float)
             assert np.abs(codes - reference).mean() < 0.05 * 65535
+
+
+def test_depth_anything_v2_is_an_option_built_and_loaded_the_production_way(tmp_path, batch):
+    """``architecture: depth_anything`` builds a tiny Depth Anything V2 offline and loads any such
+    checkpoint through the auto class; a checkpoint of the other architecture stops naming both."""
+    size = 112  # a multiple of Depth Anything's 14 px patches and of the tiny DPT's 16
+    folder = tmp_path / "tiny-depth-anything"
+    tiny = DepthLabeler(DepthConfig(model=None, input_size=size, architecture="depth_anything"), VIEW, folder)
+    tiny.setup()
+    assert type(tiny.model).__name__ == "DepthAnythingForDepthEstimation"
+    production = DepthLabeler(DepthConfig(model=str(folder), input_size=size, architecture="depth_anything"), VIEW)
+    production.setup()
+    pixels = batch(size)
+    payloads = production.labelled(pixels)
+    assert payloads == tiny.labelled(pixels)
+    codes = decode_png(payloads[0]["depth"])
+    assert codes.dtype == np.uint16 and codes.shape == (VIEW, VIEW) and codes.max() == 65535
+    assert production.provenance()["architecture"] == "depth_anything"
+    dpt = tmp_path / "tiny-dpt"
+    DepthLabeler(DepthConfig(model=None, input_size=size), VIEW, dpt).setup()
+    with pytest.raises(UserError, match="is a dpt model, but label.depth.architecture is depth_anything"):
+        DepthLabeler(DepthConfig(model=str(dpt), input_size=size, architecture="depth_anything"), VIEW).setup()
+
+
+def test_the_new_architecture_field_leaves_existing_depth_config_hashes_alone():
+    """Shards labelled before ``architecture`` existed keep their hash: it enters only when set."""
+    from four_m.core.config import shaping_hash
+
+    assert shaping_hash(224, DepthConfig()) == shaping_hash(224, LabelerConfig(input_size=384))
+    assert shaping_hash(224, DepthConfig(architecture="depth_anything")) != shaping_hash(224, DepthConfig())

@@ -1,0 +1,212 @@
+"""Omnidata's released surface-normal model (DPT-Hybrid) as a folder the normal labeler loads.
+
+4M labels normals with Omnidata's DPT-Hybrid (EPFL-VILAB/omnidata, ``omnidata_dpt_normal_v2.ckpt``):
+a timm ViT-B with a ResNet-50 (BiT) stem, MiDaS's reassemble and fusion neck, and MiDaS's depth
+head ending in 3 channels, whose output clamped to [0, 1] is the colour (n + 1) / 2. transformers'
+DPT has the same backbone and neck; its depth head is the same layout ending in 1 channel, so
+:class:`DPTForOmnidataNormals` swaps that last 1x1 convolution for a 3-channel one, and
+:func:`convert_state_dict` renames Omnidata's (MiDaS and timm) weight names to transformers' and
+splits each fused query-key-value matrix into three. The converted folder is safetensors plus
+JSON, loaded without unpickling; only the conversion reads the checkpoint, with torch's
+``weights_only`` loader (tensors and plain containers only).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import BitConfig, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+from four_m.core.errors import UserError
+
+OMNIDATA_HEAD = "omnidata"
+"""``config.normal_head`` of a converted folder: the normal labeler reads its output as a colour."""
+DPT_MEAN_STD = [0.5, 0.5, 0.5]
+
+OMNIDATA_NORMAL = {
+    # DPT-Hybrid as Omnidata trains it at 384 px (MiDaS's vitb_rn50_384 backbone, project readout).
+    "is_hybrid": True,
+    "image_size": 384,
+    "patch_size": 16,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "backbone_out_indices": [2, 5, 8, 11],
+    "backbone_featmap_shape": [1, 1024, 24, 24],
+    "neck_hidden_sizes": [256, 512, 768, 768],
+    "reassemble_factors": [1, 1, 1, 0.5],
+    "fusion_hidden_size": 256,
+    "readout_type": "project",
+    "use_batch_norm_in_fusion_residual": False,
+}
+OMNIDATA_BACKBONE = {
+    "layer_type": "bottleneck",
+    "depths": [3, 4, 9],
+    "hidden_sizes": [256, 512, 1024],
+    "embedding_size": 64,
+    "global_padding": "same",
+    "embedding_dynamic_padding": True,
+    "out_features": ["stage1", "stage2", "stage3"],
+}
+
+
+class DPTForOmnidataNormals(DPTForDepthEstimation):
+    """DPT with Omnidata's normal head: the depth head's layout, its last 1x1 convolution to 3 channels.
+
+    ``predicted_depth`` is then (B, 3, H, W): the normal's colour (n + 1) / 2 (after the head's ReLU;
+    Omnidata clamps it to [0, 1]).
+    """
+
+    def __init__(self, config: DPTConfig):
+        super().__init__(config)
+        last = self.head.head[4]
+        self.head.head[4] = nn.Conv2d(last.in_channels, 3, kernel_size=1)
+
+
+def omnidata_config(overrides: Mapping[str, Any] | None = None, backbone: Mapping[str, Any] | None = None) -> DPTConfig:
+    """Omnidata's normal DPT-Hybrid (or another size, for tests), marked as emitting colours."""
+    backbone_config = BitConfig(**{**OMNIDATA_BACKBONE, **(backbone or {})})
+    return DPTConfig(
+        **{**OMNIDATA_NORMAL, **(overrides or {})}, backbone_config=backbone_config, normal_head=OMNIDATA_HEAD
+    )
+
+
+def _fusion(n: str) -> str:
+    return str(4 - int(n))  # MiDaS's refinenet4 (the coarsest) is transformers' first fusion layer
+
+
+RENAMES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = tuple(
+    (re.compile(pattern), target)
+    for pattern, target in (
+        (r"^pretrained\.model\.cls_token$", lambda m: "dpt.embeddings.cls_token"),
+        (r"^pretrained\.model\.pos_embed$", lambda m: "dpt.embeddings.position_embeddings"),
+        (r"^pretrained\.model\.patch_embed\.proj\.(\w+)$", lambda m: f"dpt.embeddings.projection.{m[1]}"),
+        (
+            r"^pretrained\.model\.patch_embed\.backbone\.stem\.conv\.weight$",
+            lambda m: "dpt.embeddings.backbone.bit.embedder.convolution.weight",
+        ),
+        (
+            r"^pretrained\.model\.patch_embed\.backbone\.stem\.norm\.(\w+)$",
+            lambda m: f"dpt.embeddings.backbone.bit.embedder.norm.{m[1]}",
+        ),
+        (
+            r"^pretrained\.model\.patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.(.+)$",
+            lambda m: f"dpt.embeddings.backbone.bit.encoder.stages.{m[1]}.layers.{m[2]}.{m[3]}",
+        ),
+        (
+            r"^pretrained\.model\.blocks\.(\d+)\.norm1\.(\w+)$",
+            lambda m: f"dpt.encoder.layer.{m[1]}.layernorm_before.{m[2]}",
+        ),
+        (
+            r"^pretrained\.model\.blocks\.(\d+)\.norm2\.(\w+)$",
+            lambda m: f"dpt.encoder.layer.{m[1]}.layernorm_after.{m[2]}",
+        ),
+        (
+            r"^pretrained\.model\.blocks\.(\d+)\.attn\.proj\.(\w+)$",
+            lambda m: f"dpt.encoder.layer.{m[1]}.attention.output.dense.{m[2]}",
+        ),
+        (
+            r"^pretrained\.model\.blocks\.(\d+)\.mlp\.fc1\.(\w+)$",
+            lambda m: f"dpt.encoder.layer.{m[1]}.intermediate.dense.{m[2]}",
+        ),
+        (
+            r"^pretrained\.model\.blocks\.(\d+)\.mlp\.fc2\.(\w+)$",
+            lambda m: f"dpt.encoder.layer.{m[1]}.output.dense.{m[2]}",
+        ),
+        (r"^pretrained\.model\.norm\.(\w+)$", lambda m: f"dpt.layernorm.{m[1]}"),
+        (
+            r"^pretrained\.act_postprocess(\d)\.0\.project\.0\.(\w+)$",
+            lambda m: f"neck.reassemble_stage.readout_projects.{int(m[1]) - 1}.0.{m[2]}",
+        ),
+        (
+            r"^pretrained\.act_postprocess(\d)\.3\.(\w+)$",
+            lambda m: f"neck.reassemble_stage.layers.{int(m[1]) - 1}.projection.{m[2]}",
+        ),
+        (
+            r"^pretrained\.act_postprocess(\d)\.4\.(\w+)$",
+            lambda m: f"neck.reassemble_stage.layers.{int(m[1]) - 1}.resize.{m[2]}",
+        ),
+        (r"^scratch\.layer(\d)_rn\.weight$", lambda m: f"neck.convs.{int(m[1]) - 1}.weight"),
+        (
+            r"^scratch\.refinenet(\d)\.out_conv\.(\w+)$",
+            lambda m: f"neck.fusion_stage.layers.{_fusion(m[1])}.projection.{m[2]}",
+        ),
+        (
+            r"^scratch\.refinenet(\d)\.resConfUnit(\d)\.conv(\d)\.(\w+)$",
+            lambda m: f"neck.fusion_stage.layers.{_fusion(m[1])}.residual_layer{m[2]}.convolution{m[3]}.{m[4]}",
+        ),
+        (r"^scratch\.output_conv\.(\d)\.(\w+)$", lambda m: f"head.head.{m[1]}.{m[2]}"),
+    )
+)
+"""Omnidata (MiDaS, timm) weight name -> transformers' DPT name; the fused qkv is split apart."""
+QKV = re.compile(r"^pretrained\.model\.blocks\.(\d+)\.attn\.qkv\.(\w+)$")
+DROPPED = re.compile(r"^pretrained\.model\.head\.")
+"""timm's classifier head: the ViT's, unused by DPT."""
+WRAPPERS = ("model.", "module.")
+"""Prefixes a training wrapper adds (Lightning's ``model.``, DataParallel's ``module.``)."""
+
+
+class OmnidataConversionError(UserError):
+    """A checkpoint that is not Omnidata's DPT-Hybrid normal model, named by its first odd key."""
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Omnidata's weight names and layout -> transformers' DPT's; an unknown name stops naming it."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        for prefix in WRAPPERS:
+            name = name.removeprefix(prefix)
+        if DROPPED.match(name):
+            continue
+        qkv = QKV.match(name)
+        if qkv:
+            query, key, value = tensor.chunk(3, dim=0)
+            layer = f"dpt.encoder.layer.{qkv[1]}.attention.attention"
+            out |= {f"{layer}.query.{qkv[2]}": query, f"{layer}.key.{qkv[2]}": key, f"{layer}.value.{qkv[2]}": value}
+            continue
+        target = next((rename(match) for pattern, rename in RENAMES if (match := pattern.match(name))), None)
+        if target is None:
+            raise OmnidataConversionError(f"weight {name!r} is not part of Omnidata's DPT-Hybrid normal model")
+        out[target] = tensor
+    return out
+
+
+def load_converted(state: Mapping[str, torch.Tensor], config: DPTConfig) -> DPTForOmnidataNormals:
+    """The model with the converted weights; every weight must be there, none extra, each of its shape."""
+    model = DPTForOmnidataNormals(config)
+    converted = convert_state_dict(state)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(converted) if expected[k].shape != converted[k].shape)
+    for what, names in (("lacks", missing), ("has unknown", unexpected), ("has another shape for", wrong)):
+        if names:
+            raise OmnidataConversionError(f"the checkpoint {what} {names[0]!r} ({len(names)} such weights)")
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def convert_checkpoint(checkpoint: Path, out: Path, config: DPTConfig | None = None) -> Path:
+    """Omnidata's ``.ckpt`` (a Lightning checkpoint or a bare state dict) -> ``out``, loadable by the
+    normal labeler (``label.normal.model: <out>``); ``config`` defaults to Omnidata's 384 px model."""
+    config = config or omnidata_config()
+    try:
+        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read is one message
+        raise OmnidataConversionError(
+            f"cannot read {checkpoint} as tensors only: {type(err).__name__}: {err}"
+        ) from None
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    model = load_converted(state, config)
+    model.save_pretrained(out)
+    size = config.image_size
+    DPTImageProcessor(
+        size={"height": size, "width": size}, image_mean=DPT_MEAN_STD, image_std=DPT_MEAN_STD
+    ).save_pretrained(out)
+    return out
