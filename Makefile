@@ -46,7 +46,7 @@ demo_ARGS           = $(GENERATE)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
-.PHONY: install demo test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train sample eval \
+.PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train sample eval \
         card preview preview-tokens models bad-input bench lint clean
 
 install: $(STAMP)
@@ -81,6 +81,10 @@ cluster-test: $(STAMP)
 
 sample-urls download label tokenizers tokenize train sample eval card preview preview-tokens models bad-input: $(STAMP)
 	$(CLI) $@ $(ARGS) $($@_ARGS)
+
+# The production config's architectures at full size with random weights, on this CPU (docs/cc12m.md).
+dryrun: $(STAMP)
+	$(CLI) dryrun --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),configs/cc12m.yaml) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP)
 	$(BIN)/python bench/download.py

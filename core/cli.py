@@ -156,6 +156,25 @@ def _models(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _dryrun(config: Config, args: argparse.Namespace) -> int:
+    """The production config at full size with random weights on this CPU, then its cost table."""
+    from four_m.core.dataset_root import write_text_atomic
+    from four_m.core.storage import location
+    from four_m.pipeline.dryrun import DRY_ROOT, FORMULA, dry_run_config, measure, report
+
+    dry = dry_run_config(config, args.root or DRY_ROOT)
+    check_root_writable(dry.root)
+    status = max(VERBS[verb].run(dry, _with_defaults(verb, args)) for verb in DRY_RUN)
+    table = report(measure(dry))
+    out = location(dry.root) / "dryrun.md"
+    write_text_atomic(out, f"# Dry run of {args.config}: production architectures, random weights\n\n{table}\n")
+    print(table.replace(FORMULA, f"({FORMULA})"))
+    print(f"dryrun: wrote {out}")
+    return status
+
+
+DRY_RUN = ("download", "label", "tokenizers", "tokenize", "train")
+"""The verbs ``dryrun`` runs on the dry-run config before measuring."""
 DEMO = ("download", "label", "preview", "tokenizers", "tokenize", "preview-tokens", "train", "sample", "eval", "card")
 """The verbs ``demo`` runs, in this order: every stage of the pipeline."""
 
@@ -259,6 +278,11 @@ VERBS: dict[str, Verb] = {
     ),
     "bad-input": Verb(_bad_input, "the bad-input corpus through every stage in <root>/_bad_input/, audited"),
     "demo": Verb(_demo, f"every stage in order: {', '.join(DEMO)}"),
+    "dryrun": Verb(
+        _dryrun,
+        "the config's production architectures at full size, random weights, on this CPU, with a cost table",
+        writes_root=False,  # it writes only the dry run's own root (--root, default data/dryrun)
+    ),
 }
 """The verbs, in the order ``--help`` lists them: the one list of them."""
 

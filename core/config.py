@@ -147,6 +147,10 @@ class LabelerConfig:
     """On a GPU, the model in channels-last memory format (faster convolutions)."""
     compile: bool = field(default=False, metadata=RUNTIME_ONLY)
     """Wrap the model in ``torch.compile`` (worth it for long runs: compiling takes minutes)."""
+    random_size: str = field(default="tiny", metadata=SHAPING_IF_SET)
+    """With ``model: null``: tiny (a small config of the production architecture, for tests and the
+    demo) or production (the production model's own configuration, full size, random weights: the
+    dry run, ``configs/cc12m-dryrun.yaml``). Either way the labels say random-init."""
     timeout_s: float = field(default=600.0, metadata=RUNTIME_ONLY)
     """Time limit of one batch: a batch past it is retried row by row, and a row past it alone is
     recorded as ``labeler_timeout`` with its key, so one pathological image never stalls the pool.
@@ -155,6 +159,7 @@ class LabelerConfig:
     def __post_init__(self) -> None:
         check(16 <= self.input_size <= 2048, "label.*.input_size", "must be in [16, 2048]")
         check(self.timeout_s > 0, "label.*.timeout_s", "must be > 0 seconds")
+        check(self.random_size in ("tiny", "production"), "label.*.random_size", "tiny or production")
         check(self.precision in PRECISIONS, "label.*.precision", f"one of {', '.join(PRECISIONS)}")
         check(self.batch_size >= 1, "label.*.batch_size", "must be >= 1")
         check(self.concurrency >= 1, "label.*.concurrency", "must be >= 1")

@@ -69,6 +69,26 @@ TINY_TEXT: dict[str, Any] = {
 (the production one about 250 M)."""
 
 
+PRODUCTION_VISION: dict[str, Any] = {
+    # Salesforce/blip-image-captioning-large: ViT-L/16 at 384 px ...
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 16,
+}
+PRODUCTION_TEXT: dict[str, Any] = {
+    # ... and a BERT-base decoder cross-attending to it.
+    "hidden_size": 768,
+    "encoder_hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 512,
+}
+PRODUCTION_VOCABULARY = 30524
+
+
 def tiny_vocabulary() -> list[str]:
     """Special tokens, plain lowercase words (no ``##`` pieces), then ``[DEC]``: ids by position."""
     words = {w for name in COCO_PANOPTIC for w in re.split(r"[^a-z]+", name) if w}
@@ -87,21 +107,32 @@ class CaptionLabeler(PretrainedLabeler):
         return pa.schema([pa.field("caption", pa.string())])
 
     def build_tiny(self, directory: Path) -> None:
-        vocabulary = tiny_vocabulary()
+        self._build(directory, tiny_vocabulary(), TINY_VISION, TINY_TEXT, projection=32)
+
+    def build_production(self, directory: Path) -> None:
+        """BLIP-large's shapes; its 30,524-entry BERT vocabulary is not shipped offline, so the tiny
+        words are padded with ``[unused<i>]`` entries to that size (the captions mean nothing anyway)."""
+        words = tiny_vocabulary()
+        padding = [f"[unused{i}]" for i in range(PRODUCTION_VOCABULARY - len(words))]
+        self._build(directory, [*words[:-1], *padding, words[-1]], PRODUCTION_VISION, PRODUCTION_TEXT, projection=256)
+
+    def _build(
+        self, directory: Path, vocabulary: list[str], vision: dict[str, Any], text: dict[str, Any], projection: int
+    ) -> None:
         tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocabulary)}, bos_token=DECODER_START)
         size = self.cfg.input_size
         config = BlipConfig(
-            vision_config={**TINY_VISION, "image_size": size},
+            vision_config={**vision, "image_size": size},
             text_config={
-                **TINY_TEXT,
+                **text,
                 "vocab_size": len(vocabulary),
                 "bos_token_id": tokenizer.bos_token_id,
                 "pad_token_id": tokenizer.pad_token_id,
                 "sep_token_id": tokenizer.sep_token_id,  # generation stops here
                 "eos_token_id": tokenizer.sep_token_id,
             },
-            projection_dim=32,
-            image_text_hidden_size=32,
+            projection_dim=projection,
+            image_text_hidden_size=projection,
         )
         BlipForConditionalGeneration(config).save_pretrained(directory)
         image_processor = BlipImageProcessor(size={"height": size, "width": size})

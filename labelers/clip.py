@@ -32,6 +32,17 @@ TINY_CLIP: dict[str, Any] = {
 }
 
 
+PRODUCTION_CLIP: dict[str, Any] = {
+    # openai/clip-vit-base-patch16's vision tower and projection.
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "patch_size": 16,
+    "projection_dim": 512,
+}
+
+
 class ClipLabeler(PretrainedLabeler):
     """Patch-token features of ``CLIPVisionModelWithProjection`` (production: CLIP-B/16)."""
 
@@ -54,8 +65,14 @@ class ClipLabeler(PretrainedLabeler):
         return {**super().provenance(), "clip_shape": "x".join(map(str, self.shape()))}
 
     def build_tiny(self, directory: Path) -> None:
+        self._build(directory, TINY_CLIP)
+
+    def build_production(self, directory: Path) -> None:
+        self._build(directory, PRODUCTION_CLIP)
+
+    def _build(self, directory: Path, sizes: dict[str, Any]) -> None:
         size = self.cfg.input_size
-        config = CLIPVisionConfig(**TINY_CLIP, image_size=size)
+        config = CLIPVisionConfig(**sizes, image_size=size)
         CLIPVisionModelWithProjection(config).save_pretrained(directory)
         processor = CLIPImageProcessor(
             size={"shortest_edge": size},

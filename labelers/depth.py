@@ -84,6 +84,11 @@ class DepthLabeler(DPTLabeler):
         )
         processor.save_pretrained(directory)
 
+    def build_production(self, directory) -> None:
+        if self.cfg.architecture != "dpt":
+            raise UserError("depth: the dry run builds 4M's DPT-Hybrid; set label.depth.architecture to dpt for it")
+        super().build_production(directory)
+
     def load(self, source: str, revision: str | None) -> None:
         """Either architecture through transformers' auto class; a checkpoint of the other one stops."""
         self.model = load_model(AutoModelForDepthEstimation, source, revision, self.device)

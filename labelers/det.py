@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 BOX_FORMAT = "x0,y0,x1,y1 in [0,1] of the label view; class name; score"
 TINY_ARCHITECTURE = "yolov8n.yaml"
+PRODUCTION_ARCHITECTURE = "yolov8x.yaml"
+"""configs/cc12m.yaml's yolov8x.pt, as ultralytics builds it (COCO's 80 classes)."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ARCHITECTURE_NAME = re.compile(r"[A-Za-z0-9_-]+\.yaml")
@@ -69,6 +71,9 @@ class DetLabeler(PretrainedLabeler):
 
     def build_tiny(self, directory: Path) -> None:
         save_safetensors(build_architecture(TINY_ARCHITECTURE), directory)
+
+    def build_production(self, directory: Path) -> None:
+        save_safetensors(build_architecture(PRODUCTION_ARCHITECTURE), directory)
 
     def fetch(self) -> str:
         """Ultralytics' release assets (yolov8x.pt, yolo11x.pt, ...) are fetched to the configured path."""

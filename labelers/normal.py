@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from transformers import AutoConfig, DPTForSemanticSegmentation
+from transformers import AutoConfig, DPTConfig, DPTForSemanticSegmentation
 from transformers.models.dpt.modeling_dpt import DPTPreTrainedModel
 
 from four_m.core.errors import UserError
 from four_m.core.label_codec import encode_png
 from four_m.labelers.dpt import DPTLabeler
-from four_m.labelers.omnidata import OMNIDATA_HEAD, DPTForOmnidataNormals
+from four_m.labelers.omnidata import OMNIDATA_HEAD, DPTForOmnidataNormals, omnidata_config
 from four_m.labelers.resize import resize_maps
 
 
@@ -61,8 +61,12 @@ class NormalLabeler(DPTLabeler):
     def _omnidata(self, source: str, revision: str | None = None) -> bool:
         """Whether ``source`` is a converted Omnidata model (its config says so); the tiny variant is not."""
         if self.random_init:
-            return False
+            return self.dry_run  # the full-size random variant is built in Omnidata's layout
         return getattr(AutoConfig.from_pretrained(source, revision=revision), "normal_head", None) == OMNIDATA_HEAD
+
+    def production_model(self, config: DPTConfig) -> DPTPreTrainedModel:
+        """Omnidata's layout: the production normal model is the converted one's architecture."""
+        return DPTForOmnidataNormals(omnidata_config())
 
     def model_class(self, source: str, revision: str | None) -> type[DPTPreTrainedModel]:
         return DPTForOmnidataNormals if self._omnidata(source, revision) else DPTForSemanticSegmentation

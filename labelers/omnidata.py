@@ -20,40 +20,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import BitConfig, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+from transformers import DPTConfig, DPTForDepthEstimation
 
 from four_m.core.errors import UserError
+from four_m.labelers.dpt import dpt_hybrid_config, save_processor
 
 OMNIDATA_HEAD = "omnidata"
 """``config.normal_head`` of a converted folder: the normal labeler reads its output as a colour."""
-DPT_MEAN_STD = [0.5, 0.5, 0.5]
-
-OMNIDATA_NORMAL = {
-    # DPT-Hybrid as Omnidata trains it at 384 px (MiDaS's vitb_rn50_384 backbone, project readout).
-    "is_hybrid": True,
-    "image_size": 384,
-    "patch_size": 16,
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "backbone_out_indices": [2, 5, 8, 11],
-    "backbone_featmap_shape": [1, 1024, 24, 24],
-    "neck_hidden_sizes": [256, 512, 768, 768],
-    "reassemble_factors": [1, 1, 1, 0.5],
-    "fusion_hidden_size": 256,
-    "readout_type": "project",
-    "use_batch_norm_in_fusion_residual": False,
-}
-OMNIDATA_BACKBONE = {
-    "layer_type": "bottleneck",
-    "depths": [3, 4, 9],
-    "hidden_sizes": [256, 512, 1024],
-    "embedding_size": 64,
-    "global_padding": "same",
-    "embedding_dynamic_padding": True,
-    "out_features": ["stage1", "stage2", "stage3"],
-}
 
 
 class DPTForOmnidataNormals(DPTForDepthEstimation):
@@ -70,11 +43,8 @@ class DPTForOmnidataNormals(DPTForDepthEstimation):
 
 
 def omnidata_config(overrides: Mapping[str, Any] | None = None, backbone: Mapping[str, Any] | None = None) -> DPTConfig:
-    """Omnidata's normal DPT-Hybrid (or another size, for tests), marked as emitting colours."""
-    backbone_config = BitConfig(**{**OMNIDATA_BACKBONE, **(backbone or {})})
-    return DPTConfig(
-        **{**OMNIDATA_NORMAL, **(overrides or {})}, backbone_config=backbone_config, normal_head=OMNIDATA_HEAD
-    )
+    """Omnidata's normal model: DPT-Hybrid at 384 px (or another size, for tests), marked as emitting colours."""
+    return dpt_hybrid_config(overrides, backbone, normal_head=OMNIDATA_HEAD)
 
 
 def _fusion(n: str) -> str:
@@ -205,8 +175,5 @@ def convert_checkpoint(checkpoint: Path, out: Path, config: DPTConfig | None = N
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
     model = load_converted(state, config)
     model.save_pretrained(out)
-    size = config.image_size
-    DPTImageProcessor(
-        size={"height": size, "width": size}, image_mean=DPT_MEAN_STD, image_std=DPT_MEAN_STD
-    ).save_pretrained(out)
+    save_processor(out, config.image_size)
     return out

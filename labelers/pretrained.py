@@ -39,7 +39,8 @@ class MissingWeightsError(UserError):
 class PretrainedLabeler(Labeler):
     """A labeler whose labels come from a network's weights.
 
-    Subclasses implement ``build_tiny`` and ``load`` besides the protocol's ``schema`` and ``label``.
+    Subclasses implement ``build_tiny``, ``build_production`` and ``load`` besides the protocol's
+    ``schema`` and ``label``.
     """
 
     tiny_marker: ClassVar[str] = "done"
@@ -57,7 +58,15 @@ class PretrainedLabeler(Labeler):
             return self.cfg.model
         if self.workdir is None:
             raise ValueError(f"{self.name}: no model configured and no folder for the tiny variant")
-        return str(self.workdir)
+        return str(self.random_folder)
+
+    @property
+    def random_folder(self) -> Path:
+        """Where the random-init model is built: the workdir for the tiny variant, beside it (named
+        ``<workdir>-production``) for the full-size one, so the two never share a folder."""
+        if self.cfg.random_size == "tiny":
+            return self.workdir
+        return self.workdir.with_name(f"{self.workdir.name}-production")
 
     @property
     def random_init(self) -> bool:
@@ -69,19 +78,27 @@ class PretrainedLabeler(Labeler):
             "model": RANDOM_INIT if self.random_init else self.cfg.model,
             "revision": RANDOM_INIT if self.random_init else (self.cfg.revision or "default"),
             "input_size": str(self.cfg.input_size),
+            **({"random_size": "production (dry run: random weights)"} if self.dry_run else {}),
         }
+
+    @property
+    def dry_run(self) -> bool:
+        """A full-size random-init model: production shapes and costs, meaningless labels."""
+        return self.random_init and self.cfg.random_size == "production"
 
     def prepare(self) -> None:
         """Build the tiny variant's folder if it is needed and missing: before any worker, and again
         by the workers of a node that lacks it. Built under a temporary name and renamed, so actors
         of one node that race here never load a half-written folder."""
-        tiny = self.workdir
-        if not self.random_init or (tiny / self.tiny_marker).exists():
+        if not self.random_init:
+            return
+        tiny = self.random_folder
+        if (tiny / self.tiny_marker).exists():
             return
         building = tiny.with_name(f".{tiny.name}.{uuid.uuid4().hex[:8]}.tmp")
         building.mkdir(parents=True)
         torch.manual_seed(0)
-        self.build_tiny(building)
+        (self.build_production if self.dry_run else self.build_tiny)(building)
         (building / self.tiny_marker).touch()
         try:
             os.replace(building, tiny)
@@ -134,6 +151,11 @@ class PretrainedLabeler(Labeler):
     @abstractmethod
     def build_tiny(self, directory: Path) -> None:
         """Save a small random-init model of the production architecture into ``directory``."""
+
+    @abstractmethod
+    def build_production(self, directory: Path) -> None:
+        """Save the production model's architecture, full size, with random weights into ``directory``:
+        the configuration of the checkpoint ``configs/cc12m.yaml`` names, written here offline."""
 
     @abstractmethod
     def load(self, source: str, revision: str | None) -> None:

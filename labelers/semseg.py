@@ -63,7 +63,18 @@ TINY_MASK2FORMER: dict[str, Any] = {
     # No hub download of backbone weights: the whole model is random-init anyway.
     "use_pretrained_backbone": False,
 }
-"""About 0.36 M parameters; the production model (Swin-B, 200 queries) is ~300x that."""
+"""About 0.36 M parameters; the production model (Swin-B, 100 queries) is ~300x that."""
+PRODUCTION_SWIN: dict[str, Any] = {
+    # facebook/mask2former-swin-base-coco-panoptic: Swin-B (ImageNet-22k) at 384 px.
+    "embed_dim": 128,
+    "depths": [2, 2, 18, 2],
+    "num_heads": [4, 8, 16, 32],
+    "window_size": 12,
+    "drop_path_rate": 0.3,
+    "out_features": ["stage1", "stage2", "stage3", "stage4"],
+}
+PRODUCTION_MASK2FORMER: dict[str, Any] = {"num_queries": 100, "use_pretrained_backbone": False}
+"""transformers' defaults are Mask2Former's (256-wide, 6 encoder and 10 decoder layers); 100 queries."""
 
 PIXELS_PER_CHUNK = 4096
 """Pixels scored at once: 4096 x 133 float32 scores (2 MiB) stay in a CPU's cache."""
@@ -87,11 +98,17 @@ class SemsegLabeler(PretrainedLabeler):
         return _class_names(config, self.name)
 
     def build_tiny(self, directory: Path) -> None:
+        self._build(directory, TINY_SWIN, TINY_MASK2FORMER)
+
+    def build_production(self, directory: Path) -> None:
+        self._build(directory, PRODUCTION_SWIN, PRODUCTION_MASK2FORMER)
+
+    def _build(self, directory: Path, swin: dict[str, Any], mask2former: dict[str, Any]) -> None:
         size = self.cfg.input_size
-        backbone = SwinConfig(image_size=size, **TINY_SWIN)
+        backbone = SwinConfig(image_size=size, **swin)
         config = Mask2FormerConfig(
             backbone_config=backbone,
-            **TINY_MASK2FORMER,
+            **mask2former,
             num_labels=len(COCO_PANOPTIC),
             id2label=dict(enumerate(COCO_PANOPTIC)),
             label2id={name: index for index, name in enumerate(COCO_PANOPTIC)},
