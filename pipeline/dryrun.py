@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from torch.utils.flop_counter import FlopCounterMode
 
 from four_m.core.config import Config, load_config
@@ -159,8 +160,6 @@ def _stored_per_row(folder: Path) -> float | None:
     files = [p for p in folder.glob("*.parquet") if not p.name.startswith(".")]
     if not files:
         return None
-    import pyarrow.parquet as pq
-
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     return sum(p.stat().st_size for p in files) / max(rows, 1)
 
