@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from four_m.core.errors import UserError
-from four_m.core.modalities import MODALITIES, input_modalities, labelled_modalities
+from four_m.core.modalities import MODALITIES, input_modalities, labelled_modalities, token_modalities
 from four_m.core.precision import PRECISIONS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -219,6 +219,16 @@ class LabelConfig:
 
 
 @dataclass(frozen=True)
+class AlgorithmConfig(LabelerConfig):
+    """A labeler that is an algorithm (Canny edges, palettes, metadata): it has no weights, so
+    ``model`` stays unset, and its labels are real ones (the card says "algorithm", not "random-init")."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.model is None, "label.<algorithm>.model", "an algorithm has no weights: leave model unset")
+
+
+@dataclass(frozen=True)
 class VQConfig:
     """One map modality's VQ tokenizer: its size and how it is trained (``make tokenizers``)."""
 
@@ -243,6 +253,10 @@ class VQConfig:
     dead_after: int = 50
     """A code unused for this many steps is restarted on a random recent encoding."""
     seed: int = 0
+    share: str | None = field(default=None, metadata=SHAPING_IF_SET)
+    """Use another map's tokenizer instead of training one (4M-21 tokenizes SAM edges with the
+    Canny edge tokenizer): ``tokenize.sam_edge.share: canny_edge``. Both must be of one kind, and
+    the shared one is trained on its own modality's labels only."""
 
     def __post_init__(self) -> None:
         check(2 <= self.codebook_size <= 65536, "tokenize.*.codebook_size", "must be in [2, 65536] (uint16 ids)")
@@ -284,7 +298,7 @@ class TextTokenizerConfig:
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    modalities: tuple[str, ...] = field(default_factory=lambda: tuple(MODALITIES))
+    modalities: tuple[str, ...] = field(default_factory=lambda: token_modalities())
     batch_size: int = field(default=32, metadata=RUNTIME_ONLY)
     """Samples per tokenizer call in the tokenize stage."""
     caption_source: str = "alt_text"
@@ -318,6 +332,20 @@ class TokenizeConfig:
         check(self.train_samples >= 1, "tokenize.train_samples", "must be >= 1")
         check(self.row_group_rows >= 1, "tokenize.row_group_rows", "must be >= 1")
         check(self.precision in PRECISIONS, "tokenize.precision", f"one of {', '.join(PRECISIONS)}")
+        for name, vq in self.sections.items():
+            owner = vq.share
+            if owner is None:
+                continue
+            key = f"tokenize.{name}.share"
+            check(owner in self.sections and self.sections[owner].share is None, key, "must name a map with its own")
+            check(MODALITIES[owner].kind == MODALITIES[name].kind, key, f"{owner} is not a {MODALITIES[name].kind}")
+            if name in self.modalities:
+                check(owner in self.modalities, key, f"{owner} must be in tokenize.modalities too")
+
+    def owner(self, modality: str) -> str:
+        """The map whose tokenizer ``modality`` uses: itself, or the one it shares (``share``)."""
+        section = self.sections.get(modality)
+        return section.share if section is not None and section.share else modality
 
     def vq(self, modality: str) -> VQConfig:
         return self.sections[modality]
@@ -593,7 +621,9 @@ def _apply_override(data: dict, item: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """``cls`` from a YAML mapping; keys it leaves out take ``base``'s values if given (a modality's
+    declared section), else the class defaults."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -607,10 +637,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     values = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in known & set(data)}
     if sections:
         values[sections.name] = {
-            name: _build(type(default), data[name], f"{prefix}{name}.") if name in data else default
+            name: _build(type(default), data[name], f"{prefix}{name}.", default) if name in data else default
             for name, default in defaults.items()
         }
-    return cls(**values)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
 def _defaults(attribute: str) -> dict[str, Any]:
@@ -621,7 +651,7 @@ def _defaults(attribute: str) -> dict[str, Any]:
 def check_modalities(names: tuple[str, ...], key: str, *, pixels: bool = False) -> None:
     """Every name is a registered modality (or, with ``pixels``, an image's pixel input), each once;
     else one line naming the key and the known ones."""
-    known = input_modalities() if pixels else tuple(MODALITIES)
+    known = input_modalities() if pixels else token_modalities()
     unknown = sorted(set(names) - set(known))
     check(not unknown, key, f"unknown {unknown}; known: {', '.join(known)}")
     check(len(set(names)) == len(names), key, f"names repeat: {list(names)}")

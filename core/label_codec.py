@@ -28,3 +28,31 @@ def decode_png(data: bytes) -> np.ndarray:
     if array is None:
         raise ValueError("not a PNG label map")
     return array[:, :, ::-1].copy() if array.ndim == 3 else array
+
+
+def encode_rle(mask: np.ndarray) -> list[int]:
+    """(H, W) bool mask -> uncompressed run lengths, for instance masks (``sam_instance``).
+
+    The convention, part of the on-disk contract: the mask is flattened in **row-major** order
+    (numpy's own, ``mask.ravel()``), and the runs alternate False, True, False, ... starting with a
+    run of False, which is 0 when the first pixel is True. The counts sum to H * W. COCO's RLE walks
+    the mask column-major (Fortran order, pycocotools' layout); these counts do not, because every
+    reader here holds numpy arrays in C order, so neither side transposes. Shape travels beside the
+    counts (the label view's side), not in them.
+    """
+    flat = np.ascontiguousarray(mask, dtype=bool).ravel()
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], changes, [flat.size])))
+    if flat.size and flat[0]:
+        runs = np.concatenate(([0], runs))
+    return runs.tolist()
+
+
+def decode_rle(counts: list[int] | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Run lengths written by ``encode_rle`` -> the (H, W) bool mask of ``shape``."""
+    runs = np.asarray(counts, dtype=np.int64)
+    height, width = shape
+    if runs.ndim != 1 or (runs < 0).any() or int(runs.sum()) != height * width:
+        raise ValueError(f"run lengths do not describe a {height}x{width} mask")
+    values = np.arange(runs.size) % 2 == 1  # False, True, False, ...
+    return np.repeat(values, runs).reshape(height, width)

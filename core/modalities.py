@@ -34,14 +34,19 @@ from four_m.core.errors import UserError
 ENTRY_POINTS = "four_m.modalities"
 BUILT_IN = "four_m.modalities"
 
-MAP_KINDS = ("image", "continuous_map", "direction_map", "class_map", "feature_map")
+MAP_KINDS = ("image", "continuous_map", "direction_map", "class_map", "feature_map", "edge_map")
 """Kinds stored as a per-pixel map of the label view and tokenized by a VQ tokenizer into a grid:
 ``image`` (the RGB view itself), ``continuous_map`` (one value in [0, 1] per pixel, 16-bit PNG),
 ``direction_map`` (unit vectors, 8-bit RGB PNG), ``class_map`` (class ids, 8-bit PNG),
-``feature_map`` (a grid of feature vectors)."""
-SEQUENCE_KINDS = ("text", "boxes")
-"""Kinds tokenized by the shared WordPiece vocabulary: free text, and 4M's box sequences."""
-KINDS = MAP_KINDS + SEQUENCE_KINDS
+``feature_map`` (a grid of feature vectors), ``edge_map`` (a binary map of edge pixels, 8-bit PNG of
+0 / 255)."""
+SEQUENCE_KINDS = ("text", "boxes", "palette", "metadata")
+"""Kinds tokenized by the shared WordPiece vocabulary: free text, 4M's box sequences, and 4M-21's
+colour palettes and image metadata (coordinate-style ``v1=`` / ``v0=`` tokens)."""
+LABEL_ONLY_KINDS = ("instances",)
+"""Kinds that are labelled and stored but not tokenized (yet): ``instances``, a list of RLE masks.
+They feed other labelers (``requires`` / ``uses``), previews and the card, never training."""
+KINDS = MAP_KINDS + SEQUENCE_KINDS + LABEL_ONLY_KINDS
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 """A modality's name: it becomes folder names under the root (``labels/<name>``, ``tokens/<name>``)."""
 
@@ -112,6 +117,12 @@ class ModalitySpec:
     """Known once the tokenizer is trained (a VQ codebook, the shared WordPiece vocabulary)."""
     pixel_input: PixelInput | None = None
     """An ``image`` may also be fed to the encoder as pixels (see :class:`PixelInput`)."""
+    requires: tuple[str, ...] = ()
+    """Modalities whose labels this labeler reads and cannot do without (``sam_edge`` needs
+    ``sam_instance``): the label stage runs them first and refuses to run it where they are missing."""
+    uses: tuple[str, ...] = ()
+    """Modalities whose labels this labeler reads where they exist (``metadata`` counts boxes if
+    ``det`` ran); what a missing one would give is left out, never guessed."""
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):
@@ -127,11 +138,25 @@ class ModalitySpec:
             raise ModalityError(f"modality {self.name!r}: labeler must be 'module:Class' with a labeler_config")
         if self.pixel_input is not None and (self.kind != "image" or self.pixel_input.name == self.name):
             raise ModalityError(f"modality {self.name!r}: only an image has a pixel input, under a name of its own")
+        if (self.requires or self.uses) and self.labeler is None or self.name in self.requires + self.uses:
+            raise ModalityError(f"modality {self.name!r}: only a labeler reads other labels, and never its own")
 
     @property
     def layout(self) -> str:
-        """``map`` (a fixed grid of tokens) or ``sequence`` (a variable run of text tokens up to a cap)."""
+        """``map`` (a fixed grid of tokens), ``sequence`` (a variable run of text tokens up to a cap) or
+        ``labels`` (stored, not tokenized)."""
+        if self.kind in LABEL_ONLY_KINDS:
+            return "labels"
         return "map" if self.kind in MAP_KINDS else "sequence"
+
+    @property
+    def tokenized(self) -> bool:
+        return self.layout != "labels"
+
+    @property
+    def label_inputs(self) -> tuple[str, ...]:
+        """Every modality whose labels the labeler reads, required first."""
+        return self.requires + self.uses
 
     @property
     def tokenizer(self) -> str:
@@ -162,6 +187,11 @@ class _Registry(Mapping[str, ModalitySpec]):
             clash = sorted({s.pixel_input.name for s in specs if s.pixel_input} & {s.name for s in specs})
             if clash:
                 raise ModalityError(f"{clash}: declared both as a modality and as an image's pixel input")
+            names = {s.name for s in specs}
+            for spec in specs:
+                unknown = sorted(set(spec.label_inputs) - names)
+                if unknown:
+                    raise ModalityError(f"modality {spec.name!r} reads the labels of unknown modalities {unknown}")
             self._specs = {s.name: s for s in specs}
         return self._specs
 
@@ -190,6 +220,11 @@ def sequence_modalities() -> tuple[str, ...]:
     return tuple(n for n, s in MODALITIES.items() if s.layout == "sequence")
 
 
+def token_modalities() -> tuple[str, ...]:
+    """Modalities that become tokens (every map and sequence; not the label-only kinds)."""
+    return tuple(n for n, s in MODALITIES.items() if s.tokenized)
+
+
 def labelled_modalities() -> tuple[str, ...]:
     """Modalities that a labeler writes (``label.labelers`` chooses among them)."""
     return tuple(n for n, s in MODALITIES.items() if s.labeler is not None)
@@ -212,9 +247,9 @@ def pixel_input_of(image: str, among: tuple[str, ...]) -> str | None:
 
 
 def input_modalities() -> tuple[str, ...]:
-    """What a run can be given, in order: every modality, each image's pixel input right after it."""
+    """What a run can be given, in order: every tokenized modality, each image's pixel input right after it."""
     names: list[str] = []
-    for name, spec in MODALITIES.items():
+    for name, spec in ((n, s) for n, s in MODALITIES.items() if s.tokenized):
         names += [name, spec.pixel_input.name] if spec.pixel_input else [name]
     return tuple(names)
 

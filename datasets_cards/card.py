@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from four_m.core.config import CardConfig, Config, load_config
+from four_m.core.config import AlgorithmConfig, CardConfig, Config, load_config
 from four_m.core.dataset_root import DatasetRoot, write_text_atomic
 from four_m.core.modalities import MODALITIES, ModalitySpec
 from four_m.datasets_cards.plots import FOLDER, Figure, plot_key, write_figures
@@ -228,8 +228,10 @@ def _labelers(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -
 def _not_run_labeler(config: Config, modality: str) -> str:
     if modality not in config.label.labelers:
         return NOT_RUN
-    configured = config.label.labeler(modality).model
-    return f"{NOT_RUN} (configured: `{configured or 'tiny random-init variant'}`)"
+    settings = config.label.labeler(modality)
+    if isinstance(settings, AlgorithmConfig):
+        return f"{NOT_RUN} (configured: an algorithm, no weights)"
+    return f"{NOT_RUN} (configured: `{settings.model or 'tiny random-init variant'}`)"
 
 
 def _label_statistics(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -> Iterator[str]:
@@ -287,8 +289,31 @@ def _text_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
     yield ""
 
 
+def _spread_text(spread: dict[str, float], unit: str = "") -> str:
+    if not spread["rows"]:
+        return "none sampled"
+    return f"{spread['mean']:.4g}{unit} on average ({spread['min']:.4g}-{spread['max']:.4g}, {spread['rows']:,} rows)"
+
+
+def _edge_map_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
+    yield f"Edge pixels: {_spread_text(labels.details['edge_pixel_share'])} of each map.\n"
+
+
+def _metadata_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
+    rows = [(key, _spread_text(spread)) for key, spread in labels.details["keys"].items()]
+    yield from _table(("key", "raw value"), rows)
+    yield "Keys absent from every row had no source in this run (their labeler did not run).\n"
+
+
+def _instances_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
+    yield f"Instances per image: {_spread_text(labels.details['instances_per_image'])}.\n"
+
+
 LABEL_SECTIONS = MappingProxyType(
     {
+        "edge_map": _edge_map_text,
+        "metadata": _metadata_text,
+        "instances": _instances_text,
         "boxes": _boxes_text,
         "class_map": _class_map_text,
         "continuous_map": _continuous_map_text,
@@ -314,8 +339,9 @@ def _tokenizers(stats: DatasetStats, config: Config, figures: dict[str, Figure])
     yield from _table(("modality", "trained on", "reconstruction", "codebook usage", "perplexity", "vocabulary"), rows)
     yield (
         "Reconstruction is measured on the training samples after training (PSNR in dB for rgb, abs-rel for"
-        " depth, angular error in degrees for normals, mIoU for semseg, cosine similarity for CLIP). The text"
-        " modalities share one WordPiece vocabulary (words plus special, sentinel, coordinate and class tokens).\n"
+        " depth, angular error in degrees for normals, mIoU for semseg, cosine similarity for CLIP and DINOv2,"
+        " edge F1 for edges). The sequence modalities share one WordPiece vocabulary (words plus special,"
+        " sentinel, coordinate and class tokens).\n"
     )
 
 

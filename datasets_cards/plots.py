@@ -26,8 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 FOLDER = "card"
 TOP_CLASSES = 20
-PREVIEW_WIDTH = 720
-"""Preview grids are 1.5-3k px photo mosaics; this width keeps a copy readable and about 0.5 MB."""
+PREVIEW_WIDTH = 1440
+"""Preview grids are 3-6k px photo mosaics (one column per modality, two per token modality); this
+width keeps a copy of 13-25 columns readable at about 1 MB."""
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,7 @@ def _labeler(root: DatasetRoot, modality: str, cap: int) -> LabelerStats | None:
         modality=modality,
         files=files,
         model=files.provenance.get("model") or files.provenance.get("method", "unknown"),
-        revision=files.provenance.get("revision", "unknown"),
+        revision=files.provenance.get("revision") or ("-" if "method" in files.provenance else "unknown"),
         sampled_rows=sample.num_rows if sample is not None else 0,
         details=details.compute(spec, sample, _classes(root, modality)) if details else {},
     )
@@ -366,15 +366,47 @@ def _lengths(texts: list[str | None]) -> dict[str, Any]:
     }
 
 
+def _edge_map(spec: ModalitySpec, table: pa.Table, classes: list[str]) -> dict[str, Any]:
+    shares = [float((decode_png(p) > 127).mean()) for p in table[spec.column].to_pylist()]
+    return {"edge_pixel_share": _spread(shares)}
+
+
+def _metadata(spec: ModalitySpec, table: pa.Table, classes: list[str]) -> dict[str, Any]:
+    """Per key: in how many sampled rows it is present, and its spread there."""
+    rows = table[spec.column].to_pylist()
+    keys = list(rows[0]) if rows else []
+    return {"keys": {k: _spread([r[k] for r in rows if r[k] is not None]) for k in keys}}
+
+
+def _instances(spec: ModalitySpec, table: pa.Table, classes: list[str]) -> dict[str, Any]:
+    rows = table[spec.column].to_pylist()
+    return {"instances_per_image": _spread([float(len(r or [])) for r in rows])}
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"rows": 0}
+    return {
+        "rows": len(values),
+        "mean": round(float(np.mean(values)), 4),
+        "min": round(float(np.min(values)), 4),
+        "max": round(float(np.max(values)), 4),
+    }
+
+
 LABEL_DETAILS: Mapping[str, _Details] = MappingProxyType(
     {
         "boxes": _Details(lambda s: [s.column, ERROR], _boxes),
         "class_map": _Details(lambda s: [s.column, ERROR], _class_map),
         "continuous_map": _Details(lambda s: [s.column, f"{s.column}_min", f"{s.column}_max", ERROR], _continuous_map),
         "text": _Details(lambda s: [*_text_columns(s), ERROR], _text),
+        "edge_map": _Details(lambda s: [s.column, ERROR], _edge_map),
+        "metadata": _Details(lambda s: [s.column, ERROR], _metadata),
+        "instances": _Details(lambda s: [s.column, ERROR], _instances),
     }
 )
-"""Kinds with statistics of their own; the others (direction and feature maps) get counts and failures only."""
+"""Kinds with statistics of their own; the others (direction and feature maps, palettes) get counts and
+failures only."""
 
 
 def _tokenizer(folder: Path) -> TokenizerStats | None:

@@ -14,6 +14,8 @@ not torch, so that an algorithmic labeler and the modality registry stay light.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +23,46 @@ import numpy as np
 import pyarrow as pa
 
 from four_m.core.config import LabelerConfig
+from four_m.core.modalities import MODALITIES
+from four_m.core.provenance import RANDOM_INIT
 from four_m.core.storage import RootPath
+
+
+@dataclass(frozen=True)
+class LabelBatch:
+    """What the stage hands a labeler for one batch of images, row for row.
+
+    Most labelers read only ``pixels``; one that derives its labels from the image's url-list row or
+    from other labelers' labels (its modality's ``requires`` / ``uses``) reads the rest.
+    """
+
+    pixels: np.ndarray
+    """(B, S, S, 3) uint8 RGB label views at ``cfg.input_size``."""
+    keys: list[str] = field(default_factory=list)
+    alt_texts: list[str | None] = field(default_factory=list)
+    """The url list's caption of each row."""
+    original_sizes: list[tuple[int, int] | None] = field(default_factory=list)
+    """(width, height) of each photo as downloaded, before any resizing (img2dataset's record)."""
+    labels: Mapping[str, list[dict[str, Any] | None]] = field(default_factory=dict)
+    """Per modality the labeler reads: each row's stored columns (payload, ``alt_text``), or None
+    where that label failed or was never made."""
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def rows(self, start: int, stop: int) -> LabelBatch:
+        """Rows ``start:stop``, for retrying a failed batch row by row."""
+
+        def cut(values: list) -> list:
+            return values[start:stop]
+
+        return LabelBatch(
+            self.pixels[start:stop],
+            cut(self.keys),
+            cut(self.alt_texts),
+            cut(self.original_sizes),
+            {name: cut(rows) for name, rows in self.labels.items()},
+        )
 
 
 class Labeler(ABC):
@@ -69,10 +110,14 @@ class Labeler(ABC):
     def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         """(B, S, S, 3) uint8 RGB at ``cfg.input_size`` -> one payload dict per image."""
 
-    def labelled(self, pixels: np.ndarray) -> list[dict[str, Any]]:
-        """What the stage calls: ``label`` in the labeler's numeric setting (a network's autocast),
-        entered here, in the calling thread, because autocast is per thread."""
-        return self.label(pixels)
+    def label_batch(self, batch: LabelBatch) -> list[dict[str, Any]]:
+        """One payload dict per row of ``batch``; a labeler that reads more than pixels overrides this."""
+        return self.label(batch.pixels)
+
+    def labelled(self, batch: LabelBatch) -> list[dict[str, Any]]:
+        """What the stage calls: ``label_batch`` in the labeler's numeric setting (a network's
+        autocast), entered here, in the calling thread, because autocast is per thread."""
+        return self.label_batch(batch)
 
     @abstractmethod
     def provenance(self) -> dict[str, str]:
@@ -94,3 +139,30 @@ class AlgorithmicLabeler(Labeler):
             "method": f"algorithmic ({self.name} {self.version})",
             "input_size": str(self.cfg.input_size),
         }
+
+
+class DerivedLabeler(AlgorithmicLabeler):
+    """An algorithm over other labels (and the url-list row): its modality declares what it reads
+    (``requires`` / ``uses``), and the stage runs those labelers first and hands their labels over
+    in :class:`LabelBatch`. Its labels are as real as the labels it reads: the stage flags them
+    random-init where a required input was."""
+
+    derived_from_random_init: bool = False
+    """Set by the stage when a label it requires was made by random weights (then so are these)."""
+
+    @property
+    def random_init(self) -> bool:
+        return self.derived_from_random_init
+
+    @abstractmethod
+    def label_batch(self, batch: LabelBatch) -> list[dict[str, Any]]: ...
+
+    def provenance(self) -> dict[str, str]:
+        spec = MODALITIES[self.name]
+        found = {**super().provenance(), "label_inputs": ",".join(spec.label_inputs)}
+        if self.derived_from_random_init:
+            found |= {"model": RANDOM_INIT, "revision": RANDOM_INIT}
+        return found
+
+    def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        raise TypeError(f"{self.name} labels from other labels: call label_batch with a LabelBatch")

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from four_m.labelers.features import FeatureMapLabeler
 from four_m.labelers.hf import load_model, normalisation, normalised
-from four_m.labelers.pretrained import PretrainedLabeler
 
 TINY_CLIP: dict[str, Any] = {
     "hidden_size": 64,
@@ -43,7 +42,7 @@ PRODUCTION_CLIP: dict[str, Any] = {
 }
 
 
-class ClipLabeler(PretrainedLabeler):
+class ClipLabeler(FeatureMapLabeler):
     """Patch-token features of ``CLIPVisionModelWithProjection`` (production: CLIP-B/16)."""
 
     name = "clip"
@@ -52,17 +51,9 @@ class ClipLabeler(PretrainedLabeler):
         """The vision tower's config; from a full CLIP checkpoint this reads its ``vision_config``."""
         return CLIPVisionConfig.from_pretrained(self.source, revision=self.cfg.revision)
 
-    def shape(self) -> tuple[int, int, int]:
-        """(grid, grid, dim) of one image's features."""
+    def patch_and_dim(self) -> tuple[int, int]:
         config = self.vision_config()
-        grid = self.cfg.input_size // config.patch_size
-        return grid, grid, config.projection_dim
-
-    def schema(self) -> pa.Schema:
-        return pa.schema([pa.field("clip", pa.list_(pa.float16(), int(np.prod(self.shape()))))])
-
-    def provenance(self) -> dict[str, str]:
-        return {**super().provenance(), "clip_shape": "x".join(map(str, self.shape()))}
+        return config.patch_size, config.projection_dim
 
     def build_tiny(self, directory: Path) -> None:
         self._build(directory, TINY_CLIP)
@@ -97,4 +88,4 @@ class ClipLabeler(PretrainedLabeler):
         patches = vision.post_layernorm(hidden[:, 1:])  # drop CLS: (B, N, hidden)
         features = self.model.visual_projection(patches)  # (B, N, dim)
         flat = features.to(torch.float16).flatten(1).cpu().numpy()  # (B, N * dim)
-        return [{"clip": row} for row in flat]
+        return self.payloads(flat)

@@ -19,7 +19,7 @@ import shutil
 import uuid
 from abc import abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,7 +29,7 @@ from four_m.core.errors import UserError
 from four_m.core.precision import autocast_dtype
 from four_m.core.provenance import RANDOM_INIT
 from four_m.core.storage import RootPath
-from four_m.labelers.base import Labeler
+from four_m.labelers.base import LabelBatch, Labeler
 
 
 class MissingWeightsError(UserError):
@@ -129,10 +129,10 @@ class PretrainedLabeler(Labeler):
         """The autocast dtype ``precision`` selects on this labeler's device; None: full fp32."""
         return autocast_dtype(self.cfg.precision, self.device.type)
 
-    def labelled(self, pixels):
+    def labelled(self, batch: LabelBatch) -> list[dict[str, Any]]:
         dtype = self.autocast_dtype()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.label(pixels)
+            return self.label_batch(batch)
 
     def fetch(self) -> str:
         """Download the configured hub weights into the local cache (``make models``); returns where."""

@@ -29,6 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from four_m.core.config import Config, load_config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.modalities import map_modalities
+from four_m.labelers.base import LabelBatch
+from four_m.labelers.pretrained import PretrainedLabeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.label import models_dir
 from four_m.tokenize.registry import load_tokenizer
@@ -51,9 +53,10 @@ def dry_run_config(production: Config, root: str = DRY_ROOT) -> Config:
     machine's CPU over the embedded sample (its download, sample and Ray settings)."""
     embedded = load_config("default")
     label = production.label
+    share = round(1.0 / max(len(label.labelers), 1), 3)  # one actor holds them all: a CPU between them
     sections = {
         n: dataclasses.replace(
-            cfg, model=None, random_size="production", num_gpus=0.0, num_cpus=0.25, batch_size=2, concurrency=1
+            cfg, model=None, random_size="production", num_gpus=0.0, num_cpus=share, batch_size=2, concurrency=1
         )
         for n, cfg in label.sections.items()
     }
@@ -165,12 +168,15 @@ def _stored_per_row(folder: Path) -> float | None:
 
 
 def _labelers(config: Config, root: DatasetRoot) -> Iterator[Cost]:
+    """The networks among the labelers (algorithms have no weights and cost little beside them)."""
     for name in config.label.labelers:
         cfg = config.label.labeler(name)
         labeler = LABELERS[name](cfg, config.label.size, models_dir(root) / name, root.path)
+        if not isinstance(labeler, PretrainedLabeler):
+            continue
         labeler.setup()
         pixels = np.random.default_rng(0).integers(0, 256, (1, cfg.input_size, cfg.input_size, 3)).astype(np.uint8)
-        gflops, memory = _counted(lambda labeler=labeler, pixels=pixels: labeler.labelled(pixels))
+        gflops, memory = _counted(lambda labeler=labeler, pixels=pixels: labeler.labelled(LabelBatch(pixels)))
         parameters = sum(p.numel() for p in labeler.model.parameters())
         yield Cost(
             f"label/{name} @ {cfg.input_size} px",

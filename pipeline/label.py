@@ -15,10 +15,12 @@ changed since (a retried download), and never touches the other folders.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,21 +32,24 @@ import torch
 from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
-from four_m.core.dataset_root import DatasetRoot, shard_name
+from four_m.core.dataset_root import DatasetRoot, FileDigest, shard_name
 from four_m.core.errors import UserError
 from four_m.core.failures import ERROR, label_failure_reason, labeler_timeout
+from four_m.core.modalities import MODALITIES
+from four_m.core.provenance import RANDOM_INIT
 from four_m.core.storage import RootPath
-from four_m.labelers.base import Labeler
+from four_m.labelers.base import DerivedLabeler, LabelBatch, Labeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.executor import ray_session, worker_options
 from four_m.pipeline.shard_parts import ROW, merge_parts, remove_parts, write_part
-from four_m.pipeline.stage import Output, StageRun, downloaded_images, image_keys, images_file
+from four_m.pipeline.stage import Output, StageRun, downloaded_images, image_keys, images_file, write_summary
 from four_m.pipeline.time_limit import TimeLimitExceeded, within
 from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_of
 
 STAGE = "label"
 log = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 256
+ORIGINAL_SIZE = ("original_width", "original_height")
 TASK_CPUS = 0.25
 """CPUs of a read or decode task: small, so tasks still fit beside the labelers' actor pools."""
 
@@ -126,10 +131,8 @@ def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
     rows = [i for i, error in enumerate(errors) if error is None]
     payloads: list[dict | None] = [None] * batch.num_rows
     if rows:
-        pixels = pixels_of(batch, labeler.cfg.input_size)[rows]
-        keys = batch["key"].to_pylist()
-        row_keys = [keys[row] for row in rows]
-        for row, payload, error in _label_isolated(labeler, pixels, rows, row_keys, labeler.cfg.timeout_s):
+        inputs = _label_batch(batch, rows, labeler)
+        for row, payload, error in _label_isolated(labeler, inputs, rows, labeler.cfg.timeout_s):
             payloads[row] = payload
             errors[row] = error
     table = pa.Table.from_pylist([p or {} for p in payloads], schema=schema)
@@ -138,8 +141,36 @@ def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
     return batch.append_column(column(labeler.name, ERROR), pa.array(errors, pa.string()))
 
 
+def _label_batch(batch: pa.Table, rows: list[int], labeler: Labeler) -> LabelBatch:
+    """The labeler's view of the pipeline batch's ``rows``: pixels at its input size, the url-list
+    fields, and the labels it reads (a failed one is None)."""
+
+    def picked(name: str) -> list:
+        values = batch[name].to_pylist()
+        return [values[row] for row in rows]
+
+    labels = {}
+    for source in MODALITIES[labeler.name].label_inputs:
+        prefix, failures = f"{source}.", column(source, ERROR)
+        if failures not in batch.column_names:
+            continue  # never made for this shard: the labeler leaves out what it would give
+        names = [n[len(prefix) :] for n in batch.column_names if n.startswith(prefix) and n != failures]
+        values = {n: picked(column(source, n)) for n in names}
+        failed = picked(failures)
+        labels[source] = [None if failed[i] else {n: values[n][i] for n in names} for i in range(len(rows))]
+    recorded = all(c in batch.column_names for c in ORIGINAL_SIZE)
+    sizes = zip(*(picked(c) for c in ORIGINAL_SIZE), strict=True) if recorded else [(None, None)] * len(rows)
+    return LabelBatch(
+        pixels=pixels_of(batch, labeler.cfg.input_size)[rows],
+        keys=picked("key"),
+        alt_texts=picked("caption"),
+        original_sizes=[(w, h) if w and h else None for w, h in sizes],
+        labels=labels,
+    )
+
+
 def _label_isolated(
-    labeler: Labeler, pixels, rows: list[int], keys: list[str], limit: float
+    labeler: Labeler, batch: LabelBatch, rows: list[int], limit: float
 ) -> list[tuple[int, dict | None, str | None]]:
     """Label the batch; if that fails or takes longer than ``limit`` seconds, row by row, so one bad
     image costs only its own row: a row that alone fails is a ``labeler_error``, one that alone takes
@@ -149,10 +180,9 @@ def _label_isolated(
     The fallback and each failing row are logged with their keys (the summary only counts them),
     so the image that broke a labeler can be found.
     """
+    keys = batch.keys
     try:
-        return [
-            (row, payload, None) for row, payload in zip(rows, within(limit, labeler.labelled, pixels), strict=True)
-        ]
+        return [(row, payload, None) for row, payload in zip(rows, within(limit, labeler.labelled, batch), strict=True)]
     except TimeLimitExceeded:
         log.warning(
             "label/%s: a batch of %d rows (keys %s..%s) took longer than %g s, retrying row by row",
@@ -175,7 +205,7 @@ def _label_isolated(
     results = []
     for index, (row, key) in enumerate(zip(rows, keys, strict=True)):
         try:
-            (payload,) = within(limit, labeler.labelled, pixels[index : index + 1])
+            (payload,) = within(limit, labeler.labelled, batch.rows(index, index + 1))
             results.append((row, payload, None))
         except TimeLimitExceeded:
             log.warning("label/%s: row %s took longer than %g s alone: quarantined", labeler.name, key, limit)
@@ -227,43 +257,122 @@ def run_label(config: Config, only: tuple[str, ...] = (), progress: bool = True)
         return _label_root(root, config, names, progress)
 
 
+def label_levels(names: tuple[str, ...]) -> list[list[str]]:
+    """``names`` in the order their label inputs impose: each level reads only labels of earlier
+    levels (or of labelers not in this run). A cycle among the declarations is refused."""
+    levels: dict[str, int] = {}
+
+    def level(name: str, path: tuple[str, ...]) -> int:
+        if name in path:
+            raise LabelStageError(f"labelers read each other's labels in a cycle: {' -> '.join((*path, name))}")
+        if name not in levels:
+            inputs = [d for d in MODALITIES[name].label_inputs if d in names]
+            levels[name] = 1 + max((level(d, (*path, name)) for d in inputs), default=-1)
+        return levels[name]
+
+    for name in names:
+        level(name, ())
+    return [[n for n in names if levels[n] == depth] for depth in range(max(levels.values(), default=-1) + 1)]
+
+
 def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progress: bool) -> LabelSummary:
     started, cpu_started = time.perf_counter(), time.process_time()
     labelers = {
         n: LABELERS[n](config.label.labeler(n), config.label.size, models_dir(root) / n, root.path) for n in names
     }
     images = downloaded_images(root, config.verify_checksums, LabelStageError)
+    summary = LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init])
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown the summary
+    with ray_session(config.ray) if _any_pending(root, config, names, images) else nullcontext():
+        for level in label_levels(names):
+            _label_level(root, config, {n: labelers[n] for n in level}, images, summary)
+    summary.seconds = time.perf_counter() - started
+    summary.driver_cpu_seconds = time.process_time() - cpu_started
+    write_summary(root, STAGE, _summary_dict(summary))
+    return summary
+
+
+def _any_pending(root: DatasetRoot, config: Config, names: tuple[str, ...], images: dict[int, FileDigest]) -> bool:
+    """Whether any labeler has a shard without a marker: only then is Ray started (a rerun over a
+    finished root stays fast). Shards made from changed inputs are found per level, inside Ray."""
+    verify = config.verify_checksums
+    return any(not root.stage(f"{STAGE}/{n}").is_done(s, verify) for n in names for s in images)
+
+
+def _label_level(
+    root: DatasetRoot,
+    config: Config,
+    labelers: dict[str, Labeler],
+    images: dict[int, FileDigest],
+    summary: LabelSummary,
+) -> None:
+    """Label the shards one level of labelers still owes, once the labels they read are final."""
+    names = list(labelers)
     hashes = {n: shaping_hash(config.label.size, config.label.labeler(n)) for n in names}
+    inputs = {n: _shard_inputs(root, config, n, images) for n in names}
     run = StageRun(
         root,
         config,
         STAGE,
         outputs={n: Output(f"labels/{n}", root.stage(f"{STAGE}/{n}"), hashes[n]) for n in names},
-        inputs={n: {s: (digest,) for s, digest in images.items()} for n in names},
-        summary=LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init]),
+        inputs={n: {s: digests for s, (digests, _) in inputs[n].items()} for n in names},
+        summary=summary,
     )
     run.check_not_stale(sorted(images), LabelStageError, "label config")
     run.begin()
     pending = {n: run.pending(n) for n in names}
     for n in names:
-        run.summary.shards_skipped[n] = len(images) - len(pending[n])
+        summary.shards_skipped[n] = len(images) - len(pending[n])
     todo = sorted({s for p in pending.values() for s in p})
-    if todo:
-        for labeler in labelers.values():
-            labeler.prepare()  # what labelers build (tiny variants) is built once here, not raced by actors
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown the summary
-        with ray_session(config.ray):
-            for start in range(0, len(todo), config.label.shards_per_run):
-                chunk = todo[start : start + config.label.shards_per_run]
-                work = {n: set(pending[n]) & set(chunk) for n in names}
-                active = [n for n in names if work[n]]
-                chosen = {n: labelers[n] for n in active}
-                _run_chunk(run, chunk, chosen, work)
-    run.summary.seconds = time.perf_counter() - started
-    run.summary.driver_cpu_seconds = time.process_time() - cpu_started
-    run.write_summary(_summary_dict(run.summary))
-    return run.summary
+    if not todo:
+        return
+    for name, labeler in labelers.items():
+        labeler.prepare()  # what labelers build (tiny variants) is built once here, not raced by actors
+        if isinstance(labeler, DerivedLabeler) and _reads_random_init(root, name, images):
+            labeler.derived_from_random_init = True
+            summary.random_init.append(name)
+    for start in range(0, len(todo), config.label.shards_per_run):
+        chunk = todo[start : start + config.label.shards_per_run]
+        work = {n: set(pending[n]) & set(chunk) for n in names}
+        active = [n for n in names if work[n]]
+        reads = {s: {d: f for n in active for d, f in inputs[n][s][1].items()} for s in chunk}
+        _run_chunk(run, chunk, {n: labelers[n] for n in active}, work, reads)
+
+
+def _shard_inputs(
+    root: DatasetRoot, config: Config, name: str, images: dict[int, FileDigest]
+) -> dict[int, tuple[tuple[FileDigest, ...], dict[str, str]]]:
+    """Per shard: the digests labeler ``name``'s shard is made from (its image file, then each label
+    file it reads) and those label files by modality. A required label missing stops the run."""
+    spec = MODALITIES[name]
+    found: dict[int, tuple[tuple[FileDigest, ...], dict[str, str]]] = {}
+    for shard, image_digest in images.items():
+        digests, files = [image_digest], {}
+        for source in spec.label_inputs:
+            stage, file = root.stage(f"{STAGE}/{source}"), root / f"labels/{source}/{shard_name(shard)}.parquet"
+            if stage.recorded(shard, file) is None:
+                if source in spec.requires:
+                    raise LabelStageError(
+                        f"labeler {name} reads {source}'s labels, but shard {shard} has none:"
+                        f" add {source} to label.labelers (it runs first)"
+                    )
+                continue
+            digests.append(stage.verified(shard, file, config.verify_checksums))
+            files[source] = str(file)
+        found[shard] = (tuple(digests), files)
+    return found
+
+
+def _reads_random_init(root: DatasetRoot, name: str, images: dict[int, FileDigest]) -> bool:
+    """Whether a label that labeler ``name`` cannot do without was made by random weights: what it
+    derives from noise is noise, and says so like its source."""
+    for source in MODALITIES[name].requires:
+        files = [root / f"labels/{source}/{shard_name(s)}.parquet" for s in images]
+        present = next((f for f in files if f.is_file()), None)
+        if present is not None and storage.read_schema(present).metadata.get(b"four_m.model") == RANDOM_INIT.encode():
+            return True
+    return False
 
 
 def models_dir(root: DatasetRoot) -> Path:
@@ -273,9 +382,14 @@ def models_dir(root: DatasetRoot) -> Path:
 
 
 def _run_chunk(
-    run: StageRun[LabelSummary], chunk: list[int], labelers: dict[str, Labeler], work: dict[str, set[int]]
+    run: StageRun[LabelSummary],
+    chunk: list[int],
+    labelers: dict[str, Labeler],
+    work: dict[str, set[int]],
+    reads: dict[int, dict[str, str]],
 ) -> None:
-    """Label one chunk of shards in one Ray Data execution; ``work`` = shards to write per labeler."""
+    """Label one chunk of shards in one Ray Data execution; ``work`` = shards to write per labeler,
+    ``reads`` = per shard, the label files (by modality) its labelers read beside the images."""
     root, config = run.root, run.config
     files = [str(images_file(root, s)) for s in chunk]
     expected = {
@@ -286,7 +400,10 @@ def _run_chunk(
     # The shards are read by our own small generator task rather than read_parquet, whose file
     # listing takes a whole CPU that six actor pools on two cores would never leave free.
     dataset = (
-        ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+        ray.data.from_items(
+            [{"path": f, "reads": json.dumps(reads[s])} for f, s in zip(files, chunk, strict=True)],
+            override_num_blocks=len(files),
+        )
         .map_batches(read_images, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, **worker_options())
         .map_batches(add_views, fn_kwargs={"sizes": sizes}, batch_format="pyarrow", batch_size=32, num_cpus=TASK_CPUS)
     )
@@ -369,13 +486,25 @@ def _check_resources(config: Config, pools: list[list[str]]) -> None:
 
 
 def read_images(batch: pa.Table):
-    """Stream one images/ shard (a one-row batch naming it) in row groups, each row tagged with its
-    path and its index in the shard (:data:`ROW`), which the shard's parts are merged by."""
+    """Stream one images/ shard (a one-row batch naming it and the label files its labelers read)
+    in row groups, each row tagged with its path and its index in the shard (:data:`ROW`), which the
+    shard's parts are merged by, and carrying the read labels' columns (``<modality>.<column>``)."""
     (path,) = batch["path"].to_pylist()
-    columns = ["key", "jpg", "status", "error_message", "caption"]
+    (reads,) = batch["reads"].to_pylist()
+    labels = {source: storage.read_table(storage.location(file)) for source, file in json.loads(reads).items()}
+    file = storage.parquet_file(storage.location(path))
+    # The photo's size before resizing, where the writer recorded it (img2dataset does).
+    sizes = [c for c in ORIGINAL_SIZE if c in file.schema_arrow.names]
+    columns = ["key", "jpg", "status", "error_message", "caption", *sizes]
     first = 0
-    for part in storage.parquet_file(storage.location(path)).iter_batches(batch_size=64, columns=columns):
+    for part in file.iter_batches(batch_size=64, columns=columns):
         table = pa.Table.from_batches([part]).append_column("path", pa.array([path] * part.num_rows))
+        for source, stored in labels.items():
+            rows = stored.slice(first, part.num_rows)
+            if not rows["key"].equals(table["key"]):
+                raise RuntimeError(f"labels/{source} of {path}: keys are not those of images/ (row order broken)")
+            for name in rows.column_names[1:]:
+                table = table.append_column(column(source, name), rows[name])
         yield table.append_column(ROW, pa.array(range(first, first + part.num_rows), pa.int64()))
         first += part.num_rows
 

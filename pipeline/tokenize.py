@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 
 import pyarrow as pa
 import ray
@@ -188,12 +189,19 @@ def _inputs(
     marker = label_state.read_marker(shard)
     if marker is None:
         raise _UnfinishedLabels(f"{file} is not finished: run the label stage first")
-    if marker.inputs != (images,):
+    if marker.inputs[:1] != (images,) or not all(_current(root, shard, d) for d in marker.inputs[1:]):
         raise _UnfinishedLabels(
             f"{file} was not made from the current images/{shard_name(shard)}.parquet (a retried download,"
-            " or labels older than input tracking): run the label stage first"
+            " or labels older than input tracking, or from labels relabelled since): run the label stage first"
         )
     return (images, label_state.verified(shard, file, verify_checksums))
+
+
+def _current(root: DatasetRoot, shard: int, read: FileDigest) -> bool:
+    """Whether a label file that a derived label was made from (``labels/<source>/...``) is still
+    the one its labeler's marker records."""
+    source = PurePosixPath(read.path).parent.name
+    return root.stage(f"label/{source}").recorded(shard, root / read.path) == read
 
 
 def _loaded(root: DatasetRoot, modality: str) -> Tokenizer:

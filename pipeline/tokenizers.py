@@ -53,8 +53,8 @@ def _train_tokenizers(root: DatasetRoot, config: Config) -> TrainingSummary:
     shards = downloaded_shards(root, TokenizerTrainingError)
     summary = TrainingSummary()
     todo = []
-    for group in groups_of(config.tokenize.modalities):
-        done = {m: trained_hash(root, m) for m in members(group)}
+    for group in groups_of(config.tokenize):
+        done = {m: trained_hash(root, m) for m in members(group, config.tokenize)}
         stale = [m for m, h in done.items() if h is not None and h != fit_hash(config, group)]
         if stale:
             raise TokenizerTrainingError(

@@ -22,6 +22,10 @@ SPECS = list(MODALITIES.values())
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_every_modality_has_a_tokenizer_a_reader_and_token_previews(spec):
+    if not spec.tokenized:
+        assert spec.no_metric, f"{spec.name}: a label-only kind must say why it has no metric"
+        assert spec.name not in Config().tokenize.modalities, f"{spec.name}: label-only, but tokenized by default"
+        return
     assert spec.kind in KIND_TOKENIZERS, f"{spec.name}: no tokenizer for kind {spec.kind}"
     assert spec.kind in READERS, f"{spec.name}: nothing reads kind {spec.kind} from its folder"
     assert spec.kind in preview.RENDERERS, f"{spec.name}: the token preview cannot draw kind {spec.kind}"
@@ -50,7 +54,7 @@ def test_every_labelled_modality_has_a_labeler_a_label_preview_a_card_task_and_c
 
 def test_label_statistics_exist_for_the_kinds_that_have_a_statistic_worth_reading():
     """Not every kind needs one (a direction map's statistics say little): the ones that do are listed."""
-    assert set(LABEL_DETAILS) == {"boxes", "class_map", "continuous_map", "text"}
+    assert set(LABEL_DETAILS) == {"boxes", "class_map", "continuous_map", "text", "edge_map", "metadata", "instances"}
 
 
 def test_every_map_has_a_tokenizer_config_section_with_its_declared_defaults():

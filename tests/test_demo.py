@@ -7,7 +7,7 @@ import sys
 import pyarrow.parquet as pq
 from PIL import Image
 
-from four_m.core.modalities import MODALITIES, labelled_modalities, map_modalities
+from four_m.core.modalities import labelled_modalities, map_modalities, token_modalities
 
 
 def _free_port() -> int:
@@ -48,17 +48,18 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
         assert [t["key"].to_pylist() for t in labels] == [t["key"].to_pylist() for t in images]
     preview = Image.open(root / "preview/labels.png")
     assert preview.width == 224 * (1 + len(labelled_modalities())) and preview.height > 224 * 8
-    for name in MODALITIES:
+    for name in token_modalities():
         absent = 0 if name == "caption" else 4  # the alt-text of a failed download still exists
         assert f"tokenize/{name}: rows in 14, rows out {14 - absent}" in run.stdout
         tokens = [pq.read_table(root / f"tokens/{name}/{p.name}") for p in sorted((root / "images").glob("*.parquet"))]
         assert [t["key"].to_pylist() for t in tokens] == [t["key"].to_pylist() for t in images]
     reconstructions = Image.open(root / "preview/tokens.png")
-    assert reconstructions.width == 224 * 2 * len(MODALITIES)
+    assert reconstructions.width == 224 * 2 * len(token_modalities())
     assert "train: 12 steps, loss " in run.stdout
     assert (root / "runs/tiny/loss.png").is_file() and (root / "runs/tiny/model.safetensors").is_file()
-    targets = [m for m in MODALITIES if m != "rgb"]
+    targets = [m for m in token_modalities() if m != "rgb"]
     grid = Image.open(root / f"runs/tiny/samples/rgb-to-{'+'.join(targets)}.png")
     assert grid.width == 224 * (1 + 2 * len(targets))
     assert "eval: " in run.stdout and "| depth | abs_rel |" in run.stdout
+    assert "| canny_edge | edge_f1 |" in run.stdout and "| color_palette | delta_e |" in run.stdout
     assert (root / "runs/tiny/eval/metrics.json").is_file() and (root / "README.md").is_file()

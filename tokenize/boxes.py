@@ -14,21 +14,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from four_m.core.coco import COCO_THINGS
-from four_m.tokenize.base import TOKEN_DTYPE, Tokenizer, TokenizerInputError
-from four_m.tokenize.text import CLASS_INDEX, COORDINATE_AXES, TextTokenizer
+from four_m.tokenize.base import TOKEN_DTYPE, TokenizerInputError
+from four_m.tokenize.coded import CodedSequenceTokenizer
+from four_m.tokenize.text import CLASS_INDEX, COORDINATE_AXES
 
 CORNERS = ("x0", "y0", "x1", "y1")
 """Box keys in coordinate-axis order: ``CORNERS[a]`` is token ``v{a}=``."""
 TOKENS_PER_BOX = len(CORNERS) + 1
 
 
-class BoxSequenceTokenizer(Tokenizer):
+class BoxSequenceTokenizer(CodedSequenceTokenizer):
     """One image's boxes <-> coordinate and class tokens of the shared text vocabulary.
 
     Boxes scoring below ``cfg.min_box_score`` are dropped; a box without a score (``None`` or
@@ -38,19 +38,6 @@ class BoxSequenceTokenizer(Tokenizer):
     """
 
     modality = "det"
-    fixed_length: ClassVar[bool] = False
-
-    def __init__(self, text: TextTokenizer) -> None:
-        self.text = text
-        self.bins = text.cfg.coordinate_bins
-
-    @property
-    def vocab_size(self) -> int:
-        return self.text.vocab_size
-
-    @property
-    def max_tokens(self) -> int:
-        return self.text.cfg.max_tokens
 
     def encode(self, values: Sequence[Sequence[Mapping[str, Any]]]) -> list[np.ndarray]:
         out = []
@@ -93,14 +80,6 @@ class BoxSequenceTokenizer(Tokenizer):
                 pending = []
             out.append(boxes)
         return out
-
-    def save(self, directory: Path) -> None:
-        """The shared text tokenizer's files: its config holds everything det needs."""
-        self.text.save(directory)
-
-    @classmethod
-    def load(cls, directory: Path) -> BoxSequenceTokenizer:
-        return cls(TextTokenizer.load(directory))
 
     def _binned(self, box: Any) -> tuple[tuple[int, ...], str] | None:
         """``(bins of x0, y0, x1, y1), class`` of a box to keep, None for one under the score threshold."""

@@ -2,8 +2,10 @@
 
 Captions and boxes share one WordPiece vocabulary (4M's design), so they are trained together as
 the ``text`` group: the vocabulary is learned from the alt-texts and generated captions, then
-saved for ``caption`` and, wrapped as a box-sequence tokenizer, for ``det``. Every map modality
-gets its own VQ tokenizer. Each tokenizer folder is written under a temporary name, completed
+saved for ``caption`` and, wrapped as a coded-sequence tokenizer, for ``det``, ``color_palette``
+and ``metadata``. Every map modality gets its own VQ tokenizer, unless it shares another's
+(``tokenize.<map>.share``: 4M-21 tokenizes SAM edges with the Canny edge tokenizer), which is then
+copied into its folder once trained. Each tokenizer folder is written under a temporary name, completed
 with ``trained.json`` (config hash, samples, metrics) and renamed into place: a folder that
 exists is finished, and a killed run leaves only a temporary folder, cleared on the next start.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from four_m import __version__
 from four_m.core import storage
-from four_m.core.config import Config, shaping_hash
+from four_m.core.config import Config, TokenizeConfig, shaping_hash
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.modalities import MODALITIES, map_modalities, of_kind, sequence_modalities
 from four_m.tokenize.maps import ADAPTERS
@@ -32,18 +34,25 @@ TEXT = "text"
 """The group of the modalities that share the WordPiece vocabulary: every sequence modality."""
 
 
-def groups_of(modalities: tuple[str, ...]) -> list[str]:
-    """Training units for ``modalities``: ``text`` (if any sequence is asked for), then each map."""
+def groups_of(tokenize: TokenizeConfig) -> list[str]:
+    """Training units for ``tokenize.modalities``: ``text`` (if any sequence is asked for), then
+    each map with a tokenizer of its own (one that shares another's is a member of that one's)."""
+    modalities = tokenize.modalities
     text = [TEXT] if set(modalities) & set(sequence_modalities()) else []
-    return text + [m for m in map_modalities() if m in modalities]
+    return text + [m for m in map_modalities() if m in modalities and tokenize.owner(m) == m]
 
 
-def members(group: str) -> tuple[str, ...]:
-    return sequence_modalities() if group == TEXT else (group,)
+def members(group: str, tokenize: TokenizeConfig) -> tuple[str, ...]:
+    """Who gets the group's tokenizer: every sequence for ``text``; a map and the maps sharing it."""
+    if group == TEXT:
+        return sequence_modalities()
+    sharing = [m for m in tokenize.modalities if m != group and tokenize.owner(m) == group]
+    return (group, *sharing)
 
 
 def fit_hash(config: Config, group: str) -> str:
-    """What shapes a trained tokenizer; a change makes the finished one stale."""
+    """What shapes a trained tokenizer (of a group: a sharing map's is its owner's); a change makes
+    the finished one stale."""
     if group == TEXT:
         return shaping_hash(config.tokenize.text, config.tokenize.train_samples)
     return shaping_hash(config.tokenize.vq(group), config.label.size, config.tokenize.train_samples)
@@ -74,7 +83,11 @@ def fit_group(root: DatasetRoot, group: str, config: Config, shards: list[int]) 
             vq = config.tokenize.vq(group)
             metrics = train_vq(group, values, vq, size, folder, params, accelerator, config.tokenize.precision)
             _write_trained(folder, group, fit_hash(config, group), len(values), metrics)
-        results = {group: {"samples": len(values), **metrics}}
+            for sharing in members(group, config.tokenize)[1:]:
+                with _finished_folder(root, sharing) as copy:
+                    shutil.copytree(folder, copy, dirs_exist_ok=True)
+                    _write_trained(copy, sharing, fit_hash(config, group), len(values), {**metrics, "shared": group})
+        results = {m: {"samples": len(values), **metrics} for m in members(group, config.tokenize)}
     for result in results.values():
         result["seconds"] = round(time.perf_counter() - started, 1)
     return results
@@ -85,11 +98,11 @@ def _fit_text(root: DatasetRoot, config: Config, shards: list[int]) -> dict[str,
     texts = [] if cfg.file else list(_caption_texts(root, shards, config.tokenize.train_samples))
     text = TextTokenizer.from_config(cfg, texts)
     metrics = {"samples": len(texts), "vocab_size": text.vocab_size}
-    for modality in members(TEXT):
+    for modality in members(TEXT, config.tokenize):
         with _finished_folder(root, modality) as folder:
             sequence_tokenizer(MODALITIES[modality].kind, text).save(folder)
             _write_trained(folder, modality, fit_hash(config, TEXT), len(texts), metrics)
-    return {m: dict(metrics) for m in members(TEXT)}
+    return {m: dict(metrics) for m in members(TEXT, config.tokenize)}
 
 
 def _caption_texts(root: DatasetRoot, shards: list[int], limit: int) -> Iterator[str]:

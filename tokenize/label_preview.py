@@ -20,11 +20,11 @@ from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path
 from four_m.core.failures import SUCCESS
-from four_m.core.label_codec import decode_png
+from four_m.core.label_codec import decode_png, decode_rle
 from four_m.core.modalities import MODALITIES, ModalitySpec, labelled_modalities
 from four_m.core.provenance import RANDOM_INIT
 from four_m.core.views import label_view
-from four_m.tokenize.maps import ADAPTERS
+from four_m.tokenize.maps import ADAPTERS, feature_shape
 
 Tile = np.ndarray  # (S, S, 3) uint8
 
@@ -56,8 +56,8 @@ def render_boxes(spec: ModalitySpec, row: dict, view: Tile, meta: dict[bytes, by
 
 def render_features(spec: ModalitySpec, row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
     """The first three principal components of the patch features, as colours."""
-    grid, _, dim = (int(n) for n in meta[b"four_m.clip_shape"].split(b"x"))
-    features = np.asarray(row[spec.column], np.float32).reshape(grid, grid, dim).transpose(2, 0, 1)  # (D, G, G)
+    shape = feature_shape(meta, spec.name)
+    features = np.asarray(row[spec.column], np.float32).reshape(shape).transpose(2, 0, 1)  # (D, G, G)
     small = ADAPTERS[spec.name].render(features)
     return np.asarray(Image.fromarray(small).resize(view.shape[:2], Image.NEAREST))
 
@@ -73,6 +73,53 @@ def render_text(spec: ModalitySpec, row: dict, view: Tile, meta: dict[bytes, byt
     return np.asarray(image)
 
 
+def render_edges(spec: ModalitySpec, row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    return ADAPTERS[spec.name].render((decode_png(row[spec.column]) > 127).astype(np.float32)[None])
+
+
+def palette_tile(palettes: list, side: int) -> Tile:
+    """Swatches: one band per palette (1 to 7 colours, top to bottom), each split among its colours."""
+    tile = np.full((side, side, 3), 250, np.uint8)
+    bands = max(len(palettes), 1)
+    for band, colours in enumerate(palettes):
+        rgb = np.asarray(colours, np.uint8).reshape(-1, 3)
+        top, bottom = band * side // bands, (band + 1) * side // bands
+        edges = np.linspace(0, side, len(rgb) + 1).astype(int)
+        for colour, left, right in zip(rgb, edges[:-1], edges[1:], strict=True):
+            tile[top : bottom - 1, left:right] = colour
+    return tile
+
+
+def table_tile(entries: Mapping[str, object], side: int) -> Tile:
+    """A key/value table (metadata), one line per present key."""
+    image = Image.new("RGB", (side, side), (250, 250, 250))
+    present = {key: value for key, value in entries.items() if value is not None}
+    lines = [f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}" for key, value in present.items()]
+    ImageDraw.Draw(image).multiline_text((4, 4), "\n".join(lines), fill=(20, 20, 20), spacing=1)
+    return np.asarray(image)
+
+
+def render_palette(spec: ModalitySpec, row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    return palette_tile(row[spec.column], view.shape[0])
+
+
+def render_metadata(spec: ModalitySpec, row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    return table_tile({k: v for k, v in row[spec.column].items() if v is not None}, view.shape[0])
+
+
+def render_instances(spec: ModalitySpec, row: dict, view: Tile, meta: dict[bytes, bytes]) -> Tile:
+    """Each instance mask in its own colour over the dimmed view (largest drawn first, so small
+    instances stay visible on top)."""
+    side = view.shape[0]
+    tile = (view.astype(np.float32) * 0.35).astype(np.uint8)
+    for index, mask in sorted(enumerate(row[spec.column] or []), key=lambda item: -item[1]["area"]):
+        inside = decode_rle(mask["counts"], (side, side))
+        tile[inside] = _INSTANCE_COLOURS[index % len(_INSTANCE_COLOURS)]
+    return tile
+
+
+_INSTANCE_COLOURS = np.random.default_rng(1).integers(60, 256, size=(64, 3), dtype=np.uint8)
+
 Renderer = Callable[[ModalitySpec, dict, Tile, dict[bytes, bytes]], Tile]
 """(the modality, its stored row, the label view, the file's metadata) -> RGB tile."""
 
@@ -84,6 +131,10 @@ RENDERERS: Mapping[str, Renderer] = MappingProxyType(
         "feature_map": render_features,
         "boxes": render_boxes,
         "text": render_text,
+        "edge_map": render_edges,
+        "palette": render_palette,
+        "metadata": render_metadata,
+        "instances": render_instances,
     }
 )
 """Per labelled kind: how one stored row is drawn."""

@@ -17,13 +17,15 @@ direction_map     float32 (3, S, S) in [-1, 1]  8-bit RGB PNG, v / 255*2-1  1 - 
 class_map         int64 (S, S), 255 = no class  8-bit PNG of class ids      cross-entropy / mIoU
 (semseg)
 feature_map       float32 (D, G, G)             float16 list in (G, G, D)   1 - cos + MSE / cosine
-(clip)
+(clip, dinov2)
+edge_map          float32 (1, S, S) of 0 / 1    8-bit PNG of 0 / 255        weighted BCE + Dice / edge F1
+(canny_edge)
 ================  ============================  ==========================  ===============================
 
 Adapters are frozen dataclasses. ``ADAPTERS`` holds 4M's settings (224 px maps, 133 classes,
-14 x 14 x 512 CLIP features) and is never mutated; a tokenizer of another size or class count
-gets its own copy from ``configured``. Reading never depends on those settings: label files carry
-their own shapes.
+feature maps on their tokenizer's grid, 14 x 14 for CLIP) and is never mutated; a tokenizer of
+another size or class count gets its own copy from ``configured``. Reading never depends on those
+settings: label files carry their own shapes.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
 from four_m.core.errors import UserError
 from four_m.core.failures import SUCCESS, download_failed
 from four_m.core.label_codec import decode_png
-from four_m.core.modalities import MODALITIES
+from four_m.core.modalities import MODALITIES, ModalitySpec
 from four_m.core.views import centre_square, decode_rgb, resize_square
 from four_m.tokenize.base import TokenizerInputError
 
@@ -59,7 +61,7 @@ ReadResult = tuple[list[np.ndarray | None], list[str | None]]
 @dataclass(frozen=True, kw_only=True)
 class MapAdapter(ABC):
     size: int = 224
-    """Side of the value maps: the label view (for clip, its feature grid)."""
+    """Side of the value maps: the label view (for a feature map, its feature grid)."""
 
     modality: str
     """The modality this adapter reads (a registered name whose spec is of this adapter's kind)."""
@@ -83,12 +85,17 @@ class MapAdapter(ABC):
         """What a value must be, in words, for error messages."""
 
     def params(self) -> dict[str, Any]:
-        """What a saved tokenizer records besides the size (class count, CLIP width)."""
+        """What a saved tokenizer records besides the size (class count, feature width)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("size", "modality", "column")}
 
     @classmethod
     def params_of(cls, schema: pa.Schema) -> dict[str, Any]:
         """The params a label file implies, from its metadata: a tokenizer for it is built with these."""
+        return {}
+
+    @classmethod
+    def registry_settings(cls, spec: ModalitySpec) -> dict[str, Any]:
+        """Settings of ``spec``'s instance in ``ADAPTERS`` that its declaration decides, not the class."""
         return {}
 
     # --- reading stored labels ---
@@ -306,6 +313,82 @@ class NormalAdapter(FloatMapAdapter):
         return ((value.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
+EDGE_TOLERANCE = 2
+"""Pixels (at 224 px) by which an edge may miss its true position and still count: BSDS-style edge
+benchmarks allow a small distance (~0.75% of the diagonal), and a one-pixel shift of a thin edge
+would otherwise score zero."""
+
+
+def edge_counts(predictions: np.ndarray, targets: np.ndarray, tolerance: int = EDGE_TOLERANCE) -> np.ndarray:
+    """(matched predicted, predicted, matched true, true) edge pixels of (B, S, S) binary maps: a
+    predicted pixel matches when a true edge lies within ``tolerance`` pixels, and vice versa.
+    Additive over batches; :func:`edge_f1` reads them."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1,) * 2)
+    sums = np.zeros(4, np.float64)
+    for guess, truth in zip(predictions.astype(bool), targets.astype(bool), strict=True):
+        near_truth = cv2.dilate(truth.astype(np.uint8), kernel).astype(bool)
+        near_guess = cv2.dilate(guess.astype(np.uint8), kernel).astype(bool)
+        sums += [(guess & near_truth).sum(), guess.sum(), (truth & near_guess).sum(), truth.sum()]
+    return sums
+
+
+def edge_f1(counts: np.ndarray) -> float | None:
+    """F1 of edge precision and recall from summed :func:`edge_counts`; None without any edge."""
+    matched_guess, guessed, matched_truth, true = counts
+    if not guessed and not true:
+        return None
+    precision = matched_guess / guessed if guessed else 0.0
+    recall = matched_truth / true if true else 0.0
+    return float(2 * precision * recall / (precision + recall)) if precision + recall else 0.0
+
+
+class EdgeAdapter(FloatMapAdapter):
+    """Binary edge maps (Canny's, SAM's instance boundaries), stored as 8-bit PNGs of 0 / 255.
+
+    Trained with binary cross-entropy (edges ~10% of pixels, weighted up by ``EDGE_WEIGHT`` so the
+    all-black map is not a cheap minimum) plus a soft Dice term, the usual pairing for thin
+    structures; decoded maps are the pixels whose probability passes one half.
+    """
+
+    kind = "edge_map"
+    channels = 1
+    low, high = 0.0, 1.0
+    flippable = True
+    metric_name = "edge_f1"
+
+    EDGE_WEIGHT: ClassVar[float] = 4.0
+
+    def parse(self, payload: bytes) -> np.ndarray:
+        codes = decode_png(payload)
+        if codes.dtype != np.uint8 or codes.ndim != 2:
+            raise ValueError(f"expected an 8-bit one-channel PNG, got {codes.dtype} {codes.shape}")
+        return (codes > 127).astype(np.float32)[None]  # (1, S, S) of 0 / 1
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = torch.tensor(self.EDGE_WEIGHT, device=output.device)
+        bce = F.binary_cross_entropy_with_logits(output, target, pos_weight=weight)
+        probability = torch.sigmoid(output)
+        dice = 1 - (2 * (probability * target).sum() + 1) / (probability.sum() + target.sum() + 1)
+        return bce + dice
+
+    def to_values(self, output: torch.Tensor) -> torch.Tensor:
+        return (output > 0).to(torch.float32)  # sigmoid(output) > 1/2
+
+    def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return edge_counts(predictions[:, 0] > 0.5, targets[:, 0] > 0.5, _tolerance(self.size))
+
+    def metric(self, sums: np.ndarray) -> float | None:
+        return edge_f1(sums)
+
+    def render(self, value: np.ndarray) -> np.ndarray:
+        return np.repeat((value[0] > 0.5).astype(np.uint8)[:, :, None] * 255, 3, axis=2)
+
+
+def _tolerance(size: int) -> int:
+    """:data:`EDGE_TOLERANCE` scaled from 224 px to a map of side ``size`` (at least one pixel)."""
+    return max(1, round(EDGE_TOLERANCE * size / 224))
+
+
 class ClassEmbedding(nn.Module):
     """(B, S, S) class ids -> (B, width, S, S): a one-hot 1x1 convolution without the one-hot."""
 
@@ -395,24 +478,41 @@ class SemsegAdapter(MapAdapter):
         return _PALETTE[value]
 
 
-def clip_shape(schema: pa.Schema) -> tuple[int, int, int]:
-    """(grid, grid, dim) of a clip label file, from its ``four_m.clip_shape`` metadata ("14x14x512")."""
-    shape = (schema.metadata or {}).get(b"four_m.clip_shape")
+FEATURE_SHAPE = b"four_m.feature_shape"
+"""A feature-map label file's (grid, grid, dim), written by its labeler's provenance ("16x16x768")."""
+LEGACY_CLIP_SHAPE = b"four_m.clip_shape"
+"""The same, as clip label files wrote it before the feature-map kind had a second modality."""
+
+
+def feature_shape(metadata: Mapping[bytes, bytes] | None, modality: str | None = None) -> tuple[int, int, int]:
+    """(rows, columns, dim) of a feature-map label file, from its schema's metadata.
+
+    ``modality`` names the file in errors; without it, the file's own ``four_m.modality`` does.
+    """
+    metadata = metadata or {}
+    name = modality or metadata.get(b"four_m.modality", b"feature map").decode()
+    shape = metadata.get(FEATURE_SHAPE, metadata.get(LEGACY_CLIP_SHAPE))
     if shape is None:
-        raise TokenizerInputError("clip: the label file has no four_m.clip_shape metadata (like 14x14x512)")
-    rows, columns, dim = (int(n) for n in shape.split(b"x"))
+        raise TokenizerInputError(f"{name}: the label file has no four_m.feature_shape metadata (like 16x16x768)")
+    try:
+        rows, columns, dim = (int(n) for n in shape.split(b"x"))
+    except ValueError:
+        raise TokenizerInputError(f"{name}: four_m.feature_shape {shape.decode()!r} is not like 16x16x768") from None
     return rows, columns, dim
 
 
 @dataclass(frozen=True, kw_only=True)
-class ClipAdapter(FloatMapAdapter):
-    """CLIP patch features; their grid is the token grid, so ``size`` is that grid (no resampling).
+class FeatureMapAdapter(FloatMapAdapter):
+    """Dense patch features (CLIP, DINOv2); their grid is the token grid, so ``size`` is that grid
+    (no resampling).
 
-    Not flipped in training: CLIP features of a mirrored image are not the mirrored features.
+    Not flipped in training: the features of a mirrored image are not the mirrored features.
     """
 
     size: int = 14
+    """4M's CLIP-B/16 grid; ``ADAPTERS`` gives each modality its tokenizer's grid instead."""
     dim: int = 512
+    """CLIP-B/16's projection width, until a label file gives its own (``params_of``)."""
 
     kind = "feature_map"
     low, high = -math.inf, math.inf
@@ -425,17 +525,23 @@ class ClipAdapter(FloatMapAdapter):
 
     @classmethod
     def params_of(cls, schema: pa.Schema) -> dict[str, Any]:
-        return {"dim": clip_shape(schema)[2]}
+        return {"dim": feature_shape(schema.metadata)[2]}
+
+    @classmethod
+    def registry_settings(cls, spec: ModalitySpec) -> dict[str, Any]:
+        # The features already sit on the token grid: 14 x 14 for CLIP-B/16, 16 x 16 for DINOv2-B/14.
+        return {"size": spec.tokenizer_config.grid}
 
     def _payloads(self, table: pa.Table) -> list[Any]:
         """(G, G, D) float16 arrays, None for null rows, without a Python float per feature."""
-        shape = clip_shape(table.schema)
+        shape = feature_shape(table.schema.metadata, self.modality)
         column = table[self.column].combine_chunks()
         present = ~column.is_null().to_numpy(zero_copy_only=False)
         flat = column.flatten().to_numpy(zero_copy_only=False)  # nulls left out
         if flat.size != present.sum() * math.prod(shape):
             raise TokenizerInputError(
-                f"clip: {flat.size} features in {present.sum()} rows; expected {'x'.join(map(str, shape))} per row"
+                f"{self.modality}: {flat.size} features in {present.sum()} rows; "
+                f"expected {'x'.join(map(str, shape))} per row"
             )
         rows = iter(flat.reshape(-1, *shape))
         return [next(rows) if here else None for here in present]
@@ -467,13 +573,15 @@ class ClipAdapter(FloatMapAdapter):
 
 
 ADAPTER_KINDS: Mapping[str, type[MapAdapter]] = MappingProxyType(
-    {a.kind: a for a in (RgbAdapter, DepthAdapter, NormalAdapter, SemsegAdapter, ClipAdapter)}
+    {a.kind: a for a in (RgbAdapter, DepthAdapter, NormalAdapter, SemsegAdapter, FeatureMapAdapter, EdgeAdapter)}
 )
 """Map kind -> its adapter class: the one place a kind's behaviour is written."""
 
 ADAPTERS: Mapping[str, MapAdapter] = MappingProxyType(
     {
-        name: ADAPTER_KINDS[spec.kind](modality=name, column=spec.column)
+        name: ADAPTER_KINDS[spec.kind](
+            modality=name, column=spec.column, **ADAPTER_KINDS[spec.kind].registry_settings(spec)
+        )
         for name, spec in MODALITIES.items()
         if spec.layout == "map"
     }

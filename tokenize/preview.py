@@ -21,7 +21,7 @@ from four_m.core.dataset_root import DatasetRoot, atomic_path, shard_name
 from four_m.core.failures import SUCCESS
 from four_m.core.modalities import MAP_KINDS, MODALITIES, ModalitySpec
 from four_m.core.views import label_view
-from four_m.tokenize.label_preview import render_boxes
+from four_m.tokenize.label_preview import palette_tile, render_boxes, table_tile
 from four_m.tokenize.maps import ADAPTERS
 from four_m.tokenize.registry import load_tokenizer
 from four_m.tokenize.shard import token_file
@@ -85,6 +85,8 @@ RENDERERS = MappingProxyType(
         **dict.fromkeys(MAP_KINDS, _render_map),
         "boxes": lambda spec, boxes, view, size: render_boxes(spec, {spec.column: boxes}, view, {}),
         "text": lambda spec, text, view, size: text_tile(text, size),
+        "palette": lambda spec, palettes, view, size: palette_tile(palettes, size),
+        "metadata": lambda spec, entries, view, size: table_tile(entries, size),
     }
 )
 """Per kind: (modality, value, the image's label view, tile side) -> RGB tile."""

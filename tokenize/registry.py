@@ -10,19 +10,26 @@ from four_m.core.modalities import MAP_KINDS, MODALITIES
 from four_m.core.storage import RootPath, local_copy
 from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.boxes import BoxSequenceTokenizer
+from four_m.tokenize.coded import CodedSequenceTokenizer
+from four_m.tokenize.metadata import MetadataTokenizer
+from four_m.tokenize.palette import PaletteTokenizer
 from four_m.tokenize.text import TextTokenizer
 from four_m.tokenize.vq import VQTokenizer
 
+CODED_KINDS: MappingProxyType[str, type[CodedSequenceTokenizer]] = MappingProxyType(
+    {"boxes": BoxSequenceTokenizer, "palette": PaletteTokenizer, "metadata": MetadataTokenizer}
+)
+"""Sequence kinds whose values are coded as tokens of the shared vocabulary."""
 KIND_TOKENIZERS: MappingProxyType[str, type[Tokenizer]] = MappingProxyType(
-    {**dict.fromkeys(MAP_KINDS, VQTokenizer), "text": TextTokenizer, "boxes": BoxSequenceTokenizer}
+    {**dict.fromkeys(MAP_KINDS, VQTokenizer), "text": TextTokenizer, **CODED_KINDS}
 )
 """Kind -> the tokenizer class its modalities use: a VQ tokenizer per map; sequences share one
-WordPiece vocabulary (``text``), which box sequences wrap."""
+WordPiece vocabulary (``text``), which boxes, palettes and metadata wrap."""
 
 
 def sequence_tokenizer(kind: str, text: TextTokenizer) -> Tokenizer:
     """The tokenizer of a sequence kind over the shared vocabulary ``text``."""
-    return BoxSequenceTokenizer(text) if kind == "boxes" else text
+    return CODED_KINDS[kind](text) if kind in CODED_KINDS else text
 
 
 def tokenizer_dir(root: DatasetRoot, modality: str) -> RootPath:

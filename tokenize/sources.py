@@ -2,8 +2,9 @@
 into (keys, values, errors), the input of tokenizer training and of the tokenize stage.
 
 Map modalities are read by their adapters (``tokenize.maps``), which know the stored encodings;
-captions and boxes are read here. A row whose image or label failed upstream reads as value
-None with the upstream error, so it becomes an absent modality, never fake data.
+captions and the payloads of boxes, palettes and metadata are read here. A row whose image or
+label failed upstream reads as value None with the upstream error, so it becomes an absent
+modality, never fake data.
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ def _texts(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[An
     return [t if e is None else None for t, e in zip(texts, errors, strict=True)], errors
 
 
-def _boxes(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
+def _payloads(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
+    """Boxes, palettes, metadata: the stored payload as it is (a list, a dict), None where it failed."""
     errors = table["error"].to_pylist()
-    boxes = table[spec.column].to_pylist()
-    return [b if e is None else None for b, e in zip(boxes, errors, strict=True)], errors
+    payloads = table[spec.column].to_pylist()
+    return [p if e is None else None for p, e in zip(payloads, errors, strict=True)], errors
 
 
 def _map(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:
@@ -74,6 +76,8 @@ def _map(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[Any]
 
 
 READERS: Mapping[str, Callable[[ModalitySpec, pa.Table, Config], tuple[list[Any], list[str | None]]]] = (
-    MappingProxyType({**dict.fromkeys(MAP_KINDS, _map), "text": _texts, "boxes": _boxes})
+    MappingProxyType(
+        {**dict.fromkeys(MAP_KINDS, _map), "text": _texts, **dict.fromkeys(("boxes", "palette", "metadata"), _payloads)}
+    )
 )
 """Per kind: a modality's stored table -> (values, errors)."""

@@ -53,6 +53,12 @@ def reserved_tokens(cfg: TextTokenizerConfig) -> list[str]:
     return [*SPECIAL_TOKENS, *sentinels, *coordinates, *COCO_THINGS]
 
 
+def coordinate_block(cfg: TextTokenizerConfig, axis: int) -> range:
+    """The ids of tokens ``v{axis}=0`` .. ``v{axis}={bins-1}`` under ``cfg`` (the table above)."""
+    start = len(SPECIAL_TOKENS) + cfg.sentinels + axis * cfg.coordinate_bins
+    return range(start, start + cfg.coordinate_bins)
+
+
 class TextTokenizer(Tokenizer):
     """Captions <-> WordPiece ids, lower-cased and accent-stripped like BERT's uncased tokenizer.
 

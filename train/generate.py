@@ -57,7 +57,7 @@ from four_m.core.errors import UserError
 from four_m.tokenize.base import TOKEN_DTYPE
 from four_m.tokenize.text import SPECIAL_TOKENS, UNK
 from four_m.train.batch import MaskedBatch
-from four_m.train.masking import Masker, ModalityInfo
+from four_m.train.masking import Masker, ModalityInfo, chunk_view
 from four_m.train.model import FourM
 
 ORDERS = GenerateConfig.ORDERS
@@ -453,7 +453,8 @@ class Generator:
                 if ids is None:
                     continue
                 try:
-                    content = Masker._read(info, ids)  # maps: the grid; sequences: ids before EOS/PAD
+                    # maps: the grid; sequences: ids up to EOS (a chunked one as a given input shows it)
+                    content, _ = chunk_view(info, Masker._read(info, ids), None)
                 except ValueError as error:
                     raise GenerationError(f"given {name!r}, sample {b}: {error}") from None
                 if info.kind == "pixels":

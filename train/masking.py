@@ -33,6 +33,12 @@ Where this differs from 4M, and why:
 - A target allotment counts predicted tokens: 4M also counts the leading sentinel, which is only
   the decoder's first input here.
 - Minimum counts are handed out before the split instead of redrawing the Dirichlet until they hold.
+- 4M-21's chunked sequences (:data:`CHUNKED_KINDS`) are first cut into chunks at their chunk-opening
+  tokens (``v1=``): a palette sample shows *one* of its seven stored palettes, drawn uniformly
+  (ml-4m's ColorPaletteTransform draws the length per example); metadata shows its key/value pairs
+  in a fresh random order, and span masking hides or keeps whole pairs, EOS being a chunk of its
+  own (ml-4m's chunked span masking). Given as a generation input, a palette is the seven-colour
+  one and metadata keeps its stored order.
 - A sequence never needs more sentinels than the vocabulary has: if a draw makes more spans, the
   shortest visible gaps between spans are hidden too (100 sentinels and 256-token captions would
   otherwise fail now and then).
@@ -51,14 +57,20 @@ import numpy as np
 import torch
 
 from four_m.core.config import ConfigError, TextTokenizerConfig
-from four_m.core.modalities import MODALITIES, of_kind, pixel_input_of, pixel_inputs
-from four_m.tokenize.text import EOS, PAD, SOS, SPECIAL_TOKENS
+from four_m.core.modalities import MODALITIES, input_modalities, of_kind, pixel_input_of, pixel_inputs
+from four_m.tokenize.metadata import KEY_AXIS
+from four_m.tokenize.palette import LENGTH_AXIS
+from four_m.tokenize.text import EOS, PAD, SOS, SPECIAL_TOKENS, coordinate_block
 from four_m.train.batch import MaskedBatch
 
 PRESETS = ("all2all", "rgb2all")
 KEEP_SCHEMES = ("random", "all", "binary")
 KEEP_DECAY = 0.9
 """4M lowers a sequence's keep probability by this factor until its input fits the allotment."""
+CHUNKED_KINDS: Mapping[str, tuple[str, int]] = {"palette": ("one_of", LENGTH_AXIS), "metadata": ("shuffled", KEY_AXIS)}
+"""Sequence kind -> (how a training sample views its chunks, the coordinate axis whose tokens open a
+chunk): ``one_of`` shows one chunk, drawn uniformly; ``shuffled`` shows all in random order, masked
+chunk by chunk."""
 _KEY = "train.masking"
 _PER_MIXTURE = ("input_alphas", "target_alphas", "keep")
 _PER_MODALITY = ("min_input_tokens", "max_input_tokens", "min_target_tokens", "max_target_tokens")
@@ -183,6 +195,10 @@ class ModalityInfo:
     """Special ids of the shared text vocabulary; only sequences use them."""
     image_size: int = 0
     """Pixels: the side of the square image a sample carries (grid side times the patch size)."""
+    chunks: str = ""
+    """Sequences of a :data:`CHUNKED_KINDS` kind: ``one_of`` or ``shuffled``; else empty."""
+    chunk_openers: range = range(0)
+    """The ids that open a chunk (``v1=0`` .. of the shared vocabulary)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("map", "sequence", "pixels"):
@@ -210,7 +226,13 @@ def modality_infos(names: Sequence[str], text: TextTokenizerConfig | None = None
             raise ValueError(f"unknown modality {name!r}; known: {tuple(MODALITIES)} and pixel inputs {tuple(pixels)}")
         spec = MODALITIES[name]
         num_tokens = spec.max_tokens if spec.layout == "map" else text.max_tokens
-        infos.append(ModalityInfo(name, spec.layout, num_tokens, num_sentinels=text.sentinels))
+        chunks, axis = CHUNKED_KINDS.get(spec.kind, ("", 0))
+        openers = coordinate_block(text, axis) if chunks else range(0)
+        infos.append(
+            ModalityInfo(
+                name, spec.layout, num_tokens, num_sentinels=text.sentinels, chunks=chunks, chunk_openers=openers
+            )
+        )
     return tuple(infos)
 
 
@@ -288,13 +310,44 @@ def _limit_spans(hidden: np.ndarray, most: int) -> np.ndarray:
     return hidden
 
 
+def chunk_view(
+    info: ModalityInfo, sequence: np.ndarray, rng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the sequence a sample shows, each token's chunk index or None) of a read sequence (EOS last).
+
+    Unchunked kinds pass through. A chunked one is cut before each chunk opener; ``one_of`` keeps one
+    chunk (drawn with ``rng``; without, the last and longest: a palette's seven colours), ``shuffled``
+    keeps all in a random order (without ``rng``, as stored); EOS ends either as a chunk of its own.
+    """
+    if not info.chunks:
+        return sequence, None
+    content = sequence[:-1]
+    starts = np.flatnonzero(np.isin(content, info.chunk_openers))
+    pieces = [piece for piece in np.split(content, starts) if len(piece)]
+    if not pieces:
+        return sequence, np.zeros(len(sequence), np.int64)
+    if info.chunks == "one_of":
+        pieces = [pieces[int(rng.integers(len(pieces))) if rng is not None else -1]]
+    elif rng is not None:
+        pieces = [pieces[i] for i in rng.permutation(len(pieces))]
+    pieces.append(sequence[-1:])
+    chunk = np.repeat(np.arange(len(pieces)), [len(p) for p in pieces])
+    return np.concatenate(pieces), chunk
+
+
 def span_mask(
-    sequence: np.ndarray, keep_probability: float, info: ModalityInfo, rng: np.random.Generator
+    sequence: np.ndarray,
+    keep_probability: float,
+    info: ModalityInfo,
+    rng: np.random.Generator,
+    chunks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """4M's span masking of ``sequence`` (EOS included): each token is kept with ``keep_probability``;
-    returns (input, target) with every run of hidden tokens one sentinel ``S_j`` in the input and
-    ``S_j run_j`` in the target, which ends with the closing sentinel ``S_k``."""
-    hidden = _limit_spans(rng.random(len(sequence)) >= keep_probability, info.num_sentinels - 1)
+    """4M's span masking of ``sequence`` (EOS included): each token (or, given each token's chunk
+    index, each chunk) is kept with ``keep_probability``; returns (input, target) with every run of
+    hidden tokens one sentinel ``S_j`` in the input and ``S_j run_j`` in the target, which ends with
+    the closing sentinel ``S_k``."""
+    kept = rng.random(len(sequence)) if chunks is None else rng.random(int(chunks[-1]) + 1)[chunks]
+    hidden = _limit_spans(kept >= keep_probability, info.num_sentinels - 1)
     starts = _run_starts(hidden)
     sentinel = info.first_sentinel_id + np.cumsum(starts) - 1
     inputs = np.where(hidden, sentinel, sequence)[~hidden | starts]
@@ -304,7 +357,12 @@ def span_mask(
 
 
 def mask_sequence(
-    sequence: np.ndarray, allotment: int, scheme: str, info: ModalityInfo, rng: np.random.Generator
+    sequence: np.ndarray,
+    allotment: int,
+    scheme: str,
+    info: ModalityInfo,
+    rng: np.random.Generator,
+    chunks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(input of at most ``allotment`` tokens, whole target) of ``sequence`` (EOS included).
 
@@ -312,13 +370,13 @@ def mask_sequence(
     until the input fits (it always does in the end: everything hidden is one sentinel).
     """
     if allotment <= 0:
-        _, target = span_mask(sequence, 0.0, info, rng)
+        _, target = span_mask(sequence, 0.0, info, rng, chunks)
         return np.empty(0, np.int64), target
     keep = draw_keep_probability(scheme, rng)
-    inputs, target = span_mask(sequence, keep, info, rng)
+    inputs, target = span_mask(sequence, keep, info, rng, chunks)
     while len(inputs) > allotment:
         keep *= KEEP_DECAY
-        inputs, target = span_mask(sequence, keep, info, rng)
+        inputs, target = span_mask(sequence, keep, info, rng, chunks)
     return inputs, target
 
 
@@ -416,15 +474,19 @@ class Masker:
         }
 
     def _check_names(self, names: list[str]) -> None:
-        """Every modality a mixture or a limit names must be one of the run's: else stop naming it."""
-        named: list[tuple[str, Mapping]] = [
-            (f"{key}.{mixture}", per) for key in _PER_MIXTURE for mixture, per in getattr(self.cfg, key).items()
+        """Every modality a mixture or a limit names must be one of the run's: else stop naming it.
+        A keep scheme only says how a modality is masked where it is present, so it may name any
+        registered modality (a config's palette scheme stays valid in a run without palettes)."""
+        named: list[tuple[str, Mapping, Sequence[str]]] = [
+            (f"{key}.{mixture}", per, input_modalities() if key == "keep" else names)
+            for key in _PER_MIXTURE
+            for mixture, per in getattr(self.cfg, key).items()
         ]
-        named += [(key, getattr(self.cfg, key)) for key in _PER_MODALITY]
+        named += [(key, getattr(self.cfg, key), names) for key in _PER_MODALITY]
         if isinstance(self.cfg.alphas, Mapping):
-            named.append(("alphas", self.cfg.alphas))
-        for key, per_modality in named:
-            unknown = sorted(set(per_modality) - set(names))
+            named.append(("alphas", self.cfg.alphas, names))
+        for key, per_modality, allowed in named:
+            unknown = sorted(set(per_modality) - set(allowed))
             _check(not unknown, key, f"modalities {unknown} are not among the run's {names}")
 
     def _check_input_only(self) -> None:
@@ -465,9 +527,10 @@ class Masker:
 
     def __call__(self, sample: Mapping[str, np.ndarray | None], rng: np.random.Generator) -> MaskedSample:
         cfg, infos = self.cfg, self.modalities
-        tokens = {
-            i: self._read(info, sample[info.name]) for i, info in enumerate(infos) if sample.get(info.name) is not None
-        }
+        tokens, chunks = {}, {}
+        for i, info in enumerate(infos):
+            if sample.get(info.name) is not None:
+                tokens[i], chunks[i] = chunk_view(info, self._read(info, sample[info.name]), rng)
         present = np.zeros(len(infos), bool)
         present[list(tokens)] = True
         mixture = self._mixtures[int(rng.choice(len(self._mixtures), p=self._weights))]
@@ -489,7 +552,7 @@ class Masker:
         for i in tokens:
             if not self._is_map[i]:
                 sequence_inputs[i], rest[i] = mask_sequence(
-                    tokens[i], int(input_counts[i]), mixture.keep[i], infos[i], rng
+                    tokens[i], int(input_counts[i]), mixture.keep[i], infos[i], rng, chunks[i]
                 )
                 input_counts[i] = len(sequence_inputs[i])
         input_counts += self._top_up_maps(input_budget, input_counts, input_shares, input_available)

@@ -22,6 +22,12 @@ boxes (det)     list of box dicts (``tokenize.boxes``)      ``map_50``
 text (caption)  1-D token ids, ``[EOS]`` last               ``token_accuracy``
 feature_map     float (D, G, G) features                    ``cosine``
 (clip)
+edge_map        float (1, H, W) of 0 / 1                    ``edge_f1`` (within 2 px at 224)
+(canny_edge)
+palette         palettes: lists of flat R, G, B (0-255)     ``delta_e`` (CIEDE2000), ``well_formed``
+(color_palette)
+metadata        prediction ``{key: bin}``, label raw values ``bin_accuracy``
+(metadata)
 ==============  ==========================================  =============================================
 
 Baselines predict one fixed value for every sample, fitted on labels (say, the training shards):
@@ -47,6 +53,8 @@ from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
 from four_m.tokenize.boxes import CORNERS
+from four_m.tokenize.maps import EDGE_TOLERANCE, edge_counts, edge_f1
+from four_m.tokenize.metadata import binned
 from four_m.tokenize.text import EOS, SPECIAL_TOKENS
 
 EOS_ID = SPECIAL_TOKENS.index(EOS)
@@ -391,6 +399,115 @@ class CaptionMetric:
         return {"token_accuracy": accuracy, "samples": self.samples}
 
 
+class EdgeMetric:
+    """Edge F1 (``tokenize.maps.edge_counts``): precision and recall of edge pixels within a small
+    distance of the other side's edges, pooled over all pixels of all samples."""
+
+    name = "canny_edge"
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._counts = np.zeros(4)
+
+    def update(self, prediction: Any, label: Any) -> None:
+        predicted = _float_map(self.name, prediction, 1, "prediction")
+        truth = _float_map(self.name, label, 1, "label")
+        _same_shape(self.name, predicted, truth)
+        tolerance = max(1, round(EDGE_TOLERANCE * truth.shape[-1] / 224))
+        self._counts += edge_counts(predicted[:1] > 0.5, truth[:1] > 0.5, tolerance)
+        self.samples += 1
+
+    def result(self) -> dict[str, float]:
+        f1 = edge_f1(self._counts)
+        return {"edge_f1": math.nan if f1 is None else f1, "samples": self.samples}
+
+
+def _palettes(name: str, value: Any, role: str) -> list[np.ndarray]:
+    """A palette value (one or several palettes) -> (k, 3) uint8 RGB arrays."""
+    if not isinstance(value, Sequence) or isinstance(value, str | bytes):
+        raise MetricInputError(f"{name}: {role} must be a list of palettes, got {type(value).__name__}")
+    found = []
+    for colours in value:
+        flat = np.asarray(colours, dtype=np.int64).reshape(-1)
+        if flat.size == 0 or flat.size % 3 or flat.min() < 0 or flat.max() > 255:
+            raise MetricInputError(f"{name}: {role} has a palette that is not RGB colours of 0-255: {flat.tolist()}")
+        found.append(flat.reshape(-1, 3).astype(np.uint8))
+    return found
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    from skimage.color import rgb2lab  # scikit-image: only where palettes are scored
+
+    return rgb2lab(rgb[None].astype(np.float64) / 255)[0]
+
+
+def palette_distance(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Mean CIEDE2000 between two palettes of one length, colours matched one to one so that the
+    sum is least (a palette is a set: its order says only which colour covers more)."""
+    from scipy.optimize import linear_sum_assignment
+    from skimage.color import deltaE_ciede2000
+
+    costs = deltaE_ciede2000(_lab(predicted)[:, None], _lab(truth)[None])
+    rows, columns = linear_sum_assignment(costs)
+    return float(costs[rows, columns].mean())
+
+
+class PaletteMetric:
+    """Colour distance of predicted palettes: each predicted palette against the label's stored
+    palette of the same length (CIEDE2000 after optimal matching, ``delta_e``, lower is better),
+    averaged over the palettes predicted; ``well_formed`` is the share of predictions holding one."""
+
+    name = "color_palette"
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._distances: list[float] = []
+        self._formed = 0
+
+    def update(self, prediction: Any, label: Any) -> None:
+        truth = {len(p): p for p in _palettes(self.name, label, "label")}
+        predicted = [p for p in _palettes(self.name, prediction, "prediction") if len(p) in truth]
+        self._distances += [palette_distance(p, truth[len(p)]) for p in predicted]
+        self._formed += bool(predicted)
+        self.samples += 1
+
+    def result(self) -> dict[str, float]:
+        distance = float(np.mean(self._distances)) if self._distances else math.nan
+        formed = self._formed / self.samples if self.samples else math.nan
+        return {"delta_e": distance, "well_formed": formed, "samples": self.samples}
+
+
+def _metadata_bins(name: str, value: Any, role: str) -> dict[str, int]:
+    """A prediction is already ``{key: bin}`` (decoded tokens); a label holds raw values to bin."""
+    if not isinstance(value, Mapping):
+        raise MetricInputError(f"{name}: {role} must be a dict of metadata, got {type(value).__name__}")
+    if role == "prediction":
+        return {k: int(v) for k, v in value.items()}
+    return binned(value)
+
+
+class MetadataMetric:
+    """Bin accuracy: the share of the label's keys whose predicted bin is the label's bin (a key
+    the prediction lacks is wrong), pooled over all keys of all samples."""
+
+    name = "metadata"
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._correct = 0
+        self._keys = 0
+
+    def update(self, prediction: Any, label: Any) -> None:
+        predicted = _metadata_bins(self.name, prediction, "prediction")
+        truth = _metadata_bins(self.name, label, "label")
+        self._correct += sum(predicted.get(key) == bin_ for key, bin_ in truth.items())
+        self._keys += len(truth)
+        self.samples += 1
+
+    def result(self) -> dict[str, float]:
+        return {"bin_accuracy": self._correct / self._keys if self._keys else math.nan, "samples": self.samples}
+
+
 METRIC_KINDS: Mapping[str, type[Metric]] = MappingProxyType(
     {
         "continuous_map": DepthMetric,
@@ -399,9 +516,12 @@ METRIC_KINDS: Mapping[str, type[Metric]] = MappingProxyType(
         "feature_map": ClipMetric,
         "boxes": DetMetric,
         "text": CaptionMetric,
+        "edge_map": EdgeMetric,
+        "palette": PaletteMetric,
+        "metadata": MetadataMetric,
     }
 )
-"""Kind -> its metric class (named after 4M-7's modality of that kind)."""
+"""Kind -> its metric class (named after 4M-7's modality of that kind, or 4M-21's)."""
 
 
 # --- baselines ---------------------------------------------------------------------------------
@@ -564,6 +684,82 @@ class CaptionBaseline:
         return np.asarray(ids, dtype=np.int64)
 
 
+class EdgeBaseline:
+    """The pixels where edges are most frequent in the labels, as many as the labels' mean edge
+    density: a fixed map with the right amount of edge where edges usually are (a per-pixel mean
+    thresholded at one half would be blank, edges being rare everywhere)."""
+
+    name = "canny_edge"
+
+    def __init__(self) -> None:
+        self._sum: np.ndarray | None = None
+        self._samples = 0
+
+    def fit(self, labels: Iterable[Any]) -> None:
+        self._sum, self._samples = None, 0
+        for label in labels:
+            value = _float_map(self.name, label, 1, "label")[0] > 0.5
+            self._sum = value.astype(np.float64) if self._sum is None else self._sum + value
+            self._samples += 1
+
+    def predict(self) -> np.ndarray:
+        if self._sum is None:
+            raise _unfitted(self.name)
+        count = round(self._sum.sum() / self._samples)
+        edges = np.zeros(self._sum.size, np.float32)
+        edges[np.argsort(-self._sum.reshape(-1), kind="stable")[:count]] = 1.0
+        return edges.reshape(1, *self._sum.shape)
+
+
+class PaletteBaseline:
+    """Per palette length and rank, the mean colour (in CIELAB) of the labels' palettes: the
+    average palette of each size."""
+
+    name = "color_palette"
+
+    def __init__(self) -> None:
+        self._sums: dict[int, np.ndarray] = {}
+        self._counts: Counter[int] = Counter()
+
+    def fit(self, labels: Iterable[Any]) -> None:
+        self._sums, self._counts = {}, Counter()
+        for label in labels:
+            for palette in _palettes(self.name, label, "label"):
+                self._sums[len(palette)] = self._sums.get(len(palette), 0) + _lab(palette)
+                self._counts[len(palette)] += 1
+
+    def predict(self) -> list[list[int]]:
+        if not self._sums:
+            raise _unfitted(self.name)
+        from skimage.color import lab2rgb
+
+        found = []
+        for length in sorted(self._sums):
+            rgb = lab2rgb(self._sums[length][None] / self._counts[length])[0]
+            found.append(np.clip(np.round(rgb * 255), 0, 255).astype(int).reshape(-1).tolist())
+        return found
+
+
+class MetadataBaseline:
+    """Per key, the labels' most frequent bin (ties to the smaller)."""
+
+    name = "metadata"
+
+    def __init__(self) -> None:
+        self._votes: dict[str, Counter[int]] = {}
+
+    def fit(self, labels: Iterable[Any]) -> None:
+        self._votes = {}
+        for label in labels:
+            for key, bin_ in _metadata_bins(self.name, label, "label").items():
+                self._votes.setdefault(key, Counter())[bin_] += 1
+
+    def predict(self) -> dict[str, int]:
+        if not self._votes:
+            raise _unfitted(self.name)
+        return {key: min(votes, key=lambda b, votes=votes: (-votes[b], b)) for key, votes in self._votes.items()}
+
+
 BASELINE_KINDS: Mapping[str, type[Baseline]] = MappingProxyType(
     {
         "continuous_map": DepthBaseline,
@@ -572,6 +768,9 @@ BASELINE_KINDS: Mapping[str, type[Baseline]] = MappingProxyType(
         "feature_map": ClipBaseline,
         "boxes": DetBaseline,
         "text": CaptionBaseline,
+        "edge_map": EdgeBaseline,
+        "palette": PaletteBaseline,
+        "metadata": MetadataBaseline,
     }
 )
 """Kind -> its baseline class."""

@@ -23,6 +23,7 @@ def _reference(labeler: ClipLabeler, pixels: np.ndarray) -> np.ndarray:
 def test_features_are_the_projected_patch_tokens(built):
     labeler, production, pixels, payloads = built(ClipLabeler, INPUT, VIEW)
     assert labeler.schema().field("clip").type == pa.list_(pa.float16(), GRID * GRID * DIM)
+    assert labeler.provenance()["feature_shape"] == f"{GRID}x{GRID}x{DIM}"  # the key feature-map readers use
     reference = _reference(production, pixels)
     rows = np.stack([payload["clip"] for payload in payloads])
     assert rows.dtype == np.float16 and rows.shape == (len(pixels), GRID * GRID * DIM)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from four_m.core.config import LabelerConfig
 from four_m.core.errors import UserError
 from four_m.core.label_codec import decode_png
+from four_m.labelers.base import LabelBatch
 from four_m.labelers.depth import DepthLabeler
 from four_m.labelers.pretrained import MissingWeightsError
 from four_m.modalities.depth import DepthConfig
@@ -77,7 +78,7 @@ def test_precision_selects_autocast_from_config_and_keeps_the_schema(built, prec
     seen = []
     label = labeler.label
     labeler.label = lambda p: seen.append(torch.is_autocast_enabled("cpu")) or label(p)
-    out = labeler.labelled(pixels)
+    out = labeler.labelled(LabelBatch(pixels))
     assert seen == [dtype is not None]
     assert [{k: type(v) for k, v in p.items()} for p in out] == [{k: type(v) for k, v in p.items()} for p in payloads]
     for mixed, full in zip(out, payloads, strict=True):
@@ -101,8 +102,8 @@ def test_depth_anything_v2_is_an_option_built_and_loaded_the_production_way(tmp_
     production = DepthLabeler(DepthConfig(model=str(folder), input_size=size, architecture="depth_anything"), VIEW)
     production.setup()
     pixels = batch(size)
-    payloads = production.labelled(pixels)
-    assert payloads == tiny.labelled(pixels)
+    payloads = production.labelled(LabelBatch(pixels))
+    assert payloads == tiny.labelled(LabelBatch(pixels))
     codes = decode_png(payloads[0]["depth"])
     assert codes.dtype == np.uint16 and codes.shape == (VIEW, VIEW) and codes.max() == 65535
     assert production.provenance()["architecture"] == "depth_anything"

@@ -9,6 +9,7 @@ import torch
 
 from four_m.core.config import LabelerConfig
 from four_m.core.label_codec import decode_png
+from four_m.labelers.base import LabelBatch
 from four_m.labelers.normal import NormalLabeler
 from four_m.labelers.omnidata import OmnidataConversionError, convert_checkpoint, omnidata_config
 
@@ -113,7 +114,9 @@ def test_the_converted_checkpoint_loads_every_weight_and_labels_with_omnidatas_c
     assert torch.equal(
         converted["neck.fusion_stage.layers.0.projection.weight"], state["model.scratch.refinenet4.out_conv.weight"]
     )
-    (payload,) = labeler.labelled(np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3)).astype(np.uint8))
+    (payload,) = labeler.labelled(
+        LabelBatch(np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3)).astype(np.uint8))
+    )
     normals = decode_png(payload["normal"]).astype(np.float64) / 255 * 2 - 1  # (32, 32, 3)
     expected = np.array([0.5, 0.0, -0.5]) / np.linalg.norm([0.5, 0.0, -0.5])
     np.testing.assert_allclose(normals.reshape(-1, 3), np.broadcast_to(expected, (32 * 32, 3)), atol=1 / 127.5)

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from four_m.core.config import load_config
+from four_m.labelers.base import LabelBatch
 from four_m.labelers.registry import LABELERS
 
 PUBLISHED = {
@@ -17,6 +18,8 @@ PUBLISHED = {
     "det": 68.2e6,  # YOLOv8x
     "caption": 470e6 - 30524 * 768,  # BLIP-large; the published count holds the tied word embeddings twice
     "clip": 86e6,  # CLIP ViT-B/16's vision tower and projection
+    "dinov2": 86.6e6,  # DINOv2 ViT-B/14
+    "sam_instance": 641e6,  # SAM ViT-H
 }
 
 
@@ -30,5 +33,5 @@ def test_the_full_size_random_labelers_have_the_production_parameter_counts(name
     assert labeler.provenance()["random_size"].startswith("production (dry run")
     parameters = sum(p.numel() for p in labeler.model.parameters())
     assert parameters == pytest.approx(PUBLISHED[name], rel=0.02)
-    (payload,) = labeler.labelled(batch(cfg.input_size)[:1])
+    (payload,) = labeler.labelled(LabelBatch(batch(cfg.input_size)[:1]))
     assert set(payload) == set(labeler.schema().names)

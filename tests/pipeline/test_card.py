@@ -92,9 +92,14 @@ def test_failures_and_models_are_those_the_stages_reported(carded, labelled, tok
     for name in config.label.labelers:
         recorded = dict(label_summary.failures[name])
         assert stats["labels"][name]["files"]["failures"] == recorded, name
-        assert stats["labels"][name]["model"] == "random-init"
         expected += [f"| label/{name} | {reason} | {n} |" for reason, n in recorded.items()]
-        assert f"| {name} | `random-init` | `random-init` | {label_summary.labelled[name]} |" in text
+        if name in label_summary.random_init:
+            assert stats["labels"][name]["model"] == "random-init"
+            assert f"| {name} | `random-init` | `random-init` | {label_summary.labelled[name]} |" in text
+        else:  # an algorithm over real inputs: its method stands where a model would
+            method = stats["labels"][name]["model"]
+            assert method.startswith(f"algorithmic ({name} ")
+            assert f"| {name} | `{method}` | `-` | {label_summary.labelled[name]} |" in text
     for name, summary in tokenize_summary.modalities.items():
         assert stats["tokens"][name]["files"]["failures"] == dict(summary.failures), name
         expected += [f"| tokenize/{name} | {reason} | {n} |" for reason, n in summary.failures.items()]

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from four_m.core.config import ConfigError, load_config
+from four_m.core.modalities import token_modalities
 from four_m.train.evaluate import run_eval
 from four_m.train.held_out import NothingHeldOutError
 from four_m.train.run import run_train
@@ -106,9 +107,13 @@ def test_eval_scores_rgb_to_every_modality_beside_baseline_and_tokenizer_ceiling
     figures = json.loads((trained / "runs/tiny/eval/metrics.json").read_text())
     assert figures["columns"] == ["baseline", "model", "tokenizer ceiling"] and figures["rows"] == 2
     results = figures["results"]
-    assert set(results) == {"depth", "normal", "semseg", "clip", "caption", "det"}
-    # The stored caption tokens are the label's own tokens: the ceiling is exact.
+    assert set(results) == {m for m in token_modalities() if m != "rgb"}
+    # The stored caption, palette and metadata tokens are the label's own, losslessly: the ceiling is exact.
     assert results["caption"]["token_accuracy"]["tokenizer ceiling"] == 1.0
+    assert results["color_palette"]["delta_e"]["tokenizer ceiling"] == 0.0
+    assert results["metadata"]["bin_accuracy"]["tokenizer ceiling"] == 1.0
+    assert 0 <= results["canny_edge"]["edge_f1"]["model"] <= 1
+    assert 0 <= results["color_palette"]["well_formed"]["model"] <= 1
     assert 0 <= results["depth"]["abs_rel"]["model"] and 0 <= results["semseg"]["miou"]["model"] <= 1
     assert "| depth | abs_rel |" in report.table and (trained / "runs/tiny/eval/metrics.md").is_file()
 

@@ -1,10 +1,11 @@
-"""The label stage for real: six tiny labelers on Ray Data over images/ shards."""
+"""The label stage for real: the tiny labelers and the algorithms on Ray Data over images/ shards."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,10 +13,19 @@ import pytest
 
 from four_m.core.config import load_config
 from four_m.core.dataset_root import DatasetRoot, UpstreamChanged, sha256_file
-from four_m.core.modalities import labelled_modalities
+from four_m.core.modalities import MODALITIES, labelled_modalities
 from four_m.core.provenance import RANDOM_INIT
 from four_m.core.stage_lock import StageLocked, lock_path
-from four_m.pipeline.label import run_label
+from four_m.labelers.base import LabelBatch
+from four_m.labelers.pretrained import PretrainedLabeler
+from four_m.labelers.registry import LABELERS
+from four_m.pipeline import label as label_stage
+from four_m.pipeline.label import LabelStageError, label_levels, run_label
+
+
+def made_by_random_weights(name: str) -> bool:
+    """A tiny network's labels, or what an algorithm derives from labels it cannot do without that are."""
+    return issubclass(LABELERS[name], PretrainedLabeler) or any(map(made_by_random_weights, MODALITIES[name].requires))
 
 
 def test_every_labeler_writes_every_row_and_counts_failures(labelled):
@@ -26,7 +36,8 @@ def test_every_labeler_writes_every_row_and_counts_failures(labelled):
         assert summary.labelled[name] == total - 2
         assert dict(summary.failures[name]) == {"no_image": 2}
         assert summary.shards_done[name] == len(keys)
-    assert sorted(summary.random_init) == sorted(labelled_modalities())
+    assert sorted(summary.random_init) == sorted(filter(made_by_random_weights, labelled_modalities()))
+    assert {"canny_edge", "color_palette", "metadata"}.isdisjoint(summary.random_init)
 
 
 def test_workers_write_the_labels_and_the_driver_receives_no_payload(labelled):
@@ -57,7 +68,7 @@ def test_files_carry_schema_and_loud_provenance(labelled):
     for name in labelled_modalities():
         schema = pq.read_schema(root / f"labels/{name}/00000.parquet")
         assert schema.names[0] == "key" and schema.names[-1] == "error"
-        assert schema.metadata[b"four_m.model"] == RANDOM_INIT.encode()
+        assert (schema.metadata.get(b"four_m.model") == RANDOM_INIT.encode()) == made_by_random_weights(name), name
         assert schema.metadata[b"four_m.modality"] == name.encode()
     captions = pq.read_table(root / "labels/caption/00000.parquet")
     assert captions["alt_text"].to_pylist()[0] == "astronaut eileen collins in an orange flight suit with the us flag"
@@ -141,10 +152,12 @@ def test_a_failing_batch_is_retried_row_by_row_and_logged_with_its_keys(caplog):
                 raise ValueError("cannot read this image")
             return [{"value": int(p)} for p in pixels]
 
-        labelled = label  # no numeric setting of its own
+        def labelled(self, batch):  # no numeric setting of its own
+            return self.label(batch.pixels)
 
     with caplog.at_level(logging.WARNING, logger="four_m.pipeline.label"):
-        results = _label_isolated(Picky(), np.array([1, 0, 2]), [0, 2, 5], ["k1", "k2", "k3"], limit=60)
+        batch = LabelBatch(np.array([1, 0, 2]), keys=["k1", "k2", "k3"])
+        results = _label_isolated(Picky(), batch, [0, 2, 5], limit=60)
     assert [(row, error is None) for row, _, error in results] == [(0, True), (2, False), (5, True)]
     assert [record.getMessage() for record in caplog.records] == [
         "label/depth: a batch of 3 rows (keys k1..k3) failed, retrying row by row: ValueError: cannot read this image",
@@ -172,11 +185,13 @@ def test_a_row_that_hangs_the_labeler_is_quarantined_and_the_others_labelled(cap
                 released.wait()  # hung until the test releases it: no race on when it returns
             return [{"value": int(p)} for p in pixels]
 
-        labelled = label
+        def labelled(self, batch):
+            return self.label(batch.pixels)
 
     try:
         with caplog.at_level(logging.WARNING, logger="four_m.pipeline.label"):
-            results = _label_isolated(Hangs(), np.array([1, 0, 2]), [0, 2, 5], ["k1", "k2", "k3"], limit=1.0)
+            batch = LabelBatch(np.array([1, 0, 2]), keys=["k1", "k2", "k3"])
+            results = _label_isolated(Hangs(), batch, [0, 2, 5], limit=1.0)
     finally:
         released.set()
     assert [(row, payload) for row, payload, _ in results] == [(0, {"value": 1}), (2, None), (5, {"value": 2})]
@@ -185,3 +200,41 @@ def test_a_row_that_hangs_the_labeler_is_quarantined_and_the_others_labelled(cap
         "label/depth: a batch of 3 rows (keys k1..k3) took longer than 1 s, retrying row by row",
         "label/depth: row k2 took longer than 1 s alone: quarantined",
     ]
+
+
+def test_labelers_that_read_labels_run_after_what_they_read():
+    names = ("metadata", "depth", "sam_edge", "color_palette", "sam_instance", "det")
+    assert label_levels(names) == [["depth", "color_palette", "sam_instance", "det"], ["metadata", "sam_edge"]]
+    assert label_levels(("metadata",)) == [["metadata"]], "what it only uses need not be in the run"
+
+
+def test_a_cycle_of_label_inputs_is_refused(monkeypatch):
+    cyclic = replace(MODALITIES["sam_instance"], requires=("sam_edge",))
+    monkeypatch.setattr(label_stage, "MODALITIES", {"sam_edge": MODALITIES["sam_edge"], "sam_instance": cyclic})
+    with pytest.raises(LabelStageError, match="cycle: sam_edge -> sam_instance -> sam_edge"):
+        label_levels(("sam_edge", "sam_instance"))
+
+
+def test_a_required_label_that_is_missing_stops_the_run_naming_it(tmp_path, make_images_root, photos, small_config):
+    make_images_root(tmp_path / "root", photos)
+    config = small_config(tmp_path / "root")
+    with pytest.raises(
+        LabelStageError, match="sam_edge reads sam_instance's labels.*add sam_instance to label.labelers"
+    ):
+        run_label(config, only=("sam_edge",), progress=False)
+
+
+def test_a_derived_shard_records_the_label_files_it_read(labelled):
+    config, keys, _ = labelled
+    root = DatasetRoot(config.root)
+    for shard in range(len(keys)):
+        marker = root.stage("label/metadata").read_marker(shard)
+        read = [digest.path for digest in marker.inputs[1:]]
+        assert read == [f"labels/{n}/{shard:05d}.parquet" for n in MODALITIES["metadata"].uses]
+        for digest in marker.inputs[1:]:
+            source = Path(digest.path).parent.name
+            assert root.stage(f"label/{source}").recorded(shard, root / digest.path) == digest
+    metadata = pq.read_table(root / "labels/metadata/00000.parquet")["metadata"].to_pylist()
+    present = [row for row in metadata if row is not None]
+    assert all(row["n_sam_instances"] is not None and row["brightness"] is not None for row in present)
+    assert all(row["aesthetic_score"] is None for row in present), "no aesthetic predictor ran"

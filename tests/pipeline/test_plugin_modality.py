@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 from four_m.core.label_codec import decode_png
+from four_m.core.modalities import labelled_modalities
 from four_m.core.views import label_view
 
 PLUGIN = '''
@@ -126,7 +127,8 @@ def test_a_modality_from_a_users_package_runs_through_every_stage(site, labelled
     described = json.loads((root / "runs/plugin/model.json").read_text())
     assert [m["name"] for m in described["modalities"]] == ["rgb", "luminance", "caption"]
 
-    assert Image.open(root / "preview/labels.png").width == 64 * (1 + 7), "the image, six built-in labels, luminance"
+    columns = 1 + len(labelled_modalities()) + 1  # the image, every built-in label, luminance
+    assert Image.open(root / "preview/labels.png").width == 64 * columns
     assert (root / "preview/tokens.png").is_file()
 
     assert "luminance" in out["eval"]

@@ -13,6 +13,7 @@ from PIL import Image
 from four_m.core import storage
 from four_m.core.config import Config, load_config
 from four_m.core.dataset_root import DatasetRoot
+from four_m.core.modalities import token_modalities
 from four_m.datasets_cards.card import write_card
 from four_m.pipeline.download import run_download
 from four_m.pipeline.label import run_label
@@ -103,7 +104,7 @@ def test_tokenizers_trained_and_tokens_made_on_an_object_store_equal_local_ones(
     uri = object_store.uri("tokenize")
     local = Path(config.root)
     # Everything the tokenize fixture started from, and every tokenizer but one: that one is trained here.
-    kept = [f"tokenizers/{m}" for m in ("rgb", "depth", "normal", "semseg", "clip", "caption", "det") if m != modality]
+    kept = [f"tokenizers/{m}" for m in token_modalities() if m != modality]
     _upload(local, storage.location(uri), ["images", "labels", "_state/download", "_state/label", *kept])
     remote = _remote(config, uri)
     training = run_tokenizer_training(remote)

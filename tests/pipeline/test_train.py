@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from four_m.core.config import load_config
-from four_m.core.modalities import MODALITIES
+from four_m.core.modalities import token_modalities
 from four_m.core.runs import read_losses
 from four_m.train.data import TokenStoreError
 from four_m.train.run import TrainingMismatchError, run_train
@@ -93,7 +93,7 @@ def test_a_token_store_alone_trains_once_the_pixel_input_is_left_out(root):
     short = ["train.max_steps=2", "train.warmup_steps=0"]
     with pytest.raises(TokenStoreError, match="leave rgb_pixels out of train.modalities"):
         run_train(_config(root, *short))
-    summary = run_train(_config(root, *short, f"train.modalities=[{', '.join(MODALITIES)}]"))
+    summary = run_train(_config(root, *short, f"train.modalities=[{', '.join(token_modalities())}]"))
     assert summary.steps == 2
 
 

@@ -1,5 +1,6 @@
 import json
 import re
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +18,17 @@ from four_m.tokenize.maps import ADAPTERS, configured
 SIZE = 16
 CLASSES = 5
 GRID, DIM = 4, 8
-PARAMS = {"rgb": {}, "depth": {}, "normal": {}, "semseg": {"classes": CLASSES}, "clip": {"dim": DIM}}
-SIDES = {**dict.fromkeys(PARAMS, SIZE), "clip": GRID}
+FEATURE_MAPS = ("clip", "dinov2")
+EDGE_MAPS = ("canny_edge", "sam_edge")
+PARAMS = {
+    **dict.fromkeys(EDGE_MAPS, {}),
+    "rgb": {},
+    "depth": {},
+    "normal": {},
+    "semseg": {"classes": CLASSES},
+    **dict.fromkeys(FEATURE_MAPS, {"dim": DIM}),
+}
+SIDES = {**dict.fromkeys(PARAMS, SIZE), **dict.fromkeys(FEATURE_MAPS, GRID)}
 UPSTREAM = "labeler failed: out of memory"
 
 
@@ -66,12 +76,21 @@ def stored_semseg(rng):
     return table, ids.astype(np.int64)
 
 
-def stored_clip(rng):
+def stored_features(modality, rng, shape_key="four_m.feature_shape"):
     features = rng.normal(size=(GRID, GRID, DIM)).astype(np.float16)  # stored (G, G, D)
-    field = pa.field("clip", pa.list_(pa.float16(), GRID * GRID * DIM))
-    metadata = {"four_m.clip_shape": f"{GRID}x{GRID}x{DIM}"}
-    table = label_table("clip", [features.ravel(), None], [field], metadata)
+    field = pa.field(modality, pa.list_(pa.float16(), GRID * GRID * DIM))
+    metadata = {shape_key: f"{GRID}x{GRID}x{DIM}"}
+    table = label_table(modality, [features.ravel(), None], [field], metadata)
     return table, features.transpose(2, 0, 1)
+
+
+stored_clip = partial(stored_features, "clip")
+
+
+def stored_edges(modality, rng):
+    edges = rng.random((SIZE, SIZE)) < 0.2
+    table = label_table(modality, [encode_png(edges.astype(np.uint8) * 255), None], [pa.field(modality, pa.binary())])
+    return table, edges.astype(np.float32)[None]
 
 
 def stored_rgb(rng):
@@ -93,7 +112,8 @@ STORED = {
     "depth": stored_depth,
     "normal": stored_normal,
     "semseg": stored_semseg,
-    "clip": stored_clip,
+    **{modality: partial(stored_features, modality) for modality in FEATURE_MAPS},
+    **{modality: partial(stored_edges, modality) for modality in EDGE_MAPS},
 }
 
 
@@ -142,8 +162,23 @@ def test_label_files_give_their_adapter_params(tmp_path):
     assert ADAPTERS["clip"].params_of(stored_clip(rng)[0].schema) == {"dim": DIM}
     assert ADAPTERS["depth"].params_of(stored_depth(rng)[0].schema) == {}
     table = stored_clip(rng)[0].replace_schema_metadata(None)
-    with pytest.raises(TokenizerInputError, match="clip: .*four_m.clip_shape"):
+    with pytest.raises(TokenizerInputError, match="clip: .*four_m.feature_shape"):
         ADAPTERS["clip"].read(table)
+    table = stored_features("dinov2", rng)[0].replace_schema_metadata({"four_m.feature_shape": "16x16"})
+    with pytest.raises(TokenizerInputError, match="dinov2: four_m.feature_shape '16x16' is not like"):
+        ADAPTERS["dinov2"].read(table)
+
+
+def test_clip_label_files_written_with_the_old_shape_key_still_read(tmp_path):
+    table, expected = stored_clip(np.random.default_rng(0), shape_key="four_m.clip_shape")
+    assert ADAPTERS["clip"].params_of(table.schema) == {"dim": DIM}
+    values, errors = adapter("clip").read(through_parquet(table, tmp_path))
+    np.testing.assert_array_equal(values[0], expected)
+    assert errors == [None, UPSTREAM]
+
+
+def test_each_feature_map_sits_on_its_tokenizer_grid():
+    assert ADAPTERS["clip"].size == 14 and ADAPTERS["dinov2"].size == 16
 
 
 def test_configured_rejects_unknown_modalities_and_params():
@@ -174,11 +209,22 @@ BAD = {
         np.full((3, SIZE, SIZE), 2, np.float32),
     ],
     "semseg": [np.zeros((1, SIZE, SIZE), np.int64), np.zeros((SIZE, SIZE), np.uint8), np.full((SIZE, SIZE), CLASSES)],
-    "clip": [
-        np.zeros((DIM + 1, GRID, GRID), np.float32),
-        np.zeros((DIM, GRID, GRID), np.float16),
-        np.full((DIM, GRID, GRID), np.nan, np.float32),
-    ],
+    **dict.fromkeys(
+        FEATURE_MAPS,
+        [
+            np.zeros((DIM + 1, GRID, GRID), np.float32),
+            np.zeros((DIM, GRID, GRID), np.float16),
+            np.full((DIM, GRID, GRID), np.nan, np.float32),
+        ],
+    ),
+    **dict.fromkeys(
+        EDGE_MAPS,
+        [
+            np.zeros((SIZE, SIZE), np.float32),
+            np.zeros((1, SIZE, SIZE), np.uint8),
+            np.full((1, SIZE, SIZE), 2, np.float32),
+        ],
+    ),
 }
 """Per modality: a wrong shape, a wrong dtype, then wrong contents (range, class count, NaN)."""
 
@@ -206,10 +252,24 @@ def test_a_perfect_reconstruction_scores_best_and_renders_as_rgb(modality):
     checker = adapter(modality)
     values = np.stack([good(modality)] * 2)
     score = checker.metric(checker.metric_sums(values, values) * 3)  # sums add up over batches
-    best = {"psnr_db": 100.0, "abs_rel": 0.0, "angular_error_deg": 0.0, "miou": 1.0, "cosine": 1.0}
+    best = {"psnr_db": 100.0, "abs_rel": 0.0, "angular_error_deg": 0.0, "miou": 1.0, "cosine": 1.0, "edge_f1": 1.0}
     assert score == pytest.approx(best[checker.metric_name], abs=0.05)
     tile = checker.render(values[0])
     assert tile.dtype == np.uint8 and tile.shape == (*values.shape[-2:], 3)
+
+
+def test_edge_f1_forgives_a_shift_within_the_tolerance_and_no_more():
+    truth = np.zeros((1, 1, 224, 224), np.float32)
+    truth[0, 0, 100, 20:200] = 1  # a horizontal line
+    near, far = np.roll(truth, 2, axis=2), np.roll(truth, 6, axis=2)
+    half = truth.copy()
+    half[0, 0, 100, 110:] = 0  # half the line found, nothing wrong predicted
+    checker = configured("canny_edge", 224, {})
+    assert checker.metric(checker.metric_sums(near, truth)) == 1.0
+    assert checker.metric(checker.metric_sums(far, truth)) == 0.0
+    # precision 1, recall 90/180 -> F1 2/3
+    assert checker.metric(checker.metric_sums(half, truth)) == pytest.approx(2 / 3, abs=0.02)
+    assert checker.metric(checker.metric_sums(np.zeros_like(truth), np.zeros_like(truth))) is None
 
 
 def test_miou_counts_classes_present_in_the_targets_and_skips_unlabelled_pixels():

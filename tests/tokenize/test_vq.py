@@ -28,8 +28,17 @@ CFG = VQConfig(
     ema_decay=0.9,
     dead_after=10,
 )
-PARAMS = {"rgb": {}, "depth": {}, "normal": {}, "semseg": {"classes": CLASSES}, "clip": {"dim": DIM}}
-SIDES = {**dict.fromkeys(PARAMS, SIZE), "clip": GRID}  # CLIP features sit on the token grid
+FEATURE_MAPS = ("clip", "dinov2")
+EDGE_MAPS = ("canny_edge", "sam_edge")
+PARAMS = {
+    "rgb": {},
+    "depth": {},
+    "normal": {},
+    "semseg": {"classes": CLASSES},
+    **dict.fromkeys(FEATURE_MAPS, {"dim": DIM}),
+    **dict.fromkeys(EDGE_MAPS, {}),
+}
+SIDES = {**dict.fromkeys(PARAMS, SIZE), **dict.fromkeys(FEATURE_MAPS, GRID)}  # features sit on the token grid
 
 
 def smooth(count: int, channels: int, side: int, seed: int) -> np.ndarray:
@@ -40,7 +49,7 @@ def smooth(count: int, channels: int, side: int, seed: int) -> np.ndarray:
 
 def synthetic(modality: str, count: int = 16, seed: int = 0) -> list[np.ndarray]:
     """Tiny structured values of each modality: something a small autoencoder can learn."""
-    channels = {"rgb": 3, "depth": 1, "normal": 3, "semseg": 1, "clip": DIM}[modality]
+    channels = {"rgb": 3, "normal": 3, **dict.fromkeys(FEATURE_MAPS, DIM)}.get(modality, 1)
     fields = smooth(count, channels, SIDES[modality], seed)
     if modality in ("rgb", "depth"):
         return list(np.clip(fields * 0.3 + 0.5, 0, 1))
@@ -50,6 +59,8 @@ def synthetic(modality: str, count: int = 16, seed: int = 0) -> list[np.ndarray]
         ids = np.clip(np.abs(fields[:, 0]) * 3, 0, CLASSES - 1).astype(np.int64)
         ids[:, :2] = 255  # an unlabelled band
         return list(ids)
+    if modality in EDGE_MAPS:  # the level line of a smooth field: thin, connected curves
+        return list((np.abs(fields) < 0.15).astype(np.float32))
     return list(fields)
 
 

@@ -1,4 +1,5 @@
 import pickle
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from four_m.train.masking import (
     Masker,
     MaskingConfig,
     ModalityInfo,
+    chunk_view,
     draw_keep_probability,
     fit_target,
     mask_sequence,
@@ -404,3 +406,54 @@ def test_masker_rejects_settings_that_do_not_fit_the_run():
     masker = Masker(synthetic_maps(1))
     with pytest.raises(ValueError, match="m0: 15 tokens"):
         masker({"m0": np.zeros(GRID - 1, np.uint16)}, np.random.default_rng(0))
+
+
+def _chunked(kind_name: str) -> tuple[ModalityInfo, range]:
+    (info,) = modality_infos([kind_name], TextTokenizerConfig(sentinels=8, coordinate_bins=1000))
+    return info, info.chunk_openers
+
+
+def test_a_palette_sample_shows_one_of_its_palettes_each_drawn_about_as_often():
+    info, openers = _chunked("color_palette")
+    assert info.chunks == "one_of"
+    values = 5000  # far from the opener ids: any id not an opener is a value here
+    stored = np.array([i for k in range(1, 8) for i in [openers[k], *[values + k] * (3 * k)]] + [info.eos_id])
+    seen = Counter()
+    for seed in range(700):
+        shown, chunks = chunk_view(info, stored, np.random.default_rng(seed))
+        k = int(shown[0] - openers.start)
+        assert shown.tolist() == [openers[k], *[values + k] * (3 * k), info.eos_id]
+        assert chunks.tolist() == [0] * (1 + 3 * k) + [1]
+        seen[k] += 1
+    assert set(seen) == set(range(1, 8)) and min(seen.values()) > 60
+    shown, _ = chunk_view(info, stored, None)
+    assert shown[0] == openers[7], "given as an input, a palette is the seven-colour one"
+
+
+def test_metadata_pairs_are_shuffled_per_sample_and_masked_as_whole_pairs():
+    info, openers = _chunked("metadata")
+    assert info.chunks == "shuffled"
+    pairs = [[openers[key], 100 + key] for key in (0, 3, 9, 10, 13)]
+    stored = np.array([i for pair in pairs for i in pair] + [info.eos_id])
+    orders = set()
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        shown, chunks = chunk_view(info, stored, rng)
+        shown_pairs = [shown[i : i + 2].tolist() for i in range(0, len(shown) - 1, 2)]
+        assert sorted(shown_pairs) == sorted(pairs) and shown[-1] == info.eos_id
+        orders.add(tuple(p[0] for p in shown_pairs))
+        inputs, target = span_mask(shown, 0.5, info, rng, chunks)
+        for ids in (inputs, target):
+            values = [i for i, token in enumerate(ids) if 100 <= token < 200]
+            assert all(ids[i - 1] in openers for i in values), "a value was shown or hidden without its key"
+        assert np.array_equal(unmask_spans(inputs, target, info), shown)
+    assert len(orders) > 20
+    assert np.array_equal(chunk_view(info, stored, None)[0], stored), "given as an input, the stored order"
+
+
+def test_unchunked_sequences_keep_their_random_stream():
+    (caption,) = modality_infos(["caption"])
+    sequence = np.array([50, 51, 52, caption.eos_id])
+    rng = np.random.default_rng(0)
+    assert chunk_view(caption, sequence, rng) == (sequence, None)
+    assert rng.random() == np.random.default_rng(0).random()

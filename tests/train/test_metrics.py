@@ -23,7 +23,19 @@ from four_m.train.metrics import (
     results_table,
 )
 
-MODALITIES = ("depth", "normal", "semseg", "det", "caption", "clip")
+MODALITIES = (
+    "depth",
+    "normal",
+    "semseg",
+    "clip",
+    "dinov2",
+    "caption",
+    "det",
+    "canny_edge",
+    "color_palette",
+    "sam_edge",
+    "metadata",
+)
 MID_GREY = 128 / 127.5 - 1  # how a stored zero normal reads back (tokenize.maps.NormalAdapter.parse)
 
 
@@ -45,7 +57,19 @@ def label_of(modality: str, rng: np.random.Generator):
         "det": lambda: [box(*(corner := rng.random(2) / 2), *(corner + 0.5), name) for name in ("cat", "dog")],
         "caption": lambda: np.append(rng.integers(200, 300, size=int(rng.integers(1, 6))), EOS_ID),
         "clip": lambda: rng.normal(size=(16, 3, 3)).astype(np.float32),
+        "dinov2": lambda: rng.normal(size=(16, 4, 4)).astype(np.float32),
+        "canny_edge": lambda: edges_of(rng),
+        "sam_edge": lambda: edges_of(rng),
+        "color_palette": lambda: [rng.integers(0, 256, 3 * k).tolist() for k in range(1, 8)],
+        # counts: their bin is the value itself, so a label is also a perfect prediction of itself
+        "metadata": lambda: {"n_humans": float(rng.integers(0, 5)), "caption_n_words": float(rng.integers(1, 30))},
     }[modality]()
+
+
+def edges_of(rng: np.random.Generator) -> np.ndarray:
+    edges = (rng.random((1, 16, 16)) < 0.2).astype(np.float32)
+    edges[0, 8, 8] = 1.0  # never empty
+    return edges
 
 
 def one(modality: str, prediction, label) -> dict[str, float]:
@@ -67,6 +91,11 @@ PERFECT = {
     "det": {"map_50": 1.0},
     "caption": {"token_accuracy": 1.0},
     "clip": {"cosine": 1.0},
+    "dinov2": {"cosine": 1.0},
+    "canny_edge": {"edge_f1": 1.0},
+    "sam_edge": {"edge_f1": 1.0},
+    "color_palette": {"delta_e": 0.0, "well_formed": 1.0},
+    "metadata": {"bin_accuracy": 1.0},
 }
 
 
@@ -204,6 +233,34 @@ def test_empty_metrics_are_nan():
 def test_bad_input_is_a_one_line_error_naming_the_modality(metric, prediction, label, message):
     with pytest.raises(MetricInputError, match=f"^{metric.name}: .*{message}"):
         metric.update(prediction, label)
+
+
+def test_palettes_are_compared_with_the_label_palette_of_their_length_whatever_the_order():
+    label = [[255, 0, 0]] + [[0, 0, 255, 255, 0, 0]] + [[10 * k] * (3 * k) for k in range(3, 8)]
+    assert one("color_palette", [[255, 0, 0, 0, 0, 255]], label) == {"delta_e": 0.0, "well_formed": 1.0, "samples": 1}
+    near = one("color_palette", [[250, 0, 0]], label)["delta_e"]
+    far = one("color_palette", [[0, 255, 0]], label)["delta_e"]
+    assert 0 < near < 5 < far
+    assert one("color_palette", [], label)["well_formed"] == 0.0
+
+
+def test_metadata_bin_accuracy_counts_the_label_keys_a_prediction_gets_right():
+    label = {"original_width": 640.0, "brightness": 255.0, "n_humans": 2.0, "watermark_score": None}
+    # bins: width 20, brightness 49, humans 2; one right, one wrong, one missing; extra keys do not count
+    prediction = {"original_width": 20, "brightness": 48, "entropy": 3}
+    assert one("metadata", prediction, label) == {"bin_accuracy": 1 / 3, "samples": 1}
+
+
+def test_edge_baseline_puts_the_mean_edge_count_where_edges_are_most_frequent():
+    labels = [np.zeros((1, 4, 4), np.float32) for _ in range(3)]
+    for label in labels:
+        label[0, 1, :2] = 1.0  # two edge pixels in every label, at the same place
+    labels[0][0, 3, 3] = 1.0  # and one more in one label: the mean count rounds to 2
+    baseline = BASELINES["canny_edge"]()
+    baseline.fit(labels)
+    expected = np.zeros((1, 4, 4), np.float32)
+    expected[0, 1, :2] = 1.0
+    assert np.array_equal(baseline.predict(), expected)
 
 
 # --- baselines ---
