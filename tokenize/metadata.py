@@ -10,6 +10,7 @@ whole chunks (``train.masking``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -93,7 +94,7 @@ class MetadataTokenizer(CodedSequenceTokenizer):
         for row in ids:
             found: dict[str, int] = {}
             tokens = self.coordinates(row)
-            for key, value in zip(tokens, tokens[1:] + [None], strict=True):
+            for key, value in itertools.pairwise([*tokens, None]):
                 if key and value and key[0] == KEY_AXIS and value[0] == VALUE_AXIS and key[1] < len(KEYS):
                     found.setdefault(KEYS[key[1]], value[1])
             out.append(found)

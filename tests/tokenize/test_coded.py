@@ -82,3 +82,9 @@ def test_generated_metadata_in_any_order_decodes_to_its_pairs(text):
 def test_metadata_with_an_unknown_key_is_refused(text):
     with pytest.raises(TokenizerInputError, match=r"metadata: unknown keys \['height'\]"):
         MetadataTokenizer(text).encode([{"height": 3.0}])
+
+
+def test_an_empty_or_eos_only_generation_decodes_to_nothing(text):
+    for ids in (np.array([], np.int64), np.array([text.eos_id])):
+        assert MetadataTokenizer(text).decode([ids]) == [{}]
+        assert PaletteTokenizer(text).decode([ids]) == [[]]
