@@ -20,7 +20,8 @@ import logging
 import math
 import time
 from collections import Counter
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,20 +285,22 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
     summary = LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init])
     ray.data.DataContext.get_current().enable_progress_bars = progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown the summary
-    with ray_session(config.ray) if _any_pending(root, config, names, images) else nullcontext():
+    with ExitStack() as stack:
+        ray_started: list[bool] = []
+
+        def start_ray() -> None:
+            """Ray starts once, when the first level has shards to label: a rerun over a finished root
+            stays fast, and a level made pending by its inputs alone still gets the configured cluster."""
+            if not ray_started:
+                stack.enter_context(ray_session(config.ray))
+                ray_started.append(True)
+
         for level in label_levels(names):
-            _label_level(root, config, {n: labelers[n] for n in level}, images, summary)
+            _label_level(root, config, {n: labelers[n] for n in level}, images, summary, start_ray)
     summary.seconds = time.perf_counter() - started
     summary.driver_cpu_seconds = time.process_time() - cpu_started
     write_summary(root, STAGE, _summary_dict(summary))
     return summary
-
-
-def _any_pending(root: DatasetRoot, config: Config, names: tuple[str, ...], images: dict[int, FileDigest]) -> bool:
-    """Whether any labeler has a shard without a marker: only then is Ray started (a rerun over a
-    finished root stays fast). Shards made from changed inputs are found per level, inside Ray."""
-    verify = config.verify_checksums
-    return any(not root.stage(f"{STAGE}/{n}").is_done(s, verify) for n in names for s in images)
 
 
 def _label_level(
@@ -306,6 +309,7 @@ def _label_level(
     labelers: dict[str, Labeler],
     images: dict[int, FileDigest],
     summary: LabelSummary,
+    start_ray: Callable[[], None],
 ) -> None:
     """Label the shards one level of labelers still owes, once the labels they read are final."""
     names = list(labelers)
@@ -327,6 +331,7 @@ def _label_level(
     todo = sorted({s for p in pending.values() for s in p})
     if not todo:
         return
+    start_ray()
     for name, labeler in labelers.items():
         labeler.prepare()  # what labelers build (tiny variants) is built once here, not raced by actors
         if isinstance(labeler, DerivedLabeler) and _reads_random_init(root, name, images):

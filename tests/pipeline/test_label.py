@@ -238,3 +238,18 @@ def test_a_derived_shard_records_the_label_files_it_read(labelled):
     present = [row for row in metadata if row is not None]
     assert all(row["n_sam_instances"] is not None and row["brightness"] is not None for row in present)
     assert all(row["aesthetic_score"] is None for row in present), "no aesthetic predictor ran"
+
+
+def test_a_relabelled_source_makes_only_what_read_it_pending_again(labelled):
+    """det's shard 0 is rewritten (same rows, other bytes) as a rerun of det would leave it: metadata,
+    which read it, is relabelled on the next plain run, and nothing else is."""
+    config, _, _ = labelled
+    root = DatasetRoot(config.root)
+    det = root / "labels/det/00000.parquet"
+    marker = root.stage("label/det").read_marker(0)
+    pq.write_table(pq.read_table(det), det, row_group_size=1)  # same labels, other bytes
+    root.stage("label/det").mark_done(0, marker.rows, [det], marker.config_hash, marker.inputs)
+    summary = run_label(config, progress=False)
+    assert {n: c for n, c in summary.shards_done.items() if c} == {"metadata": 1}
+    read = root.stage("label/metadata").read_marker(0).inputs
+    assert root.stage("label/det").recorded(0, det) in read
