@@ -289,10 +289,10 @@ def _text_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:
     yield ""
 
 
-def _spread_text(spread: dict[str, float], unit: str = "") -> str:
+def _spread_text(spread: dict[str, float]) -> str:
     if not spread["rows"]:
         return "none sampled"
-    return f"{spread['mean']:.4g}{unit} on average ({spread['min']:.4g}-{spread['max']:.4g}, {spread['rows']:,} rows)"
+    return f"{spread['mean']:.4g} on average ({spread['min']:.4g}-{spread['max']:.4g}, {spread['rows']:,} rows)"
 
 
 def _edge_map_text(spec: ModalitySpec, labels: LabelerStats) -> Iterator[str]:

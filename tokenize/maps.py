@@ -319,10 +319,12 @@ benchmarks allow a small distance (~0.75% of the diagonal), and a one-pixel shif
 would otherwise score zero."""
 
 
-def edge_counts(predictions: np.ndarray, targets: np.ndarray, tolerance: int = EDGE_TOLERANCE) -> np.ndarray:
+def edge_counts(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """(matched predicted, predicted, matched true, true) edge pixels of (B, S, S) binary maps: a
-    predicted pixel matches when a true edge lies within ``tolerance`` pixels, and vice versa.
-    Additive over batches; :func:`edge_f1` reads them."""
+    predicted pixel matches when a true edge lies within :data:`EDGE_TOLERANCE` pixels (scaled from
+    224 px to the maps' side, at least one), and vice versa. Additive over batches; :func:`edge_f1`
+    reads them."""
+    tolerance = max(1, round(EDGE_TOLERANCE * targets.shape[-1] / 224))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1,) * 2)
     sums = np.zeros(4, np.float64)
     for guess, truth in zip(predictions.astype(bool), targets.astype(bool), strict=True):
@@ -375,18 +377,13 @@ class EdgeAdapter(FloatMapAdapter):
         return (output > 0).to(torch.float32)  # sigmoid(output) > 1/2
 
     def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        return edge_counts(predictions[:, 0] > 0.5, targets[:, 0] > 0.5, _tolerance(self.size))
+        return edge_counts(predictions[:, 0] > 0.5, targets[:, 0] > 0.5)
 
     def metric(self, sums: np.ndarray) -> float | None:
         return edge_f1(sums)
 
     def render(self, value: np.ndarray) -> np.ndarray:
         return np.repeat((value[0] > 0.5).astype(np.uint8)[:, :, None] * 255, 3, axis=2)
-
-
-def _tolerance(size: int) -> int:
-    """:data:`EDGE_TOLERANCE` scaled from 224 px to a map of side ``size`` (at least one pixel)."""
-    return max(1, round(EDGE_TOLERANCE * size / 224))
 
 
 class ClassEmbedding(nn.Module):

@@ -53,7 +53,7 @@ from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
 from four_m.tokenize.boxes import CORNERS
-from four_m.tokenize.maps import EDGE_TOLERANCE, edge_counts, edge_f1
+from four_m.tokenize.maps import edge_counts, edge_f1
 from four_m.tokenize.metadata import binned
 from four_m.tokenize.text import EOS, SPECIAL_TOKENS
 
@@ -413,8 +413,7 @@ class EdgeMetric:
         predicted = _float_map(self.name, prediction, 1, "prediction")
         truth = _float_map(self.name, label, 1, "label")
         _same_shape(self.name, predicted, truth)
-        tolerance = max(1, round(EDGE_TOLERANCE * truth.shape[-1] / 224))
-        self._counts += edge_counts(predicted[:1] > 0.5, truth[:1] > 0.5, tolerance)
+        self._counts += edge_counts(predicted[:1] > 0.5, truth[:1] > 0.5)
         self.samples += 1
 
     def result(self) -> dict[str, float]:
