@@ -89,6 +89,7 @@ dryrun: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/label.py
+	$(BIN)/python bench/label_view.py
 	$(BIN)/python bench/tokens.py
 	$(BIN)/python bench/train.py
 

@@ -33,12 +33,17 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[str]:
     return names
 
 
-def write_images_root(root: Path, photos: list[Path], per_shard: int) -> list[bytes]:
-    """images/ shards with 256 px JPEGs, as the download stage leaves them; returns the JPEGs."""
+def write_images_root(root: Path, photos: list[Path], per_shard: int, shorter_side: int | None = None) -> list[bytes]:
+    """images/ shards with JPEGs as the download stage leaves them (quality 95): within 384 x 256 px,
+    or with a ``shorter_side`` as img2dataset's ``keep_ratio`` makes it; returns the JPEGs."""
     jpegs = []
     for path in photos:
         image = Image.open(path).convert("RGB")
-        image.thumbnail((384, 256))
+        if shorter_side is None:
+            image.thumbnail((384, 256))
+        else:
+            scale = shorter_side / min(image.size)
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=95)
         jpegs.append(out.getvalue())

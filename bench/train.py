@@ -16,12 +16,15 @@ On a CPU the difference is work per parameter, not per token: clipping and AdamW
 and the dense gradients of the larger tables and heads, all memory-bound.
 (b) Samples/s of the real data path on one core (``TokenDataModule.train_dataloader()``,
 ``num_workers=0``: reading in the main process, Arrow and torch at one thread) over a synthetic
-token store written by the store's own writer (4M-7's modalities, maps of 196 ids from 1024
-codes, captions of 5-60 word pieces, det sequences of 1-30 boxes, Zipf-like ids, ~2% absent rows)
-and an ``images/`` of real photos as the download stores them (JPEG, 256 px shorter side), whose
-decoding into the 224 px pixel input is the loader's largest cost; with the pixel input and without,
-against the samples/s that (a)'s 7-modality step consumes (goal >= 10x: then one loader worker
-per GPU has room to spare).
+token store written by the store's own writer (4M-7's modalities; maps of 196 ids from 1024 codes
+and det sequences of 1-30 boxes stored per crop, ``--crops`` crops per sample (4, the demo's
+``tokenize.crops``) drawn from each key as the tokenize stage draws them; captions of 5-60 word
+pieces once per row; Zipf-like ids, ~2% absent rows) and an ``images/`` of real photos as the
+download stores them (JPEG, 256 px shorter side). The loader draws one crop per example and cuts
+the 224 px pixel input to it from the decoded photo, its largest cost; with the pixel input and
+without, against the samples/s that (a)'s 7-modality step consumes (goal >= 10x, at ``--crops``:
+then one loader worker per GPU has room to spare). Beside it the same over a 1-crop store (the
+store before crops): what reading and selecting crops costs the loader.
 (c) Tokens/s of training (input + target tokens per step over the step time), 7 modalities.
 
 On a GPU also the MFU of the tiny and base models in bf16 at ``--gpu-batch-size``: model FLOPs
@@ -33,7 +36,7 @@ CPU the same count gives the achieved GFLOP/s instead.
 On a 2-core CPU a tiny-model step takes 1-3 s; the defaults run in 2-4 minutes there, depending
 on other load (the worst-case 14-modality model's set-up alone takes ~10 s: initialising 138M parameters).
 
-    .venv/bin/python bench/train.py [--model tiny] [--steps 10] [--batch-size 8] [--samples 4096]
+    .venv/bin/python bench/train.py [--model tiny] [--steps 10] [--batch-size 8] [--samples 4096] [--crops 4]
         [--input-budget 128] [--target-budget 128] [--gpu-batch-size 64] [--peak-tflops 989]
         [--device auto|cpu|cuda]      # e.g. --model base --device cuda on a GPU machine
 """
@@ -42,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import statistics
 import tempfile
@@ -50,6 +55,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -58,7 +64,8 @@ import pyarrow.parquet as pq
 import torch
 
 from four_m.core.coco import COCO_THINGS
-from four_m.core.config import DownloadConfig, TextTokenizerConfig, TokenizeConfig, TrainConfig
+from four_m.core.config import CropConfig, DownloadConfig, TextTokenizerConfig, TokenizeConfig, TrainConfig
+from four_m.core.crops import crops_array, draw_crops
 from four_m.core.dataset_root import shard_name
 from four_m.core.modalities import MODALITIES, of_kind
 from four_m.core.views import label_view
@@ -81,6 +88,7 @@ CAPTION_LENGTHS = (5, 60)
 BOXES = (1, 30)
 ABSENT = 0.02
 WARMUP_STEPS = 2
+Row = TypeVar("Row")
 
 EXTRA_MAPS = ("extra_map_1", "extra_map_2", "extra_map_3", "extra_map_4", "extra_map_5")
 EXTRA_SEQUENCES = ("extra_text_1", "extra_text_2")
@@ -113,9 +121,11 @@ class Modality:
 
 IMAGE = of_kind("image")[0]
 PIXELS = MODALITIES[IMAGE].pixel_input.name
+FOUR_M_7 = ("rgb", "depth", "normal", "semseg", "clip", "caption", "det")
+"""The modalities 4M-7 trains on (as a config names them): the registry now holds 4M-21's too."""
 SEVEN = tuple(
     Modality(n, "map", CODEBOOK) if s.layout == "map" else Modality(n, "sequence", TEXT_VOCAB, s.vocabulary)
-    for n, s in MODALITIES.items()
+    for n, s in ((n, MODALITIES[n]) for n in FOUR_M_7)
 ) + (Modality(PIXELS, "pixels", 0),)
 """4M-7's modalities: the six token maps and sequences besides RGB, RGB's tokens, and RGB as pixels."""
 TOKENS_ONLY = SEVEN[:-1]
@@ -135,8 +145,8 @@ def zipf_probabilities(vocab: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(weights / weights.sum())
 
 
-def synthetic_rows(modality: Modality, count: int, rng: np.random.Generator) -> list[np.ndarray | None]:
-    """``count`` rows of one modality's ids as the tokenize stage stores them, about ``ABSENT`` None.
+def synthetic_values(modality: Modality, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``count`` of one modality's ids (pixels: views) as the tokenize stage stores them, all present.
 
     Maps: 196 codes. ``det``: boxes ``v0 v1 v2 v3 class`` then EOS. Other sequences: word pieces
     (ids above the reserved block) then EOS. Pixels: the photos of :func:`photos`, in turn.
@@ -161,8 +171,25 @@ def synthetic_rows(modality: Modality, count: int, rng: np.random.Generator) -> 
         lengths = rng.integers(CAPTION_LENGTHS[0], CAPTION_LENGTHS[1] + 1, count)
         flat = words[rng.choice(WORDS, lengths.sum(), p=zipf_probabilities(WORDS, rng))]
         rows = [np.append(row, eos).astype(TOKEN_DTYPE) for row in np.split(flat, np.cumsum(lengths)[:-1])]
-    absent = rng.random(count) < ABSENT
+    return rows
+
+
+def with_absent(rows: list[Row], rng: np.random.Generator) -> list[Row | None]:
+    """``rows`` with about ``ABSENT`` of them None: labels that failed upstream."""
+    absent = rng.random(len(rows)) < ABSENT
     return [None if gone else row for row, gone in zip(rows, absent, strict=True)]
+
+
+def synthetic_rows(modality: Modality, count: int, rng: np.random.Generator) -> list[np.ndarray | None]:
+    """``count`` rows of one modality, one value each, about ``ABSENT`` None."""
+    return with_absent(synthetic_values(modality, count, rng), rng)
+
+
+def cropped_rows(modality: Modality, count: int, crops: int, rng: np.random.Generator) -> list[list[np.ndarray] | None]:
+    """``count`` rows of a cropped modality, ``crops`` id arrays each (one per crop), about ``ABSENT`` None
+    (a row's label is absent under every crop alike)."""
+    values = synthetic_values(modality, count * crops, rng)
+    return with_absent([values[start : start + crops] for start in range(0, len(values), crops)], rng)
 
 
 @functools.cache
@@ -190,11 +217,17 @@ def synthetic_samples(modalities: tuple[Modality, ...], count: int, seed: int) -
     return [{name: rows[i] for name, rows in columns.items()} for i in range(count)]
 
 
-def write_synthetic_store(root: Path, samples: int, per_shard: int = 256, seed: int = 0) -> None:
+def write_synthetic_store(root: Path, samples: int, crops: CropConfig, per_shard: int = 256, seed: int = 0) -> None:
     """``root/tokens/`` for 4M-7's token modalities, written by the store's own schema, table builder
-    and writer, and ``root/images/`` beside it (the :func:`photos` in turn, as the download stores them)."""
+    and writer, and ``root/images/`` beside it (the :func:`photos` in turn, as the download stores them).
+
+    Cropped modalities (maps, det) hold one id array per crop, the crops of each key drawn under
+    ``crops`` as the tokenize stage draws them, and declare ``crops`` in their metadata; the others
+    (captions) one array per row."""
     rng = np.random.default_rng(seed)
     keys = [f"{index:09d}" for index in range(samples)]
+    drawn = [crops_array(draw_crops(key, crops)) for key in keys]
+    declared = json.dumps(dataclasses.asdict(crops), sort_keys=True)
     row_group_rows = TokenizeConfig().row_group_rows
     jpegs = photos()
     (root / "images").mkdir(parents=True)
@@ -209,13 +242,19 @@ def write_synthetic_store(root: Path, samples: int, per_shard: int = 256, seed: 
         )
         pq.write_table(images, root / "images" / f"{shard_name(shard)}.parquet", row_group_size=row_group_rows)
     for modality in TOKENS_ONLY:
-        rows = synthetic_rows(modality, samples, rng)
+        cropped = MODALITIES[modality.name].cropped
+        if cropped:
+            rows = cropped_rows(modality, samples, crops.n_crops, rng)
+        else:
+            rows = synthetic_rows(modality, samples, rng)
         provenance = {"vocab_size": str(modality.vocab_size), "max_tokens": str(modality.tokens), "tokenizer": "synth"}
-        schema = token_schema(modality.tokens if modality.kind == "map" else None, provenance)
+        provenance |= {"crops": declared} if cropped else {}
+        schema = token_schema(modality.tokens if modality.kind == "map" else None, provenance, cropped)
         for shard, start in enumerate(range(0, samples, per_shard)):
             ids = rows[start : start + per_shard]
             errors = ["synthetic: absent" if row is None else None for row in ids]
-            table = token_table(keys[start : start + per_shard], ids, errors, schema)
+            shard_crops = drawn[start : start + per_shard] if cropped else None
+            table = token_table(keys[start : start + per_shard], ids, errors, schema, shard_crops)
             write_tokens(root / "tokens" / modality.name / f"{shard_name(shard)}.parquet", table, row_group_rows)
 
 
@@ -418,20 +457,32 @@ def compare_modalities(args: argparse.Namespace, device: torch.device) -> tuple[
 
 
 def report_loader(args: argparse.Namespace, step_seconds: float) -> None:
-    """Figures (b): the data path, with and without decoding the pixel input's JPEGs, against what
-    (a)'s 7-modality step consumes."""
+    """Figures (b): the data path over a store of ``--crops`` crops and one of 1 (a store before crops),
+    with and without decoding the pixel input's JPEGs, against what (a)'s 7-modality step consumes."""
     batches = max(1, args.samples // args.batch_size)
+    crop_counts = sorted({args.crops, 1}, reverse=True)
     with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_store(Path(tmp), args.samples)
-        rates = {label: loader_rate(Path(tmp), m, batches, args) for label, m in LOADER_RUNS.items()}
+        stores = {crops: Path(tmp) / f"crops_{crops}" for crops in crop_counts}
+        for crops, root in stores.items():
+            write_synthetic_store(root, args.samples, CropConfig(n_crops=crops))
+        rates = {
+            (label, crops): loader_rate(root, modalities, batches, args)
+            for label, modalities in LOADER_RUNS.items()
+            for crops, root in stores.items()
+        }
     consumed = args.batch_size / step_seconds
     print(
-        f"(b) data loader + masking, one core (num_workers=0, Arrow and torch at 1 thread), 4M-7's modalities,"
-        f" {args.samples}-sample synthetic store with JPEG photos in images/, {batches} batches of {args.batch_size}"
+        f"(b) data loader + crop selection + masking, one core (num_workers=0, Arrow and torch at 1 thread),"
+        f" 4M-7's modalities, {args.samples}-sample synthetic store with JPEG photos in images/, maps and det"
+        f" stored per crop: {' and '.join(map(str, crop_counts))} crop(s); {batches} batches of {args.batch_size}"
     )
     print(f"    a 7-modality step consumes {consumed:10,.1f} samples/s")
-    for label, rate in rates.items():
-        print(f"    loader, {label:36s} {rate:8,.0f} samples/s, loader / step {rate / consumed:,.0f}x  (goal >= 10x)")
+    for (label, crops), rate in rates.items():
+        goal = "  (goal >= 10x)" if crops == args.crops else ""
+        print(
+            f"    loader, {label:36s} {crops:2d} crop(s) {rate:8,.0f} samples/s,"
+            f" loader / step {rate / consumed:,.0f}x{goal}"
+        )
 
 
 def report_mfu(args: argparse.Namespace, device: torch.device, cpu_step: tuple[float, MaskedBatch, Trainee]) -> None:
@@ -486,6 +537,7 @@ def main() -> None:
     parser.add_argument("--input-budget", type=int, default=128)
     parser.add_argument("--target-budget", type=int, default=128)
     parser.add_argument("--samples", type=int, default=4096, help="samples in the synthetic store for (b)")
+    parser.add_argument("--crops", type=int, default=4, help="crops per sample in (b)'s store (the demo's 4)")
     parser.add_argument("--gpu-batch-size", type=int, default=64, help="batch of the GPU MFU runs")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU if there is one")

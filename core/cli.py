@@ -76,9 +76,10 @@ def _tokenize(config: Config, args: argparse.Namespace) -> int:
 
 
 def _preview_tokens(config: Config, args: argparse.Namespace) -> int:
-    from four_m.tokenize.preview import write_token_preview
+    from four_m.tokenize.preview import write_crop_preview, write_token_preview
 
     print(f"preview-tokens: wrote {write_token_preview(config, samples=args.samples)}")
+    print(f"preview-tokens: wrote {write_crop_preview(config)} (one image's crops side by side)")
     return 0
 
 

@@ -297,6 +297,37 @@ class TextTokenizerConfig:
 
 
 @dataclass(frozen=True)
+class CropConfig:
+    """4M's aligned crops per sample (``core.crops``): crop 0 the whole label view, the others
+    random resized crops with flips, each tokenized for every map modality and box sequence."""
+
+    n_crops: int = 1
+    """Crops per sample, the whole view included (1: the label view only). 4M's ``SaveVQDataset``
+    defaults to 10 at a smallest scale of 0.2; ``configs/cc12m.yaml`` follows it."""
+    min_scale: float = 0.2
+    """Smallest crop area, as a fraction of the label view's."""
+    max_scale: float = 1.0
+    min_ratio: float = 0.75
+    """Aspect ratios (width / height) drawn log-uniformly in [min_ratio, max_ratio], 4M's 3/4 to 4/3."""
+    max_ratio: float = 1.3333
+    flip: float = 0.5
+    """Probability of a horizontal flip of crops 1..n-1 (crop 0 is never flipped)."""
+    seed: int = 0
+    """Mixed with each sample's key: the crops of a key are the same on every run and machine."""
+    size: int = 224
+    """Side a crop is resized to: the input of the pixel-map tokenizers (14 x 16, 4M's 224 px).
+    Feature maps are cut from their own grid and stay at their tokenizer's grid."""
+
+    def __post_init__(self) -> None:
+        check(1 <= self.n_crops <= 64, "tokenize.crops.n_crops", "must be in [1, 64]")
+        check(0 < self.min_scale <= self.max_scale <= 1, "tokenize.crops", "needs 0 < min_scale <= max_scale <= 1")
+        check(0 < self.min_ratio <= 1 <= self.max_ratio, "tokenize.crops", "needs 0 < min_ratio <= 1 <= max_ratio")
+        check(0 <= self.flip <= 1, "tokenize.crops.flip", "must be in [0, 1]")
+        check(self.seed >= 0, "tokenize.crops.seed", "must be >= 0")
+        check(16 <= self.size <= 2048, "tokenize.crops.size", "must be in [16, 2048]")
+
+
+@dataclass(frozen=True)
 class TokenizeConfig:
     modalities: tuple[str, ...] = field(default_factory=lambda: token_modalities())
     batch_size: int = field(default=32, metadata=RUNTIME_ONLY)
@@ -317,6 +348,7 @@ class TokenizeConfig:
     row_group_rows: int = field(default=1024, metadata=RUNTIME_ONLY)
     """Rows per Parquet row group of tokens/: a streaming reader's unit."""
     text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
     sections: dict[str, VQConfig] = field(
         default_factory=lambda: _defaults("tokenizer_config"), metadata={SECTIONS: "tokenizer_config"}
     )

@@ -47,6 +47,10 @@ LABEL_ONLY_KINDS = ("instances",)
 """Kinds that are labelled and stored but not tokenized (yet): ``instances``, a list of RLE masks.
 They feed other labelers (``requires`` / ``uses``), previews and the card, never training."""
 KINDS = MAP_KINDS + SEQUENCE_KINDS + LABEL_ONLY_KINDS
+CROPPED_KINDS = (*MAP_KINDS, "boxes")
+"""Kinds whose tokens depend on the crop (``core.crops``): tokenized once per crop, as 4M does for
+maps and re-cropped boxes. Captions, palettes and metadata describe the image, not a region, and
+are tokenized once (4M keeps captions, and 4M-21 palettes and metadata, whole under every crop)."""
 NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 """A modality's name: it becomes folder names under the root (``labels/<name>``, ``tokens/<name>``)."""
 
@@ -152,6 +156,11 @@ class ModalitySpec:
     @property
     def tokenized(self) -> bool:
         return self.layout != "labels"
+
+    @property
+    def cropped(self) -> bool:
+        """Whether its tokens are stored per crop (see :data:`CROPPED_KINDS`)."""
+        return self.kind in CROPPED_KINDS
 
     @property
     def label_inputs(self) -> tuple[str, ...]:

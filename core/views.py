@@ -1,7 +1,8 @@
 """The label view: the centred square of an image's shorter side, resized, on which every label is defined.
 
 Maps are stored at ``label.size`` on this view and boxes are normalised to it; later stages cut RGB
-the same way, so all modalities of a sample stay aligned. It is part of the on-disk contract, so the
+the same way, and cut 4M's aligned crops (``core.crops``) out of it with :func:`cut_crop`, so all
+modalities of a sample stay aligned. It is part of the on-disk contract, so the
 label stage, the tokenizers and the previews all cut it with these functions (numpy and OpenCV only).
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
+from four_m.core.crops import Crop
 
 
 def centre_square(image: np.ndarray) -> np.ndarray:
@@ -32,10 +35,44 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def label_view(data: bytes | None, size: int) -> np.ndarray | None:
-    """The (size, size, 3) label view of stored image bytes; None where there are none or they do not
-    decode (the stages count such rows as failed; a preview just leaves them out)."""
+def label_view(data: bytes | None, size: int, crop: Crop | None = None) -> np.ndarray | None:
+    """The (size, size, 3) label view of stored image bytes, or its crop ``crop`` at that size (cut
+    from the full-resolution square); None where there are none or they do not decode (the stages
+    count such rows as failed; a preview just leaves them out)."""
     try:
-        return resize_square(centre_square(decode_rgb(data)), size) if data else None
+        square = centre_square(decode_rgb(data)) if data else None
     except ValueError:
         return None
+    if square is None:
+        return None
+    return resize_square(square, size) if crop is None else cut_crop(square, crop, size)
+
+
+MAX_CHANNELS = 512
+"""OpenCV resizes at most this many channels at once."""
+
+
+def cut_crop(view: np.ndarray, crop: Crop, side: int, nearest: bool = False) -> np.ndarray:
+    """Crop ``crop`` of a square (S, S[, C]) label view, resized to ``side`` and mirrored if the crop is.
+
+    ``nearest`` for values that must not be blended (class ids, binary edges); otherwise
+    INTER_AREA when shrinking and bilinear when enlarging, as :func:`resize_square`. OpenCV
+    resizes at most 512 channels at once, so wider feature maps go in slices.
+    """
+    top, left, bottom, right = crop.pixels(view.shape[0])
+    region = view[top:bottom, left:right]
+    if nearest:
+        interpolation = cv2.INTER_NEAREST
+    else:
+        interpolation = cv2.INTER_AREA if min(region.shape[:2]) > side else cv2.INTER_LINEAR
+    if region.ndim == 3 and region.shape[2] > MAX_CHANNELS:
+        slices = range(0, region.shape[2], MAX_CHANNELS)
+        resized = np.concatenate([_resize(region[:, :, i : i + MAX_CHANNELS], side, interpolation) for i in slices], 2)
+    else:
+        resized = _resize(region, side, interpolation)
+    return np.ascontiguousarray(resized[:, ::-1]) if crop.flip else resized
+
+
+def _resize(region: np.ndarray, side: int, interpolation: int) -> np.ndarray:
+    resized = cv2.resize(region, (side, side), interpolation=interpolation)
+    return resized[:, :, None] if region.ndim == 3 and resized.ndim == 2 else resized  # cv2 drops a lone channel

@@ -349,10 +349,18 @@ def _token_store(stats: DatasetStats, config: Config, figures: dict[str, Figure]
     yield "## Token store\n"
     rows = []
     for modality, tokens in stats.tokens.items():
-        rows.append((modality, *_token_cells(tokens)) if tokens else (modality, NOT_RUN, "", "", "", "", ""))
-    yield from _table(
-        ("modality", "tokenizer", "vocabulary", "rows with tokens", "absent", "tokens per row", "ids used"), rows
+        rows.append((modality, *_token_cells(tokens)) if tokens else (modality, NOT_RUN, "", "", "", "", "", ""))
+    header = (
+        "modality",
+        "tokenizer",
+        "vocabulary",
+        "rows with tokens",
+        "absent",
+        "crops",
+        "tokens per crop",
+        "ids used",
     )
+    yield from _table(header, rows)
     yield from _figure(figures, "codebook_usage")
 
 
@@ -363,6 +371,7 @@ def _token_cells(tokens: TokenStats) -> tuple[str, ...]:
         f"{tokens.vocab_size:,}",
         f"{tokens.files.rows_out:,}",
         f"{absent:,}",
+        f"{tokens.crops_per_row:g}",
         f"{tokens.tokens_per_row:g}",
         f"{tokens.ids_used:.1%}",
     )

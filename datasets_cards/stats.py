@@ -115,9 +115,12 @@ class TokenStats:
     vocab_size: int
     sampled_rows: int
     tokens_per_row: float
-    """Mean over the sampled rows that have tokens (the grid for maps, end token included for sequences)."""
+    """Mean over the sampled rows that have tokens, per crop (the grid for maps, end token included
+    for sequences)."""
     ids_used: float
     """Share of the vocabulary that occurs in the sampled rows: codebook usage on the stored data."""
+    crops_per_row: float = 1.0
+    """Crops stored per row with tokens (maps and boxes: ``tokenize.crops.n_crops``; others 1)."""
 
 
 @dataclass(frozen=True)
@@ -423,15 +426,18 @@ def _tokens(root: DatasetRoot, modality: str, cap: int) -> TokenStats | None:
         return None
     tokens = _sample(root / f"tokens/{modality}", ["tokens"], cap, "tokens")["tokens"]
     vocab_size = int(files.provenance["vocab_size"])
-    ids = pc.list_flatten(tokens).to_numpy(zero_copy_only=False)
+    cropped = not pa.types.is_integer(tokens.type.value_type)  # one id list per crop (rows are all present)
+    views = pc.list_flatten(tokens) if cropped else tokens
+    ids = pc.list_flatten(views).to_numpy(zero_copy_only=False)
     return TokenStats(
         modality=modality,
         files=files,
         tokenizer=files.provenance.get("tokenizer", "unknown"),
         vocab_size=vocab_size,
         sampled_rows=len(tokens),
-        tokens_per_row=round(len(ids) / len(tokens), 2) if len(tokens) else 0.0,
+        tokens_per_row=round(len(ids) / len(views), 2) if len(views) else 0.0,
         ids_used=round(len(np.unique(ids)) / vocab_size, 4),
+        crops_per_row=round(len(views) / len(tokens), 2) if cropped and len(tokens) else 1.0,
     )
 
 

@@ -34,7 +34,7 @@ from four_m.labelers.pretrained import PretrainedLabeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.label import models_dir
 from four_m.tokenize.registry import load_tokenizer
-from four_m.tokenize.sources import read_rows
+from four_m.tokenize.sources import read_whole_view
 from four_m.train.data import TokenShards
 from four_m.train.masking import Masker, MaskingConfig, modality_infos
 from four_m.train.model import FourM, ModelConfig
@@ -191,7 +191,7 @@ def _labelers(config: Config, root: DatasetRoot) -> Iterator[Cost]:
 def _tokenizers(config: Config, root: DatasetRoot) -> Iterator[Cost]:
     for modality in (m for m in map_modalities() if m in config.tokenize.modalities):
         tokenizer = load_tokenizer(root, modality)
-        rows = read_rows(root, modality, 0, config)
+        rows = read_whole_view(root, modality, 0, config, tokenizer)  # crop 0, as the tokenizer takes it
         value = next(v for v in rows.values if v is not None)
         gflops, memory = _counted(lambda tokenizer=tokenizer, value=value: tokenizer.encode([value]))
         parameters = sum(p.numel() for p in tokenizer.model.parameters())
@@ -206,7 +206,7 @@ def _four_m(config: Config, root: DatasetRoot) -> Cost:
     model = FourM(ModelConfig.named(cfg.model), modalities)
     masker = Masker(modality_infos(cfg.modalities), MaskingConfig.from_train(cfg))
     shards = TokenShards(root.path, cfg.modalities)
-    samples = [shards.decode(s) for _, s in itertools.islice(shards.read(shards.shards[0]), cfg.batch_size)]
+    samples = [shards.view(s, 0) for _, s in itertools.islice(shards.read(shards.shards[0]), cfg.batch_size)]
     batch = masker.collate([masker(s, masker.sample_rng(i)) for i, s in enumerate(samples)])
 
     def step() -> None:

@@ -120,7 +120,8 @@ def _tokenize_root(root: DatasetRoot, config: Config, progress: bool) -> Tokeniz
         for shard in todo:
             pending.setdefault(shard, []).append(m)
     if pending:
-        provenance = {m: _provenance(m, tokenizers[m], ids[m], hashes[m]) for m in modalities}
+        crops = json.dumps(asdict(config.tokenize.crops), sort_keys=True)
+        provenance = {m: _provenance(m, tokenizers[m], ids[m], hashes[m], crops) for m in modalities}
         with ray_session(config.ray):
             _run(run, pending, provenance, progress)
     run.summary.seconds = time.perf_counter() - started
@@ -131,9 +132,11 @@ def _tokenize_root(root: DatasetRoot, config: Config, progress: bool) -> Tokeniz
 
 
 def tokens_hash(config: Config, modality: str, tokenizer: str) -> str:
-    """What shapes a modality's tokens: the tokenizer itself, and for a text with an alt-text which text is read."""
-    source = config.tokenize.caption_source if MODALITIES[modality].alt_text else None
-    return shaping_hash(tokenizer, source)
+    """What shapes a modality's tokens: the tokenizer itself, for a text with an alt-text which text
+    is read, and for a cropped modality (maps, boxes) the crops."""
+    spec = MODALITIES[modality]
+    source = config.tokenize.caption_source if spec.alt_text else None
+    return shaping_hash(tokenizer, source, *([config.tokenize.crops] if spec.cropped else []))
 
 
 def _run(
@@ -211,9 +214,14 @@ def _loaded(root: DatasetRoot, modality: str) -> Tokenizer:
         raise TokenizeStageError(str(err)) from None
 
 
-def _provenance(modality: str, tokenizer: Tokenizer, tokenizer_name: str, config_hash: str) -> dict[str, str]:
-    """Everything a reader (the trainer) checks before trusting the ids: vocabulary and length."""
+def _provenance(
+    modality: str, tokenizer: Tokenizer, tokenizer_name: str, config_hash: str, crops: str
+) -> dict[str, str]:
+    """Everything a reader (the trainer) checks before trusting the ids: vocabulary and length, and
+    for a cropped modality the crop settings (``tokenize.crops``, which every cropped modality of a
+    run must share)."""
     return {
+        **({"crops": crops} if MODALITIES[modality].cropped else {}),
         "stage": STAGE,
         "package": f"four-m {__version__}",
         "modality": modality,

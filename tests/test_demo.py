@@ -7,7 +7,11 @@ import sys
 import pyarrow.parquet as pq
 from PIL import Image
 
-from four_m.core.modalities import labelled_modalities, map_modalities, token_modalities
+from four_m.core.config import load_config
+from four_m.core.modalities import MODALITIES, labelled_modalities, map_modalities, token_modalities
+
+DEMO = load_config("default")
+VIEW, CROP, CROPS = DEMO.label.size, DEMO.tokenize.crops.size, DEMO.tokenize.crops.n_crops
 
 
 def _free_port() -> int:
@@ -47,19 +51,24 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
         labels = [pq.read_table(root / f"labels/{name}/{p.name}") for p in sorted((root / "images").glob("*.parquet"))]
         assert [t["key"].to_pylist() for t in labels] == [t["key"].to_pylist() for t in images]
     preview = Image.open(root / "preview/labels.png")
-    assert preview.width == 224 * (1 + len(labelled_modalities())) and preview.height > 224 * 8
+    assert preview.width == VIEW * (1 + len(labelled_modalities())) and preview.height > VIEW * 8
     for name in token_modalities():
         absent = 0 if name == "caption" else 4  # the alt-text of a failed download still exists
         assert f"tokenize/{name}: rows in 14, rows out {14 - absent}" in run.stdout
         tokens = [pq.read_table(root / f"tokens/{name}/{p.name}") for p in sorted((root / "images").glob("*.parquet"))]
         assert [t["key"].to_pylist() for t in tokens] == [t["key"].to_pylist() for t in images]
+        if MODALITIES[name].cropped:  # 4 crops per image (a demo setting), every map and the boxes
+            crops = [c for t in tokens for c in t["crops"].to_pylist()]
+            ids = [i for t in tokens for i in t["tokens"].to_pylist() if i is not None]
+            assert CROPS == 4 and {len(c) for c in crops} == {len(i) for i in ids} == {CROPS}, name
     reconstructions = Image.open(root / "preview/tokens.png")
-    assert reconstructions.width == 224 * 2 * len(token_modalities())
-    assert "train: 12 steps, loss " in run.stdout
+    assert reconstructions.width == CROP * 2 * len(token_modalities())
+    assert Image.open(root / "preview/crops.png").width == CROP * CROPS
+    assert f"train: 12 steps on {CROPS} crop(s) per sample, loss " in run.stdout
     assert (root / "runs/tiny/loss.png").is_file() and (root / "runs/tiny/model.safetensors").is_file()
     targets = [m for m in token_modalities() if m != "rgb"]
     grid = Image.open(root / f"runs/tiny/samples/rgb-to-{'+'.join(targets)}.png")
-    assert grid.width == 224 * (1 + 2 * len(targets))
+    assert grid.width == CROP * (1 + 2 * len(targets))
     assert "eval: " in run.stdout and "| depth | abs_rel |" in run.stdout
     assert "| canny_edge | edge_f1 |" in run.stdout and "| color_palette | delta_e |" in run.stdout
     assert (root / "runs/tiny/eval/metrics.json").is_file() and (root / "README.md").is_file()

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from four_m.core.crops import Crop
 from four_m.core.errors import UserError
 
 TOKEN_DTYPE = np.uint16
@@ -50,6 +51,11 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: Sequence[np.ndarray]) -> list[Any]: ...
+
+    def crop(self, value: Any, crop: Crop) -> Any:
+        """The value of crop ``crop`` of a label-view ``value``, as ``encode`` takes it: only the
+        tokenizers of cropped kinds (maps, boxes; ``core.modalities.CROPPED_KINDS``) have one."""
+        raise NotImplementedError(f"{self.modality}: its tokens do not depend on the crop")
 
     def run_on(self, device_type: str, precision: str) -> None:  # noqa: B027 - a text tokenizer has nothing to place
         """Where and how to encode: a network moves to ``device_type`` (``cpu``, ``cuda``) and runs

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from four_m.core.coco import COCO_THINGS
+from four_m.core.crops import Crop
 from four_m.tokenize.base import TOKEN_DTYPE, TokenizerInputError
 from four_m.tokenize.coded import CodedSequenceTokenizer
 from four_m.tokenize.text import CLASS_INDEX, COORDINATE_AXES
@@ -50,6 +51,9 @@ class BoxSequenceTokenizer(CodedSequenceTokenizer):
             self.check_ids(row, "encode")
             out.append(row)
         return out
+
+    def crop(self, value: Sequence[Mapping[str, Any]], crop: Crop) -> list[dict[str, Any]]:
+        return crop_boxes(value, crop)
 
     def decode(self, ids: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
         """Boxes up to the first ``[EOS]``.
@@ -106,6 +110,26 @@ class BoxSequenceTokenizer(CodedSequenceTokenizer):
             "class": name,
             "score": None,
         }
+
+
+def crop_boxes(boxes: Sequence[Mapping[str, Any]], crop: Crop) -> list[dict[str, Any]]:
+    """The boxes of crop ``crop`` of the label view, in the crop's [0, 1] coordinates, as 4M
+    re-crops its boxes (albumentations' ``bbox_crop``, then a mirror of x): clipped to the crop,
+    dropped when nothing of them is left inside (4M's ``min_visibility`` 0), mirrored with the crop.
+    Other keys (class, score) are kept."""
+    out = []
+    for box in _as_list(boxes, "a list of box dicts per image"):
+        if not isinstance(box, Mapping):
+            raise TokenizerInputError(f"det: expected a dict per box, got {type(box).__name__} {box!r:.80}")
+        x0, y0, x1, y1 = (_number(box.get(key), key) for key in CORNERS)
+        x0, x1 = (min(max((x - crop.left) / crop.width, 0.0), 1.0) for x in (x0, x1))
+        y0, y1 = (min(max((y - crop.top) / crop.height, 0.0), 1.0) for y in (y0, y1))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        if crop.flip:
+            x0, x1 = 1.0 - x1, 1.0 - x0
+        out.append({**box, "x0": x0, "y0": y0, "x1": x1, "y1": y1})
+    return out
 
 
 def _nearest_first(box: tuple[tuple[int, ...], str]) -> tuple:

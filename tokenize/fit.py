@@ -22,11 +22,12 @@ from pathlib import Path
 from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config, TokenizeConfig, shaping_hash
+from four_m.core.crops import draw_crops
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.modalities import MODALITIES, map_modalities, of_kind, sequence_modalities
 from four_m.tokenize.maps import ADAPTERS
 from four_m.tokenize.registry import TRAINED, sequence_tokenizer, tokenizer_dir
-from four_m.tokenize.sources import read_rows, source_file
+from four_m.tokenize.sources import cropper, read_rows, source_file
 from four_m.tokenize.text import TextTokenizer
 from four_m.tokenize.vq_training import train_vq
 
@@ -55,7 +56,9 @@ def fit_hash(config: Config, group: str) -> str:
     the finished one stale."""
     if group == TEXT:
         return shaping_hash(config.tokenize.text, config.tokenize.train_samples)
-    return shaping_hash(config.tokenize.vq(group), config.label.size, config.tokenize.train_samples)
+    return shaping_hash(
+        config.tokenize.vq(group), config.label.size, config.tokenize.train_samples, config.tokenize.crops
+    )
 
 
 def trained_hash(root: DatasetRoot, modality: str) -> str | None:
@@ -78,7 +81,7 @@ def fit_group(root: DatasetRoot, group: str, config: Config, shards: list[int]) 
         # A label file's metadata gives the adapter's settings (semseg classes, clip width).
         params = ADAPTERS[group].params_of(storage.read_schema(source_file(root, group, shards[0])))
         with _finished_folder(root, group) as folder:
-            size = values[0].shape[-1]  # the label view, or clip's feature grid
+            size = values[0].shape[-1]  # tokenize.crops.size, or a feature map's grid
             accelerator = "gpu" if config.tokenize.num_gpus > 0 else "cpu"
             vq = config.tokenize.vq(group)
             metrics = train_vq(group, values, vq, size, folder, params, accelerator, config.tokenize.precision)
@@ -123,12 +126,17 @@ def _caption_texts(root: DatasetRoot, shards: list[int], limit: int) -> Iterator
 
 
 def _values(root: DatasetRoot, modality: str, config: Config, shards: list[int]) -> Iterator:
-    """Present values of the first shards, up to ``train_samples``; absent rows are skipped."""
+    """Values of the first shards' present rows, every crop of each (``tokenize.crops``: the
+    tokenizer learns the views it will encode), up to ``train_samples``; absent rows are skipped."""
     count = 0
     for shard in shards:
-        for value in read_rows(root, modality, shard, config).values:
-            if value is not None:
-                yield value
+        rows = read_rows(root, modality, shard, config)
+        cut = cropper(root, modality, shard, config)
+        for key, value in zip(rows.keys, rows.values, strict=True):
+            if value is None:
+                continue
+            for crop in draw_crops(key, config.tokenize.crops):
+                yield cut(value, crop)
                 count += 1
                 if count >= config.tokenize.train_samples:
                     return

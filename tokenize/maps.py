@@ -47,11 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
+from four_m.core.crops import Crop
 from four_m.core.errors import UserError
 from four_m.core.failures import SUCCESS, download_failed
 from four_m.core.label_codec import decode_png
 from four_m.core.modalities import MODALITIES, ModalitySpec
-from four_m.core.views import centre_square, decode_rgb, resize_square
+from four_m.core.views import centre_square, cut_crop, decode_rgb, resize_square
 from four_m.tokenize.base import TokenizerInputError
 
 ReadResult = tuple[list[np.ndarray | None], list[str | None]]
@@ -73,6 +74,11 @@ class MapAdapter(ABC):
     dtype: ClassVar[type[np.generic]]
     flippable: ClassVar[bool]
     """Whether a horizontally flipped value is still a true value (the training augmentation)."""
+    nearest: ClassVar[bool] = False
+    """Crops are resized without blending values (class ids, binary edges)."""
+    on_grid: ClassVar[bool] = False
+    """Values sit on the token grid (feature maps): crops are cut from the grid and keep its size,
+    instead of being resized to ``tokenize.crops.size``."""
     metric_name: ClassVar[str]
 
     @property
@@ -126,6 +132,24 @@ class MapAdapter(ABC):
     @abstractmethod
     def parse(self, payload: Any) -> np.ndarray:
         """One stored payload -> its value; ValueError for one that cannot be decoded."""
+
+    # --- crops (core.crops) ---
+
+    def crop(self, value: np.ndarray, crop: Crop) -> np.ndarray:
+        """Crop ``crop`` of a label-view value (any side), as a value at this adapter's size.
+
+        Cut in float32 (nearest-neighbour values stay exact) and cast back to the kind's dtype; a
+        mirrored crop is then made true to the mirror by :meth:`mirrored`.
+        """
+        planar = (value if value.ndim == 2 else value.transpose(1, 2, 0)).astype(np.float32)
+        cut = cut_crop(planar, crop, self.size, self.nearest)
+        cut = (cut if value.ndim == 2 else cut.transpose(2, 0, 1)).astype(self.dtype)
+        return self.mirrored(cut) if crop.flip else np.ascontiguousarray(cut)
+
+    def mirrored(self, value: np.ndarray) -> np.ndarray:
+        """A horizontally mirrored value (already flipped pixel-wise) made true to the mirror: most
+        kinds need nothing; directions negate their horizontal component."""
+        return np.ascontiguousarray(value)
 
     # --- checking values ---
 
@@ -276,7 +300,7 @@ class DepthAdapter(FloatMapAdapter):
 
 
 class NormalAdapter(FloatMapAdapter):
-    """Surface normals; not flipped in training, since a mirror would also negate the horizontal axis."""
+    """Surface normals. A mirrored crop negates x (:meth:`mirrored`); tokenizer training does not flip them."""
 
     kind = "direction_map"
     channels = 3
@@ -296,6 +320,13 @@ class NormalAdapter(FloatMapAdapter):
 
     def to_values(self, output: torch.Tensor) -> torch.Tensor:
         return F.normalize(output, dim=1).clamp(-1.0, 1.0)
+
+    def mirrored(self, value: np.ndarray) -> np.ndarray:
+        """In a mirror a surface facing right faces left: x (channel 0) changes sign, as 4M's
+        ``255 - x`` on its 8-bit normals."""
+        value = value.copy()
+        value[0] = -value[0]
+        return value
 
     def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """(sum, count) of per-pixel angles in degrees, over pixels whose target has a direction.
@@ -356,6 +387,7 @@ class EdgeAdapter(FloatMapAdapter):
     channels = 1
     low, high = 0.0, 1.0
     flippable = True
+    nearest = True
     metric_name = "edge_f1"
 
     EDGE_WEIGHT: ClassVar[float] = 4.0
@@ -413,6 +445,7 @@ class SemsegAdapter(MapAdapter):
     kind = "class_map"
     dtype = np.int64
     flippable = True
+    nearest = True
     metric_name = "miou"
 
     @property
@@ -503,7 +536,10 @@ class FeatureMapAdapter(FloatMapAdapter):
     """Dense patch features (CLIP, DINOv2); their grid is the token grid, so ``size`` is that grid
     (no resampling).
 
-    Not flipped in training: the features of a mirrored image are not the mirrored features.
+    Not flipped in tokenizer training: the features of a mirrored image are not the mirrored
+    features. Crops are cut from the label view's grid and resampled bilinearly to the grid, and a
+    mirrored crop mirrors the grid: an approximation of 4M, which runs the feature network on every
+    crop (here the network runs once per image, in the label stage).
     """
 
     size: int = 14
@@ -514,6 +550,7 @@ class FeatureMapAdapter(FloatMapAdapter):
     kind = "feature_map"
     low, high = -math.inf, math.inf
     flippable = False
+    on_grid = True
     metric_name = "cosine"
 
     @property

@@ -1,9 +1,10 @@
-"""``make preview-tokens``: a PNG grid of what the tokens keep, original beside reconstruction.
+"""``make preview-tokens``: PNG grids of what the tokens keep.
 
-For each of a few samples and each tokenized modality: the value as read from ``images/`` or
-``labels/`` and the value decoded back from ``tokens/`` by its tokenizer (maps through the VQ
-decoder; captions and boxes through the text tokenizer), rendered by the modality's adapter or
-as text / drawn boxes. What you see is what the trainer will learn to predict.
+``tokens.png``: for each of a few samples and each tokenized modality, the value of crop 0 as read
+from ``images/`` or ``labels/`` and the value decoded back from ``tokens/`` by its tokenizer (maps
+through the VQ decoder; captions and boxes through the text tokenizer), rendered by the modality's
+adapter or as text / drawn boxes. What you see is what the trainer will learn to predict.
+``crops.png``: one image's stored crops side by side, for the image and every modality.
 """
 
 from __future__ import annotations
@@ -17,45 +18,101 @@ from PIL import Image, ImageDraw
 
 from four_m.core import storage
 from four_m.core.config import Config
+from four_m.core.crops import Crop
 from four_m.core.dataset_root import DatasetRoot, atomic_path, shard_name
 from four_m.core.failures import SUCCESS
 from four_m.core.modalities import MAP_KINDS, MODALITIES, ModalitySpec
+from four_m.core.storage import RootPath
 from four_m.core.views import label_view
 from four_m.tokenize.label_preview import palette_tile, render_boxes, table_tile
 from four_m.tokenize.maps import ADAPTERS
 from four_m.tokenize.registry import load_tokenizer
 from four_m.tokenize.shard import token_file
-from four_m.tokenize.sources import read_rows
-from four_m.tokenize.store import read_token_rows
+from four_m.tokenize.sources import read_whole_view
+from four_m.tokenize.store import read_crops, read_token_rows
 
 HEADER = 18
 
 
 def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Path:
-    """Write ``<root>/preview/tokens.png`` for the first ``samples`` rows with an image of one shard."""
+    """Write ``<root>/preview/tokens.png`` for the first ``samples`` rows with an image of one shard:
+    crop 0 (the whole label view) as the tokenizers saw it, beside its tokens decoded."""
     root = DatasetRoot(config.root)
-    size = config.label.size
-    modalities = [m for m in MODALITIES if m in config.tokenize.modalities and token_file(root, m, shard).is_file()]
-    images = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg", "status"]).to_pylist()
-    views = {i: label_view(row["jpg"], size) for i, row in enumerate(images) if row["status"] == SUCCESS}
-    chosen = [i for i, view in views.items() if view is not None][:samples]
+    size = config.tokenize.crops.size
+    modalities = _tokenized(root, config, shard)
+    views = _views(root, shard, size)
+    chosen = list(views)[:samples]
     columns = [f"{m} {kind}" for m in modalities for kind in ("original", "from tokens")]
-    grid = Image.new("RGB", (len(columns) * size, HEADER + len(chosen) * size), "white")
-    draw = ImageDraw.Draw(grid)
-    for column, title in enumerate(columns):
-        draw.text((column * size + 4, 3), title, fill=(0, 0, 0))
+    grid, _ = _canvas(columns, len(chosen), size)
     for m_index, modality in enumerate(modalities):
-        rows = read_rows(root, modality, shard, config)
-        _, ids = read_token_rows(token_file(root, modality, shard))
         tokenizer = load_tokenizer(root, modality)
+        rows = read_whole_view(root, modality, shard, config, tokenizer)
+        _, ids = read_token_rows(token_file(root, modality, shard))
         for line, index in enumerate(chosen):
             original, decoded = rows.values[index], None
             if ids[index] is not None:
-                (decoded,) = tokenizer.decode([ids[index]])
+                (decoded,) = tokenizer.decode([_crop_ids(ids[index], 0)])
             for offset, value in enumerate((original, decoded)):
                 tile = render_value(modality, value, views[index], size)
                 grid.paste(Image.fromarray(tile), ((2 * m_index + offset) * size, HEADER + line * size))
-    out = root / "preview/tokens.png"
+    return _saved(grid, root / "preview/tokens.png")
+
+
+def write_crop_preview(config: Config, shard: int = 0) -> Path:
+    """Write ``<root>/preview/crops.png``: the stored crops of the shard's first row with an image,
+    side by side (one column per crop), for the image and for every tokenized modality decoded from
+    that crop's tokens. Aligned crops show the same region in every row; a modality stored once
+    (captions, palettes, metadata) shows the same value under every crop."""
+    root = DatasetRoot(config.root)
+    size = config.tokenize.crops.size
+    modalities = _tokenized(root, config, shard)
+    cropped = [m for m in modalities if MODALITIES[m].cropped]
+    if not cropped:
+        raise FileNotFoundError(f"no cropped modality (a map, boxes) is tokenized in shard {shard}")
+    index = next(iter(_views(root, shard, size)))
+    crops = [Crop.from_row(r) for r in read_crops(token_file(root, cropped[0], shard))[index]]
+    image = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg"])["jpg"][index].as_py()
+    views = [label_view(image, size, crop) for crop in crops]
+    columns = [f"crop {i}{' (flipped)' if c.flip else ''}" for i, c in enumerate(crops)]
+    grid, draw = _canvas(columns, 1 + len(modalities), size)
+    for column, view in enumerate(views):
+        grid.paste(Image.fromarray(view), (column * size, HEADER))
+    for line, modality in enumerate(modalities, start=1):
+        _, ids = read_token_rows(token_file(root, modality, shard))
+        tokenizer = load_tokenizer(root, modality)
+        for column, view in enumerate(views):
+            value = tokenizer.decode([_crop_ids(ids[index], column)])[0] if ids[index] is not None else None
+            tile = render_value(modality, value, view, size)
+            grid.paste(Image.fromarray(tile), (column * size, HEADER + line * size))
+        draw.text((4, HEADER + line * size + 3), modality, fill=(255, 255, 0))
+    return _saved(grid, root / "preview/crops.png")
+
+
+def _crop_ids(ids: np.ndarray | list[np.ndarray], crop: int) -> np.ndarray:
+    """A row's ids of crop ``crop``: a modality stored once has the same ids under every crop."""
+    return ids[crop] if isinstance(ids, list) else ids
+
+
+def _tokenized(root: DatasetRoot, config: Config, shard: int) -> list[str]:
+    return [m for m in MODALITIES if m in config.tokenize.modalities and token_file(root, m, shard).is_file()]
+
+
+def _views(root: DatasetRoot, shard: int, size: int) -> dict[int, np.ndarray]:
+    """Row index -> its crop-0 view, for the rows of the shard whose image downloaded and decodes."""
+    images = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg", "status"]).to_pylist()
+    views = {i: label_view(row["jpg"], size) for i, row in enumerate(images) if row["status"] == SUCCESS}
+    return {i: view for i, view in views.items() if view is not None}
+
+
+def _canvas(columns: list[str], rows: int, size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    grid = Image.new("RGB", (len(columns) * size, HEADER + rows * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, title in enumerate(columns):
+        draw.text((column * size + 4, 3), title, fill=(0, 0, 0))
+    return grid, draw
+
+
+def _saved(grid: Image.Image, out: RootPath) -> RootPath:
     with atomic_path(out) as temp, temp.open("wb") as handle:
         grid.save(handle, format="PNG")
     return out

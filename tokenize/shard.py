@@ -1,5 +1,8 @@
 """Tokenize one shard: every requested modality's rows -> ``tokens/<modality>/<shard>.parquet``.
 
+Maps and boxes are tokenized once per crop (``core.crops``, drawn from each row's key under
+``tokenize.crops``): the crops are cut from the label view, then encoded together.
+
 A pure function of the dataset root and the loaded tokenizers (no Ray here): the executor in
 ``pipeline.tokenize`` hands shards to it and records markers.
 """
@@ -8,16 +11,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from four_m.core import storage
 from four_m.core.config import Config
+from four_m.core.crops import Crop, crops_array, draw_crops
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.failures import ABSENT, absent
+from four_m.core.modalities import MODALITIES
 from four_m.core.summary import ShardReport
 from four_m.tokenize.base import Tokenizer, TokenizerInputError
-from four_m.tokenize.sources import ModalityRows, read_rows, source_file
+from four_m.tokenize.sources import read_rows, source_file
 from four_m.tokenize.store import token_schema, token_table, write_tokens
 
 
@@ -40,11 +46,17 @@ def tokenize_shard(
         rows = read_rows(root, modality, shard, config)
         if rows.keys != image_keys:
             raise ValueError(f"{source_file(root, modality, shard)}: keys are not those of images/ (row order broken)")
-        ids = _encode(tokenizer, rows, config.tokenize.batch_size, where=str(source_file(root, modality, shard)))
+        where = str(source_file(root, modality, shard))
         fixed = tokenizer.max_tokens if tokenizer.fixed_length else None
-        schema = token_schema(fixed, provenance[modality])
+        if MODALITIES[modality].cropped:
+            crops = [draw_crops(key, config.tokenize.crops) for key in rows.keys]
+            ids = _encode_crops(tokenizer, rows.values, crops, config.tokenize.batch_size, where)
+            stored = [crops_array(c) for c in crops]
+        else:
+            ids, stored = _encode(tokenizer, rows.values, config.tokenize.batch_size, where), None
+        schema = token_schema(fixed, provenance[modality], cropped=stored is not None)
         errors = [None if i is not None else absent(e) for i, e in zip(ids, rows.errors, strict=True)]
-        table = token_table(rows.keys, ids, errors, schema)
+        table = token_table(rows.keys, ids, errors, schema, stored)
         write_tokens(token_file(root, modality, shard), table, config.tokenize.row_group_rows)
         missing = sum(i is None for i in ids)
         reports[modality] = ShardReport(
@@ -57,14 +69,34 @@ def tokenize_shard(
     return reports
 
 
-def _encode(tokenizer: Tokenizer, rows: ModalityRows, batch_size: int, where: str) -> list[np.ndarray | None]:
-    """Ids for the present rows, in batches; None for absent ones. Ids are range-checked here."""
-    ids: list[np.ndarray | None] = [None] * len(rows.values)
-    present = [i for i, value in enumerate(rows.values) if value is not None]
+def _encode_crops(
+    tokenizer: Tokenizer, values: list[Any], crops: list[tuple[Crop, ...]], batch_size: int, where: str
+) -> list[list[np.ndarray] | None]:
+    """Per present row, the ids of each of its crops; None for absent rows. The crops of
+    ``batch_size`` rows are cut and encoded together (cut per batch: a shard's crops at once would
+    not fit in memory)."""
+    ids: list[list[np.ndarray] | None] = [None] * len(values)
+    present = [i for i, value in enumerate(values) if value is not None]
     for start in range(0, len(present), batch_size):
         chosen = present[start : start + batch_size]
         try:
-            encoded = tokenizer.encode([rows.values[i] for i in chosen])
+            cut = [tokenizer.crop(values[i], crop) for i in chosen for crop in crops[i]]
+        except TokenizerInputError as err:
+            raise TokenizerInputError(f"{where}: {err}") from None
+        encoded = iter(_encode(tokenizer, cut, len(cut), where))
+        for i in chosen:
+            ids[i] = [next(encoded) for _ in crops[i]]
+    return ids
+
+
+def _encode(tokenizer: Tokenizer, values: list[Any], batch_size: int, where: str) -> list[np.ndarray | None]:
+    """Ids for the present values, in batches; None for absent ones. Ids are range-checked here."""
+    ids: list[np.ndarray | None] = [None] * len(values)
+    present = [i for i, value in enumerate(values) if value is not None]
+    for start in range(0, len(present), batch_size):
+        chosen = present[start : start + batch_size]
+        try:
+            encoded = tokenizer.encode([values[i] for i in chosen])
         except TokenizerInputError as err:
             raise TokenizerInputError(f"{where}: {err}") from None
         for index, row_ids in zip(chosen, encoded, strict=True):

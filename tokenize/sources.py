@@ -2,7 +2,8 @@
 into (keys, values, errors), the input of tokenizer training and of the tokenize stage.
 
 Map modalities are read by their adapters (``tokenize.maps``), which know the stored encodings;
-captions and the payloads of boxes, palettes and metadata are read here. A row whose image or
+captions and the payloads of boxes, palettes and metadata are read here. Values are those of the
+label view; the crops of maps and boxes (``core.crops``) are cut from them by :func:`cropper`. A row whose image or
 label failed upstream reads as value None with the upstream error, so it becomes an absent
 modality, never fake data.
 """
@@ -18,9 +19,12 @@ import pyarrow as pa
 
 from four_m.core import storage
 from four_m.core.config import Config
+from four_m.core.crops import WHOLE, Crop
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.modalities import MAP_KINDS, MODALITIES, ModalitySpec
-from four_m.tokenize.maps import ADAPTERS, configured
+from four_m.tokenize.base import Tokenizer
+from four_m.tokenize.boxes import crop_boxes
+from four_m.tokenize.maps import ADAPTERS, MapAdapter, configured
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,33 @@ def read_rows(root: DatasetRoot, modality: str, shard: int, config: Config) -> M
     spec = MODALITIES[modality]
     values, errors = READERS[spec.kind](spec, table, config)
     return ModalityRows(table["key"].to_pylist(), values, errors)
+
+
+def crop_adapter(modality: str, config: Config, params: Mapping[str, Any]) -> MapAdapter:
+    """The adapter of a map's crops, the values its tokenizer takes: at ``tokenize.crops.size``, or
+    for a feature map at its tokenizer's grid."""
+    side = config.tokenize.vq(modality).grid if ADAPTERS[modality].on_grid else config.tokenize.crops.size
+    return configured(modality, side, params)
+
+
+def cropper(root: DatasetRoot, modality: str, shard: int, config: Config) -> Callable[[Any, Crop], Any]:
+    """(label-view value, crop) -> the crop's value, for a modality of a cropped kind."""
+    spec = MODALITIES[modality]
+    if spec.kind == "boxes":
+        return crop_boxes
+    params = ADAPTERS[modality].params_of(storage.read_schema(source_file(root, modality, shard)))
+    return crop_adapter(modality, config, params).crop
+
+
+def read_whole_view(root: DatasetRoot, modality: str, shard: int, config: Config, tokenizer: Tokenizer) -> ModalityRows:
+    """:func:`read_rows`, with a cropped modality's values cut to crop 0 (the whole label view, what
+    generation, ``make eval`` and the previews show) by ``tokenizer``: the values it takes, at the
+    size it was trained on."""
+    rows = read_rows(root, modality, shard, config)
+    if not MODALITIES[modality].cropped:
+        return rows
+    values = [None if v is None else tokenizer.crop(v, WHOLE) for v in rows.values]
+    return ModalityRows(rows.keys, values, rows.errors)
 
 
 def _texts(spec: ModalitySpec, table: pa.Table, config: Config) -> tuple[list[Any], list[str | None]]:

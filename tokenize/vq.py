@@ -30,6 +30,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from four_m.core.config import VQConfig
+from four_m.core.crops import Crop
 from four_m.core.dataset_root import atomic_path, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.precision import autocast_dtype
@@ -159,6 +160,9 @@ class VQTokenizer(Tokenizer):
                 codes = self.model.encode(batch).ids.flatten(1)  # (B, G*G), row-major
             ids += list(codes.cpu().numpy().astype(TOKEN_DTYPE))
         return ids
+
+    def crop(self, value: np.ndarray, crop: Crop) -> np.ndarray:
+        return self.adapter.crop(value, crop)
 
     @torch.inference_mode()
     def decode(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -46,6 +46,7 @@ Choices (the why is in each docstring):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -64,18 +65,26 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from four_m.core import storage
+from four_m.core.crops import FIELDS, WHOLE, Crop, crops_array
 from four_m.core.errors import UserError
 from four_m.core.failures import SUCCESS
 from four_m.core.modalities import pixel_inputs
 from four_m.core.views import label_view
+from four_m.tokenize.store import CROPS as CROPS_COLUMN
 from four_m.train.batch import MaskedBatch
 from four_m.train.masking import Masker, ModalityInfo
 
 TOKENS = "tokens"
 IMAGES = "images"
-Sample = dict[str, np.ndarray | bytes | None]
+Sample = dict[str, Any]
 """Modality -> its uint16 ids (a pixel input: its encoded image bytes, then once decoded its
-(S, S, 3) uint8 view), None where absent (the masker's input, decoded)."""
+(S, S, 3) uint8 view), None where absent (the masker's input, decoded). As read, a cropped
+modality holds its ids per crop (maps: a (n_crops, n) array; boxes: a list of arrays), and
+:data:`CROPS` the row's (n_crops, 5) crops; :meth:`TokenShards.view` picks one crop."""
+CROPS = "@crops"
+"""The sample entry of the row's crops (not a modality name: those are lower-case identifiers)."""
+CROP_DRAW = 0x43524F50
+"""Mixed into the seed of a sample's crop draw, so it is independent of its masks."""
 
 
 class TokenStoreError(UserError):
@@ -156,6 +165,13 @@ class TokenShards:
         """Pixel input name -> the side of its decoded images."""
         self.undecodable_images = 0
         """Pixel inputs left absent because their stored image did not decode (in this process)."""
+        self.crop_settings = _crop_settings(complete[0], self.modalities)
+        """The ``tokenize.crops`` the cropped modalities were tokenized under (from the first shard's
+        metadata; rows are checked as they are read), None for a store without crops."""
+
+    @property
+    def crops_per_sample(self) -> int:
+        return int(self.crop_settings["n_crops"]) if self.crop_settings else 1
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -180,45 +196,100 @@ class TokenShards:
             columns = zip(*readers, strict=True)
             for index, row in enumerate(columns):
                 key = row[0][0]
-                if any(other != key for other, _ in row[1:]):
-                    keys = (k for k, _ in row)
+                if any(other != key for other, _, _ in row[1:]):
+                    keys = (k for k, _, _ in row)
                     listed = ", ".join(f"{shard.files[m]}: {k!r}" for m, k in zip(self.modalities, keys, strict=True))
                     raise TokenStoreError(f"shard {shard.name}, row {index}: keys differ ({listed})")
                 if index % parts != part:
                     continue
-                if all(ids is None for _, ids in row):
+                if all(ids is None for _, ids, _ in row):
                     self.empty_rows += 1
                     continue
-                yield key, {m: ids for m, (_, ids) in zip(self.modalities, row, strict=True)}
+                sample = {m: ids for m, (_, ids, _) in zip(self.modalities, row, strict=True)}
+                crops = [(m, c) for m, (_, _, c) in zip(self.modalities, row, strict=True)]
+                sample[CROPS] = self._row_crops(shard, index, crops)
+                yield key, sample
 
-    def decode(self, sample: Sample) -> Sample:
-        """``sample`` with each pixel input's image bytes decoded to its (S, S, 3) uint8 view."""
-        decoded = dict(sample)
-        for name, side in self.pixel_sides.items():
-            data = sample.get(name)
-            if isinstance(data, bytes):
-                decoded[name] = label_view(data, side)
-                self.undecodable_images += decoded[name] is None
-        return decoded
+    def _row_crops(self, shard: TokenShard, index: int, crops: list[tuple[str, np.ndarray | None]]) -> np.ndarray:
+        """The row's crops: those its cropped files store, which must agree (else the modalities were
+        tokenized under other crop settings and would not show one region); one whole view if none does."""
+        stored = [(m, c) for m, c in crops if c is not None]
+        if not stored:
+            return crops_array((WHOLE,))
+        first_modality, first = stored[0]
+        for modality, other in stored[1:]:
+            if other.shape != first.shape or not np.array_equal(other, first):
+                raise TokenStoreError(
+                    f"shard {shard.name}, row {index}: {shard.files[first_modality]} and {shard.files[modality]} hold"
+                    " different crops (tokenized under other tokenize.crops settings): retokenize (make tokenize)"
+                )
+        return first
+
+    def view(self, sample: Sample, crop: int = 0) -> Sample:
+        """The sample under its crop number ``crop``: each cropped modality's ids of that crop, each
+        pixel input's image cut to that crop and decoded. Crop 0, the whole label view, is what
+        generation and ``make eval`` use."""
+        crops = sample[CROPS]
+        if not 0 <= crop < len(crops):
+            raise IndexError(f"crop {crop} of a sample with {len(crops)} crops")
+        viewed: Sample = {}
+        for name in self.modalities:
+            value = sample[name]
+            if name in self.pixel_sides and isinstance(value, bytes):
+                value = label_view(value, self.pixel_sides[name], Crop.from_row(crops[crop]))
+                self.undecodable_images += value is None
+            elif isinstance(value, list) or getattr(value, "ndim", 1) == 2:  # a cropped modality's crops
+                value = value[crop]
+            viewed[name] = value
+        return viewed
 
 
-def _image_rows(file: pq.ParquetFile) -> Iterator[tuple[str, bytes | None]]:
-    """``images/``'s rows as (key, JPEG bytes), None where the download failed."""
+def _crop_settings(shard: TokenShard, modalities: Sequence[str]) -> dict[str, Any] | None:
+    """The crop settings every cropped file of ``shard`` declares (``four_m.crops``), or
+    :class:`TokenStoreError` naming two modalities tokenized under different ones."""
+    declared = {}
+    for modality in modalities:
+        if modality in pixel_inputs():
+            continue
+        crops = (storage.read_schema(shard.files[modality]).metadata or {}).get(b"four_m.crops")
+        if crops is not None:
+            declared[modality] = json.loads(crops)
+    if len({json.dumps(d, sort_keys=True) for d in declared.values()}) > 1:
+        listed = "; ".join(f"{m}: {d}" for m, d in declared.items())
+        raise TokenStoreError(
+            f"shard {shard.name}: the cropped modalities were tokenized under different tokenize.crops ({listed}):"
+            " retokenize (make tokenize)"
+        )
+    return next(iter(declared.values()), None)
+
+
+def _image_rows(file: pq.ParquetFile) -> Iterator[tuple[str, bytes | None, None]]:
+    """``images/``'s rows as (key, JPEG bytes, no crops), None where the download failed."""
     for group in range(file.num_row_groups):
         table = file.read_row_group(group, columns=["key", "status", "jpg"])
         rows = zip(*(table.column(c).to_pylist() for c in ("key", "status", "jpg")), strict=True)
         for key, status, data in rows:
-            yield key, data if status == SUCCESS and data else None
+            yield key, data if status == SUCCESS and data else None, None
 
 
-def _file_rows(file: pq.ParquetFile, path: Path, modality: str) -> Iterator[tuple[str, np.ndarray | None]]:
+def _file_rows(file: pq.ParquetFile, path: Path, modality: str) -> Iterator[tuple[str, Any, np.ndarray | None]]:
+    """(key, ids, crops) per row: a cropped file's ids are one array per crop, with its crops."""
     vocab_size = int(_declared(file.schema_arrow, path)["vocab_size"])
+    cropped = file.schema_arrow.get_field_index(CROPS_COLUMN) >= 0
     first_row = 0
     for group in range(file.num_row_groups):
-        table = file.read_row_group(group, columns=["key", TOKENS])
+        table = file.read_row_group(group, columns=["key", TOKENS, *([CROPS_COLUMN] if cropped else [])])
         _check_ids(table, vocab_size, path, modality, first_row)
         first_row += table.num_rows
-        yield from zip(table.column("key").to_pylist(), _token_rows(table.column(TOKENS)), strict=True)
+        crops = _crop_rows(table.column(CROPS_COLUMN)) if cropped else [None] * table.num_rows
+        yield from zip(table.column("key").to_pylist(), _token_rows(table.column(TOKENS)), crops, strict=True)
+
+
+def _crop_rows(column: pa.ChunkedArray) -> list[np.ndarray]:
+    array = column.combine_chunks()
+    lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(pc.list_flatten(array)).to_numpy(zero_copy_only=False).reshape(-1, len(FIELDS))
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(array) else []
 
 
 def _check_ids(table: pa.Table, vocab_size: int, path: Path, modality: str, first_row: int) -> None:
@@ -228,10 +299,11 @@ def _check_ids(table: pa.Table, vocab_size: int, path: Path, modality: str, firs
     a forward pass that names no file. One vectorised max per row group; rows are searched only then.
     """
     tokens = table.column(TOKENS)
-    top = pc.max(pc.list_flatten(tokens)).as_py()
+    top = pc.max(_flat_ids(tokens)).as_py()
     if top is None or top < vocab_size:
         return
     for index, (key, ids) in enumerate(zip(table.column("key").to_pylist(), tokens.to_pylist(), strict=True)):
+        ids = [i for crop in ids or () for i in crop] if _nested(tokens.type) else ids
         bad = next((i for i in ids or () if i >= vocab_size), None)
         if bad is not None:
             raise TokenStoreError(
@@ -240,14 +312,33 @@ def _check_ids(table: pa.Table, vocab_size: int, path: Path, modality: str, firs
             )
 
 
-def _token_rows(column: pa.ChunkedArray) -> list[np.ndarray | None]:
-    """One uint16 array per row (views of one buffer), None for null rows; lists and fixed-size lists."""
-    array = column.combine_chunks()
+def _nested(tokens_type: pa.DataType) -> bool:
+    """Whether a ``tokens`` column holds a list of crops (each a list of ids) per row."""
+    return pa.types.is_list(tokens_type) and not pa.types.is_integer(tokens_type.value_type)
+
+
+def _flat_ids(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    flat = pc.list_flatten(column)
+    return pc.list_flatten(flat) if _nested(column.type) else flat
+
+
+def _token_rows(column: pa.ChunkedArray | pa.Array) -> list[Any]:
+    """One uint16 array per row (views of one buffer), None for null rows; lists and fixed-size
+    lists. A column of crops gives per row a (n_crops, n) array for maps (views too) and a list of
+    per-crop arrays for boxes, indexed by crop either way."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if len(array) == 0:
         return []
     lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(array).to_numpy(zero_copy_only=False)  # skips null rows' slots
-    pieces = np.split(flat, np.cumsum(lengths)[:-1])
+    inner = pc.list_flatten(array)  # skips null rows' slots
+    if not _nested(array.type):
+        flat = inner.to_numpy(zero_copy_only=False)
+    elif isinstance(inner.type, pa.FixedSizeListType):  # maps: every crop the same length
+        flat = pc.list_flatten(inner).to_numpy(zero_copy_only=False).reshape(-1, inner.type.list_size)
+    else:  # boxes: crops of their own lengths
+        flat = _token_rows(inner)
+    ends = np.cumsum(lengths)
+    pieces = [flat[end - n : end] for n, end in zip(lengths.tolist(), ends.tolist(), strict=True)]
     nulls = array.is_null().to_numpy(zero_copy_only=False)
     return [None if null else ids for null, ids in zip(nulls, pieces, strict=True)]
 
@@ -270,11 +361,13 @@ def store_vocabularies(root: str | Path, modalities: Sequence[str]) -> dict[str,
         for path in sorted(_shard_files(storage.location(root), modality).values()):
             schema = storage.read_schema(path)
             meta = _declared(schema, path)
+            tokens_type = schema.field(TOKENS).type
+            ids_type = tokens_type.value_type if _nested(tokens_type) else tokens_type
             vocabulary = {
                 "vocab_size": int(meta["vocab_size"]),
                 "max_tokens": int(meta["max_tokens"]),
                 "tokenizer": meta["tokenizer"],
-                "fixed_length": isinstance(schema.field(TOKENS).type, pa.FixedSizeListType),
+                "fixed_length": isinstance(ids_type, pa.FixedSizeListType),
             }
             if first is None:
                 first = vocabulary, path
@@ -318,6 +411,12 @@ def distributed_rank_world() -> tuple[int, int]:
 def key_index(key: str) -> int:
     """A stable 63-bit index of a sample key, for :meth:`Masker.sample_rng` (Python's ``hash`` is salted)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def draw_crop(seed: int, key: str, epoch: int, crops: int) -> int:
+    """Which of a sample's ``crops`` crops it shows in ``epoch`` (4M draws one per example): a function
+    of (seed, key, epoch) alone, like its masks, so any worker and a resumed run draw the same."""
+    return int(np.random.default_rng((seed, CROP_DRAW, key_index(key), epoch)).integers(crops))
 
 
 @dataclass(frozen=True)
@@ -420,7 +519,7 @@ class TokenStream(IterableDataset):
             if skip:  # fast-forward: the order is recomputed, the masks need not be
                 skip -= 1
                 continue
-            sample = self.shards.decode(sample)
+            sample = self.shards.view(sample, draw_crop(self.seed, key, epoch, len(sample[CROPS])))
             batch.append(self.masker(sample, self.masker.sample_rng(key_index(key), epoch)))
             if len(batch) == self.batch_size:
                 yield self.masker.collate(batch)

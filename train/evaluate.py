@@ -30,7 +30,7 @@ from four_m.core.dataset_root import DatasetRoot, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES, pixel_input_of
 from four_m.tokenize.base import Tokenizer
-from four_m.tokenize.sources import read_rows
+from four_m.tokenize.sources import read_whole_view
 from four_m.train.data import TokenShards
 from four_m.train.generate import Generator
 from four_m.train.held_out import HeldOutRow, Labels, held_out_rows
@@ -73,7 +73,7 @@ def run_eval(config: Config) -> EvalReport:
     rows = list(held_out_rows(config, run.modalities, needed=(shown,)))
     if not rows:
         raise UserError(f"no held-out row has {shown}: nothing to evaluate")
-    labels = Labels(config)
+    labels = Labels(config, run.tokenizers)
     generator = Generator(run.model)
     greedy = decoding(config.generate, temperature=0.0)
     columns: dict[str, dict[str, Any]] = {"baseline": {}, "model": {}, "tokenizer ceiling": {}}
@@ -81,7 +81,9 @@ def run_eval(config: Config) -> EvalReport:
         tokenizer = run.tokenizers[target]
         metrics = {column: METRICS[target]() for column in columns}
         baseline = BASELINES[target]()
-        baseline.fit(_scored(target, tokenizer, value) for value in _training_labels(config, run.modalities, target))
+        baseline.fit(
+            _scored(target, tokenizer, value) for value in _training_labels(config, run.modalities, tokenizer, target)
+        )
         fixed = baseline.predict()
         for batch in _batches(rows):
             predicted = generator.generate(
@@ -112,11 +114,13 @@ def _batches(rows: list[HeldOutRow]) -> Iterator[list[HeldOutRow]]:
         yield rows[start : start + BATCH]
 
 
-def _training_labels(config: Config, modalities: tuple[str, ...], target: str) -> Iterator[Any]:
+def _training_labels(config: Config, modalities: tuple[str, ...], tokenizer: Tokenizer, target: str) -> Iterator[Any]:
     """Pseudo-labels of ``target`` in the shards the run trained on (the baseline's only data)."""
     root = DatasetRoot(config.root)
     for shard in TokenShards(root.path, modalities, holdout=config.train.holdout_shards).shards:
-        yield from (v for v in read_rows(root, target, int(shard.name), config).values if v is not None)
+        yield from (
+            v for v in read_whole_view(root, target, int(shard.name), config, tokenizer).values if v is not None
+        )
 
 
 def _scored(modality: str, tokenizer: Tokenizer, label: Any) -> Any:

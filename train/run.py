@@ -51,11 +51,13 @@ class TrainSummary:
     losses: list[tuple[int, float]]
     """(step, logged train loss), over every launch of the run."""
     seconds: float
+    crops: int = 1
+    """Crops per sample in the token store: each example showed one of them."""
 
     def lines(self) -> list[str]:
         curve = f"loss {self.losses[0][1]:.3f} -> {self.losses[-1][1]:.3f}" if self.losses else "no loss logged yet"
         return [
-            f"train: {self.steps} steps, {curve}; {self.seconds:.1f} s",
+            f"train: {self.steps} steps on {self.crops} crop(s) per sample, {curve}; {self.seconds:.1f} s",
             f"train: wrote {self.run_dir / 'loss.png'} and {self.run_dir / 'model.safetensors'}",
         ]
 
@@ -143,7 +145,8 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
         plot_losses(losses, run_dir / "loss.png")
         mirror.push()
     mirror.release()
-    return TrainSummary(mirror.remote, trainer.global_step, losses, time.perf_counter() - started)
+    crops = data.shards.crops_per_sample if data.shards is not None else 1
+    return TrainSummary(mirror.remote, trainer.global_step, losses, time.perf_counter() - started, crops)
 
 
 def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelModality]:

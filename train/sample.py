@@ -20,12 +20,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from four_m.core.config import Config, GenerateConfig
+from four_m.core.crops import WHOLE
 from four_m.core.dataset_root import atomic_path
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES, map_modalities, of_kind, pixel_input_of, pixel_inputs
 from four_m.core.views import label_view
 from four_m.tokenize.maps import configured
 from four_m.tokenize.preview import HEADER, render_value, text_tile
+from four_m.tokenize.sources import crop_adapter
 from four_m.train.generate import Decoding, Generator, keep_share
 from four_m.train.held_out import Labels, held_out_rows
 from four_m.train.trained import TrainedRun, load_trained
@@ -65,7 +67,7 @@ def write_samples(config: Config, image: Path | None = None, caption: str | None
         partial=partial(config.generate, rows),
     )
     decoded = {t: run.tokenizers[t].decode(predicted[t]) for t in targets}
-    grid = draw_grid(config.label.size, given, targets, rows, decoded)
+    grid = draw_grid(rows.views[0].shape[0], given, targets, rows, decoded)
     out = run.directory / f"samples/{'+'.join(given)}-to-{'+'.join(targets)}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as temp:
@@ -142,7 +144,7 @@ def held_out_sample_rows(
     chosen = list(itertools.islice(held_out_rows(config, run.modalities, needed=needed), config.generate.samples))
     if not chosen:
         raise SampleInputError(f"no held-out row has tokens for all of {', '.join(needed)}")
-    labels = Labels(config)
+    labels = Labels(config, run.tokenizers)
     return SampleRows(
         given={m: [row.tokens[inputs[m]] for row in chosen] for m in given},
         shown={m: [labels.value(m, row) for row in chosen] for m in (*given, *targets)},
@@ -159,9 +161,12 @@ def user_rows(
     image_modality = of_kind("image")[0]
     if image is not None:
         try:
-            supplied[image_modality] = configured(image_modality, config.label.size, {}).parse(Path(image).read_bytes())
+            view = configured(image_modality, config.label.size, {}).parse(Path(image).read_bytes())
         except (OSError, ValueError) as err:
             raise SampleInputError(f"cannot use image {image}: {err}") from None
+        # Crop 0, the whole label view, as the run's image tokenizer takes it (or at tokenize.crops.size).
+        tokenizer = run.tokenizers.get(image_modality) or crop_adapter(image_modality, config, {})
+        supplied[image_modality] = tokenizer.crop(view, WHOLE)
     if caption is not None:
         supplied.update(dict.fromkeys(of_kind("text", given) or of_kind("text")[:1], caption))
     missing = sorted(set(given) - set(supplied))
@@ -183,7 +188,7 @@ def user_rows(
     return SampleRows(
         given={m: list(ids[m]) for m in given},
         shown={m: [supplied.get(m)] for m in given},
-        views=[view if view is not None else np.full((config.label.size,) * 2 + (3,), 128, np.uint8)],
+        views=[view if view is not None else np.full((config.tokenize.crops.size,) * 2 + (3,), 128, np.uint8)],
         stored={},
     )
 

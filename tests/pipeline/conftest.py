@@ -84,6 +84,7 @@ def small_config():
 
 TINY_TOKENIZERS = [
     "tokenize.train_samples=64",
+    "tokenize.crops.size=64",  # the 64 px label view's crops stay at 64 px (a 4 x 4 grid of 16 px)
     "tokenize.text.vocab_size=200",
     "tokenize.text.min_box_score=0.0",
     *(

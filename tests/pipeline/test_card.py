@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard
@@ -43,8 +44,8 @@ def carded(tmp_path_factory, tokenized):
 
 def test_previews_leave_out_an_image_that_does_not_decode(carded):
     config, _ = carded
-    size = config.label.size
-    for name in ("labels", "tokens"):  # shard 0: three photos and one undecodable "success" row
+    sizes = {"labels": config.label.size, "tokens": config.tokenize.crops.size}  # label view; crops' tiles
+    for name, size in sizes.items():  # shard 0: three photos and one undecodable "success" row
         assert Image.open(Path(config.root) / f"preview/{name}.png").height == 18 + 3 * size
 
 
@@ -128,7 +129,8 @@ def test_label_statistics_add_up_over_the_sampled_rows(carded):
         recorded = json.loads((Path(config.root) / f"tokenizers/{name}/trained.json").read_text())
         assert trained["metrics"] == recorded["metrics"], name
     tokens = pq.read_table(Path(config.root) / "tokens/depth", columns=["tokens"])["tokens"].drop_null()
-    used = len(np.unique(np.concatenate(tokens.to_numpy(zero_copy_only=False))))
+    used = len(np.unique(pc.list_flatten(pc.list_flatten(tokens))))  # every id of every crop
+    assert stats["tokens"]["depth"]["crops_per_row"] == config.tokenize.crops.n_crops
     assert stats["tokens"]["depth"]["ids_used"] == pytest.approx(
         used / stats["tokens"]["depth"]["vocab_size"], abs=1e-4
     )

@@ -119,10 +119,11 @@ def test_a_modality_from_a_users_package_runs_through_every_stage(site, labelled
     assert "RANDOM-INIT" not in line, "an algorithm's labels are real"
     _check_luminance_labels(root, keys)
 
-    assert "tokenizers/luminance: samples 8" in out["tokenizers"]
+    crops = sample_config.tokenize.crops.n_crops  # a plugin map is cropped like the built-in ones
+    assert f"tokenizers/luminance: samples {8 * crops}" in out["tokenizers"]
     assert "tokenize/luminance: rows in 10, rows out 8" in out["tokenize"]
     tokens = pq.read_table(root / "tokens/luminance/00000.parquet")["tokens"].to_pylist()
-    assert all(len(t) == 16 for t in tokens if t is not None)
+    assert all(len(t) == crops and all(len(c) == 16 for c in t) for t in tokens if t is not None)
 
     described = json.loads((root / "runs/plugin/model.json").read_text())
     assert [m["name"] for m in described["modalities"]] == ["rgb", "luminance", "caption"]

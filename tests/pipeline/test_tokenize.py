@@ -13,14 +13,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from four_m.core.config import load_config
+from four_m.core.crops import Crop
 from four_m.core.dataset_root import DatasetRoot, UpstreamChanged, sha256_file
 from four_m.core.label_codec import encode_png
 from four_m.core.modalities import MODALITIES, token_modalities
+from four_m.core.views import cut_crop
 from four_m.pipeline.tokenize import TokenizeStageError, run_tokenize
 from four_m.pipeline.tokenizers import TokenizerTrainingError, run_tokenizer_training
 from four_m.tokenize.base import TokenizerInputError
 from four_m.tokenize.registry import TRAINED, load_tokenizer
 from four_m.tokenize.shard import tokenize_shard
+from four_m.tokenize.sources import read_rows
+from four_m.tokenize.store import read_crops, read_token_rows
 
 
 def test_every_tokenizer_trains_and_records_its_metrics(tokenized):
@@ -71,13 +75,39 @@ def test_ids_lie_in_the_vocabulary_and_maps_have_the_grid(tokenized):
         table = pq.read_table(Path(config.root) / f"tokens/{modality}/00000.parquet")
         meta = table.schema.metadata
         vocab = int(meta[b"four_m.vocab_size"])
-        rows = [np.asarray(t) for t in table["tokens"].to_pylist() if t is not None]
+        stored = [t for t in table["tokens"].to_pylist() if t is not None]
+        if spec.cropped:  # maps and boxes: one id list per crop, as many as tokenize.crops asks
+            assert all(len(t) == config.tokenize.crops.n_crops for t in stored), modality
+            stored = [crop for t in stored for crop in t]
+        rows = [np.asarray(t) for t in stored]
         assert rows and all(r.max() < vocab for r in rows), modality
         if spec.layout == "map":
             assert all(len(r) == 16 for r in rows) and vocab == 32
         else:
             assert all(1 <= len(r) <= config.tokenize.text.max_tokens for r in rows)
         assert meta[b"four_m.tokenizer"].startswith(modality.encode())
+
+
+def test_a_flipped_crop_of_normals_is_tokenized_as_the_mirrored_geometry(tokenized):
+    config, _, _, _ = tokenized
+    root = DatasetRoot(config.root)
+    tokenizer = load_tokenizer(root, "normal")
+    values = read_rows(root, "normal", 0, config)
+    _, ids = read_token_rows(root / "tokens/normal/00000.parquet")
+    crops = read_crops(root / "tokens/normal/00000.parquet")
+    flipped = [
+        (r, c) for r, row in enumerate(crops) for c, crop in enumerate(row) if crop[4] and values.values[r] is not None
+    ]
+    assert flipped, "tokenize.crops in default.yaml draws flipped crops"
+    for row, index in flipped:
+        crop = Crop.from_row(crops[row][index])
+        unflipped = cut_crop(
+            values.values[row].transpose(1, 2, 0), replace(crop, flip=False), config.tokenize.crops.size
+        )
+        mirrored = unflipped[:, ::-1].transpose(2, 0, 1).copy()
+        mirrored[0] *= -1  # x points the other way in a mirror
+        (expected,) = tokenizer.encode([mirrored])
+        assert np.array_equal(ids[row][index], expected)
 
 
 def test_hugging_face_datasets_reads_the_token_store(tokenized, tmp_path):
@@ -87,7 +117,10 @@ def test_hugging_face_datasets_reads_the_token_store(tokenized, tmp_path):
     files = sorted(str(p) for p in (Path(config.root) / "tokens/depth").glob("*.parquet"))
     dataset = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path))
     assert dataset["key"] == [k for shard in keys for k in shard]
-    assert dataset.features["tokens"].length == 16
+    # a list of crops, each a fixed-length list of 16 ids; the crops beside them
+    assert dataset.features["tokens"].feature.length == 16 and dataset.features["crops"].feature.length == 5
+    row = next(r for r in dataset if r["tokens"] is not None)
+    assert len(row["tokens"]) == len(row["crops"]) == config.tokenize.crops.n_crops
 
 
 def test_a_rerun_skips_finished_shards_and_a_new_tokenizer_makes_tokens_stale(tokenized, tiny_tokenizers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -13,14 +14,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from four_m.core.config import CropConfig
+from four_m.core.crops import WHOLE, crops_array, draw_crops
 from four_m.tokenize.store import token_schema, token_table, write_tokens
 from four_m.train.batch import MaskedBatch
 from four_m.train.data import (
+    CROPS,
     TokenDataModule,
     TokenShards,
     TokenStoreError,
     TokenStream,
     check_store,
+    draw_crop,
     store_vocabularies,
 )
 from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
@@ -47,15 +52,28 @@ def _ids(rng: np.random.Generator, info: ModalityInfo) -> np.ndarray:
     return np.array([*words, info.eos_id], np.uint16)
 
 
-def write_store(root: Path, shard_rows=SHARD_ROWS, infos=INFOS) -> dict[str, dict[str, np.ndarray | None]]:
-    """Token files for every modality and shard; returns key -> the sample written."""
+CROPPED = ("rgb", "depth", "det")
+"""Stored per crop, as the tokenize stage stores maps and boxes; captions once."""
+CROP_SETTINGS = CropConfig(n_crops=3)
+
+
+def write_store(root: Path, shard_rows=SHARD_ROWS, infos=INFOS, crops: bool = True) -> dict[str, dict[str, Any]]:
+    """Token files for every modality and shard (``CROPPED`` ones per crop, unless not ``crops``);
+    returns key -> the sample written (a cropped modality: one id array per crop; ``CROPS``: the crops)."""
     rng = np.random.default_rng(0)
-    written: dict[str, dict[str, np.ndarray | None]] = {}
+    written: dict[str, dict[str, Any]] = {}
     for shard, rows in enumerate(shard_rows):
         keys = [f"{shard:05d}_{i:04d}" for i in range(rows)]
+        drawn = [crops_array(draw_crops(k, CROP_SETTINGS)) for k in keys]
+        for key, row_crops in zip(keys, drawn, strict=True):
+            written.setdefault(key, {})[CROPS] = row_crops if crops else crops_array((WHOLE,))
         for info in infos:
             absent = [k == EMPTY_KEY or (info.name == "rgb" and k in NULL_RGB) for k in keys]
-            ids = [None if gone else _ids(rng, info) for gone in absent]
+            cropped = crops and info.name in CROPPED
+            n = CROP_SETTINGS.n_crops
+            ids = [
+                None if gone else [_ids(rng, info) for _ in range(n)] if cropped else _ids(rng, info) for gone in absent
+            ]
             for key, row in zip(keys, ids, strict=True):
                 written.setdefault(key, {})[info.name] = row
             meta = {
@@ -64,10 +82,10 @@ def write_store(root: Path, shard_rows=SHARD_ROWS, infos=INFOS) -> dict[str, dic
                 "max_tokens": str(info.num_tokens),
                 "tokenizer": f"{info.name}-abc123",
             }
-            schema = token_schema(GRID if info.kind == "map" else None, meta)
+            schema = token_schema(GRID if info.kind == "map" else None, meta, cropped=cropped)
             errors = [None if i is not None else "absent: failed" for i in ids]
             path = root / f"tokens/{info.name}/{shard:05d}.parquet"
-            write_tokens(path, token_table(keys, ids, errors, schema), ROW_GROUP)
+            write_tokens(path, token_table(keys, ids, errors, schema, drawn if cropped else None), ROW_GROUP)
     return written
 
 
@@ -108,11 +126,47 @@ def test_shards_zip_modalities_by_key_and_skip_rows_with_nothing(store):
     assert [key for key, _ in read] == [k for k in sorted(written) if k != EMPTY_KEY]
     assert shards.empty_rows == 1
     for key, sample in read:
-        assert sample.keys() == set(NAMES)
+        assert sample.keys() == {*NAMES, CROPS}
+        assert np.array_equal(sample[CROPS], written[key][CROPS])
         for name in NAMES:
             want = written[key][name]
-            assert (sample[name] is None) if want is None else np.array_equal(sample[name], want)
+            if want is None or name not in CROPPED:
+                assert (sample[name] is None) if want is None else np.array_equal(sample[name], want)
+            else:
+                assert len(sample[name]) == len(want) and all(map(np.array_equal, sample[name], want))
     assert all(read_sample["rgb"] is None for key, read_sample in read if key in NULL_RGB)
+
+
+def test_each_example_shows_one_stored_crop_drawn_from_seed_key_and_epoch(store):
+    root, written = store
+    shards = TokenShards(root, NAMES)
+    draws = {}
+    for key, sample in (row for shard in shards.shards for row in shards.read(shard)):
+        for epoch in range(4):
+            crop = draw_crop(7, key, epoch, len(sample[CROPS]))
+            assert crop == draw_crop(7, key, epoch, 3)  # seed, key and epoch alone: any worker, any resume
+            draws[key, epoch] = crop
+            shown = shards.view(sample, crop)
+            for name in CROPPED:  # every cropped modality shows the same crop
+                want = written[key][name]
+                assert (shown[name] is None) if want is None else np.array_equal(shown[name], want[crop])
+            assert np.array_equal(shown["caption"], written[key]["caption"])  # captions: one for every crop
+    assert set(draws.values()) == {0, 1, 2}  # 4M: one crop per example, any of them
+    assert any(draw_crop(8, k, e, 3) != c for (k, e), c in draws.items())  # another seed, other draws
+
+
+def test_cropped_modalities_tokenized_under_other_crops_are_refused(tmp_path):
+    write_store(tmp_path, shard_rows=(4,))
+    other = tmp_path / "other"
+    write_store(other, shard_rows=(4,))
+    table = pq.read_table(other / "tokens/depth/00000.parquet")
+    shifted = [np.asarray(c, np.float32).reshape(-1, 5) * 0.5 for c in table.column("crops").to_pylist()]
+    ids = [None if r is None else [np.asarray(c, np.uint16) for c in r] for r in table.column("tokens").to_pylist()]
+    path = tmp_path / "tokens/depth/00000.parquet"
+    write_tokens(path, token_table(table["key"].to_pylist(), ids, table["error"].to_pylist(), table.schema, shifted), 3)
+    shards = TokenShards(tmp_path, NAMES)
+    with pytest.raises(TokenStoreError, match="hold different crops .* retokenize"):
+        list(shards.read(shards.shards[0]))
 
 
 def test_holdout_sets_the_last_shards_aside_and_keeps_one_for_training(store):
@@ -227,12 +281,16 @@ def test_dataloader_with_two_workers_matches_the_stream_and_resumes(store):
 
 
 def plant_id(path: Path, row: int, position: int, token: int) -> str:
-    """Rewrite a token file with one id replaced (same schema and metadata); returns that row's key."""
+    """Rewrite a token file with one id replaced (same schema and metadata; in a cropped file, in the
+    row's last crop); returns that row's key."""
     table = pq.read_table(path)
-    ids = [None if r is None else np.array(r, np.uint16) for r in table.column("tokens").to_pylist()]
-    ids[row][position] = token
+    cropped = "crops" in table.column_names
+    as_ids = (lambda r: [np.array(c, np.uint16) for c in r]) if cropped else (lambda r: np.array(r, np.uint16))
+    ids = [None if r is None else as_ids(r) for r in table.column("tokens").to_pylist()]
+    (ids[row][-1] if cropped else ids[row])[position] = token
+    crops = [np.asarray(c, np.float32).reshape(-1, 5) for c in table.column("crops").to_pylist()] if cropped else None
     keys = table.column("key").to_pylist()
-    write_tokens(path, token_table(keys, ids, table.column("error").to_pylist(), table.schema), ROW_GROUP)
+    write_tokens(path, token_table(keys, ids, table.column("error").to_pylist(), table.schema, crops), ROW_GROUP)
     return keys[row]
 
 

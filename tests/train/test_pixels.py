@@ -251,7 +251,7 @@ def _write_root(root: Path) -> dict[str, bytes | None]:
 def test_pixels_are_read_from_images_as_the_label_view_beside_the_tokens(tmp_path):
     jpgs = _write_root(tmp_path)
     shards = TokenShards(tmp_path, ["depth", "rgb_pixels"])
-    rows = [(key, shards.decode(s)) for key, s in shards.read(shards.shards[0])]
+    rows = [(key, shards.view(s, 0)) for key, s in shards.read(shards.shards[0])]
     assert [key for key, _ in rows] == list(jpgs)
     pixels = {key: s["rgb_pixels"] for key, s in rows}
     assert np.array_equal(pixels["00000_0000"], label_view(jpgs["00000_0000"], 224))
