@@ -24,6 +24,7 @@ import ray
 from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
+from four_m.core.crops import smallest_side
 from four_m.core.dataset_root import DatasetRoot, FileDigest, shard_name
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
@@ -106,6 +107,7 @@ def _tokenize_root(root: DatasetRoot, config: Config, progress: bool) -> Tokeniz
         summary=TokenizeSummary(modalities={m: StageSummary(stage=f"{STAGE}/{m}") for m in modalities}),
     )
     run.check_not_stale(sorted(images), TokenizeStageError, "tokenizer or tokenize config")
+    _log_crop_resolution(config)
     run.begin()
     pending: dict[int, list[str]] = {}
     for m in modalities:
@@ -129,6 +131,21 @@ def _tokenize_root(root: DatasetRoot, config: Config, progress: bool) -> Tokeniz
         stage_summary.seconds = run.summary.seconds
     run.write_summary(_summary_dict(run.summary))
     return run.summary
+
+
+def _log_crop_resolution(config: Config) -> None:
+    """Say when 4M's smallest crops are enlarged to the tokenizers' input (docs/crops.md)."""
+    crops = config.tokenize.crops
+    smallest = smallest_side(crops, config.label.size)
+    if crops.n_crops > 1 and smallest < crops.size:
+        log.info(
+            "tokenize: the smallest crop keeps %d px of the %d px label view and is enlarged to %d px;"
+            " a label.size of %d would keep them all at full resolution",
+            smallest,
+            config.label.size,
+            crops.size,
+            math.ceil(crops.size * config.label.size / max(smallest, 1)),
+        )
 
 
 def tokens_hash(config: Config, modality: str, tokenizer: str) -> str:
