@@ -130,7 +130,7 @@ def test_label_statistics_add_up_over_the_sampled_rows(carded):
         assert trained["metrics"] == recorded["metrics"], name
     tokens = pq.read_table(Path(config.root) / "tokens/depth", columns=["tokens"])["tokens"].drop_null()
     used = len(np.unique(pc.list_flatten(pc.list_flatten(tokens))))  # every id of every crop
-    assert stats["tokens"]["depth"]["crops_per_row"] == config.tokenize.crops.n_crops
+    assert stats["tokens"]["depth"]["crops_per_row"] == len(pc.list_flatten(tokens)) / len(tokens)  # every row
     assert stats["tokens"]["depth"]["ids_used"] == pytest.approx(
         used / stats["tokens"]["depth"]["vocab_size"], abs=1e-4
     )
