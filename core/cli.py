@@ -90,6 +90,13 @@ def _train(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(config: Config, args: argparse.Namespace) -> int:
+    from four_m.train.run import run_finetune
+
+    print("\n".join(run_finetune(config).lines()))
+    return 0
+
+
 def _sample(config: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -271,6 +278,7 @@ VERBS: dict[str, Verb] = {
         _preview_tokens, "<root>/preview/tokens.png: each modality as labelled and decoded from its tokens", (_samples,)
     ),
     "train": Verb(_train, "train a 4M model on tokens/ -> runs/<run>/"),
+    "finetune": Verb(_finetune, "train runs/<train.run>/ from runs/<finetune.from_run>/'s weights (FROM_RUN=)"),
     "sample": Verb(_sample, "runs/<run>/samples/*.png: predictions from held-out rows or your input", (_user_input,)),
     "eval": Verb(_eval, "runs/<run>/eval/metrics.md: rgb -> each modality on the held-out shards"),
     "card": Verb(_card, "<root>/README.md: the Hugging Face dataset card of the root"),

@@ -567,6 +567,35 @@ class CardConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """``make finetune``: ``train.run`` starts from another run's weights (4M's fine-tunes; 4M-21
+    starts from 4M-7), then trains as ``make train`` does with this config's ``train`` section."""
+
+    from_run: str | None = None
+    """The run to start from: ``runs/<from_run>/`` of this root (``make finetune FROM_RUN=...``)."""
+    freeze_encoder_steps: int = 0
+    """Steps during which the encoder (blocks and norm) does not train: new embeddings settle first."""
+    new_learning_rate: float | None = None
+    """Peak learning rate of the parameters the source run did not have (new modalities' tables,
+    heads and patch embeddings); None: ``train.learning_rate``, as the others."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on ``lora_targets`` instead of training every weight (0: off); the
+    run's ``model.safetensors`` holds the merged weights."""
+    lora_alpha: float = 16.0
+    """LoRA's scale is ``lora_alpha / lora_rank``."""
+    lora_targets: tuple[str, ...] = ("query", "key_value", "out", "gate_up", "down")
+    """Attention and MLP projections to adapt (``train.lora.TARGETS``)."""
+
+    def __post_init__(self) -> None:
+        if self.from_run is not None:
+            _check_folder_name(self.from_run, "finetune.from_run")
+        check(self.freeze_encoder_steps >= 0, "finetune.freeze_encoder_steps", "must be >= 0")
+        check(self.new_learning_rate is None or self.new_learning_rate > 0, "finetune.new_learning_rate", "> 0")
+        check(self.lora_rank >= 0, "finetune.lora_rank", "must be >= 0 (0: no LoRA)")
+        check(self.lora_alpha > 0, "finetune.lora_alpha", "must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     root: str = "data/default"
     """The dataset root: every stage reads and writes under it."""
@@ -579,6 +608,7 @@ class Config:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     card: CardConfig = field(default_factory=CardConfig)
 
     def section_hash(self, section: str) -> str:

@@ -33,6 +33,10 @@ class FourMTraining(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = FourM(ModelConfig(**model), [ModelModality(**m) for m in modalities])
+        self.new_parameters: frozenset[str] = frozenset()
+        """Names (as ``named_parameters`` gives them) of parameters a fine-tune adds; with ``new_learning_rate`` set,
+        they train at that peak rate, the others at ``learning_rate``."""
+        self.new_learning_rate: float | None = None
 
     @classmethod
     def create(cls, config: ModelConfig, modalities: list[ModelModality], **optimisation) -> FourMTraining:
@@ -47,10 +51,21 @@ class FourMTraining(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for p in self.parameters() if p.ndim >= 2]  # matrices and embedding tables; not norm scales
-        rest = [p for p in self.parameters() if p.ndim < 2]
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:  # LoRA freezes the pretrained weights
+                # Decay on matrices and embedding tables, not on norm scales and biases.
+                groups.setdefault((parameter.ndim >= 2, name in self.new_parameters), []).append(parameter)
+        new_rate = self.new_learning_rate or hp.learning_rate
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            [
+                {
+                    "params": ps,
+                    "weight_decay": hp.weight_decay if decay else 0.0,
+                    "lr": new_rate if new else hp.learning_rate,
+                }
+                for (decay, new), ps in sorted(groups.items())
+            ],
             lr=hp.learning_rate,
             betas=(0.9, 0.95),
             # One fused kernel over all parameters: on a CPU about 6x faster than the per-tensor loop

@@ -33,6 +33,7 @@ from four_m.core.storage import RootPath
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
 from four_m.train.data import TokenDataModule, store_vocabularies
+from four_m.train.finetune import FinetuneStart
 from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
 from four_m.train.model import FourM, ModelConfig, ModelModality, check_weight_names
 from four_m.train.module import FourMTraining
@@ -53,19 +54,28 @@ class TrainSummary:
     seconds: float
     crops: int = 1
     """Crops per sample in the token store: each example showed one of them."""
+    notes: tuple[str, ...] = ()
+    """How the model started, for a fine-tune (``FinetuneStart.notes``)."""
 
     def lines(self) -> list[str]:
         curve = f"loss {self.losses[0][1]:.3f} -> {self.losses[-1][1]:.3f}" if self.losses else "no loss logged yet"
         return [
+            *self.notes,
             f"train: {self.steps} steps on {self.crops} crop(s) per sample, {curve}; {self.seconds:.1f} s",
             f"train: wrote {self.run_dir / 'loss.png'} and {self.run_dir / 'model.safetensors'}",
         ]
 
 
-def run_train(config: Config) -> TrainSummary:
+def run_train(config: Config, start: FinetuneStart | None = None) -> TrainSummary:
+    """Train ``train.run``; ``start`` (``make finetune``) starts it from another run's weights."""
     root = DatasetRoot(config.root)
     with _run_lock(root, config.train.run):
-        return _train(root, config)
+        return _train(root, config, start)
+
+
+def run_finetune(config: Config) -> TrainSummary:
+    """``make finetune``: ``train.run`` from ``finetune.from_run``'s weights (``train.finetune``)."""
+    return run_train(config, FinetuneStart(config))
 
 
 def _run_lock(root: DatasetRoot, run: str) -> AbstractContextManager:
@@ -76,7 +86,7 @@ def _run_lock(root: DatasetRoot, run: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def _train(root: DatasetRoot, config: Config) -> TrainSummary:
+def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> TrainSummary:
     started = time.perf_counter()
     cfg = config.train
     modalities = model_modalities(root, cfg.modalities)
@@ -107,6 +117,7 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
         max_steps=cfg.max_steps,
         weight_decay=cfg.weight_decay,
     )
+    callbacks = start.prepare(module, resuming=resume.is_file()) if start else []
     trainer = L.Trainer(
         max_steps=cfg.max_steps,
         accelerator=cfg.accelerator,
@@ -120,7 +131,8 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
         callbacks=[
             ModelCheckpoint(
                 dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True
-            )
+            ),
+            *callbacks,
         ],
         plugins=[AtomicCheckpointIO(after_save=mirror.push)],
         log_every_n_steps=cfg.log_every_n_steps,
@@ -134,19 +146,22 @@ def _train(root: DatasetRoot, config: Config) -> TrainSummary:
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
     losses = read_losses(run_dir / LOGS)
     if trainer.is_global_zero:  # one writer: every DDP rank returns here
+        origin = start.finished(module.model) if start else {}
         with atomic_path(run_dir / "model.safetensors") as temp:
             save_model(module.model, str(temp))
         described = {
             "model": asdict(module.model.config),
             "modalities": [asdict(m) for m in modalities],
             "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities if m.kind != "pixels"},
+            **origin,
         }
         write_text_atomic(run_dir / DESCRIPTION, json.dumps(described, indent=1))
         plot_losses(losses, run_dir / "loss.png")
         mirror.push()
     mirror.release()
     crops = data.shards.crops_per_sample if data.shards is not None else 1
-    return TrainSummary(mirror.remote, trainer.global_step, losses, time.perf_counter() - started, crops)
+    notes = tuple(start.notes) if start else ()
+    return TrainSummary(mirror.remote, trainer.global_step, losses, time.perf_counter() - started, crops, notes)
 
 
 def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelModality]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,12 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from four_m.core.config import load_config
+from four_m.core.errors import UserError
 from four_m.core.modalities import token_modalities
 from four_m.core.runs import read_losses
 from four_m.train.data import TokenStoreError
-from four_m.train.run import TrainingMismatchError, run_train
+from four_m.train.run import TrainingMismatchError, run_finetune, run_train
+from four_m.train.trained import load_trained
 
 NANO = [
     "train.model=nano",
@@ -110,3 +114,35 @@ def test_two_process_ddp_on_cpu_finishes_with_equal_steps(root, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "train: 4 steps on " in run.stdout
     assert (root / "runs/ddp/checkpoints/last.ckpt").is_file()
+
+
+def test_a_finetune_starts_from_a_run_adds_a_modality_trains_lora_and_saves_merged_weights(root):
+    source = run_train(_config(root, "train.max_steps=3", "train.run=source", "train.modalities=[rgb,depth,caption]"))
+    assert source.steps == 3
+    options = ["train.max_steps=4", "train.run=tuned", "train.modalities=[rgb,depth,caption,canny_edge]"]
+    options += ["finetune.from_run=source", "finetune.lora_rank=2", "finetune.freeze_encoder_steps=2"]
+    summary = run_finetune(_config(root, *options, "finetune.new_learning_rate=0.01"))
+    lines = "\n".join(summary.lines())
+    assert (
+        "modalities kept ['rgb', 'depth', 'caption']" in lines and "new (freshly initialised) ['canny_edge']" in lines
+    )
+    assert "LoRA rank 2" in lines and "encoder frozen for the first 2 steps" in lines and summary.steps == 4
+    described = json.loads((root / "runs/tuned/model.json").read_text())
+    assert described["finetuned_from"] == "source"
+    tuned = load_trained(_config(root, "train.run=tuned")).model  # merged: it loads as any run's weights
+    before = load_trained(_config(root, "train.run=source")).model
+    assert set(tuned.state_dict()) - set(before.state_dict()) == {
+        "token_embeddings.canny_edge.weight",
+        "heads.canny_edge.weight",
+    }
+    query = "decoder.0.self_attention.query.weight"
+    assert not torch.equal(tuned.state_dict()[query], before.state_dict()[query])  # LoRA's update, merged in
+    norm = "encoder_norm.weight"
+    assert torch.equal(tuned.state_dict()[norm], before.state_dict()[norm])  # LoRA leaves other weights alone
+
+
+def test_a_finetune_from_a_missing_run_or_onto_itself_stops_in_one_line(root):
+    with pytest.raises(UserError, match="no finished run in .*runs/nowhere"):
+        run_finetune(_config(root, "finetune.from_run=nowhere", "train.run=tuned"))
+    with pytest.raises(UserError, match="name a new run"):
+        run_finetune(_config(root, "finetune.from_run=tiny", "train.run=tiny"))
