@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from four_m.core.crops import Crop
+from four_m.core.crops import WHOLE, Crop
 
 
 def centre_square(image: np.ndarray) -> np.ndarray:
@@ -43,9 +43,7 @@ def label_view(data: bytes | None, size: int, crop: Crop | None = None) -> np.nd
         square = centre_square(decode_rgb(data)) if data else None
     except ValueError:
         return None
-    if square is None:
-        return None
-    return resize_square(square, size) if crop is None else cut_crop(square, crop, size)
+    return cut_crop(square, crop or WHOLE, size) if square is not None else None
 
 
 MAX_CHANNELS = 512

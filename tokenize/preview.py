@@ -40,7 +40,7 @@ def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Pat
     root = DatasetRoot(config.root)
     size = config.tokenize.crops.size
     modalities = _tokenized(root, config, shard)
-    views = _views(root, shard, size)
+    views = _views(_images(root, shard), size)
     chosen = list(views)[:samples]
     columns = [f"{m} {kind}" for m in modalities for kind in ("original", "from tokens")]
     grid, _ = _canvas(columns, len(chosen), size)
@@ -69,10 +69,10 @@ def write_crop_preview(config: Config, shard: int = 0) -> Path:
     cropped = [m for m in modalities if MODALITIES[m].cropped]
     if not cropped:
         raise FileNotFoundError(f"no cropped modality (a map, boxes) is tokenized in shard {shard}")
-    index = next(iter(_views(root, shard, size)))
+    images = _images(root, shard)
+    index = next(iter(_views(images, size)))
     crops = [Crop.from_row(r) for r in read_crops(token_file(root, cropped[0], shard))[index]]
-    image = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg"])["jpg"][index].as_py()
-    views = [label_view(image, size, crop) for crop in crops]
+    views = [label_view(images[index]["jpg"], size, crop) for crop in crops]
     columns = [f"crop {i}{' (flipped)' if c.flip else ''}" for i, c in enumerate(crops)]
     grid, draw = _canvas(columns, 1 + len(modalities), size)
     for column, view in enumerate(views):
@@ -97,9 +97,12 @@ def _tokenized(root: DatasetRoot, config: Config, shard: int) -> list[str]:
     return [m for m in MODALITIES if m in config.tokenize.modalities and token_file(root, m, shard).is_file()]
 
 
-def _views(root: DatasetRoot, shard: int, size: int) -> dict[int, np.ndarray]:
-    """Row index -> its crop-0 view, for the rows of the shard whose image downloaded and decodes."""
-    images = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg", "status"]).to_pylist()
+def _images(root: DatasetRoot, shard: int) -> list[dict]:
+    return storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["jpg", "status"]).to_pylist()
+
+
+def _views(images: list[dict], size: int) -> dict[int, np.ndarray]:
+    """Row index -> its crop-0 view, for the rows whose image downloaded and decodes."""
     views = {i: label_view(row["jpg"], size) for i, row in enumerate(images) if row["status"] == SUCCESS}
     return {i: view for i, view in views.items() if view is not None}
 

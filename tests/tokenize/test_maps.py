@@ -10,7 +10,7 @@ import torch
 
 from four_m.core.errors import UserError
 from four_m.core.label_codec import encode_png
-from four_m.core.modalities import map_modalities
+from four_m.core.modalities import MODALITIES, map_modalities, of_kind
 from four_m.core.views import centre_square, resize_square
 from four_m.tokenize.base import TokenizerInputError
 from four_m.tokenize.maps import ADAPTERS, configured
@@ -18,16 +18,18 @@ from four_m.tokenize.maps import ADAPTERS, configured
 SIZE = 16
 CLASSES = 5
 GRID, DIM = 4, 8
-FEATURE_MAPS = ("clip", "dinov2")
-EDGE_MAPS = ("canny_edge", "sam_edge")
-PARAMS = {
-    **dict.fromkeys(EDGE_MAPS, {}),
-    "rgb": {},
-    "depth": {},
-    "normal": {},
-    "semseg": {"classes": CLASSES},
-    **dict.fromkeys(FEATURE_MAPS, {"dim": DIM}),
-}
+FEATURE_MAPS = of_kind("feature_map")
+EDGE_MAPS = of_kind("edge_map")
+
+
+def adapter_params(classes: int, dim: int) -> dict[str, dict]:
+    """Per map modality, the settings its test adapter is built with: a class map's class count, a
+    feature map's width; nothing for the others."""
+    settings = {"class_map": {"classes": classes}, "feature_map": {"dim": dim}}
+    return {m: settings.get(MODALITIES[m].kind, {}) for m in map_modalities()}
+
+
+PARAMS = adapter_params(CLASSES, DIM)
 SIDES = {**dict.fromkeys(PARAMS, SIZE), **dict.fromkeys(FEATURE_MAPS, GRID)}
 UPSTREAM = "labeler failed: out of memory"
 

@@ -14,6 +14,7 @@ from four_m.core.modalities import map_modalities
 from four_m.tokenize.base import TOKEN_DTYPE, TokenizerInputError
 from four_m.tokenize.vq import VQTokenizer
 from four_m.tokenize.vq_training import LOG_DIR, evaluate, train_vq
+from tests.tokenize.test_maps import EDGE_MAPS, FEATURE_MAPS, adapter_params
 
 SIZE, GRID = 32, 4
 CLASSES, DIM = 5, 16
@@ -28,16 +29,7 @@ CFG = VQConfig(
     ema_decay=0.9,
     dead_after=10,
 )
-FEATURE_MAPS = ("clip", "dinov2")
-EDGE_MAPS = ("canny_edge", "sam_edge")
-PARAMS = {
-    "rgb": {},
-    "depth": {},
-    "normal": {},
-    "semseg": {"classes": CLASSES},
-    **dict.fromkeys(FEATURE_MAPS, {"dim": DIM}),
-    **dict.fromkeys(EDGE_MAPS, {}),
-}
+PARAMS = adapter_params(CLASSES, DIM)
 SIDES = {**dict.fromkeys(PARAMS, SIZE), **dict.fromkeys(FEATURE_MAPS, GRID)}  # features sit on the token grid
 
 
