@@ -5,7 +5,9 @@
 # `make download RETRY_FAILED=1` re-fetches only the failed urls of finished shards;
 # `make preview SAMPLES=4` (and preview-tokens) sets the rows of the grid;
 # `make models OMNIDATA=omnidata_dpt_normal_v2.ckpt` converts Omnidata's normal model into label.normal.model;
-# `make finetune FROM_RUN=tiny SET="train.run=tuned"` trains a new run starting from run `tiny`'s weights;
+# `make finetune [FROM_RUN=tiny]` trains the config's fine-tune recipe (finetune.train: a new run, e.g. a task
+# rgb_pixels -> canny_edge) starting from run `tiny`'s weights; `make eval SET=train.run=<it>` scores it;
+# `make probe` trains a dense head on train.run's encoder (an RGB backbone) and scores it on the held-out shards;
 # `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"] [KEEP=depth:0.5]` generates with the
 # trained run (KEEP: in-paint, half of depth's stored tokens given)
 # (`make demo` takes FROM= and TO= too: it runs sample).
@@ -49,7 +51,7 @@ finetune_ARGS       = $(if $(FROM_RUN),--set finetune.from_run=$(FROM_RUN))
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
-.PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train finetune sample eval \
+.PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train finetune probe sample eval \
         card preview preview-tokens models bad-input bench lint clean
 
 install: $(STAMP)
@@ -82,7 +84,7 @@ crash-test: $(STAMP)
 cluster-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/pipeline/test_cluster.py
 
-sample-urls download label tokenizers tokenize train finetune sample eval card preview preview-tokens models bad-input: $(STAMP)
+sample-urls download label tokenizers tokenize train finetune probe sample eval card preview preview-tokens models bad-input: $(STAMP)
 	$(CLI) $@ $(ARGS) $($@_ARGS)
 
 # The production config's architectures at full size with random weights, on this CPU (docs/cc12m.md).

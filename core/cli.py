@@ -97,6 +97,13 @@ def _finetune(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(config: Config, args: argparse.Namespace) -> int:
+    from four_m.train.probe import run_probe
+
+    print("\n".join(run_probe(config).lines()))
+    return 0
+
+
 def _sample(config: Config, args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -183,14 +190,28 @@ def _dryrun(config: Config, args: argparse.Namespace) -> int:
 
 DRY_RUN = ("download", "label", "tokenizers", "tokenize", "train")
 """The verbs ``dryrun`` runs on the dry-run config before measuring."""
-DEMO = ("download", "label", "preview", "tokenizers", "tokenize", "preview-tokens", "train", "sample", "eval", "card")
-"""The verbs ``demo`` runs, in this order: every stage of the pipeline."""
+
+
+def _unchanged(config: Config) -> Config:
+    return config
+
+
+PIPELINE = ("download", "label", "preview", "tokenizers", "tokenize", "preview-tokens", "train", "sample", "eval")
+DEMO: tuple[tuple[str, Callable[[Config], Config]], ...] = (
+    *((verb, _unchanged) for verb in PIPELINE),
+    ("finetune", _unchanged),
+    ("eval", Config.finetuned),  # the fine-tuned run, on its task
+    ("probe", _unchanged),
+    ("card", _unchanged),
+)
+"""The verbs ``demo`` runs, in this order, each with the config it reads: every stage of the
+pipeline, then the fine-tune of the trained run (``finetune``), scored, and its encoder probed."""
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:
     """Every stage in turn, each with its own options at their defaults; a failing stage does not
     stop the later ones (each reports itself), the exit status is the worst of them."""
-    return max(VERBS[verb].run(config, _with_defaults(verb, args)) for verb in DEMO)
+    return max(VERBS[verb].run(view(config), _with_defaults(verb, args)) for verb, view in DEMO)
 
 
 def _with_defaults(verb: str, args: argparse.Namespace) -> argparse.Namespace:
@@ -280,13 +301,14 @@ VERBS: dict[str, Verb] = {
     "train": Verb(_train, "train a 4M model on tokens/ -> runs/<run>/"),
     "finetune": Verb(_finetune, "train runs/<train.run>/ from runs/<finetune.from_run>/'s weights (FROM_RUN=)"),
     "sample": Verb(_sample, "runs/<run>/samples/*.png: predictions from held-out rows or your input", (_user_input,)),
-    "eval": Verb(_eval, "runs/<run>/eval/metrics.md: rgb -> each modality on the held-out shards"),
+    "eval": Verb(_eval, "runs/<run>/eval/metrics.md: rgb -> each modality (or the run's task) on the held-out shards"),
+    "probe": Verb(_probe, "runs/<run>/probe/<target>.md: the run's encoder as a backbone, a dense head on a label"),
     "card": Verb(_card, "<root>/README.md: the Hugging Face dataset card of the root"),
     "models": Verb(
         _models, "fetch the configured labelers' production weights (--omnidata: convert normals)", (_omnidata,), False
     ),
     "bad-input": Verb(_bad_input, "the bad-input corpus through every stage in <root>/_bad_input/, audited"),
-    "demo": Verb(_demo, f"every stage in order: {', '.join(DEMO)}"),
+    "demo": Verb(_demo, f"every stage in order: {', '.join(verb for verb, _ in DEMO)}"),
     "dryrun": Verb(
         _dryrun,
         "the config's production architectures at full size, random weights, on this CPU, with a cost table",

@@ -20,7 +20,14 @@ from typing import Any
 import yaml
 
 from four_m.core.errors import UserError
-from four_m.core.modalities import MODALITIES, input_modalities, labelled_modalities, token_modalities
+from four_m.core.modalities import (
+    MODALITIES,
+    input_modalities,
+    labelled_modalities,
+    map_modalities,
+    of_kind,
+    token_modalities,
+)
 from four_m.core.precision import PRECISIONS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -384,6 +391,28 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """A fixed task (4M's task fine-tunes, e.g. rgb -> semseg): every example shows its ``inputs``
+    whole and asks its ``targets`` whole. Empty: 4M's any-to-any masking over every modality."""
+
+    inputs: tuple[str, ...] = ()
+    """Modalities shown, e.g. ``[rgb_pixels]`` or ``[caption]`` (sequences with keep scheme ``all``)."""
+    targets: tuple[str, ...] = ()
+    """Modalities predicted, e.g. ``[semseg]`` or ``[rgb]``."""
+
+    def __post_init__(self) -> None:
+        check((not self.inputs) == (not self.targets), "train.task", "needs both inputs and targets, or neither")
+        check_modalities(self.inputs, "train.task.inputs", pixels=True)
+        check_modalities(self.targets, "train.task.targets")
+        both = sorted(set(self.inputs) & set(self.targets))
+        check(not both, "train.task", f"{both} both shown and asked: a task's inputs and targets are disjoint")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.inputs + self.targets
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One 4M training run (``make train``): model size, masking budgets, optimisation, devices."""
 
@@ -396,8 +425,19 @@ class TrainConfig:
     """A named size: tiny (6+6 layers, 384), small (8+8, 512), base (12+12, 768), large (24+24, 1024),
     xlarge (24+24, 2048)."""
     input_budget: int = 128
-    """Input tokens per sample, split across the sample's modalities by a Dirichlet draw."""
+    """Input tokens per sample, split across the sample's modalities by a Dirichlet draw (4M's
+    ``num_input_tokens``)."""
     target_budget: int = 128
+    """Target tokens per sample (4M's ``num_target_tokens``)."""
+    min_input_budget: int | None = None
+    """4M's token-count range: each sample's input budget is drawn uniformly from
+    [min_input_budget, input_budget] (4M's ``min_input_tokens``); None: always ``input_budget``."""
+    min_target_budget: int | None = None
+    """The same for targets (4M's ``min_target_tokens``); None: always ``target_budget``."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """A fixed task instead of any-to-any masking: the run's modalities are then the task's, and its
+    one mixture, in place of ``mixtures``/``*_alphas``/``keep``, shows the inputs whole and asks the
+    targets whole (``make eval`` scores that direction)."""
     alpha: float = 1.0
     """Dirichlet concentration of every modality on both sides of a mixture without alphas of its own."""
     mixtures: tuple[str, ...] = ("all2all",)
@@ -452,6 +492,14 @@ class TrainConfig:
         check(self.devices >= 1 and self.num_nodes >= 1, "train.devices/num_nodes", "must be >= 1")
         check(self.checkpoint_every_n_steps >= 1, "train.checkpoint_every_n_steps", "must be >= 1")
         check(self.holdout_shards >= 0, "train.holdout_shards", "must be >= 0")
+        for side in ("input", "target"):
+            low, budget = getattr(self, f"min_{side}_budget"), getattr(self, f"{side}_budget")
+            check(low is None or 1 <= low <= budget, f"train.min_{side}_budget", f"must be in [1, {side}_budget]")
+
+    @property
+    def run_modalities(self) -> tuple[str, ...]:
+        """What the run trains on: the task's modalities, else ``modalities``."""
+        return self.task.modalities or self.modalities
 
 
 @dataclass(frozen=True)
@@ -462,12 +510,13 @@ class GenerateConfig:
     SCHEDULES: typing.ClassVar[tuple[str, ...]] = ("cosine", "linear", "maskgit_cosine")
     TEMPERATURE_SCHEDULES: typing.ClassVar[tuple[str, ...]] = ("constant", "linear", "onex:{min_t}:{power}")
 
-    given: tuple[str, ...] = ("rgb",)
-    """Modalities the model is shown (``make sample FROM=rgb``); eval always predicts from rgb. An image
-    is shown as its pixels where the run has its pixel input (``rgb_pixels``), else as its tokens."""
+    given: tuple[str, ...] = ()
+    """Modalities the model is shown (``make sample FROM=rgb``); empty: the inputs of the run's task
+    (``train.task``), else rgb. An image is shown as its pixels where the run has its pixel input
+    (``rgb_pixels``), else as its tokens. ``make eval`` decides its own inputs."""
     targets: tuple[str, ...] = ()
     """Generated in this order, each joining the conditioning of the next (``TO=depth,normal``);
-    empty: every other modality of the run."""
+    empty: the targets of the run's task, else every other modality of the run."""
     samples: int = 6
     """Rows of the sample grid, from the held-out shards."""
     steps: int = 8
@@ -585,6 +634,9 @@ class FinetuneConfig:
     """LoRA's scale is ``lora_alpha / lora_rank``."""
     lora_targets: tuple[str, ...] = ("query", "key_value", "out", "gate_up", "down")
     """Attention and MLP projections to adapt (``train.lora.TARGETS``)."""
+    train: dict[str, object] = field(default_factory=dict)
+    """The fine-tune's recipe: changes to the ``train`` section (``run``, ``task``, ``max_steps``,
+    ...), so one config holds both a pre-training and its fine-tune; empty: the ``train`` section."""
 
     def __post_init__(self) -> None:
         if self.from_run is not None:
@@ -593,6 +645,36 @@ class FinetuneConfig:
         check(self.new_learning_rate is None or self.new_learning_rate > 0, "finetune.new_learning_rate", "> 0")
         check(self.lora_rank >= 0, "finetune.lora_rank", "must be >= 0 (0: no LoRA)")
         check(self.lora_alpha > 0, "finetune.lora_alpha", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """``make probe``: ``train.run``'s encoder as an RGB backbone (``train.backbone``) with a small
+    dense head, trained on one label folder of the run's training shards, scored on its held-out ones."""
+
+    target: str = "semseg"
+    """A map modality with labels: semseg, depth, normal, canny_edge, ..."""
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    """Peak rate of the head (AdamW, cosine decay)."""
+    width: int = 64
+    """Channels between the per-patch linear map and the target's own output layer."""
+    side: int = 56
+    """Side the head predicts and trains at (labels resized to it); scored at the label's own side."""
+    finetune_backbone: bool = False
+    """False: a linear probe, the encoder frozen; True: the encoder trains too, at ``backbone_learning_rate``."""
+    backbone_learning_rate: float = 1e-5
+    max_rows: int = 5_000
+    """Training rows read into memory at most (the first ones, by shard); held-out rows are all read."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.target in map_modalities(), "probe.target", f"{self.target!r} is not a map: {map_modalities()}")
+        check(self.target not in of_kind("image"), "probe.target", "the image is the backbone's input, not a label")
+        for key in ("steps", "batch_size", "width", "side", "max_rows"):
+            check(getattr(self, key) >= 1, f"probe.{key}", "must be >= 1")
+        check(self.learning_rate > 0 and self.backbone_learning_rate > 0, "probe.learning_rate", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -609,7 +691,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     card: CardConfig = field(default_factory=CardConfig)
+
+    def __post_init__(self) -> None:
+        self.finetuned()  # a recipe that does not make a valid train section stops at load, naming its key
+
+    def finetuned(self) -> Config:
+        """The config ``make finetune`` trains with: ``train`` with ``finetune.train``'s changes made
+        (and then emptied: the run's ``config.yaml`` holds the resolved ``train`` section)."""
+        if not self.finetune.train:
+            return self
+        try:
+            changed = _build(TrainConfig, {**_plain(self.train), **self.finetune.train}, "train.")
+        except ConfigError as err:
+            raise ConfigError(f"finetune.train (the fine-tune's train section): {err}") from None
+        return dataclasses.replace(self, train=changed, finetune=dataclasses.replace(self.finetune, train={}))
 
     def section_hash(self, section: str) -> str:
         """A short stable hash of what in one section shapes the output: markers record it."""

@@ -11,7 +11,6 @@ MODALITY = ModalitySpec(
     column="jpg",
     max_tokens=14 * 14,
     tokenizer_config=VQConfig(),
-    no_metric="the input of `make eval` (rgb -> X): the tokenizer's own PSNR is in its trained.json",
     order=0,
     # 4M's rgb@224: 16x16 patches of the 224 px view, standardised with ImageNet's mean and std.
     pixel_input=PixelInput(name="rgb_pixels", patch_size=16),

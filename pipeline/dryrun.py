@@ -202,10 +202,10 @@ def _tokenizers(config: Config, root: DatasetRoot) -> Iterator[Cost]:
 def _four_m(config: Config, root: DatasetRoot) -> Cost:
     """4M's training step at the run's size and budgets, on a batch the run's own masking draws."""
     cfg = config.train
-    modalities = model_modalities(root, cfg.modalities)
+    modalities = model_modalities(root, cfg.run_modalities)
     model = FourM(ModelConfig.named(cfg.model), modalities)
-    masker = Masker(modality_infos(cfg.modalities), MaskingConfig.from_train(cfg))
-    shards = TokenShards(root.path, cfg.modalities)
+    masker = Masker(modality_infos(cfg.run_modalities), MaskingConfig.from_train(cfg))
+    shards = TokenShards(root.path, cfg.run_modalities)
     samples = [shards.view(s, 0) for _, s in itertools.islice(shards.read(shards.shards[0]), cfg.batch_size)]
     batch = masker.collate([masker(s, masker.sample_rng(i)) for i, s in enumerate(samples)])
 

@@ -37,6 +37,8 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
             ],  # training itself is tested elsewhere
             *("--set", "train.model=nano", "--set", "train.max_steps=12", "--set", "train.warmup_steps=2"),
             *("--set", "generate.max_tokens=12", "--set", "generate.steps=4"),
+            *("--set", "finetune.train.max_steps=4", "--set", "finetune.train.warmup_steps=1"),
+            *("--set", "probe.steps=5"),
             "--no-progress",
         ],
         capture_output=True,
@@ -64,7 +66,7 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
     reconstructions = Image.open(root / "preview/tokens.png")
     assert reconstructions.width == CROP * 2 * len(token_modalities())
     assert Image.open(root / "preview/crops.png").width == CROP * CROPS
-    assert f"train: 12 steps on {CROPS} crop(s) per sample, loss " in run.stdout
+    assert f"train: 12 steps of any-to-any masking on {CROPS} crop(s) per sample, loss " in run.stdout
     assert (root / "runs/tiny/loss.png").is_file() and (root / "runs/tiny/model.safetensors").is_file()
     targets = [m for m in token_modalities() if m != "rgb"]
     grid = Image.open(root / f"runs/tiny/samples/rgb-to-{'+'.join(targets)}.png")
@@ -72,3 +74,10 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
     assert "eval: " in run.stdout and "| depth | abs_rel |" in run.stdout
     assert "| canny_edge | edge_f1 |" in run.stdout and "| color_palette | delta_e |" in run.stdout
     assert (root / "runs/tiny/eval/metrics.json").is_file() and (root / "README.md").is_file()
+    # The fine-tune of the demo's config: run tiny on the task rgb_pixels -> canny_edge, then scored on it.
+    run_name, task = DEMO.finetune.train["run"], "rgb_pixels -> canny_edge"
+    assert f"train: 4 steps of task {task} (inputs whole, targets whole)" in run.stdout
+    assert f"eval: 2 held-out rows with rgb_pixels, {task} (greedy decoding)" in run.stdout
+    assert (root / f"runs/{run_name}/eval/metrics.json").is_file()
+    assert "probe: semseg from run tiny's encoder (linear probe, frozen encoder, 5 steps)" in run.stdout
+    assert (root / "runs/tiny/probe/semseg.json").is_file()

@@ -70,14 +70,18 @@ def cropper(root: DatasetRoot, modality: str, shard: int, config: Config) -> Cal
     return crop_adapter(modality, config, params).crop
 
 
-def read_whole_view(root: DatasetRoot, modality: str, shard: int, config: Config, tokenizer: Tokenizer) -> ModalityRows:
+def read_whole_view(
+    root: DatasetRoot, modality: str, shard: int, config: Config, tokenizer: Tokenizer | None
+) -> ModalityRows:
     """:func:`read_rows`, with a cropped modality's values cut to crop 0 (the whole label view, what
     generation, ``make eval`` and the previews show) by ``tokenizer``: the values it takes, at the
-    size it was trained on."""
+    size it was trained on; without one (a run that has only an image's pixels), as the tokenize
+    stage cuts them under ``config``."""
     rows = read_rows(root, modality, shard, config)
     if not MODALITIES[modality].cropped:
         return rows
-    values = [None if v is None else tokenizer.crop(v, WHOLE) for v in rows.values]
+    cut = tokenizer.crop if tokenizer is not None else cropper(root, modality, shard, config)
+    values = [None if v is None else cut(v, WHOLE) for v in rows.values]
     return ModalityRows(rows.keys, values, rows.errors)
 
 

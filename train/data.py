@@ -128,10 +128,18 @@ class TokenShards:
         holdout: the last ``holdout`` complete shards (by name) go to ``held_out`` instead of
             ``shards``: never trained on, they are what ``make eval`` and ``make sample`` read. By
             name, so the split is the same on every rank and every rerun.
+        required: modalities a row must have to be read (a task's): rows lacking one are skipped
+            and counted in ``incomplete_rows``.
     """
 
     def __init__(
-        self, root: str | Path, modalities: Sequence[str], *, skip_incomplete: bool = False, holdout: int = 0
+        self,
+        root: str | Path,
+        modalities: Sequence[str],
+        *,
+        skip_incomplete: bool = False,
+        holdout: int = 0,
+        required: Sequence[str] = (),
     ) -> None:
         self.root = storage.location(root)
         self.modalities = tuple(modalities)
@@ -161,6 +169,9 @@ class TokenShards:
         self.held_out = tuple(complete[len(complete) - holdout :])
         self.empty_rows = 0
         """Rows skipped because every modality was absent, counted each time they are read (in this process)."""
+        self.required = tuple(required)
+        self.incomplete_rows = 0
+        """Rows skipped because a ``required`` modality was absent (in this process)."""
         self.pixel_sides = {name: spec.pixel_side for name, spec in pixel_inputs(self.modalities).items()}
         """Pixel input name -> the side of its decoded images."""
         self.undecodable_images = 0
@@ -190,7 +201,7 @@ class TokenShards:
                 listed = ", ".join(f"{path}: {n}" for path, n in rows.items())
                 raise TokenStoreError(f"shard {shard.name}: the modality files have different row counts ({listed})")
             readers = (
-                _image_rows(f) if m in self.pixel_sides else _file_rows(f, shard.files[m], m)
+                image_rows(f) if m in self.pixel_sides else _file_rows(f, shard.files[m], m)
                 for m, f in zip(self.modalities, files, strict=True)
             )
             columns = zip(*readers, strict=True)
@@ -206,6 +217,9 @@ class TokenShards:
                     self.empty_rows += 1
                     continue
                 sample = {m: ids for m, (_, ids, _) in zip(self.modalities, row, strict=True)}
+                if any(sample[m] is None for m in self.required):
+                    self.incomplete_rows += 1
+                    continue
                 crops = [(m, c) for m, (_, _, c) in zip(self.modalities, row, strict=True)]
                 sample[CROPS] = self._row_crops(shard, index, crops)
                 yield key, sample
@@ -263,7 +277,7 @@ def _crop_settings(shard: TokenShard, modalities: Sequence[str]) -> dict[str, An
     return next(iter(declared.values()), None)
 
 
-def _image_rows(file: pq.ParquetFile) -> Iterator[tuple[str, bytes | None, None]]:
+def image_rows(file: pq.ParquetFile) -> Iterator[tuple[str, bytes | None, None]]:
     """``images/``'s rows as (key, JPEG bytes, no crops), None where the download failed."""
     for group in range(file.num_row_groups):
         table = file.read_row_group(group, columns=["key", "status", "jpg"])
@@ -498,8 +512,9 @@ class TokenStream(IterableDataset):
                 rows += 1
                 yield epoch, key, sample
             if rows == 0:  # would loop forever without yielding
+                wanted = f"all of {list(self.shards.required)}" if self.shards.required else "any modality"
                 raise TokenStoreError(
-                    f"data stream {stream} of {streams} has no rows with any modality present "
+                    f"data stream {stream} of {streams} has no rows with {wanted} present "
                     f"(units {self.units(stream, streams)} of {[s.name for s in self.shards.shards]})"
                 )
 
@@ -626,7 +641,11 @@ class TokenDataModule(L.LightningDataModule):
             self.vocabularies = store_vocabularies(self.root, [m.name for m in tokens])
             check_store(self.vocabularies, tokens)
             self.shards = TokenShards(
-                self.root, self.modalities, skip_incomplete=self.skip_incomplete, holdout=self.holdout
+                self.root,
+                self.modalities,
+                skip_incomplete=self.skip_incomplete,
+                holdout=self.holdout,
+                required=self.masker.cfg.task_inputs + self.masker.cfg.task_targets,
             )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,9 +1,11 @@
-"""``make eval``: RGB -> X with a trained 4M on the held-out shards, scored against the pseudo-labels.
+"""``make eval``: a trained 4M on the held-out shards, scored against the pseudo-labels.
 
-For every modality X of the run besides rgb (depth, normal, semseg, clip, det, caption), three
-columns, so a figure means something:
+What is predicted from what: a run trained on a task (``train.task``, e.g. rgb_pixels -> semseg or
+caption -> rgb) is scored on that task, each target from all of the task's inputs; any other run
+predicts every modality X besides rgb (depth, normal, semseg, clip, det, caption, ...) from the
+image. Three columns per figure, so a figure means something:
 
-- **model**: X generated from the image alone (greedy decoding: a metric of the model, not of
+- **model**: X generated from the inputs alone (greedy decoding: a metric of the model, not of
   the sampler's noise; the other decoding settings come from ``generate``), decoded by X's
   tokenizer. The image is shown as pixels where the run has its pixel input (``rgb_pixels``, as 4M
   evaluates), else as its tokens;
@@ -12,7 +14,7 @@ columns, so a figure means something:
 - **tokenizer ceiling**: X's own stored tokens decoded, i.e. the best any model predicting these
   tokens can score, since every prediction passes through the same tokenizer.
 
-Rows without the image (pixels or tokens) are skipped (nothing to predict from); a row without X's pseudo-label
+Rows without an input (pixels or tokens) are skipped (nothing to predict from); a row without X's pseudo-label
 (its labeler failed) does not count for X. Captions are scored on token ids, everything else on
 decoded values. Writes ``runs/<run>/eval/metrics.md`` and ``metrics.json``.
 """
@@ -36,10 +38,10 @@ from four_m.train.generate import Generator
 from four_m.train.held_out import HeldOutRow, Labels, held_out_rows
 from four_m.train.metrics import BASELINES, METRICS, results_table
 from four_m.train.sample import decoding
-from four_m.train.trained import load_trained
+from four_m.train.trained import TrainedRun, load_trained
 
 SOURCE_KIND = "image"
-"""``make eval`` predicts every other modality from the image (rgb -> X), as 4M reports transfer."""
+"""A run without a task is scored on every other modality from the image (rgb -> X), as 4M reports transfer."""
 BATCH = 16
 """Held-out rows generated together: bounds memory, and the decoder's work grows with it."""
 TOKEN_LEVEL = frozenset({"text"})
@@ -52,27 +54,36 @@ class EvalReport:
     """Markdown."""
     written: tuple[Path, Path]
     rows: int
-    source: str
+    shown: tuple[str, ...]
+    targets: tuple[str, ...]
 
     def lines(self) -> list[str]:
+        shown = "+".join(self.shown)
         return [
-            f"eval: {self.rows} held-out rows with {self.source}, {self.source} -> each other modality"
-            " (greedy decoding)",
+            f"eval: {self.rows} held-out rows with {shown}, {shown} -> {', '.join(self.targets)} (greedy decoding)",
             *self.table.rstrip().splitlines(),
             f"eval: wrote {self.written[0]} and {self.written[1]}",
         ]
 
 
-def run_eval(config: Config) -> EvalReport:
-    run = load_trained(config)
+def evaluated(run: TrainedRun) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(what the model is shown, what it is scored on): a task run's own task, else the image (as
+    its pixels where the run has them) -> every other modality with a metric."""
+    if run.task is not None:
+        return run.task.inputs, tuple(t for t in run.task.targets if t in METRICS)
     source = next((m for m in run.modalities if MODALITIES[m].kind == SOURCE_KIND), None)
     if source is None:
         raise UserError(f"run {run.directory.name} has no image modality to predict from: make eval scores rgb -> X")
-    targets = [m for m in run.modalities if m != source and m in METRICS]
     shown = pixel_input_of(source, run.modalities) or source
-    rows = list(held_out_rows(config, run.modalities, needed=(shown,)))
+    return (shown,), tuple(m for m in run.modalities if m not in (source, shown) and m in METRICS)
+
+
+def run_eval(config: Config) -> EvalReport:
+    run = load_trained(config)
+    shown, targets = evaluated(run)
+    rows = list(held_out_rows(config, run.modalities, needed=shown))
     if not rows:
-        raise UserError(f"no held-out row has {shown}: nothing to evaluate")
+        raise UserError(f"no held-out row has all of {', '.join(shown)}: nothing to evaluate")
     labels = Labels(config, run.tokenizers)
     generator = Generator(run.model)
     greedy = decoding(config.generate, temperature=0.0)
@@ -86,9 +97,8 @@ def run_eval(config: Config) -> EvalReport:
         )
         fixed = baseline.predict()
         for batch in _batches(rows):
-            predicted = generator.generate(
-                {shown: [row.tokens[shown] for row in batch]}, [(target, greedy)], seed=config.generate.seed
-            )[target]
+            given = {m: [row.tokens[m] for row in batch] for m in shown}
+            predicted = generator.generate(given, [(target, greedy)], seed=config.generate.seed)[target]
             for row, ids in zip(batch, predicted, strict=True):
                 label = labels.value(target, row)
                 if label is None:
@@ -103,10 +113,11 @@ def run_eval(config: Config) -> EvalReport:
     table, data = results_table(columns)
     out = run.directory / "eval"
     markdown, figures = out / "metrics.md", out / "metrics.json"
-    header = f"# {shown} -> X on the held-out shards of {DatasetRoot(config.root).path}, run {run.directory.name}\n\n"
+    direction = f"{'+'.join(shown)} -> {', '.join(targets)}"
+    header = f"# {direction} on the held-out shards of {DatasetRoot(config.root).path}, run {run.directory.name}\n\n"
     write_text_atomic(markdown, header + table)
     write_text_atomic(figures, json.dumps({"rows": len(rows), **data}, indent=1) + "\n")
-    return EvalReport(table, (markdown, figures), len(rows), shown)
+    return EvalReport(table, (markdown, figures), len(rows), shown, targets)
 
 
 def _batches(rows: list[HeldOutRow]) -> Iterator[list[HeldOutRow]]:

@@ -42,7 +42,10 @@ class FinetuneStart:
         if cfg.from_run is None:
             raise UserError("finetune.from_run is not set: FROM_RUN=<run> names the run under runs/ to start from")
         if cfg.from_run == config.train.run:
-            raise UserError(f"train.run is {cfg.from_run!r}, the run to start from: name a new run (TRAIN_RUN=...)")
+            raise UserError(
+                f"train.run is {cfg.from_run!r}, the run to start from: name a new run"
+                " (finetune.train.run, or SET=train.run=...)"
+            )
         self.cfg: FinetuneConfig = cfg
         self.notes: list[str] = []
         """What the start did, for the run's summary: the transfer, LoRA, the freeze."""

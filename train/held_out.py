@@ -78,7 +78,7 @@ class Labels:
 
     @cache  # noqa: B019 - one Labels per command; the cache dies with it
     def _values(self, modality: str, shard: int) -> dict[str, Any]:
-        rows = read_whole_view(self.root, modality, shard, self.config, self.tokenizers[modality])  # crop 0
+        rows = read_whole_view(self.root, modality, shard, self.config, self.tokenizers.get(modality))  # crop 0
         return dict(zip(rows.keys, rows.values, strict=True))
 
     @cache  # noqa: B019 - as above

@@ -9,9 +9,15 @@ Per sample, over the modalities present in it only (an absent one is never drawn
    ``all2all`` (every modality both sides, concentration ``alphas``) and ``rgb2all`` (the input on
    the image only, as pixels where the run has its pixel input, else as tokens; targets among all
    the others, the image's tokens included when the pixels are the input) are presets; a sample
-   without any input candidate of its mixture falls back to ``all2all``;
-2. the two Dirichlet draws split the budgets into per-modality allotments (:func:`split_budget`),
-   after each candidate got its ``min_*_tokens`` and never above its ``max_*_tokens``;
+   without any input candidate of its mixture falls back to ``all2all``. A *task* (``task_inputs``
+   -> ``task_targets``, 4M's task fine-tunes) is the one mixture ``task``: its inputs shown whole
+   (sequences with keep scheme ``all``), its targets asked whole, and no fallback: a sample without
+   its inputs is shown nothing;
+2. each sample's budgets are drawn uniformly from [``min_input_budget``, ``input_budget``] and
+   [``min_target_budget``, ``target_budget``] where a minimum is set (4M's token-count ranges,
+   ``min_input_tokens`` to ``num_input_tokens``); the two Dirichlet draws split them into
+   per-modality allotments (:func:`split_budget`), after each candidate got its ``min_*_tokens``
+   and never above its ``max_*_tokens``;
 3. a map gives a random subset of its grid as input and a random subset of the *remaining*
    positions as target, so inputs and targets never overlap. A pixel input (4M's ``rgb@224``) is
    masked like a map's input, by patch; it is never a target;
@@ -64,6 +70,8 @@ from four_m.tokenize.text import EOS, PAD, SOS, SPECIAL_TOKENS, coordinate_block
 from four_m.train.batch import MaskedBatch
 
 PRESETS = ("all2all", "rgb2all")
+TASK = "task"
+"""The mixture a fixed task (``MaskingConfig.task_inputs``/``task_targets``) becomes."""
 KEEP_SCHEMES = ("random", "all", "binary")
 KEEP_DECAY = 0.9
 """4M lowers a sequence's keep probability by this factor until its input fits the allotment."""
@@ -116,6 +124,12 @@ class MaskingConfig:
     unconditional_rate: float = 0.0
     """Share of samples shown no input at all (only targets): the model then also learns the
     unconditional distribution, which classifier-free guidance contrasts the conditional one with."""
+    min_input_budget: int | None = None
+    """Each sample's input budget is drawn uniformly from [this, ``input_budget``]; None: fixed."""
+    min_target_budget: int | None = None
+    task_inputs: tuple[str, ...] = ()
+    """A fixed task: these shown whole, ``task_targets`` asked whole, as the only mixture (``TASK``)."""
+    task_targets: tuple[str, ...] = ()
     seed: int = 0
     """Base of :meth:`Masker.sample_rng`: the mask of a sample depends on (seed, epoch, index) only,
     not on which worker drew it."""
@@ -123,6 +137,14 @@ class MaskingConfig:
     def __post_init__(self) -> None:
         _check(self.input_budget >= 1, "input_budget", "must be >= 1")
         _check(self.target_budget >= 1, "target_budget", "must be >= 1")
+        for side in ("input", "target"):
+            low = getattr(self, f"min_{side}_budget")
+            _check(low is None or 1 <= low <= getattr(self, f"{side}_budget"), f"min_{side}_budget", "out of range")
+        for name in ("task_inputs", "task_targets"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check(bool(self.task_inputs) == bool(self.task_targets), "task", "needs both inputs and targets, or neither")
+        if self.task_inputs:
+            self._become_task()
         if isinstance(self.alphas, Mapping):
             object.__setattr__(self, "alphas", dict(self.alphas))
             for name, alpha in self.alphas.items():
@@ -167,11 +189,27 @@ class MaskingConfig:
             for modality, scheme in self.keep.get(mixture, {}).items():
                 _check(scheme in KEEP_SCHEMES, f"keep.{mixture}.{modality}", f"{scheme!r} is not one of {KEEP_SCHEMES}")
 
+    def _become_task(self) -> None:
+        """The task as the one mixture ``TASK``, in place of the configured mixtures (a fine-tune
+        recipe inherits its pre-training's): concentration 1 on each input and each target (one
+        modality a side takes the whole budget), every sequence input kept whole."""
+        values = {
+            "mixtures": (TASK,),
+            "mixture_weights": (),
+            "input_alphas": {TASK: dict.fromkeys(self.task_inputs, 1.0)},
+            "target_alphas": {TASK: dict.fromkeys(self.task_targets, 1.0)},
+            "keep": {TASK: dict.fromkeys(self.task_inputs, "all")},
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
     @classmethod
     def from_train(cls, train: Any, **changes: Any) -> MaskingConfig:
-        """The masking settings of a ``TrainConfig`` (same field names; its scalar ``alpha`` is ``alphas``)."""
+        """The masking settings of a ``TrainConfig`` (same field names; its scalar ``alpha`` is
+        ``alphas``, its ``task`` the task's inputs and targets)."""
         values = {f.name: getattr(train, f.name) for f in fields(cls) if hasattr(train, f.name)}
-        return cls(**{"alphas": train.alpha, **values, **changes})
+        task = {"task_inputs": train.task.inputs, "task_targets": train.task.targets}
+        return cls(**{"alphas": train.alpha, **task, **values, **changes})
 
 
 _FIRST_SENTINEL = len(SPECIAL_TOKENS)  # the layout of tokenize.text: specials, then sentinels
@@ -430,6 +468,8 @@ class _Mixture:
     input_alphas: np.ndarray
     target_alphas: np.ndarray
     keep: tuple[str, ...]
+    falls_back: bool = True
+    """A sample without any of its inputs takes ``all2all`` instead; a task's shows nothing."""
 
 
 class Masker:
@@ -463,6 +503,8 @@ class Masker:
         weights = np.array(cfg.mixture_weights or [1.0] * len(cfg.mixtures), np.float64)
         self._weights = weights / weights.sum()
         self._is_map = np.array([m.kind in ("map", "pixels") for m in self.modalities])  # grids
+        if cfg.task_inputs:
+            self._check_task_budgets()
         self._limits = {
             name: np.array([int(getattr(cfg, name).get(m.name, default)) for m in self.modalities])
             for name, default in (
@@ -499,6 +541,16 @@ class Masker:
             named = sorted(set(getattr(self.cfg, key)) & inputs_only)
             _check(not named, key, f"{named} are pixel inputs, never targets")
 
+    def _check_task_budgets(self) -> None:
+        """A task shows its inputs and asks its targets whole: the budgets must hold the grids (a
+        sequence is whole when it fits what the grids leave)."""
+        sizes = {m.name: m.num_tokens for m in self.modalities if m.kind in ("map", "pixels")}
+        for side in ("input", "target"):
+            named = getattr(self.cfg, f"task_{side}s")
+            whole = sum(sizes.get(name, 0) for name in named)
+            budget = getattr(self.cfg, f"{side}_budget")
+            _check(budget >= whole, f"{side}_budget", f"{budget} cannot hold the task's {list(named)} whole: {whole}")
+
     def _resolve(self, name: str) -> _Mixture:
         """A mixture's concentrations over the run's modalities: its own, else the preset's."""
         cfg, count = self.cfg, len(self.modalities)
@@ -519,6 +571,7 @@ class Masker:
             input_alphas=own("input_alphas", preset_input),
             target_alphas=own("target_alphas", preset_target),
             keep=tuple(keep.get(m.name, "random") for m in self.modalities),
+            falls_back=name != TASK or not cfg.task_inputs,
         )
 
     def sample_rng(self, index: int, epoch: int = 0) -> np.random.Generator:
@@ -534,7 +587,7 @@ class Masker:
         present = np.zeros(len(infos), bool)
         present[list(tokens)] = True
         mixture = self._mixtures[int(rng.choice(len(self._mixtures), p=self._weights))]
-        if not (present & (mixture.input_alphas > 0)).any():
+        if mixture.falls_back and not (present & (mixture.input_alphas > 0)).any():
             mixture = self._all2all
         input_from = present & (mixture.input_alphas > 0)
         target_from = present & (mixture.target_alphas > 0)
@@ -544,7 +597,8 @@ class Masker:
 
         # Drawn only when enabled, so a run without it keeps the random stream (and masks) it always had.
         unconditional = cfg.unconditional_rate > 0 and rng.random() < cfg.unconditional_rate
-        input_budget = 0 if unconditional else cfg.input_budget
+        input_budget = 0 if unconditional else self._budget(cfg.min_input_budget, cfg.input_budget, rng)
+        target_budget = self._budget(cfg.min_target_budget, cfg.target_budget, rng)
         input_available = np.where(input_from, np.minimum(lengths, self._limits["max_input_tokens"]), 0)
         input_counts = self._allot(input_budget, input_shares, input_available, "min_input_tokens")
         rest: dict[int, np.ndarray] = {}  # maps: unused positions in random order; sequences: the whole target
@@ -570,12 +624,12 @@ class Masker:
         predictable = np.array([len(rest[i]) - (not self._is_map[i]) if i in rest else 0 for i in range(len(infos))])
         target_from &= ~self._pixels
         target_available = np.where(target_from, np.minimum(predictable, self._limits["max_target_tokens"]), 0)
-        target_counts = self._allot(cfg.target_budget, target_shares, target_available, "min_target_tokens")
+        target_counts = self._allot(target_budget, target_shares, target_available, "min_target_tokens")
         pieces = {}
         for i in np.flatnonzero(target_from & ~self._is_map):
             pieces[i] = fit_target(rest[i], int(target_counts[i]), infos[i], rng)
             target_counts[i] = max(len(pieces[i]) - 1, 0)
-        target_counts += self._top_up_maps(cfg.target_budget, target_counts, target_shares, target_available)
+        target_counts += self._top_up_maps(target_budget, target_counts, target_shares, target_available)
 
         targets: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (modality, ids, positions, decoder in)
         for i in np.flatnonzero(target_from):
@@ -599,6 +653,12 @@ class Masker:
     def collate(self, samples: Sequence[MaskedSample]) -> MaskedBatch:
         sizes = {m.name: m.image_size for m in self.modalities if m.kind == "pixels"}
         return collate(samples, self.cfg.input_budget, self.cfg.target_budget, sizes)
+
+    @staticmethod
+    def _budget(low: int | None, high: int, rng: np.random.Generator) -> int:
+        """4M's token-count range: uniform in [low, high], drawn only when there is a range (so a
+        run without one keeps the random stream, and masks, it always had)."""
+        return high if low is None or low >= high else int(rng.integers(low, high + 1))
 
     def _allot(self, budget: int, shares: np.ndarray, available: np.ndarray, minimum: str) -> np.ndarray:
         """Per-modality counts: each candidate's minimum first (as far as it has tokens), the rest by share."""

@@ -1,4 +1,4 @@
-"""RGB -> X evaluation: one metric and one trivial baseline per predicted modality, in numpy.
+"""``make eval``'s figures: one metric and one trivial baseline per predicted modality, in numpy.
 
 A trained 4M predicts each modality from rgb; its tokens, decoded by the modality's tokenizer, are
 values in the form of ``tokenize.maps`` and ``tokenize.boxes`` and are compared here with the
@@ -28,6 +28,8 @@ palette         palettes: lists of flat R, G, B (0-255)     ``delta_e`` (CIEDE20
 (color_palette)
 metadata        prediction ``{key: bin}``, label raw values ``bin_accuracy``
 (metadata)
+image (rgb)     float (3, H, W) in [0, 1]                   ``psnr_db`` (per image, then the mean),
+                                                            ``abs_error`` (per pixel and channel)
 ==============  ==========================================  =============================================
 
 Baselines predict one fixed value for every sample, fitted on labels (say, the training shards):
@@ -257,6 +259,35 @@ class ClipMetric(_PixelMeans):
 
     def _per_pixel(self, prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
         return _cosines(prediction.reshape(len(prediction), -1), label.reshape(len(label), -1))[None]
+
+
+class RgbMetric:
+    """PSNR in dB per image (peak 1, as the rgb tokenizer's own figure; a perfect image counts as
+    100 dB, its MSE floored at 1e-10), averaged over images; and the mean absolute error per pixel
+    and channel. What a ``caption -> rgb`` task is scored by."""
+
+    name = "rgb"
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._psnr = 0.0
+        self._abs = 0.0
+        self._values = 0
+
+    def update(self, prediction: Any, label: Any) -> None:
+        predicted = _float_map(self.name, prediction, 3, "prediction")
+        truth = _float_map(self.name, label, 3, "label")
+        _same_shape(self.name, predicted, truth)
+        error = predicted - truth
+        self._psnr += 10 * math.log10(1 / max(float((error**2).mean()), 1e-10))
+        self._abs += float(np.abs(error).sum())
+        self._values += error.size
+        self.samples += 1
+
+    def result(self) -> dict[str, float]:
+        if not self.samples:
+            return {"psnr_db": math.nan, "abs_error": math.nan, "samples": 0}
+        return {"psnr_db": self._psnr / self.samples, "abs_error": self._abs / self._values, "samples": self.samples}
 
 
 class SemsegMetric:
@@ -518,6 +549,7 @@ METRIC_KINDS: Mapping[str, type[Metric]] = MappingProxyType(
         "edge_map": EdgeMetric,
         "palette": PaletteMetric,
         "metadata": MetadataMetric,
+        "image": RgbMetric,
     }
 )
 """Kind -> its metric class (named after 4M-7's modality of that kind, or 4M-21's)."""
@@ -558,6 +590,13 @@ class _MeanMapBaseline:
 
     def _valid(self, label: np.ndarray) -> np.ndarray:
         return np.ones(label.shape[1:], dtype=bool)
+
+
+class RgbBaseline(_MeanMapBaseline):
+    """The mean image of the labels: a caption -> rgb model must draw more than the average photo."""
+
+    name = "rgb"
+    channels = 3
 
 
 class DepthBaseline(_MeanMapBaseline):
@@ -770,6 +809,7 @@ BASELINE_KINDS: Mapping[str, type[Baseline]] = MappingProxyType(
         "edge_map": EdgeBaseline,
         "palette": PaletteBaseline,
         "metadata": MetadataBaseline,
+        "image": RgbBaseline,
     }
 )
 """Kind -> its baseline class."""

@@ -56,12 +56,15 @@ class TrainSummary:
     """Crops per sample in the token store: each example showed one of them."""
     notes: tuple[str, ...] = ()
     """How the model started, for a fine-tune (``FinetuneStart.notes``)."""
+    task: str = ""
+    """``inputs -> targets`` of a run trained on a fixed task (``train.task``), else empty."""
 
     def lines(self) -> list[str]:
         curve = f"loss {self.losses[0][1]:.3f} -> {self.losses[-1][1]:.3f}" if self.losses else "no loss logged yet"
+        what = f"task {self.task} (inputs whole, targets whole)" if self.task else "any-to-any masking"
         return [
             *self.notes,
-            f"train: {self.steps} steps on {self.crops} crop(s) per sample, {curve}; {self.seconds:.1f} s",
+            f"train: {self.steps} steps of {what} on {self.crops} crop(s) per sample, {curve}; {self.seconds:.1f} s",
             f"train: wrote {self.run_dir / 'loss.png'} and {self.run_dir / 'model.safetensors'}",
         ]
 
@@ -74,7 +77,9 @@ def run_train(config: Config, start: FinetuneStart | None = None) -> TrainSummar
 
 
 def run_finetune(config: Config) -> TrainSummary:
-    """``make finetune``: ``train.run`` from ``finetune.from_run``'s weights (``train.finetune``)."""
+    """``make finetune``: ``finetune.from_run``'s weights trained on with the ``train`` section changed
+    by ``finetune.train`` (``train.finetune``)."""
+    config = config.finetuned()
     return run_train(config, FinetuneStart(config))
 
 
@@ -89,7 +94,7 @@ def _run_lock(root: DatasetRoot, run: str) -> AbstractContextManager:
 def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> TrainSummary:
     started = time.perf_counter()
     cfg = config.train
-    modalities = model_modalities(root, cfg.modalities)
+    modalities = model_modalities(root, cfg.run_modalities)
     mirror = RunMirror(root / f"runs/{cfg.run}")
     mirror.pull()
     run_dir = mirror.local  # where Lightning writes: the run folder itself, or its local mirror
@@ -153,6 +158,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
             "model": asdict(module.model.config),
             "modalities": [asdict(m) for m in modalities],
             "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities if m.kind != "pixels"},
+            **({"task": asdict(cfg.task)} if cfg.task.inputs else {}),
             **origin,
         }
         write_text_atomic(run_dir / DESCRIPTION, json.dumps(described, indent=1))
@@ -161,7 +167,9 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
     mirror.release()
     crops = data.shards.crops_per_sample if data.shards is not None else 1
     notes = tuple(start.notes) if start else ()
-    return TrainSummary(mirror.remote, trainer.global_step, losses, time.perf_counter() - started, crops, notes)
+    task = f"{'+'.join(cfg.task.inputs)} -> {', '.join(cfg.task.targets)}" if cfg.task.inputs else ""
+    seconds = time.perf_counter() - started
+    return TrainSummary(mirror.remote, trainer.global_step, losses, seconds, crops, notes, task)
 
 
 def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelModality]:

@@ -83,18 +83,22 @@ def model_inputs(given: tuple[str, ...], run: TrainedRun) -> dict[str, str]:
 
 
 def plan(cfg: GenerateConfig, run: TrainedRun) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(given, targets) checked against the run's modalities; no targets means every other token
-    modality (pixel inputs are never generated). A pixel input given by name (``rgb_pixels``) is given
-    as its image (``rgb``), which :func:`model_inputs` shows as pixels."""
-    unknown = sorted(set(cfg.given) - set(run.modalities))
+    """(given, targets) checked against the run's modalities. Unset, they are the run's task, else
+    the image and every other token modality (pixel inputs are never generated). A pixel input given
+    by name (``rgb_pixels``) is given as its image (``rgb``), which :func:`model_inputs` shows as pixels."""
+    task = run.task
+    asked = cfg.given or (task.inputs if task else of_kind("image")[:1])
+    unknown = sorted(set(asked) - set(run.modalities))
     if unknown:
         raise SampleInputError(f"run {run.directory.name} has no {unknown}; it knows {', '.join(run.modalities)}")
     images = pixel_inputs()
-    given = tuple(dict.fromkeys(images[m].name if m in images else m for m in cfg.given))
+    given = tuple(dict.fromkeys(images[m].name if m in images else m for m in asked))
     shown = model_inputs(given, run)
-    targets = cfg.targets or tuple(
-        m for m in run.modalities if m not in given and m not in shown.values() and m in MODALITIES
-    )
+    others = tuple(m for m in run.modalities if m not in given and m not in shown.values() and m in MODALITIES)
+    targets = cfg.targets or (task.targets if task and not cfg.given else others)
+    both = sorted(set(asked) & set(targets))
+    if both:
+        raise SampleInputError(f"generate.targets: {both} also given: a target cannot be an input")
     unknown = sorted({shown[m] for m in given} - set(run.modalities) | set(targets) - set(run.modalities))
     if unknown:
         raise SampleInputError(f"run {run.directory.name} has no {unknown}; it knows {', '.join(run.modalities)}")

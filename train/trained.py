@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from safetensors import safe_open
 from safetensors.torch import load_model
 
-from four_m.core.config import Config
+from four_m.core.config import Config, TaskConfig
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
 from four_m.core.runs import DESCRIPTION
@@ -37,6 +37,8 @@ class TrainedRun:
     """In eval mode, on the CPU."""
     tokenizers: dict[str, Tokenizer]
     """Token modality -> the tokenizer whose vocabulary the model was trained on (pixel inputs have none)."""
+    task: TaskConfig | None = None
+    """The fixed task the run was trained on (``train.task``), None for any-to-any."""
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -68,7 +70,8 @@ def load_trained(config: Config) -> TrainedRun:
         tokenizers[modality.name] = tokenizer
     model = FourM(ModelConfig(**spec["model"]), modalities)
     load_weights(model, weights, directory.name)
-    return TrainedRun(directory, model.eval(), tokenizers)
+    task = TaskConfig(**{k: tuple(v) for k, v in spec["task"].items()}) if "task" in spec else None
+    return TrainedRun(directory, model.eval(), tokenizers, task)
 
 
 def load_weights(model: FourM, weights: RootPath, run: str) -> None:

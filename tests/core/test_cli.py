@@ -10,6 +10,7 @@ import pytest
 
 from four_m.core import cli
 from four_m.core.cli import main
+from four_m.core.config import load_config
 
 
 @pytest.mark.parametrize("verb", ["download", "label", "tokenize", "train", "sample", "card"])
@@ -95,17 +96,24 @@ def test_a_verbs_help_lists_the_common_options_and_only_its_own(verb, capsys):
 def test_demo_runs_every_stage_in_order_each_with_its_own_defaults(monkeypatch):
     seen = []
 
+    runs = []
+
     def record(name):
         def run(config, args):
             seen.append((name, {k: v for k, v in vars(args).items() if k in {"only", "retry_failed", "image"}}))
+            runs.append((name, config.train.run))
             return {"label": 1}.get(name, 0)
 
         return run
 
-    for name in cli.DEMO:
+    for name, _ in cli.DEMO:
         monkeypatch.setitem(cli.VERBS, name, dataclasses.replace(cli.VERBS[name], run=record(name)))
-    assert cli._demo(None, cli._parse(["demo", "--no-progress"])) == 1  # the worst status of the stages
-    assert [name for name, _ in seen] == list(cli.DEMO)
+    config = load_config("default", ["finetune.train.run=tuned"])
+    assert cli._demo(config, cli._parse(["demo", "--no-progress"])) == 1  # the worst status of the stages
+    assert [name for name, _ in seen] == [name for name, _ in cli.DEMO]
+    # The first eval scores the trained run; the one after finetune, the fine-tuned run.
+    assert [run for name, run in runs if name == "eval"] == ["tiny", "tuned"]
+    assert ("finetune", "tiny") in runs  # make finetune reads finetune.train itself
     assert dict(seen)["label"] == {"only": None}
     assert dict(seen)["download"] == {"retry_failed": False}
     assert dict(seen)["sample"] == {"image": None}

@@ -78,3 +78,17 @@ def test_section_hash_ignores_speed_knobs_but_not_output_shape():
     assert faster.section_hash("download") == default.section_hash("download")
     assert bigger.section_hash("download") != default.section_hash("download")
     assert base.section_hash("download") == Config().section_hash("download")
+
+
+def test_a_finetune_recipe_changes_the_train_section_and_is_checked_at_load():
+    with pytest.raises(ConfigError, match=r"finetune.train .*: train.task: needs both inputs and targets"):
+        load_config("default", ["finetune.train={task: {inputs: [rgb_pixels]}}"])
+    recipe = "{run: tuned, max_steps: 30, task: {inputs: [caption], targets: [rgb]}}"
+    config = load_config("default", [f"finetune.train={recipe}"])
+    tuned = config.finetuned()
+    assert (tuned.train.run, tuned.train.max_steps, config.train.run) == ("tuned", 30, "tiny")
+    assert tuned.train.run_modalities == ("caption", "rgb") and tuned.train.batch_size == config.train.batch_size
+    assert tuned.finetune.train == {} and tuned.finetuned() is tuned  # resolved once
+    assert load_config("default", ["finetune.train={}"]).finetuned().train == config.train
+    with pytest.raises(ConfigError, match=r"finetune.train \(the fine-tune's train section\): unknown key train.stpes"):
+        load_config("default", ["finetune.train={stpes: 3}"])

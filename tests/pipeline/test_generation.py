@@ -16,7 +16,7 @@ from four_m.core.modalities import token_modalities
 from four_m.train.evaluate import run_eval
 from four_m.train.held_out import NothingHeldOutError
 from four_m.train.run import run_train
-from four_m.train.sample import write_samples
+from four_m.train.sample import SampleInputError, write_samples
 from four_m.train.trained import RunMismatchError
 
 SIZE = 64  # the labelled root's label.size
@@ -74,7 +74,9 @@ def test_sample_from_a_user_image_and_caption(trained, photos):
 
 def test_bad_requests_fail_with_one_clear_line(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"generate.targets: \['rgb'\] also given"):
-        _config(trained, "generate.targets=[rgb]")
+        _config(trained, "generate.given=[rgb]", "generate.targets=[rgb]")
+    with pytest.raises(SampleInputError, match=r"generate.targets: \['rgb'\] also given"):
+        write_samples(_config(trained, "generate.targets=[rgb]"))  # given by default: the image
     with pytest.raises(ConfigError, match="generate.given: unknown \\['lidar'\\]"):
         _config(trained, "generate.given=[lidar]")
     broken = tmp_path / "broken.jpg"
@@ -103,7 +105,7 @@ def test_a_run_whose_tokenizers_were_retrained_is_refused(trained, tmp_path):
 
 def test_eval_scores_rgb_to_every_modality_beside_baseline_and_tokenizer_ceiling(trained):
     report = run_eval(_config(trained))
-    assert report.source == "rgb_pixels"  # the run has the pixel input: eval conditions on the photo
+    assert report.shown == ("rgb_pixels",)  # the run has the pixel input: eval conditions on the photo
     figures = json.loads((trained / "runs/tiny/eval/metrics.json").read_text())
     assert figures["columns"] == ["baseline", "model", "tokenizer ceiling"] and figures["rows"] == 2
     results = figures["results"]

@@ -19,9 +19,14 @@ from four_m.core.errors import UserError
 from four_m.core.modalities import token_modalities
 from four_m.core.runs import read_losses
 from four_m.train.data import TokenStoreError
+from four_m.train.evaluate import run_eval
+from four_m.train.probe import run_probe
 from four_m.train.run import TrainingMismatchError, run_finetune, run_train
+from four_m.train.sample import write_samples
 from four_m.train.trained import load_trained
 
+NO_RECIPE = "finetune.train={}"
+"""Fine-tune with the config's own train section (default.yaml's recipe is the demo's task)."""
 NANO = [
     "train.model=nano",
     "train.batch_size=4",
@@ -112,7 +117,7 @@ def test_two_process_ddp_on_cpu_finishes_with_equal_steps(root, tmp_path):
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "train: 4 steps on " in run.stdout
+    assert "train: 4 steps of any-to-any masking on " in run.stdout
     assert (root / "runs/ddp/checkpoints/last.ckpt").is_file()
 
 
@@ -120,7 +125,7 @@ def test_a_finetune_starts_from_a_run_adds_a_modality_trains_lora_and_saves_merg
     source = run_train(_config(root, "train.max_steps=3", "train.run=source", "train.modalities=[rgb,depth,caption]"))
     assert source.steps == 3
     options = ["train.max_steps=4", "train.run=tuned", "train.modalities=[rgb,depth,caption,canny_edge]"]
-    options += ["finetune.from_run=source", "finetune.lora_rank=2", "finetune.freeze_encoder_steps=2"]
+    options += ["finetune.from_run=source", "finetune.lora_rank=2", "finetune.freeze_encoder_steps=2", NO_RECIPE]
     summary = run_finetune(_config(root, *options, "finetune.new_learning_rate=0.01"))
     lines = "\n".join(summary.lines())
     assert (
@@ -143,6 +148,32 @@ def test_a_finetune_starts_from_a_run_adds_a_modality_trains_lora_and_saves_merg
 
 def test_a_finetune_from_a_missing_run_or_onto_itself_stops_in_one_line(root):
     with pytest.raises(UserError, match="no finished run in .*runs/nowhere"):
-        run_finetune(_config(root, "finetune.from_run=nowhere", "train.run=tuned"))
+        run_finetune(_config(root, "finetune.from_run=nowhere", "train.run=tuned", NO_RECIPE))
     with pytest.raises(UserError, match="name a new run"):
-        run_finetune(_config(root, "finetune.from_run=tiny", "train.run=tiny"))
+        run_finetune(_config(root, "finetune.from_run=tiny", "train.run=tiny", NO_RECIPE))
+
+
+def test_a_task_finetune_trains_the_task_alone_and_eval_scores_that_task_and_a_probe_reads_the_encoder(root):
+    pretrained = "train.modalities=[rgb_pixels,rgb,canny_edge,semseg]"
+    run_train(_config(root, "train.max_steps=3", "train.run=source", pretrained))
+    recipe = "{run: edges, task: {inputs: [rgb_pixels], targets: [canny_edge]}, input_budget: 196, target_budget: 196}"
+    summary = run_finetune(_config(root, "finetune.from_run=source", f"finetune.train={recipe}", "train.max_steps=3"))
+    lines = "\n".join(summary.lines())
+    assert "train: 3 steps of task rgb_pixels -> canny_edge (inputs whole, targets whole)" in lines
+    assert "modalities kept ['rgb_pixels', 'canny_edge']" in lines and "left behind ['rgb', 'semseg']" in lines
+    described = json.loads((root / "runs/edges/model.json").read_text())
+    assert described["task"] == {"inputs": ["rgb_pixels"], "targets": ["canny_edge"]}
+    assert [m["name"] for m in described["modalities"]] == ["rgb_pixels", "canny_edge"]
+
+    report = run_eval(_config(root, "train.run=edges"))
+    assert report.shown == ("rgb_pixels",) and report.targets == ("canny_edge",) and report.rows > 0
+    scored = json.loads((root / "runs/edges/eval/metrics.json").read_text())["results"]
+    assert set(scored) == {"canny_edge"} and scored["canny_edge"]["edge_f1"]["model"] is not None
+    grid = write_samples(_config(root, "train.run=edges", "generate.samples=2", "generate.steps=2"))
+    assert grid.name == "rgb-to-canny_edge.png"  # without FROM/TO a task run samples its task
+
+    probe = run_probe(_config(root, "train.run=source", "probe.steps=3", "probe.target=semseg"))
+    assert probe.rows[0] > 0 and probe.rows[1] > 0
+    figures = json.loads((root / "runs/source/probe/semseg.json").read_text())
+    assert 0.0 <= figures["results"]["semseg"]["miou"]["probe"] <= 1.0
+    assert figures["rows"] == {"training": probe.rows[0], "held_out": probe.rows[1]}

@@ -584,7 +584,7 @@ def test_generate_config_reads_guidance_keep_and_schedules():
         ({"guidance": {"sound": 1.0}}, "guidance"),
         ({"guidance": {"rgb": "high"}}, "guidance"),
         ({"keep": {"depth": 1.0}}, "keep"),
-        ({"keep": {"rgb": 0.5}}, "keep"),
+        ({"keep": {"rgb": 0.5}, "given": ("rgb",)}, "keep"),
     ]:
         with pytest.raises(ConfigError, match=rf"^generate\.{key}: "):
             GenerateConfig(**options)

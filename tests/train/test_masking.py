@@ -457,3 +457,59 @@ def test_unchunked_sequences_keep_their_random_stream():
     rng = np.random.default_rng(0)
     assert chunk_view(caption, sequence, rng) == (sequence, None)
     assert rng.random() == np.random.default_rng(0).random()
+
+
+def test_a_task_shows_its_inputs_whole_and_asks_its_targets_whole():
+    run = RUN[:3] + (CAPTION,)  # rgb, depth, normal, caption
+    budget = GRID + CAPTION.num_tokens
+    task = {"task_inputs": ("rgb", "caption"), "task_targets": ("depth",)}
+    masker = Masker(run, MaskingConfig(input_budget=budget, target_budget=GRID, **task))
+    rng = np.random.default_rng(0)
+    for seed in range(50):
+        sample = random_sample(rng, run)
+        out = masked(masker, sample, seed)
+        rgb_ids, rgb_positions = tokens_of(out.input_ids, out.input_modality, out.input_position, 0)
+        assert rgb_positions.tolist() == list(range(GRID))  # the whole grid, every example
+        assert rgb_ids.tolist() == sample["rgb"].tolist()
+        caption, _ = tokens_of(out.input_ids, out.input_modality, out.input_position, 3)
+        assert caption.tolist() == sample["caption"].tolist()  # kept whole (scheme all), EOS included
+        depth_ids, depth_positions = tokens_of(out.target_ids, out.target_modality, out.target_position, 1)
+        assert depth_positions.tolist() == list(range(GRID)) and depth_ids.tolist() == sample["depth"].tolist()
+        assert set(out.target_modality.tolist()) == {1}  # normal is neither shown nor asked
+        assert 2 not in out.input_modality.tolist()
+
+
+def test_a_task_sample_without_its_inputs_is_shown_nothing_rather_than_falling_back_to_all2all():
+    task = MaskingConfig(input_budget=GRID, target_budget=GRID, task_inputs=("rgb",), task_targets=("depth",))
+    masker = Masker(RUN[:2], task)
+    sample = {"rgb": None, "depth": np.arange(GRID, dtype=np.uint16)}
+    out = masked(masker, sample, 0)
+    assert len(out.input_ids) == 0  # all2all would have shown part of depth
+    assert sorted(out.target_position.tolist()) == list(range(GRID))
+
+
+def test_a_task_needs_budgets_that_hold_its_grids_and_replaces_the_mixtures():
+    with pytest.raises(ConfigError, match=r"input_budget: 8 cannot hold the task's \['rgb'\] whole: 16"):
+        Masker(RUN[:2], MaskingConfig(input_budget=8, task_inputs=("rgb",), task_targets=("depth",)))
+    inherited = {"mixtures": ("rgb2all", "all2all"), "keep": {"all2all": {"caption": "binary"}}}
+    task = MaskingConfig(**inherited, task_inputs=("rgb",), task_targets=("depth",))  # a pre-training's settings
+    assert task.mixtures == ("task",) and task.keep == {"task": {"rgb": "all"}}
+    with pytest.raises(ConfigError, match="needs both inputs and targets"):
+        MaskingConfig(task_inputs=("rgb",))
+
+
+def test_token_count_ranges_draw_each_samples_budgets_uniformly_within_them():
+    cfg = MaskingConfig(input_budget=24, target_budget=20, min_input_budget=4, min_target_budget=10)
+    masker = Masker(RUN[:3], cfg)
+    rng = np.random.default_rng(0)
+    inputs, targets = Counter(), Counter()
+    for seed in range(600):
+        out = masked(masker, random_sample(rng, RUN[:3]), seed)  # three full grids: every budget fills
+        inputs[len(out.input_ids)] += 1
+        targets[len(out.target_ids)] += 1
+    assert set(inputs) == set(range(4, 25)) and set(targets) == set(range(10, 21))
+    assert max(inputs.values()) < 3 * min(inputs.values())  # uniform: no count far more frequent
+    fixed = Masker(RUN[:3], MaskingConfig(input_budget=24, target_budget=20))
+    assert {len(masked(fixed, random_sample(rng, RUN[:3]), s).input_ids) for s in range(20)} == {24}
+    with pytest.raises(ConfigError, match="min_input_budget"):
+        MaskingConfig(input_budget=8, min_input_budget=9)

@@ -35,6 +35,7 @@ MODALITIES = (
     "color_palette",
     "sam_edge",
     "metadata",
+    "rgb",
 )
 MID_GREY = 128 / 127.5 - 1  # how a stored zero normal reads back (tokenize.maps.NormalAdapter.parse)
 
@@ -63,6 +64,7 @@ def label_of(modality: str, rng: np.random.Generator):
         "color_palette": lambda: [rng.integers(0, 256, 3 * k).tolist() for k in range(1, 8)],
         # counts: their bin is the value itself, so a label is also a perfect prediction of itself
         "metadata": lambda: {"n_humans": float(rng.integers(0, 5)), "caption_n_words": float(rng.integers(1, 30))},
+        "rgb": lambda: rng.random((3, 8, 8)).astype(np.float32),
     }[modality]()
 
 
@@ -96,6 +98,7 @@ PERFECT = {
     "sam_edge": {"edge_f1": 1.0},
     "color_palette": {"delta_e": 0.0, "well_formed": 1.0},
     "metadata": {"bin_accuracy": 1.0},
+    "rgb": {"psnr_db": 100.0, "abs_error": 0.0},
 }
 
 
