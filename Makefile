@@ -7,6 +7,7 @@
 # `make models OMNIDATA=omnidata_dpt_normal_v2.ckpt` converts Omnidata's normal model into label.normal.model;
 # `make finetune [FROM_RUN=tiny]` trains the config's fine-tune recipe (finetune.train: a new run, e.g. a task
 # rgb_pixels -> canny_edge) starting from run `tiny`'s weights; `make eval SET=train.run=<it>` scores it;
+# `make import-4m SOURCE=<folder or hub id> SET=train.run=4m-b` converts a released apple/ml-4m model into a run;
 # `make probe` trains a dense head on train.run's encoder (an RGB backbone) and scores it on the held-out shards;
 # `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"] [KEEP=depth:0.5]` generates with the
 # trained run (KEEP: in-paint, half of depth's stored tokens given)
@@ -32,6 +33,7 @@ KEEP   ?=
 OMNIDATA ?=
 SAMPLES ?=
 FROM_RUN ?=
+SOURCE ?=
 # Every verb's options, then each verb's own: target `x` passes $(x_ARGS) after $(ARGS).
 ARGS     = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
 comma := ,
@@ -46,12 +48,13 @@ preview-tokens_ARGS = $(preview_ARGS)
 sample_ARGS         = $(GENERATE) $(if $(IMAGE),--image '$(IMAGE)') $(if $(CAPTION),--caption '$(CAPTION)')
 demo_ARGS           = $(GENERATE)
 finetune_ARGS       = $(if $(FROM_RUN),--set finetune.from_run=$(FROM_RUN))
+import-4m_ARGS      = $(if $(SOURCE),--source '$(SOURCE)')
 
 # torch/torchvision: the pair this machine has on disk (CPU wheels); other pairs download gigabytes.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
-.PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train finetune probe sample eval \
+.PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train finetune import-4m probe sample eval \
         card preview preview-tokens models bad-input bench lint clean
 
 install: $(STAMP)
@@ -84,7 +87,7 @@ crash-test: $(STAMP)
 cluster-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/pipeline/test_cluster.py
 
-sample-urls download label tokenizers tokenize train finetune probe sample eval card preview preview-tokens models bad-input: $(STAMP)
+sample-urls download label tokenizers tokenize train finetune import-4m probe sample eval card preview preview-tokens models bad-input: $(STAMP)
 	$(CLI) $@ $(ARGS) $($@_ARGS)
 
 # The production config's architectures at full size with random weights, on this CPU (docs/cc12m.md).

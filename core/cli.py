@@ -97,6 +97,15 @@ def _finetune(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_4m(config: Config, args: argparse.Namespace) -> int:
+    from four_m.train.import_run import run_import
+
+    if not args.source:
+        raise UserError("import-4m needs --source (make import-4m SOURCE=<folder or hub id>): the model to convert")
+    print("\n".join(run_import(config, args.source).lines()))
+    return 0
+
+
 def _probe(config: Config, args: argparse.Namespace) -> int:
     from four_m.train.probe import run_probe
 
@@ -271,6 +280,11 @@ def _samples(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=8, help="rows in the grid (default 8)")
 
 
+def _source(parser: argparse.ArgumentParser) -> None:
+    help_ = "an ml-4m model: a folder with config.json and model.safetensors, or a hub id (EPFL-VILAB/4M-7_B_CC12M)"
+    parser.add_argument("--source", help=help_)
+
+
 def _user_input(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="generate from this image file instead of the held-out shards")
     parser.add_argument("--caption", help="generate from this caption (with caption in generate.given: FROM=caption)")
@@ -302,6 +316,7 @@ VERBS: dict[str, Verb] = {
     "finetune": Verb(_finetune, "train runs/<train.run>/ from runs/<finetune.from_run>/'s weights (FROM_RUN=)"),
     "sample": Verb(_sample, "runs/<run>/samples/*.png: predictions from held-out rows or your input", (_user_input,)),
     "eval": Verb(_eval, "runs/<run>/eval/metrics.md: rgb -> each modality (or the run's task) on the held-out shards"),
+    "import-4m": Verb(_import_4m, "runs/<train.run>/ from a released apple/ml-4m model (--source)", (_source,)),
     "probe": Verb(_probe, "runs/<run>/probe/<target>.md: the run's encoder as a backbone, a dense head on a label"),
     "card": Verb(_card, "<root>/README.md: the Hugging Face dataset card of the root"),
     "models": Verb(

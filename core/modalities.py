@@ -76,6 +76,8 @@ class PixelInput:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel mean and std of [0, 1] pixels; 4M's defaults (ImageNet's) unless a model needs others."""
     std: tuple[float, float, float] = IMAGENET_STD
+    reference: str | None = None
+    """Its name in apple/ml-4m's checkpoints (``rgb@224``), for ``make import-4m``."""
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):
@@ -127,6 +129,9 @@ class ModalitySpec:
     uses: tuple[str, ...] = ()
     """Modalities whose labels this labeler reads where they exist (``metadata`` counts boxes if
     ``det`` ran); what a missing one would give is left out, never guessed."""
+    reference: str | None = None
+    """Its name in apple/ml-4m's checkpoints (``tok_depth@224``, ``caption``), for ``make import-4m``;
+    None: no released 4M model has it."""
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):

@@ -32,6 +32,7 @@ class CannyConfig(AlgorithmConfig):
 
 MODALITY = ModalitySpec(
     name="canny_edge",
+    reference="tok_canny_edge@224",
     kind="edge_map",
     folder="labels/canny_edge",
     column="canny_edge",

@@ -20,6 +20,7 @@ class CaptionConfig(LabelerConfig):
 
 MODALITY = ModalitySpec(
     name="caption",
+    reference="caption",
     kind="text",
     folder="labels/caption",
     column="caption",

@@ -5,6 +5,7 @@ from four_m.core.modalities import ModalitySpec
 
 MODALITY = ModalitySpec(
     name="clip",
+    reference="tok_clip@224",
     kind="feature_map",
     folder="labels/clip",
     column="clip",

@@ -23,6 +23,7 @@ class PaletteConfig(AlgorithmConfig):
 
 MODALITY = ModalitySpec(
     name="color_palette",
+    reference="color_palette",
     kind="palette",
     folder="labels/color_palette",
     column="color_palette",

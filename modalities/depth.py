@@ -26,6 +26,7 @@ class DepthConfig(LabelerConfig):
 
 MODALITY = ModalitySpec(
     name="depth",
+    reference="tok_depth@224",
     kind="continuous_map",
     folder="labels/depth",
     column="depth",

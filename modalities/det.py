@@ -26,6 +26,7 @@ class DetConfig(LabelerConfig):
 
 MODALITY = ModalitySpec(
     name="det",
+    reference="det",
     kind="boxes",
     folder="labels/det",
     column="det",

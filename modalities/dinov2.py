@@ -9,6 +9,7 @@ from four_m.core.modalities import ModalitySpec
 
 MODALITY = ModalitySpec(
     name="dinov2",
+    reference="tok_dinov2@224",
     kind="feature_map",
     folder="labels/dinov2",
     column="dinov2",

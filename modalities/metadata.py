@@ -48,6 +48,7 @@ class MetadataConfig(AlgorithmConfig):
 
 MODALITY = ModalitySpec(
     name="metadata",
+    reference="metadata",
     kind="metadata",
     folder="labels/metadata",
     column="metadata",

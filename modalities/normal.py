@@ -5,6 +5,7 @@ from four_m.core.modalities import ModalitySpec
 
 MODALITY = ModalitySpec(
     name="normal",
+    reference="tok_normal@224",
     kind="direction_map",
     folder="labels/normal",
     column="normal",

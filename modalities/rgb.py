@@ -6,6 +6,7 @@ from four_m.core.modalities import ModalitySpec, PixelInput
 
 MODALITY = ModalitySpec(
     name="rgb",
+    reference="tok_rgb@224",
     kind="image",
     folder="images",
     column="jpg",
@@ -13,5 +14,5 @@ MODALITY = ModalitySpec(
     tokenizer_config=VQConfig(),
     order=0,
     # 4M's rgb@224: 16x16 patches of the 224 px view, standardised with ImageNet's mean and std.
-    pixel_input=PixelInput(name="rgb_pixels", patch_size=16),
+    pixel_input=PixelInput(name="rgb_pixels", patch_size=16, reference="rgb@224"),
 )

@@ -6,6 +6,7 @@ from four_m.core.modalities import ModalitySpec
 
 MODALITY = ModalitySpec(
     name="sam_edge",
+    reference="tok_sam_edge@224",
     kind="edge_map",
     folder="labels/sam_edge",
     column="sam_edge",

@@ -5,6 +5,7 @@ from four_m.core.modalities import ModalitySpec
 
 MODALITY = ModalitySpec(
     name="semseg",
+    reference="tok_semseg@224",
     kind="class_map",
     folder="labels/semseg",
     column="semseg",

@@ -48,7 +48,7 @@ class FourMBackbone(nn.Module):
         self.image_size = spec.image_size
         self.num_features = model.config.dim
         self.patch_embedding = model.patch_embeddings[pixels]
-        self.context_token = model.context_token
+        self.context_token = model.context_token if model.config.context_token else None
         self.encoder = model.encoder
         self.encoder_norm = model.encoder_norm
         self.register_buffer("mean", getattr(model, f"_mean_{pixels}").detach().clone())
@@ -69,11 +69,13 @@ class FourMBackbone(nn.Module):
         p, g = self.patch_size, self.grid
         patches = x.reshape(B, g, p, g, p, 3).transpose(2, 3).reshape(B, g * g, p * p * 3)  # as FourM.embed_patches
         x = self.patch_embedding(patches.to(self.labels.dtype)) + self.labels  # (B, G, D)
-        x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, 1 + G, D)
+        lead = 0 if self.context_token is None else 1
+        if lead:
+            x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, 1 + G, D)
         allowed = x.new_ones(B, 1, x.shape[1], dtype=torch.bool)  # every token sees every token
         for block in self.encoder:
             x = block(x, allowed)
-        return self.encoder_norm(x)[:, 1:]  # the context token dropped
+        return self.encoder_norm(x)[:, lead:]  # the context token dropped
 
     def forward_head(self, features: Tensor, pre_logits: bool = True) -> Tensor:
         """(B, G*G, D) -> (B, D): the mean over patches (there is no classifier: ``pre_logits`` only)."""

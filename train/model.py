@@ -50,6 +50,14 @@ class ModelConfig:
     """MLP width over ``dim`` as for a GELU MLP; SwiGLU uses 2/3 of it, so its three matrices cost the same."""
     dropout: float = 0.0
     """On embeddings, attention weights and residual branches. 4M pre-trains without dropout."""
+    norm_eps: float = 1e-5
+    """Every layer norm's epsilon (PyTorch's default); ml-4m's released models use 1e-6."""
+    context_token: bool = True
+    """A learned token leads every sample's encoder tokens (see ``FourM.context_token``); ml-4m's
+    models have none, and an imported one is built without it."""
+    decoder_tables: bool = False
+    """The decoder's teacher-forced sequence inputs read token tables of their own instead of the
+    encoder's, as ml-4m's decoder embeddings do (an imported model is built with them)."""
 
     def __post_init__(self) -> None:
         check(self.dim >= 4 and self.dim % 4 == 0, "model.dim", "must be a positive multiple of 4")
@@ -59,6 +67,7 @@ class ModelConfig:
         check(self.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
         check(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
         check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        check(0.0 < self.norm_eps < 1.0, "model.norm_eps", "must be in (0, 1)")
 
     @classmethod
     def named(cls, size: str) -> ModelConfig:
@@ -213,9 +222,9 @@ class SwiGLU(nn.Module):
 class EncoderBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.attention_norm = nn.LayerNorm(config.dim, bias=False)
+        self.attention_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.attention = Attention(config)
-        self.mlp_norm = nn.LayerNorm(config.dim, bias=False)
+        self.mlp_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.mlp = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -235,12 +244,12 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.self_attention_norm = nn.LayerNorm(config.dim, bias=False)
+        self.self_attention_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.self_attention = Attention(config)
-        self.cross_attention_norm = nn.LayerNorm(config.dim, bias=False)
-        self.context_norm = nn.LayerNorm(config.dim, bias=False)
+        self.cross_attention_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
+        self.context_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.cross_attention = Attention(config)
-        self.mlp_norm = nn.LayerNorm(config.dim, bias=False)
+        self.mlp_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.mlp = SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -308,9 +317,14 @@ class FourM(nn.Module):
         self.register_buffer("vocabulary_of", torch.tensor(self._vocabulary_of), persistent=False)
 
         # Embeddings, one token table per vocabulary. Tables are shared by the encoder's inputs and the
-        # decoder's teacher-forced sequence inputs; the modality embeddings are not: "an input of m"
-        # and "predict m" differ.
+        # decoder's teacher-forced sequence inputs (unless ``decoder_tables``); the modality
+        # embeddings are not: "an input of m" and "predict m" differ.
         self.token_embeddings = nn.ModuleDict({v: nn.Embedding(n, D) for v, n in vocab_sizes.items()})
+        if config.decoder_tables:
+            sequences = {m.vocabulary for m in tokens if m.kind == "sequence"}  # map targets read the mask token
+            self.decoder_token_embeddings = nn.ModuleDict(
+                {v: nn.Embedding(n, D) for v, n in vocab_sizes.items() if v in sequences}
+            )
         # 4M's rgb@224: a bias-free linear map of each flattened patch (rows, columns, channels), so
         # the modality embedding alone says "pixels".
         self.patch_embeddings = nn.ModuleDict({m.name: nn.Linear(m.patch_size**2 * 3, D, bias=False) for m in pixels})
@@ -321,17 +335,19 @@ class FourM(nn.Module):
         self.target_modality_embedding = nn.Embedding(len(modalities), D)
         self.mask_token = nn.Parameter(torch.zeros(D))
         """The decoder's query content for a map target: the token it has to predict is unknown."""
-        self.context_token = nn.Parameter(torch.zeros(D))
-        """Leads every sample's encoder tokens, so a sample with no inputs (unconditional generation,
-        classifier-free guidance) still has one key to cross-attend to instead of a NaN row."""
+        if config.context_token:
+            self.context_token = nn.Parameter(torch.zeros(D))
+            """Leads every sample's encoder tokens, so a sample with no inputs (unconditional
+            generation, classifier-free guidance) still has one key to cross-attend to instead of a
+            NaN row. Without it, such a row attends to its padding uniformly, as ml-4m's masking does."""
         self.embedding_dropout = nn.Dropout(config.dropout)
 
         self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.encoder_layers))
-        self.encoder_norm = nn.LayerNorm(D, bias=False)
+        self.encoder_norm = nn.LayerNorm(D, eps=config.norm_eps, bias=False)
         # 4M's decoder_proj_context, with its bias (4M keeps this one even in its bias-free models).
         self.context_projection = nn.Linear(D, D)
         self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.decoder_layers))
-        self.decoder_norm = nn.LayerNorm(D, bias=False)
+        self.decoder_norm = nn.LayerNorm(D, eps=config.norm_eps, bias=False)
         self.heads = nn.ModuleDict({v: nn.Linear(D, n, bias=False) for v, n in vocab_sizes.items()})
         self._init_weights()
 
@@ -350,7 +366,8 @@ class FourM(nn.Module):
                 normal(parameter, 0.02 / math.sqrt(residual_writes))
         nn.init.zeros_(self.context_projection.bias)
         normal(self.mask_token)
-        normal(self.context_token)
+        if self.config.context_token:
+            normal(self.context_token)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -371,13 +388,16 @@ class FourM(nn.Module):
 
     # -- embeddings ---------------------------------------------------------------------------
 
-    def embed_tokens(self, ids: Tensor, modality: Tensor) -> Tensor:
-        """(B, N) ids and modality indices -> (B, N, D): each id looked up in its vocabulary's table."""
+    def embed_tokens(self, ids: Tensor, modality: Tensor, decoder: bool = False) -> Tensor:
+        """(B, N) ids and modality indices -> (B, N, D): each id looked up in its vocabulary's table
+        (with ``decoder`` and ``decoder_tables``, the decoder's table of that vocabulary)."""
         x = self.mask_token.new_zeros(*ids.shape, self.config.dim)  # (B, N, D)
         vocabulary = self.vocabulary_of[modality]  # (B, N)
-        for v, table in enumerate(self.token_embeddings.values()):
+        tables = self.decoder_token_embeddings if decoder and self.config.decoder_tables else self.token_embeddings
+        for v, name in enumerate(self.token_embeddings):
             here = vocabulary == v  # (B, N)
-            x[here] = table(ids[here])  # (tokens of vocabulary v, D)
+            if name in tables and here.any():
+                x[here] = tables[name](ids[here])  # (tokens of vocabulary v, D)
         return x
 
     def embed_patches(self, name: str, images: Tensor) -> Tensor:
@@ -421,13 +441,16 @@ class FourM(nn.Module):
         labels = self.input_modality_embedding(modality) + self.embed_positions(modality, position)  # (B, N_in, D)
         x = self.embed_inputs(batch, modality, position) + labels  # (B, N_in, D)
         B = x.shape[0]
-        x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, S, D)
-        # The context token has no modality or position (as 4M's register tokens): nothing to add back.
-        labels = torch.cat([labels.new_zeros(B, 1, labels.shape[-1]), labels], dim=1)  # (B, S, D)
-        real = torch.cat([real.new_ones(B, 1), real], dim=1)  # (B, S)
+        if self.config.context_token:
+            x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, S, D)
+            # The context token has no modality or position (as 4M's register tokens): nothing to add back.
+            labels = torch.cat([labels.new_zeros(B, 1, labels.shape[-1]), labels], dim=1)  # (B, S, D)
+            real = torch.cat([real.new_ones(B, 1), real], dim=1)  # (B, S)
+        else:  # a sample without inputs attends to all its (padding) tokens alike, as ml-4m's masking
+            real = real | ~real.any(dim=1, keepdim=True)
         x = self.embedding_dropout(x)
 
-        # Every token, padding included, sees the sample's real tokens: the context token at least,
+        # Every token, padding included, sees the sample's real tokens (the context token at least),
         # so no row is fully masked (NaN).
         allowed = real[:, None, :]  # (B, 1, S), the same for every query
         for block in self.encoder:
@@ -450,7 +473,7 @@ class FourM(nn.Module):
         position = batch.target_position.where(real, 0)
         is_map = self.is_map[modality]  # (B, N_tgt)
         # Map targets ask with the mask token; sequence targets see the previous token (teacher forcing).
-        teacher = self.embed_tokens(batch.decoder_input_ids.where(real & ~is_map, 0), modality)  # (B, N_tgt, D)
+        teacher = self.embed_tokens(batch.decoder_input_ids.where(real & ~is_map, 0), modality, decoder=True)
         x = (
             torch.where(is_map[..., None], self.mask_token.to(teacher.dtype), teacher)
             + self.target_modality_embedding(modality)

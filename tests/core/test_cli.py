@@ -45,6 +45,7 @@ OWN = {
     "preview": ("--samples",),
     "preview-tokens": ("--samples",),
     "sample": ("--image", "--caption"),
+    "import-4m": ("--source",),
 }
 """Each verb's own options; every other verb has none."""
 

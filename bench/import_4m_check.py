@@ -1,0 +1,173 @@
+"""Manual check of ``make import-4m`` against apple/ml-4m itself: the same random model, both ways.
+
+Builds ml-4m's own ``fourm.models.fm.FM`` (random weights, a small config with the released
+models' architecture: SwiGLU, no biases, LayerNorm eps 1e-6), converts its state dict with
+``train.import_4m.convert`` (through a safetensors file, as a released checkpoint is stored), and
+runs both models on the same two batches:
+
+(a) the photo's pixels (``rgb@224``) and half of the depth tokens in, every rgb token out;
+(b) the pixels in, a caption out (teacher-forced: ``S_0 w1 w2 w3 S_1``).
+
+It prints the largest absolute difference of the logits. Needs a local copy of apple/ml-4m and
+``einops`` (not project dependencies: CI never runs this)::
+
+    git clone https://github.com/apple/ml-4m /tmp/ml-4m   # or any local copy
+    .venv/bin/pip install einops
+    .venv/bin/python bench/import_4m_check.py --ml4m /tmp/ml-4m
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+
+from four_m.core.modalities import IMAGENET_MEAN, IMAGENET_STD
+from four_m.train.batch import MaskedBatch
+from four_m.train.import_4m import REQUIRED, convert
+
+B, SIDE, GRID = 2, 224, 14
+DEPTH_SHOWN = 98
+CAPTION = [5, 1001, 1002, 1003, 6]  # S_0 w1 w2 w3 S_1, ids in ml-4m's text vocabulary layout
+
+
+def reference_config(dim: int) -> dict:
+    return {
+        "domains_in": ["rgb@224", "tok_rgb@224", "tok_depth@224", "caption"],
+        "domains_out": ["tok_rgb@224", "tok_depth@224", "caption"],
+        "image_size": SIDE,
+        "patch_size": 16,
+        "dim": dim,
+        "encoder_depth": 2,
+        "decoder_depth": 2,
+        "num_heads": dim // 64 or 1,
+        "mlp_ratio": 4.0,
+        **REQUIRED,  # the released models' settings: ml-4m builds its model from them here
+    }
+
+
+def ml4m_inputs(images: torch.Tensor, depth: torch.Tensor, shown: torch.Tensor, target: str) -> dict:
+    """ml-4m's mod_dict: masks are True where a token is NOT an input / NOT a target."""
+    standardised = (images.permute(0, 3, 1, 2) / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+        IMAGENET_STD
+    )[:, None, None]
+    none = torch.ones(B, GRID * GRID, dtype=torch.bool)
+    depth_input = torch.ones(B, GRID * GRID, dtype=torch.bool)
+    depth_input[:, shown] = False
+    mod_dict = {
+        "rgb@224": {
+            "tensor": standardised,
+            "input_mask": torch.zeros(B, GRID * GRID, dtype=torch.bool),
+            "target_mask": none,
+        },
+        "tok_depth@224": {
+            "tensor": depth,
+            "input_mask": depth_input if target == "tok_rgb@224" else none,
+            "target_mask": none,
+            "decoder_attention_mask": torch.zeros(B, GRID * GRID, dtype=torch.long),
+        },
+    }
+    if target == "tok_rgb@224":
+        attention = torch.zeros(B, GRID * GRID, dtype=torch.long)
+        attention[:, 0] = GRID * GRID  # the whole grid attends to itself
+        mod_dict["tok_rgb@224"] = {
+            "tensor": torch.zeros(B, GRID, GRID, dtype=torch.long),
+            "input_mask": none,
+            "target_mask": torch.zeros(B, GRID * GRID, dtype=torch.bool),
+            "decoder_attention_mask": attention,
+        }
+    else:
+        length = len(CAPTION)
+        mod_dict["caption"] = {
+            "tensor": torch.tensor([CAPTION] * B),
+            "input_mask": torch.ones(B, length, dtype=torch.bool),
+            "target_mask": torch.zeros(B, length, dtype=torch.bool),
+            "decoder_attention_mask": torch.ones(B, length, dtype=torch.long),  # causal
+        }
+    return mod_dict
+
+
+def our_batch(model, images: torch.Tensor, depth: torch.Tensor, shown: torch.Tensor, target: str) -> MaskedBatch:
+    pixels, depth_index = model.modality_index("rgb_pixels"), model.modality_index("depth")
+    positions = torch.arange(GRID * GRID)
+    if target == "rgb":  # every patch (ids unused: the pixels are embedded), then the shown depth tokens
+        inputs = {
+            "modality": torch.cat([torch.full((GRID * GRID,), pixels), torch.full((len(shown),), depth_index)]),
+            "position": torch.cat([positions, shown]),
+        }
+        patches = torch.zeros(GRID * GRID, dtype=torch.long)
+        input_ids = torch.stack([torch.cat([patches, grid.reshape(-1)[shown]]) for grid in depth])
+        n_target = GRID * GRID
+        targets = {"modality": torch.full((n_target,), model.modality_index("rgb")), "position": positions}
+        decoder_in = torch.zeros(B, n_target, dtype=torch.long)
+    else:
+        inputs = {"modality": torch.full((GRID * GRID,), pixels), "position": positions}
+        input_ids = torch.zeros(B, GRID * GRID, dtype=torch.long)
+        n_target = len(CAPTION) - 1
+        targets = {
+            "modality": torch.full((n_target,), model.modality_index("caption")),
+            "position": torch.arange(n_target),
+        }
+        decoder_in = torch.tensor([CAPTION[:-1]] * B)
+    n_input = input_ids.shape[1]
+    return MaskedBatch(
+        input_ids=input_ids,
+        input_modality=inputs["modality"].expand(B, n_input),
+        input_position=inputs["position"].expand(B, n_input),
+        input_mask=torch.ones(B, n_input, dtype=torch.bool),
+        target_ids=torch.zeros(B, n_target, dtype=torch.long),
+        target_modality=targets["modality"].expand(B, n_target),
+        target_position=targets["position"].expand(B, n_target),
+        target_mask=torch.ones(B, n_target, dtype=torch.bool),
+        decoder_input_ids=decoder_in,
+        pixels={"rgb_pixels": images.to(torch.uint8)},
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ml4m", type=Path, required=True, help="a local copy of apple/ml-4m")
+    parser.add_argument("--dim", type=int, default=128)
+    args = parser.parse_args()
+    sys.path.insert(0, str(args.ml4m))
+    import fourm.models.fm as reference_module  # noqa: PLC0415 - only with the reference on the path
+
+    # ml-4m samples from dict items, which Python 3.11 refuses (ml-4m targets 3.9): give it a list.
+    sample = reference_module.random.sample
+    reference_module.random.sample = lambda population, k: sample(list(population), k)
+    FM = reference_module.FM
+
+    torch.manual_seed(0)
+    config = reference_config(args.dim)
+    reference = FM(dict(config)).eval()
+    with tempfile.TemporaryDirectory() as folder:  # stored as a release is: shared tensors under one name
+        save_model(reference, f"{folder}/model.safetensors")
+        weights = load_file(f"{folder}/model.safetensors")
+    ours = convert(config, weights).model
+    images = torch.randint(0, 256, (B, SIDE, SIDE, 3)).float()
+    depth = torch.randint(0, 8192, (B, GRID, GRID))
+    shown = torch.randperm(GRID * GRID)[:DEPTH_SHOWN].sort().values
+    print(f"ml-4m FM dim {args.dim}, 2+2 layers: {sum(p.numel() for p in reference.parameters()):,} parameters")
+    with torch.no_grad():
+        for case, theirs_name, our_name in (
+            ("(a) pixels + depth -> rgb", "tok_rgb@224", "rgb"),
+            ("(b) pixels -> caption", "caption", "caption"),
+        ):
+            mod_dict = ml4m_inputs(images, depth, shown, theirs_name)
+            n_encoder = GRID * GRID + (DEPTH_SHOWN if theirs_name == "tok_rgb@224" else 0)
+            n_decoder = GRID * GRID if theirs_name == "tok_rgb@224" else len(CAPTION) - 1
+            theirs = reference(mod_dict, n_encoder, n_decoder, return_logits=True)[theirs_name]  # (B, M, V)
+            batch = our_batch(ours, images, depth, shown, our_name)
+            logits = ours(batch)[ours.modality_index(our_name)]  # (B*M, V)
+            difference = (logits - theirs.reshape(-1, theirs.shape[-1])).abs().max().item()
+            scale = theirs.abs().max().item()
+            shape = tuple(theirs.shape)
+            print(f"{case}: logits {shape}, max |ours - ml-4m| = {difference:.3g} (largest logit {scale:.3g})")
+
+
+if __name__ == "__main__":
+    main()

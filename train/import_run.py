@@ -1,0 +1,81 @@
+"""``make import-4m SOURCE=<folder or hub id>``: a released apple/ml-4m model written as run
+``runs/<train.run>/`` of this root, as ``make train`` leaves one (``model.safetensors`` + ``model.json``).
+
+A source is a folder with ml-4m's ``config.json`` and ``model.safetensors`` (what its Hugging Face
+repositories such as ``EPFL-VILAB/4M-7_B_CC12M`` hold), or such a hub id, fetched with
+``huggingface_hub`` where a hub is reachable. The conversion is ``train.import_4m``'s. The run
+records, per token modality, the ml-4m tokenizer its ids belong to (``ml-4m:tok_depth@224``):
+``make sample``/``eval``/``finetune`` read it only once this root's ``tokenizers/`` are those, and
+say so by name until then.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_model
+
+from four_m.core.config import Config
+from four_m.core.dataset_root import DatasetRoot, atomic_path, write_text_atomic
+from four_m.core.errors import UserError
+from four_m.core.runs import DESCRIPTION
+from four_m.core.storage import RootPath
+from four_m.train.import_4m import convert
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+TOKENIZER_PREFIX = "ml-4m:"
+"""A run's tokenizer id for ids of ml-4m's own tokenizers: ``ml-4m:<its modality name>``."""
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    run: RootPath
+    source: str
+    modalities: dict[str, str]
+    left_behind: tuple[str, ...]
+    parameters: int
+
+    def lines(self) -> list[str]:
+        pairs = ", ".join(f"{ours} <- {theirs}" for ours, theirs in self.modalities.items())
+        lines = [f"import-4m: {self.source} -> {self.run} ({self.parameters:,} parameters); modalities {pairs}"]
+        if self.left_behind:
+            lines.append(f"import-4m: left behind (never read by ml-4m): {', '.join(self.left_behind)}")
+        return lines
+
+
+def source_folder(source: str) -> Path:
+    """A local folder as it is; otherwise a hub id, downloaded (its config and weights only)."""
+    folder = Path(source)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=[CONFIG, WEIGHTS]))
+    except Exception as err:  # noqa: BLE001 - any hub failure becomes one line naming the source
+        raise UserError(f"cannot read {source!r}: not a folder, and the hub says {type(err).__name__}: {err}") from None
+
+
+def run_import(config: Config, source: str) -> ImportReport:
+    folder = source_folder(source)
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder} has no {name}: an ml-4m model folder holds {CONFIG} and {WEIGHTS}")
+    reference = json.loads((folder / CONFIG).read_text())
+    imported = convert(reference, load_file(str(folder / WEIGHTS)))
+    model = imported.model
+    run = DatasetRoot(config.root) / f"runs/{config.train.run}"
+    with atomic_path(run / WEIGHTS) as temp:
+        save_model(model, str(temp))
+    described = {
+        "model": asdict(model.config),
+        "modalities": [asdict(m) for m in model.modalities],
+        "tokenizers": {
+            m.name: f"{TOKENIZER_PREFIX}{imported.references[m.name]}" for m in model.modalities if m.kind != "pixels"
+        },
+        "imported_from": source,
+    }
+    write_text_atomic(run / DESCRIPTION, json.dumps(described, indent=1))
+    return ImportReport(run, source, imported.references, imported.left_behind, model.parameter_count())
