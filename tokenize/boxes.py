@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from four_m.core.coco import COCO_THINGS
 from four_m.core.crops import Crop
 from four_m.tokenize.base import TOKEN_DTYPE, TokenizerInputError
 from four_m.tokenize.coded import CodedSequenceTokenizer
-from four_m.tokenize.text import CLASS_INDEX, COORDINATE_AXES
+from four_m.tokenize.text import CLASS_NAMES, COORDINATE_AXES
 
 CORNERS = ("x0", "y0", "x1", "y1")
 """Box keys in coordinate-axis order: ``CORNERS[a]`` is token ``v{a}=``."""
@@ -80,7 +79,7 @@ class BoxSequenceTokenizer(CodedSequenceTokenizer):
                         pending = [bin_] if axis == 0 else []
                     continue
                 if i in classes and len(pending) == COORDINATE_AXES:
-                    boxes.append(self._box(pending, COCO_THINGS[i - classes.start]))
+                    boxes.append(self._box(pending, self.text.class_names[i - classes.start]))
                 pending = []
             out.append(boxes)
         return out
@@ -90,7 +89,7 @@ class BoxSequenceTokenizer(CodedSequenceTokenizer):
         if not isinstance(box, Mapping):
             raise TokenizerInputError(f"det: expected a dict per box, got {type(box).__name__} {box!r:.80}")
         name = box.get("class")
-        if not isinstance(name, str) or name not in CLASS_INDEX:
+        if not isinstance(name, str) or name not in CLASS_NAMES:
             raise TokenizerInputError(f"det: unknown class {name!r} (expected one of the 80 COCO class names)")
         score = box.get("score")
         if score is not None and _number(score, "score") < self.text.cfg.min_box_score:

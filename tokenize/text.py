@@ -14,6 +14,13 @@ classes               the 80 COCO detection class names          then 80 ids
 word pieces           trained WordPiece vocabulary (``##`` cont.)  the rest
 ====================  =========================================  ======================
 
+ml-4m's own ``text_tokenizer_4m_wordpiece_30k.json`` has this layout with 200 sentinels and its
+class names in alphabetical order: set ``tokenize.text.file`` to it and ``tokenize.text.sentinels``
+to 200, and captions and boxes get the ids its models were trained on. The class block may hold
+the 80 names in any order (the file's order is read); every other block must be exactly the
+config's. (ml-4m's file also matches sentinel and coordinate tokens written in a caption's text,
+where this project's own vocabulary never does.)
+
 Special, sentinel and coordinate tokens live only in the model's vocabulary, never in the added
 tokens the tokenizer matches in raw text: no caption, whatever it says ("[EOS]", "v0=12"), can
 produce a control token. Class names, by contrast, are added tokens matched as whole words, so
@@ -43,7 +50,7 @@ COORDINATE_AXES = 4
 MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max)
 HF_FILE = "tokenizer.json"
 CONFIG_FILE = "text_config.json"
-CLASS_INDEX = {name: i for i, name in enumerate(COCO_THINGS)}
+CLASS_NAMES = frozenset(COCO_THINGS)
 
 
 def reserved_tokens(cfg: TextTokenizerConfig) -> list[str]:
@@ -74,6 +81,9 @@ class TextTokenizer(Tokenizer):
         self.hf = hf
         self.cfg = cfg
         self._check_layout()
+        self.class_names: tuple[str, ...] = tuple(hf.id_to_token(i) for i in self.class_ids)
+        """The class block's names in id order: ``COCO_THINGS``'s, or a loaded file's (ml-4m's: alphabetical)."""
+        self._class_index = {name: i for i, name in enumerate(self.class_names)}
 
     @classmethod
     def train(cls, texts: Iterable[str], cfg: TextTokenizerConfig) -> TextTokenizer:
@@ -153,7 +163,7 @@ class TextTokenizer(Tokenizer):
 
     def class_id(self, name: str) -> int:
         """Token of a COCO class name (``KeyError`` outside the table)."""
-        return self.class_ids[CLASS_INDEX[name]]
+        return self.class_ids[self._class_index[name]]
 
     # -- Tokenizer ---------------------------------------------------------------------------
 
@@ -209,7 +219,9 @@ class TextTokenizer(Tokenizer):
                 f"caption: vocabulary of {self.vocab_size} tokens does not fit {np.dtype(TOKEN_DTYPE).name}"
                 f" (at most {MAX_VOCAB}); lower tokenize.text.vocab_size, sentinels or coordinate_bins"
             )
-        for expected, token in enumerate(reserved_tokens(self.cfg)):
+        reserved = reserved_tokens(self.cfg)
+        fixed = len(reserved) - len(COCO_THINGS)  # specials, sentinels, coordinates: exactly these ids
+        for expected, token in enumerate(reserved[:fixed]):
             found = self.hf.token_to_id(token)
             if found != expected:
                 raise TokenizerInputError(
@@ -217,6 +229,13 @@ class TextTokenizer(Tokenizer):
                     f" match tokenize.text (sentinels={self.cfg.sentinels},"
                     f" coordinate_bins={self.cfg.coordinate_bins})"
                 )
+        block = {self.hf.id_to_token(i) for i in range(fixed, len(reserved))}
+        if block != CLASS_NAMES:
+            strays = sorted(str(t) for t in block - CLASS_NAMES)[:3]
+            raise TokenizerInputError(
+                f"caption: ids {fixed}..{len(reserved) - 1} must be the 80 COCO class names (in any order),"
+                f" but hold {strays}: the tokenizer file does not match tokenize.text"
+            )
 
 
 def _empty_tokenizer(model: models.Model) -> HFTokenizer:
@@ -229,7 +248,8 @@ def _empty_tokenizer(model: models.Model) -> HFTokenizer:
 
 
 def _read_hf(directory: Path) -> HFTokenizer:
-    path = directory / HF_FILE
+    """A saved tokenizer folder's file, or a tokenizer file itself (ml-4m's text_tokenizer_4m_wordpiece_30k.json)."""
+    path = directory if directory.is_file() else directory / HF_FILE
     if not path.is_file():
         raise TokenizerInputError(f"caption: no {HF_FILE} in {directory} (expected a saved text tokenizer folder)")
     return HFTokenizer.from_file(str(path))

@@ -148,3 +148,52 @@ def test_bare_string_and_empty_corpus_are_rejected(tok):
 def test_vocabulary_over_16_bits_fails_clearly():
     with pytest.raises(TokenizerInputError, match="does not fit uint16"):
         TextTokenizer.train(CAPTIONS, dataclasses.replace(CFG, sentinels=30_000, coordinate_bins=10_000))
+
+
+ALPHABETICAL = tuple(sorted(COCO_THINGS))
+"""ml-4m's class-token order."""
+
+
+def ml4m_layout_file(tmp_path, classes=ALPHABETICAL):
+    """A tokenizer file laid out as ml-4m's text_tokenizer_4m_wordpiece_30k.json: 200 sentinels,
+    coordinates, the class names alphabetically (as added tokens), then word pieces."""
+    from tokenizers import AddedToken, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from four_m.tokenize.text import COORDINATE_AXES, SPECIAL_TOKENS, _empty_tokenizer
+
+    reserved = [*SPECIAL_TOKENS, *(f"[S_{i}]" for i in range(200))]
+    reserved += [f"v{a}={b}" for a in range(COORDINATE_AXES) for b in range(1000)]
+    words = ["a", "on", "sits", "the", "##s"]
+    vocab = {token: i for i, token in enumerate([*reserved, *classes, *words])}
+    hf: HFTokenizer = _empty_tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    hf.add_tokens([AddedToken(name, single_word=True, normalized=True) for name in classes])
+    path = tmp_path / "text_tokenizer_4m_wordpiece_30k.json"
+    hf.save(str(path))
+    return path
+
+
+def test_a_file_in_ml4ms_layout_loads_with_its_class_order_and_boxes_use_its_ids(tmp_path):
+    from four_m.tokenize.boxes import BoxSequenceTokenizer
+
+    cfg = TextTokenizerConfig(file=str(ml4m_layout_file(tmp_path)), sentinels=200)
+    tok = TextTokenizer.from_config(cfg)
+    first_class = 4 + 200 + 4 * 1000
+    assert tok.class_id("airplane") == first_class and tok.class_id("zebra") == first_class + 79  # alphabetical
+    assert tok.class_id("person") == first_class + ALPHABETICAL.index("person")
+    ids = tok.encode(["A dog sits on a bench"])[0]
+    assert ids.tolist()[1] == tok.class_id("dog") and ids[-1] == tok.eos_id
+    boxes = BoxSequenceTokenizer(tok)
+    box = {"x0": 0.1, "y0": 0.2, "x1": 0.5, "y1": 0.9, "class": "zebra", "score": 0.9}
+    (encoded,) = boxes.encode([[box]])
+    assert encoded.tolist()[4] == first_class + 79
+    assert boxes.decode([encoded])[0][0]["class"] == "zebra"
+
+
+def test_a_file_whose_class_block_holds_another_token_is_refused(tmp_path):
+    classes = ALPHABETICAL[:-1] + ("lidar",)
+    cfg = TextTokenizerConfig(file=str(ml4m_layout_file(tmp_path, classes)), sentinels=200)
+    with pytest.raises(
+        TokenizerInputError, match=r"must be the 80 COCO class names \(in any order\), but hold \['lidar'\]"
+    ):
+        TextTokenizer.from_config(cfg)
