@@ -8,8 +8,15 @@ runs both models on the same two batches:
 (a) the photo's pixels (``rgb@224``) and half of the depth tokens in, every rgb token out;
 (b) the pixels in, a caption out (teacher-forced: ``S_0 w1 w2 w3 S_1``).
 
-It prints the largest absolute difference of the logits. Needs a local copy of apple/ml-4m and
-``einops`` (not project dependencies: CI never runs this)::
+It prints the largest absolute difference of the logits. Then the same for ml-4m's ViT VQ-VAE
+tokenizers (``fourm.vq.vqvae.VQVAE``, random weights) against ``tokenize.ml4m_vqvae``: (c) a
+semseg-like one (134 labels, a 448 px positional grid resized to 224 px input), (d) a CLIP-like one
+(512-wide feature maps, no patching): the share of equal token ids and the largest difference of
+the decoded outputs. ml-4m's ``fourm.vq`` imports ``diffusers`` (for its diffusion decoders, which
+the VQ-VAE path never runs; its pinned 0.20 needs an older ``huggingface_hub`` than this project's),
+so an empty stand-in module is put in its place here.
+
+Needs a local copy of apple/ml-4m and ``einops`` (not project dependencies: CI never runs this)::
 
     git clone https://github.com/apple/ml-4m /tmp/ml-4m   # or any local copy
     .venv/bin/pip install einops
@@ -19,14 +26,18 @@ It prints the largest absolute difference of the logits. Needs a local copy of a
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.machinery
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_model
 
 from four_m.core.modalities import IMAGENET_MEAN, IMAGENET_STD
+from four_m.tokenize.ml4m_vqvae import load_ml4m_vqvae
 from four_m.train.batch import MaskedBatch
 from four_m.train.import_4m import REQUIRED, convert
 
@@ -167,6 +178,68 @@ def main() -> None:
             scale = theirs.abs().max().item()
             shape = tuple(theirs.shape)
             print(f"{case}: logits {shape}, max |ours - ml-4m| = {difference:.3g} (largest logit {scale:.3g})")
+    check_tokenizers()
+
+
+def stub_diffusers() -> None:
+    """An empty ``diffusers`` (every name a do-nothing class or callable) for ml-4m's imports."""
+
+    class Meta(type):
+        def __iter__(cls):  # ml-4m iterates an enum of schedulers at class-definition time
+            return iter(())
+
+    class Stub(metaclass=Meta):
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __call__(self, *args, **kwargs):  # decorators hand back what they wrap
+            return args[0] if args and callable(args[0]) else Stub()
+
+    class Module(types.ModuleType):
+        def __getattr__(self, name: str):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Meta(name, (Stub,), {}) if name[0].isupper() else Stub()
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "diffusers":
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            return Module(spec.name)
+
+        def exec_module(self, module) -> None:
+            module.__path__ = []
+
+    sys.meta_path.insert(0, Finder())
+
+
+def check_tokenizers() -> None:
+    stub_diffusers()
+    from fourm.vq.vqvae import VQVAE  # noqa: PLC0415 - only with the reference on the path
+
+    cases = {
+        "(c) semseg-like VQ-VAE": (
+            {"image_size": 448, "n_channels": 64, "n_labels": 134, "codebook_size": 4096},
+            torch.randint(0, 134, (B, SIDE, SIDE)),
+        ),
+        "(d) CLIP-like VQ-VAE": (
+            {"image_size": 224, "n_channels": 512, "patch_proj": False, "codebook_size": 8192},
+            torch.randn(B, 512, GRID, GRID),
+        ),
+    }
+    for case, (options, inputs) in cases.items():
+        torch.manual_seed(0)
+        config = {"enc_type": "vit_b_enc", "dec_type": "vit_b_dec", "patch_size": 16, "post_mlp": True, **options}
+        reference = VQVAE(**config, latent_dim=32, norm_codes=True).eval()
+        ours = load_ml4m_vqvae(config, reference.state_dict())
+        with torch.no_grad():
+            theirs_ids, our_ids = reference.tokenize(inputs), ours.tokenize(inputs)
+            same = (theirs_ids == our_ids).float().mean().item()
+            decoded = (reference.decode_tokens(theirs_ids) - ours.decode_tokens(theirs_ids)).abs().max().item()
+        print(f"{case}: ids {tuple(our_ids.shape)}, {same:.1%} equal; decoded max |ours - ml-4m| = {decoded:.3g}")
 
 
 if __name__ == "__main__":

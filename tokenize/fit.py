@@ -26,8 +26,9 @@ from four_m.core.crops import draw_crops
 from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.modalities import MODALITIES, map_modalities, of_kind, sequence_modalities
 from four_m.tokenize.maps import ADAPTERS
+from four_m.tokenize.ml4m_tokenizer import ML4MTokenizer
 from four_m.tokenize.registry import TRAINED, sequence_tokenizer, tokenizer_dir
-from four_m.tokenize.sources import cropper, read_rows, source_file
+from four_m.tokenize.sources import crop_adapter, cropper, read_rows, source_file
 from four_m.tokenize.text import TextTokenizer
 from four_m.tokenize.vq_training import train_vq
 
@@ -81,10 +82,15 @@ def fit_group(root: DatasetRoot, group: str, config: Config, shards: list[int]) 
         # A label file's metadata gives the adapter's settings (semseg classes, clip width).
         params = ADAPTERS[group].params_of(storage.read_schema(source_file(root, group, shards[0])))
         with _finished_folder(root, group) as folder:
-            size = values[0].shape[-1]  # tokenize.crops.size, or a feature map's grid
-            accelerator = "gpu" if config.tokenize.num_gpus > 0 else "cpu"
             vq = config.tokenize.vq(group)
-            metrics = train_vq(group, values, vq, size, folder, params, accelerator, config.tokenize.precision)
+            if vq.source:  # ml-4m's released tokenizer instead of a trained one
+                imported = ML4MTokenizer.from_source(group, vq.source, crop_adapter(group, config, params))
+                imported.save(folder)
+                metrics = {"imported_from": vq.source}
+            else:
+                size = values[0].shape[-1]  # tokenize.crops.size, or a feature map's grid
+                accelerator = "gpu" if config.tokenize.num_gpus > 0 else "cpu"
+                metrics = train_vq(group, values, vq, size, folder, params, accelerator, config.tokenize.precision)
             _write_trained(folder, group, fit_hash(config, group), len(values), metrics)
             for sharing in members(group, config.tokenize)[1:]:
                 with _finished_folder(root, sharing) as copy:

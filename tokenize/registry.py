@@ -12,6 +12,7 @@ from four_m.tokenize.base import Tokenizer
 from four_m.tokenize.boxes import BoxSequenceTokenizer
 from four_m.tokenize.coded import CodedSequenceTokenizer
 from four_m.tokenize.metadata import MetadataTokenizer
+from four_m.tokenize.ml4m_tokenizer import ML4MTokenizer, is_imported
 from four_m.tokenize.palette import PaletteTokenizer
 from four_m.tokenize.text import TextTokenizer
 from four_m.tokenize.vq import VQTokenizer
@@ -41,6 +42,8 @@ def load_tokenizer(root: DatasetRoot, modality: str) -> Tokenizer:
     if not (directory / TRAINED).is_file():
         raise FileNotFoundError(f"no trained {modality} tokenizer in {directory}: run `make tokenizers` first")
     with local_copy(directory) as local:
+        if is_imported(local):  # ml-4m's own tokenizer, imported (tokenize.<modality>.source)
+            return ML4MTokenizer.load(local)
         return KIND_TOKENIZERS[MODALITIES[modality].kind].load(local)
 
 

@@ -53,6 +53,11 @@ class FinetuneStart:
         if not (self.directory / DESCRIPTION).is_file() or not (self.directory / "model.safetensors").is_file():
             raise UserError(f"no finished run in {self.directory} (model.json + model.safetensors) to fine-tune")
 
+    def model_config(self) -> ModelConfig:
+        """The source's architecture, which the fine-tune keeps (``train.model`` is not read): a
+        named size, or an imported ml-4m model's with its options."""
+        return ModelConfig(**json.loads((self.directory / DESCRIPTION).read_text())["model"])
+
     def source(self) -> FourM:
         spec = json.loads((self.directory / DESCRIPTION).read_text())
         model = FourM(ModelConfig(**spec["model"]), [ModelModality(**m) for m in spec["modalities"]])

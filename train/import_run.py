@@ -4,9 +4,10 @@
 A source is a folder with ml-4m's ``config.json`` and ``model.safetensors`` (what its Hugging Face
 repositories such as ``EPFL-VILAB/4M-7_B_CC12M`` hold), or such a hub id, fetched with
 ``huggingface_hub`` where a hub is reachable. The conversion is ``train.import_4m``'s. The run
-records, per token modality, the ml-4m tokenizer its ids belong to (``ml-4m:tok_depth@224``):
-``make sample``/``eval``/``finetune`` read it only once this root's ``tokenizers/`` are those, and
-say so by name until then.
+records, per token modality, the tokenizer its ids belong to: the root's ``tokenizers/<modality>``
+where that is an import of ml-4m's own (``tokenize.<modality>.source``, ``tokenize.text.file``),
+else ``ml-4m:<its name>`` (``ml-4m:tok_depth@224``), which ``make sample``/``eval``/``finetune``
+refuse by name until the root has that tokenizer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from four_m.core.dataset_root import DatasetRoot, atomic_path, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.runs import DESCRIPTION
 from four_m.core.storage import RootPath
+from four_m.tokenize.ml4m_tokenizer import is_imported
+from four_m.tokenize.registry import TRAINED, tokenizer_dir, tokenizer_id
+from four_m.tokenize.text import CONFIG_FILE as TEXT_CONFIG
 from four_m.train.import_4m import convert
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -66,16 +70,33 @@ def run_import(config: Config, source: str) -> ImportReport:
     reference = json.loads((folder / CONFIG).read_text())
     imported = convert(reference, load_file(str(folder / WEIGHTS)))
     model = imported.model
-    run = DatasetRoot(config.root) / f"runs/{config.train.run}"
+    root = DatasetRoot(config.root)
+    run = root / f"runs/{config.train.run}"
     with atomic_path(run / WEIGHTS) as temp:
         save_model(model, str(temp))
     described = {
         "model": asdict(model.config),
         "modalities": [asdict(m) for m in model.modalities],
         "tokenizers": {
-            m.name: f"{TOKENIZER_PREFIX}{imported.references[m.name]}" for m in model.modalities if m.kind != "pixels"
+            m.name: _tokenizer(root, m.name, imported.references[m.name])
+            for m in model.modalities
+            if m.kind != "pixels"
         },
         "imported_from": source,
     }
     write_text_atomic(run / DESCRIPTION, json.dumps(described, indent=1))
     return ImportReport(run, source, imported.references, imported.left_behind, model.parameter_count())
+
+
+def _tokenizer(root: DatasetRoot, modality: str, reference: str) -> str:
+    """The id of the root's tokenizer of ``modality`` if it is ml-4m's (imported), else ml-4m's name for it."""
+    folder = tokenizer_dir(root, modality)
+    if (folder / TRAINED).is_file() and (is_imported(folder) or _is_ml4m_text(folder)):
+        return tokenizer_id(root, modality)
+    return f"{TOKENIZER_PREFIX}{reference}"
+
+
+def _is_ml4m_text(folder: RootPath) -> bool:
+    """A text tokenizer read from ml-4m's file: its layout has ml-4m's 200 sentinels."""
+    config = folder / TEXT_CONFIG
+    return config.is_file() and json.loads(config.read_text()).get("file") is not None

@@ -115,7 +115,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
     )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = FourMTraining.create(
-        ModelConfig.named(cfg.model),
+        start.model_config() if start else ModelConfig.named(cfg.model),  # a fine-tune keeps its source's
         modalities,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,

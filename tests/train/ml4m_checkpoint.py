@@ -4,8 +4,6 @@ without ml-4m or the network; ``bench/import_4m_check.py`` checks the conversion
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 DIM, HEADS, ENCODER, DECODER = 32, 4, 2, 2
@@ -16,11 +14,12 @@ VOCABS = {"tok_rgb@224": 64, "tok_depth@224": 48, "caption": 300, "det": 300}
 SEQUENCE_LENGTH = 256
 
 
-def config(**changes) -> dict:
-    """ml-4m's ``config.json`` of an ``fm_*_swiglu_nobias`` model with rgb@224 in and four token modalities."""
+def config(vocabs: dict[str, int] = VOCABS, **changes) -> dict:
+    """ml-4m's ``config.json`` of an ``fm_*_swiglu_nobias`` model with rgb@224 in and ``vocabs``'s
+    token modalities (ml-4m name -> vocabulary size) in and out."""
     return {
-        "domains_in": ["rgb@224", *VOCABS],
-        "domains_out": list(VOCABS),
+        "domains_in": ["rgb@224", *vocabs],
+        "domains_out": list(vocabs),
         "encoder_depth": ENCODER,
         "decoder_depth": DECODER,
         "dim": DIM,
@@ -61,7 +60,7 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
 
 
-def weights(seed: int = 0) -> dict[str, torch.Tensor]:
+def weights(seed: int = 0, vocabs: dict[str, int] = VOCABS) -> dict[str, torch.Tensor]:
     """The state dict, random weights (std 0.02, norms near 1) and ml-4m's fixed buffers. The shared
     modality embeddings are one tensor under two names, as in ml-4m's model; see :func:`saved`."""
     generator = torch.Generator().manual_seed(seed)
@@ -103,7 +102,7 @@ def weights(seed: int = 0) -> dict[str, torch.Tensor]:
         "encoder_embeddings.rgb@224.mod_emb": rand(1, 1, DIM),
         "encoder_embeddings.rgb@224.proj.weight": rand(DIM, PATCH * PATCH * 3),
     }
-    for name, vocab in VOCABS.items():
+    for name, vocab in vocabs.items():
         positions = sincos_1d(SEQUENCE_LENGTH, DIM) if name in ("caption", "det") else sincos_2d(GRID, DIM)
         shared = rand(1, 1, DIM)  # share_modality_embeddings: one tensor, both sides
         for side in ("encoder", "decoder"):
@@ -114,15 +113,14 @@ def weights(seed: int = 0) -> dict[str, torch.Tensor]:
                 f"{prefix}.token_emb.weight": rand(vocab, DIM),
             }
         state[f"decoder_embeddings.{name}.to_logits.weight"] = rand(vocab, DIM)
-    assert math.isqrt(state["encoder_embeddings.tok_rgb@224.pos_emb"].shape[1]) == GRID
     return state
 
 
-def saved(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def saved(state: dict[str, torch.Tensor], vocabs: dict[str, int] = VOCABS) -> dict[str, torch.Tensor]:
     """What a safetensors file of ``state`` holds: a tensor shared by two names under one of them
     (``save_model``), here the encoder's for captions and the decoder's for the others."""
     kept = dict(state)
-    for name in VOCABS:
+    for name in vocabs:
         side = "decoder" if name == "caption" else "encoder"
         del kept[f"{side}_embeddings.{name}.mod_emb"]
     return kept

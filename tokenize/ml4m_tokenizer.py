@@ -1,0 +1,162 @@
+"""An imported ml-4m ViT VQ-VAE (``tokenize.ml4m_vqvae``) as one modality's tokenizer, used by
+``make tokenize``, ``make sample`` and ``make eval`` as the trained ones are.
+
+``tokenize.<modality>.source`` names the released tokenizer's folder (``config.json`` +
+``model.safetensors``, e.g. EPFL-VILAB/4M_tokenizers_semseg_4k_224-448); ``make tokenizers`` then
+imports it instead of training one. Values stay this project's (the modality's adapter: crops,
+checks, previews); each kind says how they become what ml-4m's tokenizer was trained on, and back:
+
+- ``class_map`` (semseg): class ids shifted by one, "no class" (255) becoming 0, as ml-4m feeds
+  its 134-label embedding; decoded, the argmax minus one (0, ml-4m's "no class", back to 255);
+- ``feature_map`` (CLIP, DINOv2): the (D, G, G) features as they are; the widths must agree.
+
+Any other kind (RGB, depth, normals, edges: diffusion-decoder tokenizers) is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from four_m.core.coco import SEMSEG_IGNORE
+from four_m.core.modalities import MODALITIES
+from four_m.core.storage import RootPath
+from four_m.tokenize.base import TOKEN_DTYPE, Tokenizer, TokenizerInputError
+from four_m.tokenize.maps import MapAdapter, configured
+from four_m.tokenize.ml4m_vqvae import ML4MVQVAE, load_ml4m_vqvae
+
+MARKER = "ml4m_tokenizer.json"
+"""In a tokenizer folder: the tokenizer is an import of ml-4m's (its config and weights beside)."""
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+BATCH = 16
+
+
+def _class_input(values: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.where(values == SEMSEG_IGNORE, 0, values + 1)).long()
+
+
+def _class_output(output: torch.Tensor) -> np.ndarray:
+    ids = output.argmax(dim=1).numpy() - 1
+    return np.where(ids < 0, SEMSEG_IGNORE, ids).astype(np.int64)
+
+
+def _feature_input(values: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(values).float()
+
+
+def _feature_output(output: torch.Tensor) -> np.ndarray:
+    return output.numpy().astype(np.float32)
+
+
+Conversion = tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], np.ndarray]]
+CONVERSIONS: Mapping[str, Conversion] = {
+    "class_map": (_class_input, _class_output),
+    "feature_map": (_feature_input, _feature_output),
+}
+"""Kind -> (a batch of values -> ml-4m's input, ml-4m's decoded output -> values)."""
+
+
+class ML4MTokenizer(Tokenizer):
+    fixed_length = True
+
+    def __init__(self, modality: str, adapter: MapAdapter, network: ML4MVQVAE, folder: Path):
+        kind = MODALITIES[modality].kind
+        if kind not in CONVERSIONS:
+            raise TokenizerInputError(
+                f"{modality}: ml-4m's {kind} tokenizers are diffusion-decoder ones (DiVAE), not imported;"
+                f" importable kinds: {', '.join(CONVERSIONS)}"
+            )
+        self.modality, self.adapter, self.network, self.folder = modality, adapter, network, folder
+        self._to_input, self._to_values = CONVERSIONS[kind]
+        self._check_fit()
+
+    @classmethod
+    def from_source(cls, modality: str, source: str | Path, adapter: MapAdapter) -> ML4MTokenizer:
+        folder = Path(source)
+        for name in (CONFIG, WEIGHTS):
+            if not (folder / name).is_file():
+                raise TokenizerInputError(f"{modality}: {folder} has no {name} (an ml-4m tokenizer folder holds both)")
+        config = json.loads((folder / CONFIG).read_text())
+        return cls(modality, adapter, load_ml4m_vqvae(config, load_file(str(folder / WEIGHTS))), folder)
+
+    def _check_fit(self) -> None:
+        """The imported network must take this modality's values as they are here: else say what differs."""
+        network, name = self.network, self.modality
+        if network.labels is not None and network.labels != getattr(self.adapter, "classes", -1) + 1:
+            raise TokenizerInputError(
+                f"{name}: ml-4m's tokenizer has {network.labels} labels, this modality"
+                f" {getattr(self.adapter, 'classes', None)} classes + 1 (no class)"
+            )
+        channels = self.network.proj.in_channels
+        if network.labels is None and self.adapter.shape[0] != channels:
+            raise TokenizerInputError(
+                f"{name}: ml-4m's tokenizer takes {channels}-wide features, this modality's labels are"
+                f" {self.adapter.shape[0]} wide (another layer or model of the teacher network)"
+            )
+        if self.adapter.size % network.patch:
+            raise TokenizerInputError(
+                f"{name}: a {self.adapter.size} px value does not split into {network.patch} px patches"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.network.codebook_size
+
+    @property
+    def grid(self) -> int:
+        return self.adapter.size // self.network.patch
+
+    @property
+    def max_tokens(self) -> int:
+        return self.grid**2
+
+    def encode(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
+        for value in values:
+            self.adapter.check(value)
+        ids: list[np.ndarray] = []
+        for start in range(0, len(values), BATCH):
+            batch = self._to_input(np.stack(values[start : start + BATCH]))
+            ids += list(self.network.tokenize(batch).flatten(1).numpy().astype(TOKEN_DTYPE))
+        return ids
+
+    def decode(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
+        grids = []
+        for sequence in ids:
+            sequence = np.asarray(sequence)
+            if sequence.shape != (self.max_tokens,):
+                raise TokenizerInputError(f"{self.modality}: expected {self.max_tokens} ids, got {sequence.shape}")
+            self.check_ids(sequence, "decode")
+            grids.append(sequence.astype(np.int64).reshape(self.grid, self.grid))
+        values: list[np.ndarray] = []
+        for start in range(0, len(grids), BATCH):
+            output = self.network.decode_tokens(torch.from_numpy(np.stack(grids[start : start + BATCH])))
+            values += list(self._to_values(output))
+        return values
+
+    def crop(self, value: np.ndarray, crop) -> np.ndarray:
+        return self.adapter.crop(value, crop)
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in (CONFIG, WEIGHTS):
+            shutil.copyfile(self.folder / name, directory / name)
+        marker = {"modality": self.modality, "image_size": self.adapter.size, "adapter_params": self.adapter.params()}
+        (directory / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> ML4MTokenizer:
+        marker = json.loads((Path(directory) / MARKER).read_text())
+        adapter = configured(marker["modality"], marker["image_size"], marker["adapter_params"])
+        return cls.from_source(marker["modality"], directory, adapter)
+
+
+def is_imported(directory: RootPath) -> bool:
+    """Whether a tokenizer folder (local or on a remote root) holds an import of ml-4m's."""
+    return (directory / MARKER).is_file()
