@@ -396,7 +396,7 @@ class FourM(nn.Module):
         tables = self.decoder_token_embeddings if decoder and self.config.decoder_tables else self.token_embeddings
         for v, name in enumerate(self.token_embeddings):
             here = vocabulary == v  # (B, N)
-            if name in tables and here.any():
+            if name in tables:  # the decoder has no tables for map vocabularies (they ask with the mask token)
                 x[here] = tables[name](ids[here])  # (tokens of vocabulary v, D)
         return x
 
