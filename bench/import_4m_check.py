@@ -12,9 +12,10 @@ It prints the largest absolute difference of the logits. Then the same for ml-4m
 tokenizers (``fourm.vq.vqvae.VQVAE``, random weights) against ``tokenize.ml4m_vqvae``: (c) a
 semseg-like one (134 labels, a 448 px positional grid resized to 224 px input), (d) a CLIP-like one
 (512-wide feature maps, no patching): the share of equal token ids and the largest difference of
-the decoded outputs. ml-4m's ``fourm.vq`` imports ``diffusers`` (for its diffusion decoders, which
-the VQ-VAE path never runs; its pinned 0.20 needs an older ``huggingface_hub`` than this project's),
-so an empty stand-in module is put in its place here.
+the decoded outputs; (e) an RGB-like diffusion-decoder tokenizer (``DiVAE``), whose encoder alone
+converts: the share of equal ids. ml-4m's ``fourm.vq`` imports ``diffusers`` (for its diffusion
+decoders, which the VQ-VAE path never runs; its pinned 0.20 needs an older ``huggingface_hub`` than
+this project's), so an empty stand-in module is put in its place here.
 
 Needs a local copy of apple/ml-4m and ``einops`` (not project dependencies: CI never runs this)::
 
@@ -195,6 +196,11 @@ def stub_diffusers() -> None:
         def __call__(self, *args, **kwargs):  # decorators hand back what they wrap
             return args[0] if args and callable(args[0]) else Stub()
 
+        def __getattr__(self, name: str):  # a pipeline's register_modules and the like do nothing
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return lambda *args, **kwargs: None
+
     class Module(types.ModuleType):
         def __getattr__(self, name: str):
             if name.startswith("__"):
@@ -218,7 +224,7 @@ def stub_diffusers() -> None:
 
 def check_tokenizers() -> None:
     stub_diffusers()
-    from fourm.vq.vqvae import VQVAE  # noqa: PLC0415 - only with the reference on the path
+    from fourm.vq.vqvae import VQVAE, DiVAE  # noqa: PLC0415 - only with the reference on the path
 
     cases = {
         "(c) semseg-like VQ-VAE": (
@@ -230,6 +236,13 @@ def check_tokenizers() -> None:
             torch.randn(B, 512, GRID, GRID),
         ),
     }
+    torch.manual_seed(0)
+    divae = {"image_size": 448, "n_channels": 3, "enc_type": "vit_b_enc", "dec_type": "unet_patched", "post_mlp": True}
+    reference = DiVAE(**divae, patch_size=16, codebook_size=1024, latent_dim=32, norm_codes=True).eval()
+    photos = torch.rand(B, 3, SIDE, SIDE) * 2 - 1  # ml-4m's RGB tokenizers take [-1, 1]
+    with torch.no_grad():
+        same = reference.tokenize(photos) == load_ml4m_vqvae(divae, reference.state_dict()).tokenize(photos)
+    print(f"(e) RGB-like DiVAE, encoder only: ids {tuple(same.shape)}, {same.float().mean().item():.1%} equal")
     for case, (options, inputs) in cases.items():
         torch.manual_seed(0)
         config = {"enc_type": "vit_b_enc", "dec_type": "vit_b_dec", "patch_size": 16, "post_mlp": True, **options}

@@ -52,6 +52,12 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[np.ndarray]) -> list[Any]: ...
 
+    @property
+    def decodes(self) -> bool:
+        """False for a tokenizer imported to encode only (ml-4m's diffusion-decoder ones): previews
+        draw its tokens as absent, ``make sample`` and ``make eval`` leave it out, saying so."""
+        return True
+
     def crop(self, value: Any, crop: Crop) -> Any:
         """The value of crop ``crop`` of a label-view ``value``, as ``encode`` takes it: only the
         tokenizers of cropped kinds (maps, boxes; ``core.modalities.CROPPED_KINDS``) have one."""

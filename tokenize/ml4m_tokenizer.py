@@ -8,9 +8,13 @@ checks, previews); each kind says how they become what ml-4m's tokenizer was tra
 
 - ``class_map`` (semseg): class ids shifted by one, "no class" (255) becoming 0, as ml-4m feeds
   its 134-label embedding; decoded, the argmax minus one (0, ml-4m's "no class", back to 255);
-- ``feature_map`` (CLIP, DINOv2): the (D, G, G) features as they are; the widths must agree.
+- ``feature_map`` (CLIP, DINOv2): the (D, G, G) features as they are; the widths must agree;
+- ``image`` (RGB) and ``edge_map``: [0, 1] scaled to ml-4m's [-1, 1] (not ImageNet-standardised);
+  ``direction_map`` (normals): [-1, 1] with x first, as ml-4m's. Their tokenizers (DiVAE) decode
+  with a diffusion model that is not reproduced, so they encode only.
 
-Any other kind (RGB, depth, normals, edges: diffusion-decoder tokenizers) is refused by name.
+Depth is refused: ml-4m's tokenizer takes per-image standardised depth, this project's labels are
+min-max normalised relative inverse depth, and no conversion between them is faithful.
 """
 
 from __future__ import annotations
@@ -54,12 +58,19 @@ def _feature_output(output: torch.Tensor) -> np.ndarray:
     return output.numpy().astype(np.float32)
 
 
-Conversion = tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], np.ndarray]]
+def _unit_to_signed(values: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(values).float() * 2 - 1
+
+
+Conversion = tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], np.ndarray] | None]
 CONVERSIONS: Mapping[str, Conversion] = {
     "class_map": (_class_input, _class_output),
     "feature_map": (_feature_input, _feature_output),
+    "image": (_unit_to_signed, None),
+    "edge_map": (_unit_to_signed, None),
+    "direction_map": (_feature_input, None),
 }
-"""Kind -> (a batch of values -> ml-4m's input, ml-4m's decoded output -> values)."""
+"""Kind -> (a batch of values -> ml-4m's input, ml-4m's decoded output -> values; None: encode only)."""
 
 
 class ML4MTokenizer(Tokenizer):
@@ -69,8 +80,8 @@ class ML4MTokenizer(Tokenizer):
         kind = MODALITIES[modality].kind
         if kind not in CONVERSIONS:
             raise TokenizerInputError(
-                f"{modality}: ml-4m's {kind} tokenizers are diffusion-decoder ones (DiVAE), not imported;"
-                f" importable kinds: {', '.join(CONVERSIONS)}"
+                f"{modality}: no faithful conversion of this project's {kind} values to what ml-4m's tokenizer"
+                f" takes (see docs/import-4m.md); importable kinds: {', '.join(CONVERSIONS)}"
             )
         self.modality, self.adapter, self.network, self.folder = modality, adapter, network, folder
         self._to_input, self._to_values = CONVERSIONS[kind]
@@ -109,6 +120,10 @@ class ML4MTokenizer(Tokenizer):
         return self.network.codebook_size
 
     @property
+    def decodes(self) -> bool:
+        return self.network.decodes and self._to_values is not None
+
+    @property
     def grid(self) -> int:
         return self.adapter.size // self.network.patch
 
@@ -126,6 +141,11 @@ class ML4MTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if not self.decodes:
+            raise TokenizerInputError(
+                f"{self.modality}: ml-4m's tokenizer is imported to encode only: its decoder is a diffusion model"
+                " (DiVAE), not reproduced here"
+            )
         grids = []
         for sequence in ids:
             sequence = np.asarray(sequence)

@@ -10,8 +10,9 @@ argmax); decoding reads the raw codebook rows, a 1x1 ``post_quant_proj``, a ViT 
 same build and a linear ``out_proj`` back to patches (or to the feature map's channels). Sizes come
 from the state dict; heads are 64 wide, as in every ml-4m ViT size. A key this network does not
 know, or one it lacks, is refused by name, as is an architecture it cannot reproduce (ConvNeXt
-``out_conv``, a Euclidean or multi-head codebook, the diffusion decoders of RGB, depth, normals and
-edges).
+``out_conv``, a Euclidean or multi-head codebook). The tokenizers of RGB, depth, normals and edges
+(DiVAE) share this encoder and codebook but decode with a diffusion UNet, which is not reproduced:
+they load to encode only (``decodes`` False), their ``decoder.*`` keys left behind.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from four_m.core.errors import UserError
 
 HEAD_WIDTH = 64
 NORM_EPS = 1e-6
+DIFFUSION_DECODER = ("decoder.time_embed.", "decoder.input_blocks.")
+"""Keys of a DiVAE's diffusion UNet decoder (ml-4m's ``unet_patched``)."""
 
 
 class ML4MTokenizerError(UserError):
@@ -177,8 +180,8 @@ def load_ml4m_vqvae(config: Mapping[str, Any], weights: Mapping[str, Tensor]) ->
     for key in ("encoder.proj.weight", "encoder.pos_emb", "quant_proj.weight", "quantize._codebook.embed"):
         if key not in weights:
             raise ML4MTokenizerError(f"checkpoint lacks {key}: not an ml-4m ViT VQ-VAE (a DiVAE or MLP tokenizer?)")
-    if any(key.startswith("decoder.time_embed") or key.startswith("decoder.input_blocks") for key in weights):
-        raise ML4MTokenizerError("decoder.input_blocks: a diffusion decoder (DiVAE); only its encoder would convert")
+    if any(key.startswith(DIFFUSION_DECODER) for key in weights):  # a DiVAE: its encoder alone converts
+        weights = {k: v for k, v in weights.items() if not k.startswith("decoder.")}
     network = ML4MVQVAE({k: tuple(v.shape) for k, v in weights.items()}, config).eval()
     mapped = {}
     for key, tensor in weights.items():

@@ -79,3 +79,12 @@ def write(folder: Path, state: dict, **config) -> Path:
     (folder / "config.json").write_text(json.dumps(settings))
     save_file(state, str(folder / "model.safetensors"))
     return folder
+
+
+def divae_weights(channels: int = 3) -> dict:
+    """An RGB/normal/edge tokenizer (DiVAE): the same encoder and codebook, a diffusion UNet decoder
+    (two of its keys stand for it) instead of ``post_quant_proj`` and the ViT decoder."""
+    state = {
+        k: v for k, v in weights(labels=None, channels=channels).items() if not k.startswith(("decoder.", "post_"))
+    }
+    return state | {"decoder.time_embed.0.weight": torch.zeros(4, 4), "decoder.input_blocks.0.0.weight": torch.zeros(4)}

@@ -63,7 +63,6 @@ def test_a_feature_tokenizer_reads_feature_maps_of_its_own_width(tmp_path):
     ("change", "message"),
     [
         ({"add": "decoder.out_conv.0.weight"}, "decoder.out_conv: the ConvNeXt output blocks"),
-        ({"add": "decoder.input_blocks.0.weight"}, "a diffusion decoder"),
         ({"add": "encoder.blocks.0.attn.q_norm.weight"}, "checkpoint key encoder.blocks.0.attn.q_norm.weight has no"),
         ({"drop": "encoder.blocks.0.mlp.fc2.bias"}, "nothing in the checkpoint fills encoder.blocks.0.fc2.bias"),
         ({"drop": "quant_proj.weight"}, "checkpoint lacks quant_proj.weight"),
@@ -84,5 +83,18 @@ def test_a_tokenizer_for_other_classes_or_another_kind_is_refused(tmp_path):
     folder = checkpoint.write(tmp_path / "semseg", checkpoint.weights())
     with pytest.raises(TokenizerInputError, match="has 134 labels, this modality 10 classes"):
         ML4MTokenizer.from_source("semseg", folder, configured("semseg", SIDE, {"classes": 10}))
-    with pytest.raises(TokenizerInputError, match="diffusion-decoder ones"):
+    with pytest.raises(TokenizerInputError, match="depth: no faithful conversion of this project's continuous_map"):
         ML4MTokenizer.from_source("depth", folder, configured("depth", SIDE, {}))
+
+
+def test_a_diffusion_decoder_tokenizer_imports_to_encode_only(tmp_path):
+    """ml-4m's RGB tokenizer (DiVAE): the same encoder and codebook, a diffusion UNet as decoder."""
+    state = checkpoint.divae_weights()
+    rgb = ML4MTokenizer.from_source("rgb", checkpoint.write(tmp_path / "rgb", state), configured("rgb", SIDE, {}))
+    value = np.random.default_rng(2).random((3, SIDE, SIDE)).astype(np.float32)  # this project's [0, 1]
+    (ids,) = rgb.encode([value])
+    scaled = torch.from_numpy(value)[None] * 2 - 1  # ml-4m's RGB tokenizers take [-1, 1]
+    assert np.array_equal(ids, rgb.network.tokenize(scaled).flatten().numpy())
+    assert not rgb.decodes
+    with pytest.raises(TokenizerInputError, match="imported to encode only"):
+        rgb.decode([ids])
