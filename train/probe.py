@@ -70,27 +70,26 @@ class DenseHead(nn.Module):
         return self.output(x)
 
 
+def frozen_features(backbone: FourMBackbone, images: Tensor, batch: int) -> Tensor:
+    """(N, 3, S, S) images -> (N, D, G, G) features of the frozen backbone, computed once: the steps
+    of a linear probe then cost the head's alone."""
+    backbone.eval()
+    with torch.no_grad():
+        return torch.cat([backbone.dense(part) for part in images.split(batch)])
+
+
 class ProbeTraining(L.LightningModule):
-    """The head, and the backbone when it trains too. A frozen backbone's features are computed
-    once (:meth:`features`), so the steps of a linear probe cost the head's alone."""
+    """The head, and the backbone when it trains too (``backbone`` None: a linear probe, whose
+    inputs are :func:`frozen_features`)."""
 
-    def __init__(self, backbone: FourMBackbone, adapter: MapAdapter, cfg: ProbeConfig):
+    def __init__(self, features: int, adapter: MapAdapter, cfg: ProbeConfig, backbone: FourMBackbone | None = None):
         super().__init__()
-        self.backbone, self.adapter, self.cfg = backbone, adapter, cfg
-        self.head = DenseHead(backbone.num_features, adapter, cfg.width)
-        self.backbone.requires_grad_(cfg.finetune_backbone)
-
-    def features(self, images: Tensor) -> Tensor:
-        """What a step reads: the images themselves if the backbone trains, else its (frozen) features."""
-        if self.cfg.finetune_backbone:
-            return images
-        self.backbone.eval()
-        with torch.no_grad():
-            return torch.cat([self.backbone.dense(part) for part in images.split(self.cfg.batch_size)])
+        self.adapter, self.cfg, self.backbone = adapter, cfg, backbone
+        self.head = DenseHead(features, adapter, cfg.width)
 
     def forward(self, inputs: Tensor) -> Tensor:
-        """``features(images)`` -> the target's raw outputs."""
-        return self.head(self.backbone.dense(inputs) if self.cfg.finetune_backbone else inputs)
+        """Images (a trained backbone) or their frozen features -> the target's raw outputs."""
+        return self.head(self.backbone.dense(inputs) if self.backbone is not None else inputs)
 
     def training_step(self, batch: tuple[Tensor, Tensor], index: int) -> Tensor:
         inputs, labels = batch
@@ -100,7 +99,7 @@ class ProbeTraining(L.LightningModule):
 
     def configure_optimizers(self):
         groups = [{"params": self.head.parameters(), "lr": self.cfg.learning_rate}]
-        if self.cfg.finetune_backbone:
+        if self.backbone is not None:
             groups.append({"params": self.backbone.parameters(), "lr": self.cfg.backbone_learning_rate})
         optimizer = torch.optim.AdamW(groups, weight_decay=0.05)
         steps = self.cfg.steps
@@ -146,10 +145,15 @@ def run_probe(config: Config) -> ProbeReport:
         raise UserError(f"no training or no held-out row has both an image and a {cfg.target} label")
 
     L.seed_everything(cfg.seed, verbose=False)
-    module = ProbeTraining(backbone, trained, cfg)
+    tuned = backbone.train() if cfg.finetune_backbone else None
+    module = ProbeTraining(backbone.num_features, trained, cfg, tuned)
+
+    def inputs(images: Tensor) -> Tensor:
+        return images if tuned is not None else frozen_features(backbone, images, cfg.batch_size)
+
     labels = torch.from_numpy(np.stack(training.labels))
     loader = DataLoader(
-        TensorDataset(module.features(training.images), labels),
+        TensorDataset(inputs(training.images), labels),
         batch_size=cfg.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -170,7 +174,7 @@ def run_probe(config: Config) -> ProbeReport:
     module.eval()
     with torch.no_grad():
         for start in range(0, len(held_out.images), cfg.batch_size):
-            outputs = module(module.features(held_out.images[start : start + cfg.batch_size]))
+            outputs = module(inputs(held_out.images[start : start + cfg.batch_size]))
             outputs = F.interpolate(outputs, size=(adapter.size, adapter.size), mode="bilinear", align_corners=False)
             predicted = adapter.to_values(outputs).numpy()
             for value, label in zip(predicted, held_out.labels[start : start + cfg.batch_size], strict=True):

@@ -177,3 +177,5 @@ def test_a_task_finetune_trains_the_task_alone_and_eval_scores_that_task_and_a_p
     figures = json.loads((root / "runs/source/probe/semseg.json").read_text())
     assert 0.0 <= figures["results"]["semseg"]["miou"]["probe"] <= 1.0
     assert figures["rows"] == {"training": probe.rows[0], "held_out": probe.rows[1]}
+    tuned = run_probe(_config(root, "train.run=source", "probe.steps=2", "probe.finetune_backbone=true"))
+    assert "(fine-tuned encoder, 2 steps)" in tuned.description
