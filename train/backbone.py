@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from four_m.core.errors import UserError
 from four_m.core.runs import DESCRIPTION
 from four_m.core.storage import RootPath, location
-from four_m.train.model import FourM, ModelConfig, ModelModality
+from four_m.train.model import FourM, ModelConfig, ModelModality, patchify
 from four_m.train.trained import load_weights
 
 
@@ -66,9 +66,7 @@ class FourMBackbone(nn.Module):
         if channels != 3 or height != self.image_size or width != self.image_size:
             raise ValueError(f"expected (B, 3, {self.image_size}, {self.image_size}) images, got {tuple(images.shape)}")
         x = (images.permute(0, 2, 3, 1) - self.mean) / self.std  # (B, S, S, 3)
-        p, g = self.patch_size, self.grid
-        patches = x.reshape(B, g, p, g, p, 3).transpose(2, 3).reshape(B, g * g, p * p * 3)  # as FourM.embed_patches
-        x = self.patch_embedding(patches.to(self.labels.dtype)) + self.labels  # (B, G, D)
+        x = self.patch_embedding(patchify(x, self.patch_size).to(self.labels.dtype)) + self.labels  # (B, G, D)
         lead = 0 if self.context_token is None else 1
         if lead:
             x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, 1 + G, D)

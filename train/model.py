@@ -164,6 +164,14 @@ class ModelModality:
 # extend to positions never seen in training)
 
 
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """(B, S, S, C) -> (B, (S/p)^2, p*p*C): every patch row-major, flattened rows, columns, channels
+    (as ml-4m flattens ``rgb@224``)."""
+    B, side, _, C = images.shape
+    g = side // patch
+    return images.reshape(B, g, patch, g, patch, C).transpose(2, 3).reshape(B, g * g, patch * patch * C)
+
+
 def sincos_1d(position: Tensor, dim: int) -> Tensor:
     """(...) integer positions -> (..., dim): the Transformer's sinusoids, sines then cosines."""
     frequency = 10000.0 ** -(torch.arange(dim // 2, device=position.device, dtype=torch.float32) / (dim // 2))
@@ -406,9 +414,7 @@ class FourM(nn.Module):
         m = self.modalities[self.modality_index(name)]
         p, dtype = m.patch_size, self.mask_token.dtype
         x = (images.to(dtype) / 255 - getattr(self, f"_mean_{name}")) / getattr(self, f"_std_{name}")  # (B, S, S, 3)
-        B, g = x.shape[0], m.grid
-        patches = x.reshape(B, g, p, g, p, 3).transpose(2, 3).reshape(B, g * g, p * p * 3)  # (B, G, p*p*3)
-        return self.patch_embeddings[name](patches)  # (B, G, D)
+        return self.patch_embeddings[name](patchify(x, p))  # (B, G, D)
 
     def embed_inputs(self, batch: MaskedBatch, modality: Tensor, position: Tensor) -> Tensor:
         """(B, N_in) -> (B, N_in, D): token inputs from their tables, pixel inputs from their patches."""

@@ -212,7 +212,7 @@ def read_probe_rows(
         with storage.parquet_file(source_file(root, image, shard)) as file:
             photos = [data for _, data, _ in image_rows(file)]
         for data, value in zip(photos, label_rows.values, strict=True):
-            view = label_view(data, backbone.image_size) if data is not None else None
+            view = label_view(data, backbone.image_size)  # None where the image is missing or broken
             if view is None or value is None:
                 missing += 1
                 continue
