@@ -12,10 +12,14 @@ It prints the largest absolute difference of the logits. Then the same for ml-4m
 tokenizers (``fourm.vq.vqvae.VQVAE``, random weights) against ``tokenize.ml4m_vqvae``: (c) a
 semseg-like one (134 labels, a 448 px positional grid resized to 224 px input), (d) a CLIP-like one
 (512-wide feature maps, no patching): the share of equal token ids and the largest difference of
-the decoded outputs; (e) an RGB-like diffusion-decoder tokenizer (``DiVAE``), whose encoder alone
-converts: the share of equal ids. ml-4m's ``fourm.vq`` imports ``diffusers`` (for its diffusion
-decoders, which the VQ-VAE path never runs; its pinned 0.20 needs an older ``huggingface_hub`` than
-this project's), so an empty stand-in module is put in its place here.
+the decoded outputs; (e) an RGB-like diffusion-decoder tokenizer (``DiVAE``, its released
+``unet_patched`` decoder at full size, random weights): the share of equal ids, then the image
+decoded from the same ids and the same seed with ml-4m's DDPM sampler (x0-prediction, linear
+schedule, as released) and with its DDIM one: the largest difference, and the seconds per
+denoising step of each. ml-4m's ``fourm.vq`` imports ``diffusers`` (its pinned 0.20 needs an older
+``huggingface_hub`` than this project's), so a stand-in module is put in its place here: base
+classes (``ModelMixin`` is ``torch.nn.Module``), the config decorator and ``randn_tensor``, the
+few names ml-4m's UNet, schedulers and pipeline use.
 
 Needs a local copy of apple/ml-4m and ``einops`` (not project dependencies: CI never runs this)::
 
@@ -27,10 +31,13 @@ Needs a local copy of apple/ml-4m and ``einops`` (not project dependencies: CI n
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.abc
 import importlib.machinery
+import inspect
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -44,6 +51,7 @@ from four_m.train.import_4m import REQUIRED, convert
 
 B, SIDE, GRID = 2, 224, 14
 DEPTH_SHOWN = 98
+DIVAE_STEPS = 4  # few: each step of the released-size UNet takes seconds on a CPU
 CAPTION = [5, 1001, 1002, 1003, 6]  # S_0 w1 w2 w3 S_1, ids in ml-4m's text vocabulary layout
 
 
@@ -183,7 +191,7 @@ def main() -> None:
 
 
 def stub_diffusers() -> None:
-    """An empty ``diffusers`` (every name a do-nothing class or callable) for ml-4m's imports."""
+    """A stand-in ``diffusers``: the names ml-4m's code uses, every other one a do-nothing class or callable."""
 
     class Meta(type):
         def __iter__(cls):  # ml-4m iterates an enum of schedulers at class-definition time
@@ -193,18 +201,46 @@ def stub_diffusers() -> None:
         def __init__(self, *args, **kwargs) -> None:
             pass
 
-        def __call__(self, *args, **kwargs):  # decorators hand back what they wrap
+        def __call__(self, *args, **kwargs):
             return args[0] if args and callable(args[0]) else Stub()
 
-        def __getattr__(self, name: str):  # a pipeline's register_modules and the like do nothing
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return lambda *args, **kwargs: None
+    class ModelMixin(torch.nn.Module):
+        @property
+        def device(self) -> torch.device:
+            return next(self.parameters()).device
+
+    class Pipeline:
+        def register_modules(self, **modules) -> None:
+            self.__dict__.update(modules)
+
+    def register_to_config(init):
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def wrapped(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self.config = types.SimpleNamespace(**{k: v for k, v in bound.arguments.items() if k != "self"})
+            init(self, *args, **kwargs)
+
+        return wrapped
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    known = {
+        "ModelMixin": ModelMixin,
+        "DiffusionPipeline": Pipeline,
+        "register_to_config": register_to_config,
+        "randn_tensor": randn_tensor,
+    }
 
     class Module(types.ModuleType):
         def __getattr__(self, name: str):
             if name.startswith("__"):
                 raise AttributeError(name)
+            if name in known:
+                return known[name]
             return Meta(name, (Stub,), {}) if name[0].isupper() else Stub()
 
     class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -222,9 +258,53 @@ def stub_diffusers() -> None:
     sys.meta_path.insert(0, Finder())
 
 
+def check_divae() -> None:
+    """(e): ml-4m's DiVAE and ours from its state dict: the same ids, the same decoded images."""
+    from fourm.vq.scheduling import DDIMScheduler  # noqa: PLC0415 - only with the reference on the path
+    from fourm.vq.vqvae import DiVAE  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    config = {"image_size": 448, "n_channels": 3, "enc_type": "vit_b_enc", "dec_type": "unet_patched", "post_mlp": True}
+    config |= {"prediction_type": "sample", "beta_schedule": "linear"}  # the released DiVAEs' diffusion settings
+    reference = DiVAE(**config, patch_size=16, codebook_size=1024, latent_dim=32, norm_codes=True).eval()
+    with torch.no_grad():  # ml-4m starts its output convolutions at zero: an all-zero UNet would prove nothing
+        for name, parameter in reference.decoder.named_parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.02 if name.endswith("weight") else 0.01)
+    photos = torch.rand(B, 3, SIDE, SIDE) * 2 - 1  # ml-4m's RGB tokenizers take [-1, 1]
+    for sampler in ("ddpm", "ddim"):
+        ours = load_ml4m_vqvae(config | {"scheduler": sampler}, reference.state_dict())
+        with torch.no_grad():
+            ids = reference.tokenize(photos)
+            same = (ids == ours.tokenize(photos)).float().mean().item()
+            settings = ("num_train_timesteps", "beta_schedule", "prediction_type", "thresholding", "zero_terminal_snr")
+            ddim = DDIMScheduler(
+                **{name: getattr(reference, name) for name in settings}, clip_sample=reference.clip_sample
+            )
+            pipeline = reference._get_pipeline(ddim if sampler == "ddim" else None)
+            started = time.perf_counter()
+            theirs = pipeline(
+                reference.tokens_to_embedding(ids[:1]),
+                generator=torch.Generator().manual_seed(0),
+                timesteps=DIVAE_STEPS,
+                image_size=SIDE,
+                verbose=False,
+            )
+            theirs_seconds = (time.perf_counter() - started) / DIVAE_STEPS
+            started = time.perf_counter()
+            decoded = ours.decode_tokens(ids[:1], steps=DIVAE_STEPS, seed=0)
+            our_seconds = (time.perf_counter() - started) / DIVAE_STEPS
+        difference = (theirs - decoded).abs().max().item()
+        print(
+            f"(e) RGB-like DiVAE ({sampler}, {DIVAE_STEPS} steps): ids {tuple(ids.shape)}, {same:.1%} equal;"
+            f" decoded max |ours - ml-4m| = {difference:.3g}; s/step at {SIDE} px: ours {our_seconds:.2f},"
+            f" ml-4m {theirs_seconds:.2f}"
+        )
+
+
 def check_tokenizers() -> None:
     stub_diffusers()
-    from fourm.vq.vqvae import VQVAE, DiVAE  # noqa: PLC0415 - only with the reference on the path
+    from fourm.vq.vqvae import VQVAE  # noqa: PLC0415 - only with the reference on the path
 
     cases = {
         "(c) semseg-like VQ-VAE": (
@@ -236,13 +316,7 @@ def check_tokenizers() -> None:
             torch.randn(B, 512, GRID, GRID),
         ),
     }
-    torch.manual_seed(0)
-    divae = {"image_size": 448, "n_channels": 3, "enc_type": "vit_b_enc", "dec_type": "unet_patched", "post_mlp": True}
-    reference = DiVAE(**divae, patch_size=16, codebook_size=1024, latent_dim=32, norm_codes=True).eval()
-    photos = torch.rand(B, 3, SIDE, SIDE) * 2 - 1  # ml-4m's RGB tokenizers take [-1, 1]
-    with torch.no_grad():
-        same = reference.tokenize(photos) == load_ml4m_vqvae(divae, reference.state_dict()).tokenize(photos)
-    print(f"(e) RGB-like DiVAE, encoder only: ids {tuple(same.shape)}, {same.float().mean().item():.1%} equal")
+    check_divae()
     for case, (options, inputs) in cases.items():
         torch.manual_seed(0)
         config = {"enc_type": "vit_b_enc", "dec_type": "vit_b_dec", "patch_size": 16, "post_mlp": True, **options}

@@ -261,9 +261,10 @@ class VQConfig:
     """A code unused for this many steps is restarted on a random recent encoding."""
     seed: int = 0
     source: str | None = field(default=None, metadata=SHAPING_IF_SET)
-    """A released ml-4m ViT VQ-VAE tokenizer's folder (``config.json`` + ``model.safetensors``, e.g.
+    """A released ml-4m tokenizer's folder (``config.json`` + ``model.safetensors``, e.g.
     EPFL-VILAB/4M_tokenizers_semseg_4k_224-448) that ``make tokenizers`` imports instead of training
-    one (semseg, CLIP, DINOv2; ``tokenize/ml4m_tokenizer.py``); None: train."""
+    one (ViT VQ-VAEs: semseg, CLIP, DINOv2; DiVAEs: RGB, normals, edges;
+    ``tokenize/ml4m_tokenizer.py``); None: train."""
     share: str | None = field(default=None, metadata=SHAPING_IF_SET)
     """Use another map's tokenizer instead of training one (4M-21 tokenizes SAM edges with the
     Canny edge tokenizer): ``tokenize.sam_edge.share: canny_edge``. Both must be of one kind, and

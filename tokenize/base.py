@@ -27,6 +27,10 @@ class TokenizerInputError(UserError):
     """Data of the wrong shape, dtype or class count; the message names the modality and what was expected."""
 
 
+class ML4MTokenizerError(UserError):
+    """A released ml-4m tokenizer this project cannot reproduce; the message names the key or setting."""
+
+
 class Tokenizer(ABC):
     """One modality's values <-> token ids.
 
@@ -51,12 +55,6 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: Sequence[np.ndarray]) -> list[Any]: ...
-
-    @property
-    def decodes(self) -> bool:
-        """False for a tokenizer imported to encode only (ml-4m's diffusion-decoder ones): previews
-        draw its tokens as absent, ``make sample`` and ``make eval`` leave it out, saying so."""
-        return True
 
     def crop(self, value: Any, crop: Crop) -> Any:
         """The value of crop ``crop`` of a label-view ``value``, as ``encode`` takes it: only the

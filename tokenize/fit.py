@@ -86,7 +86,7 @@ def fit_group(root: DatasetRoot, group: str, config: Config, shards: list[int]) 
             if vq.source:  # ml-4m's released tokenizer instead of a trained one
                 imported = ML4MTokenizer.from_source(group, vq.source, crop_adapter(group, config, params))
                 imported.save(folder)
-                metrics = {"imported_from": vq.source, "decodes": imported.decodes}
+                metrics = {"imported_from": vq.source}
             else:
                 size = values[0].shape[-1]  # tokenize.crops.size, or a feature map's grid
                 accelerator = "gpu" if config.tokenize.num_gpus > 0 else "cpu"

@@ -11,7 +11,9 @@ checks, previews); each kind says how they become what ml-4m's tokenizer was tra
 - ``feature_map`` (CLIP, DINOv2): the (D, G, G) features as they are; the widths must agree;
 - ``image`` (RGB) and ``edge_map``: [0, 1] scaled to ml-4m's [-1, 1] (not ImageNet-standardised);
   ``direction_map`` (normals): [-1, 1] with x first, as ml-4m's. Their tokenizers (DiVAE) decode
-  with a diffusion model that is not reproduced, so they encode only.
+  with a diffusion UNet (``DECODE_STEPS`` denoising steps, seeded, so a preview is reproducible):
+  back to [0, 1], edges thresholded at the middle (this project's edge maps are binary), normals
+  clipped to [-1, 1].
 
 Depth is refused: ml-4m's tokenizer takes per-image standardised depth, this project's labels are
 min-max normalised relative inverse depth, and no conversion between them is faithful.
@@ -62,15 +64,27 @@ def _unit_to_signed(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(values).float() * 2 - 1
 
 
-Conversion = tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], np.ndarray] | None]
+def _signed_to_unit(output: torch.Tensor) -> np.ndarray:
+    return ((output + 1) / 2).clamp(0, 1).numpy().astype(np.float32)
+
+
+def _signed_to_edges(output: torch.Tensor) -> np.ndarray:
+    return (output > 0).numpy().astype(np.float32)
+
+
+def _directions(output: torch.Tensor) -> np.ndarray:
+    return output.clamp(-1, 1).numpy().astype(np.float32)
+
+
+Conversion = tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], np.ndarray]]
 CONVERSIONS: Mapping[str, Conversion] = {
     "class_map": (_class_input, _class_output),
     "feature_map": (_feature_input, _feature_output),
-    "image": (_unit_to_signed, None),
-    "edge_map": (_unit_to_signed, None),
-    "direction_map": (_feature_input, None),
+    "image": (_unit_to_signed, _signed_to_unit),
+    "edge_map": (_unit_to_signed, _signed_to_edges),
+    "direction_map": (_feature_input, _directions),
 }
-"""Kind -> (a batch of values -> ml-4m's input, ml-4m's decoded output -> values; None: encode only)."""
+"""Kind -> (a batch of values -> ml-4m's input, ml-4m's decoded output -> values)."""
 
 
 class ML4MTokenizer(Tokenizer):
@@ -120,10 +134,6 @@ class ML4MTokenizer(Tokenizer):
         return self.network.codebook_size
 
     @property
-    def decodes(self) -> bool:
-        return self.network.decodes and self._to_values is not None
-
-    @property
     def grid(self) -> int:
         return self.adapter.size // self.network.patch
 
@@ -141,11 +151,6 @@ class ML4MTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if not self.decodes:
-            raise TokenizerInputError(
-                f"{self.modality}: ml-4m's tokenizer is imported to encode only: its decoder is a diffusion model"
-                " (DiVAE), not reproduced here"
-            )
         grids = []
         for sequence in ids:
             sequence = np.asarray(sequence)

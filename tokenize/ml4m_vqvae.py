@@ -11,8 +11,9 @@ same build and a linear ``out_proj`` back to patches (or to the feature map's ch
 from the state dict; heads are 64 wide, as in every ml-4m ViT size. A key this network does not
 know, or one it lacks, is refused by name, as is an architecture it cannot reproduce (ConvNeXt
 ``out_conv``, a Euclidean or multi-head codebook). The tokenizers of RGB, depth, normals and edges
-(DiVAE) share this encoder and codebook but decode with a diffusion UNet, which is not reproduced:
-they load to encode only (``decodes`` False), their ``decoder.*`` keys left behind.
+(DiVAE) share this encoder and codebook but decode with a diffusion UNet conditioned on the raw
+codebook rows (``tokenize.ml4m_unet``), sampled from noise as their config says
+(``tokenize.ml4m_diffusion``).
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from four_m.core.errors import UserError
+from four_m.tokenize.base import ML4MTokenizerError
+from four_m.tokenize.ml4m_diffusion import DiffusionSampler
+from four_m.tokenize.ml4m_unet import PatchedUNet
 
 HEAD_WIDTH = 64
 NORM_EPS = 1e-6
 DIFFUSION_DECODER = ("decoder.time_embed.", "decoder.input_blocks.")
 """Keys of a DiVAE's diffusion UNet decoder (ml-4m's ``unet_patched``)."""
-
-
-class ML4MTokenizerError(UserError):
-    """A tokenizer checkpoint this network cannot reproduce; the message names the key or setting."""
+DECODE_STEPS = 25
+"""Denoising steps of a DiVAE decode: ml-4m's own default for its previews (``plotting_utils``)."""
 
 
 class _Block(nn.Module):
@@ -107,23 +108,46 @@ class ML4MVQVAE(nn.Module):
         self.encoder = _ViT(dim, _depth(shapes, "encoder"), hidden, grid, _post(shapes, "encoder"))
         self.quant_proj = nn.Conv2d(dim, shapes["quant_proj.weight"][0], 1)
         self.register_buffer("codebook", torch.zeros(shapes["quantize._codebook.embed"][-2:]))
-        self.decodes = "post_quant_proj.weight" in shapes
-        if self.decodes:
-            decoder_dim = shapes["post_quant_proj.weight"][0]
-            self.post_quant_proj = nn.Conv2d(shapes["post_quant_proj.weight"][1], decoder_dim, 1)
-            self.decoder = _ViT(
-                decoder_dim,
-                _depth(shapes, "decoder"),
-                shapes["decoder.blocks.0.mlp.fc1.weight"][0],
-                shapes["decoder.pos_emb"][-1],
-                _post(shapes, "decoder"),
+        self.diffusion: DiffusionSampler | None = None
+        if any(key.startswith(DIFFUSION_DECODER) for key in shapes):  # a DiVAE
+            self._add_diffusion_decoder(shapes, config, in_channels)
+        elif "post_quant_proj.weight" in shapes:
+            self._add_vit_decoder(shapes, in_channels)
+        else:
+            raise ML4MTokenizerError(
+                "checkpoint lacks post_quant_proj.weight and decoder.time_embed.*: it has no decoder"
             )
-            self.out_channels = self.labels or in_channels
-            outputs = shapes["decoder.out_proj.weight"][0]
-            self.out_patch = round((outputs // self.out_channels) ** 0.5)
-            if self.out_channels * self.out_patch**2 != outputs:
-                raise ML4MTokenizerError(f"decoder.out_proj.weight: {outputs} outputs, not {self.out_channels} x p x p")
-            self.out_proj = nn.Linear(decoder_dim, outputs)
+
+    def _add_diffusion_decoder(
+        self, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], channels: int
+    ) -> None:
+        decoder = config.get("dec_type", "unet_patched")
+        if decoder != "unet_patched":
+            raise ML4MTokenizerError(f"config dec_type = {decoder!r}: of the diffusion decoders only unet_patched")
+        self.decoder = PatchedUNet(shapes, channels)
+        if self.decoder.cond_channels != self.codebook.shape[1]:
+            raise ML4MTokenizerError(
+                f"decoder.input_blocks.0.0.weight: conditioned on {self.decoder.cond_channels} channels,"
+                f" the codebook's vectors are {self.codebook.shape[1]} wide"
+            )
+        self.diffusion = DiffusionSampler.from_config(config)
+
+    def _add_vit_decoder(self, shapes: Mapping[str, tuple[int, ...]], channels: int) -> None:
+        decoder_dim = shapes["post_quant_proj.weight"][0]
+        self.post_quant_proj = nn.Conv2d(shapes["post_quant_proj.weight"][1], decoder_dim, 1)
+        self.decoder = _ViT(
+            decoder_dim,
+            _depth(shapes, "decoder"),
+            shapes["decoder.blocks.0.mlp.fc1.weight"][0],
+            shapes["decoder.pos_emb"][-1],
+            _post(shapes, "decoder"),
+        )
+        self.out_channels = self.labels or channels
+        outputs = shapes["decoder.out_proj.weight"][0]
+        self.out_patch = round((outputs // self.out_channels) ** 0.5)
+        if self.out_channels * self.out_patch**2 != outputs:
+            raise ML4MTokenizerError(f"decoder.out_proj.weight: {outputs} outputs, not {self.out_channels} x p x p")
+        self.out_proj = nn.Linear(decoder_dim, outputs)
 
     @property
     def codebook_size(self) -> int:
@@ -140,12 +164,15 @@ class ML4MVQVAE(nn.Module):
         return ids.view(len(x), *latent.shape[2:])
 
     @torch.no_grad()
-    def decode_tokens(self, ids: Tensor) -> Tensor:
-        """(B, h, w) ids -> (B, out_channels, h*p, w*p): class logits or the feature map."""
-        if not self.decodes:
-            raise ML4MTokenizerError("this checkpoint has no decoder (post_quant_proj, decoder.*): it only encodes")
+    def decode_tokens(self, ids: Tensor, steps: int = DECODE_STEPS, seed: int = 0) -> Tensor:
+        """(B, h, w) ids -> (B, out_channels, h*p, w*p): class logits, the feature map, or (a DiVAE's)
+        the image in ml-4m's [-1, 1], denoised in ``steps`` steps from noise seeded ``seed`` per image."""
         B, h, w = ids.shape
         quant = F.embedding(ids, self.codebook).permute(0, 3, 1, 2)  # the raw codebook rows, (B, L, h, w)
+        if self.diffusion is not None:
+            shape = (self.decoder.channels, h * self.patch, w * self.patch)
+            generators = [torch.Generator().manual_seed(seed) for _ in range(B)]
+            return self.diffusion.sample(lambda x, t: self.decoder(x, t, quant), shape, generators, steps)
         x = self.out_proj(self.decoder(self.post_quant_proj(quant)))  # (B, h*w, C*p*p)
         p, C = self.out_patch, self.out_channels
         return x.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h * p, w * p)
@@ -176,12 +203,10 @@ def _ours(key: str) -> str | None:
 
 
 def load_ml4m_vqvae(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -> ML4MVQVAE:
-    """The network of a released ml-4m ViT VQ-VAE, every key used or refused by name."""
+    """The network of a released ml-4m ViT VQ-VAE or DiVAE, every key used or refused by name."""
     for key in ("encoder.proj.weight", "encoder.pos_emb", "quant_proj.weight", "quantize._codebook.embed"):
         if key not in weights:
-            raise ML4MTokenizerError(f"checkpoint lacks {key}: not an ml-4m ViT VQ-VAE (a DiVAE or MLP tokenizer?)")
-    if any(key.startswith(DIFFUSION_DECODER) for key in weights):  # a DiVAE: its encoder alone converts
-        weights = {k: v for k, v in weights.items() if not k.startswith("decoder.")}
+            raise ML4MTokenizerError(f"checkpoint lacks {key}: not an ml-4m ViT VQ-VAE or DiVAE (an MLP tokenizer?)")
     network = ML4MVQVAE({k: tuple(v.shape) for k, v in weights.items()}, config).eval()
     mapped = {}
     for key, tensor in weights.items():

@@ -50,7 +50,7 @@ def write_token_preview(config: Config, samples: int = 6, shard: int = 0) -> Pat
         _, ids = read_token_rows(token_file(root, modality, shard))
         for line, index in enumerate(chosen):
             original, decoded = rows.values[index], None
-            if ids[index] is not None and tokenizer.decodes:
+            if ids[index] is not None:
                 (decoded,) = tokenizer.decode([_crop_ids(ids[index], 0)])
             for offset, value in enumerate((original, decoded)):
                 tile = render_value(modality, value, views[index], size)
@@ -81,8 +81,7 @@ def write_crop_preview(config: Config, shard: int = 0) -> Path:
         _, ids = read_token_rows(token_file(root, modality, shard))
         tokenizer = load_tokenizer(root, modality)
         for column, view in enumerate(views):
-            decodable = ids[index] is not None and tokenizer.decodes
-            value = tokenizer.decode([_crop_ids(ids[index], column)])[0] if decodable else None
+            value = tokenizer.decode([_crop_ids(ids[index], column)])[0] if ids[index] is not None else None
             tile = render_value(modality, value, view, size)
             grid.paste(Image.fromarray(tile), (column * size, HEADER + line * size))
         draw.text((4, HEADER + line * size + 3), modality, fill=(255, 255, 0))

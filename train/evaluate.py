@@ -70,19 +70,12 @@ def evaluated(run: TrainedRun) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(what the model is shown, what it is scored on): a task run's own task, else the image (as
     its pixels where the run has them) -> every other modality with a metric."""
     if run.task is not None:
-        return run.task.inputs, tuple(t for t in run.task.targets if _scored_here(run, t))
+        return run.task.inputs, tuple(t for t in run.task.targets if t in METRICS)
     source = next((m for m in run.modalities if MODALITIES[m].kind == SOURCE_KIND), None)
     if source is None:
         raise UserError(f"run {run.directory.name} has no image modality to predict from: make eval scores rgb -> X")
     shown = pixel_input_of(source, run.modalities) or source
-    return (shown,), tuple(m for m in run.modalities if m not in (source, shown) and _scored_here(run, m))
-
-
-def _scored_here(run: TrainedRun, modality: str) -> bool:
-    """It has a metric, and its predictions can be read: scored on ids, or by a tokenizer that decodes."""
-    if modality not in METRICS:
-        return False
-    return MODALITIES[modality].kind in TOKEN_LEVEL or run.tokenizers[modality].decodes
+    return (shown,), tuple(m for m in run.modalities if m not in (source, shown) and m in METRICS)
 
 
 def run_eval(config: Config) -> EvalReport:

@@ -94,18 +94,8 @@ def plan(cfg: GenerateConfig, run: TrainedRun) -> tuple[tuple[str, ...], tuple[s
     images = pixel_inputs()
     given = tuple(dict.fromkeys(images[m].name if m in images else m for m in asked))
     shown = model_inputs(given, run)
-    others = tuple(
-        m
-        for m in run.modalities
-        if m not in given and m not in shown.values() and m in MODALITIES and run.tokenizers[m].decodes
-    )
+    others = tuple(m for m in run.modalities if m not in given and m not in shown.values() and m in MODALITIES)
     targets = cfg.targets or (task.targets if task and not cfg.given else others)
-    undecodable = sorted(t for t in targets if t in run.tokenizers and not run.tokenizers[t].decodes)
-    if undecodable:
-        raise SampleInputError(
-            f"generate.targets: {undecodable} have tokenizers that only encode (ml-4m's diffusion decoders are not"
-            " imported): their tokens cannot be drawn"
-        )
     both = sorted(set(asked) & set(targets))
     if both:
         raise SampleInputError(f"generate.targets: {both} also given: a target cannot be an input")

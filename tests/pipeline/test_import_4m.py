@@ -1,7 +1,8 @@
-"""ml-4m's released model and image tokenizer, imported (synthetic checkpoints with ml-4m's key
-names and shapes) and run through this project's stages: make tokenizers imports the tokenizer,
-make tokenize writes its tokens, make import-4m converts the model, make finetune trains it on a
-task and make sample draws from the result."""
+"""ml-4m's released model and image tokenizers, imported (synthetic checkpoints with ml-4m's key
+names and shapes) and run through this project's stages: make tokenizers imports a ViT VQ-VAE
+(semseg) and a diffusion-decoder one (RGB), make tokenize writes their tokens, make import-4m
+converts the model, make finetune trains it on a task and make sample draws from the result,
+decoding RGB with the diffusion decoder."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from four_m.train.sample import write_samples
 from tests.tokenize import ml4m_tokenizer_checkpoint as tokenizer_checkpoint
 from tests.train import ml4m_checkpoint as model_checkpoint
 
-SEMSEG = {"tok_semseg@224": tokenizer_checkpoint.CODES}
+VOCABS = {"tok_semseg@224": tokenizer_checkpoint.CODES, "tok_rgb@224": tokenizer_checkpoint.CODES}
 
 
 @pytest.mark.slow  # about a minute of stages (make test-all): the converters' own tests run in make test
@@ -31,34 +32,41 @@ def test_an_imported_tokenizer_and_model_run_through_tokenize_finetune_and_sampl
     labelled, _, _, _ = tokenized
     root = tmp_path / "root"
     shutil.copytree(labelled.root, root)
-    for stale in ("tokenizers/semseg", "tokens/semseg", "_state/tokenize/semseg"):  # the import replaces them
-        shutil.rmtree(root / stale)
-    tokenizer = tokenizer_checkpoint.write(tmp_path / "4M_tokenizers_semseg", tokenizer_checkpoint.weights(grid=28))
+    for modality in ("semseg", "rgb"):  # the imports replace them
+        for stale in (f"tokenizers/{modality}", f"tokens/{modality}", f"_state/tokenize/{modality}"):
+            shutil.rmtree(root / stale)
+    semseg = tokenizer_checkpoint.write(tmp_path / "4M_tokenizers_semseg", tokenizer_checkpoint.weights(grid=28))
+    rgb_weights = tokenizer_checkpoint.divae_weights()
+    rgb = tokenizer_checkpoint.write(tmp_path / "4M_tokenizers_rgb", rgb_weights, **tokenizer_checkpoint.DIVAE_CONFIG)
     base = [
         f"label.size={labelled.label.size}",
         "ray.num_cpus=2",
         *tiny_tokenizers,
-        f"tokenize.semseg.source={tokenizer}",
+        f"tokenize.semseg.source={semseg}",
+        f"tokenize.rgb.source={rgb}",
     ]
     config = load_config("default", base, root=str(root))
     trained = run_tokenizer_training(config)
     assert "imported_from" in json.loads((root / "tokenizers/semseg/trained.json").read_text())["metrics"]
     run_tokenize(config, progress=False)
-    imported = load_tokenizer(DatasetRoot(root), "semseg")
-    assert isinstance(imported, ML4MTokenizer) and imported.vocab_size == tokenizer_checkpoint.CODES
+    for modality in ("semseg", "rgb"):
+        imported = load_tokenizer(DatasetRoot(root), modality)
+        assert isinstance(imported, ML4MTokenizer) and imported.vocab_size == tokenizer_checkpoint.CODES
     assert trained.trained  # the stage ran and reported
 
     model = tmp_path / "4M-tiny"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps(model_checkpoint.config(SEMSEG)))
-    weights = model_checkpoint.weights(vocabs=SEMSEG)
-    save_file(model_checkpoint.saved(weights, SEMSEG), str(model / "model.safetensors"))
+    (model / "config.json").write_text(json.dumps(model_checkpoint.config(VOCABS)))
+    weights = model_checkpoint.weights(vocabs=VOCABS)
+    save_file(model_checkpoint.saved(weights, VOCABS), str(model / "model.safetensors"))
     report = run_import(load_config("default", [*base, "train.run=imported"], root=str(root)), str(model))
     described = json.loads((root / "runs/imported/model.json").read_text())
-    assert described["tokenizers"]["semseg"] == tokenizer_id(DatasetRoot(root), "semseg")  # the root's import
-    assert report.modalities == {"semseg": "tok_semseg@224", "rgb_pixels": "rgb@224"}
+    for modality in ("semseg", "rgb"):  # the root's imports
+        assert described["tokenizers"][modality] == tokenizer_id(DatasetRoot(root), modality)
+    assert report.modalities == {"semseg": "tok_semseg@224", "rgb": "tok_rgb@224", "rgb_pixels": "rgb@224"}
 
-    recipe = "{run: tuned, task: {inputs: [rgb_pixels], targets: [semseg]}, input_budget: 196, target_budget: 16}"
+    task = "{inputs: [rgb_pixels], targets: [semseg, rgb]}"
+    recipe = f"{{run: tuned, task: {task}, input_budget: 196, target_budget: 32}}"
     options = [
         *base,
         "finetune.from_run=imported",
@@ -67,9 +75,9 @@ def test_an_imported_tokenizer_and_model_run_through_tokenize_finetune_and_sampl
         "train.batch_size=2",
     ]
     summary = run_finetune(load_config("default", [*options, "train.warmup_steps=0"], root=str(root)))
-    assert summary.steps == 2 and "modalities kept ['rgb_pixels', 'semseg']" in "\n".join(summary.lines())
+    assert summary.steps == 2 and "modalities kept ['rgb_pixels', 'semseg', 'rgb']" in "\n".join(summary.lines())
     tuned = json.loads((root / "runs/tuned/model.json").read_text())
     assert tuned["model"]["context_token"] is False and tuned["model"]["norm_eps"] == 1e-6  # the source's build
 
     grid = write_samples(load_config("default", [*base, "train.run=tuned", "generate.samples=1"], root=str(root)))
-    assert grid.name == "rgb-to-semseg.png" and grid.stat().st_size > 0
+    assert grid.name == "rgb-to-semseg+rgb.png" and grid.stat().st_size > 0

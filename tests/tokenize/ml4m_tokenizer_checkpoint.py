@@ -81,10 +81,76 @@ def write(folder: Path, state: dict, **config) -> Path:
     return folder
 
 
-def divae_weights(channels: int = 3) -> dict:
-    """An RGB/normal/edge tokenizer (DiVAE): the same encoder and codebook, a diffusion UNet decoder
-    (two of its keys stand for it) instead of ``post_quant_proj`` and the ViT decoder."""
-    state = {
+def unet(
+    channels: int,
+    cond: int,
+    generator: torch.Generator,
+    width: int = 32,
+    mult: tuple[int, ...] = (1, 2),
+    blocks: int = 1,
+    attention: tuple[int, ...] = (2,),
+    patch: int = 4,
+) -> dict[str, torch.Tensor]:
+    """``fourm.vq.models.unet.PatchedUNetCondCat``'s state dict under ``decoder.``, laid out as its
+    constructor lays it (ml-4m's ``unet_patched`` is ``width=256, mult=(1, 2, 2, 2), blocks=3,
+    attention=(4, 8)``). Output convolutions get random values too (ml-4m starts them at zero)."""
+    state: dict[str, torch.Tensor] = {}
+
+    def add(key: str, *shape: int) -> None:
+        state[f"decoder.{key}.weight"] = torch.randn(*shape, generator=generator) * 0.05 + (len(shape) == 1)
+        state[f"decoder.{key}.bias"] = torch.randn(shape[0], generator=generator) * 0.05
+
+    def res(key: str, ch: int, out: int) -> None:
+        add(f"{key}.in_layers.0", ch), add(f"{key}.in_layers.2", out, ch, 3, 3)
+        add(f"{key}.emb_layers.1", out, 4 * width)
+        add(f"{key}.out_layers.0", out), add(f"{key}.out_layers.3", out, out, 3, 3)
+        if ch != out:
+            add(f"{key}.skip_connection", out, ch, 1, 1)
+
+    def attend(key: str, ch: int) -> None:
+        add(f"{key}.norm", ch), add(f"{key}.qkv", 3 * ch, ch, 1), add(f"{key}.proj_out", ch, ch, 1)
+
+    add("time_embed.0", 4 * width, width), add("time_embed.2", 4 * width, 4 * width)
+    ch = mult[0] * width
+    add("input_blocks.0.0", ch, channels * patch * patch + cond, 3, 3)
+    skips, ds, index = [ch], 1, 1
+    for level, m in enumerate(mult):
+        for _ in range(blocks):
+            res(f"input_blocks.{index}.0", ch, m * width)
+            ch = m * width
+            if ds in attention:
+                attend(f"input_blocks.{index}.1", ch)
+            skips.append(ch)
+            index += 1
+        if level != len(mult) - 1:
+            add(f"input_blocks.{index}.0.op", ch, ch, 3, 3)
+            skips.append(ch)
+            ds, index = ds * 2, index + 1
+    res("middle_block.0", ch, ch), attend("middle_block.1", ch), res("middle_block.2", ch, ch)
+    index = 0
+    for level, m in reversed(list(enumerate(mult))):
+        for i in range(blocks + 1):
+            res(f"output_blocks.{index}.0", ch + skips.pop(), m * width)
+            ch, position = m * width, 1
+            if ds in attention:
+                attend(f"output_blocks.{index}.1", ch)
+                position = 2
+            if level and i == blocks:
+                add(f"output_blocks.{index}.{position}.conv", ch, ch, 3, 3)
+                ds //= 2
+            index += 1
+    add("out.0", ch), add("out.2", channels * patch * patch, mult[0] * width, 3, 3)
+    return state
+
+
+def divae_weights(channels: int = 3, seed: int = 0) -> dict:
+    """An RGB/normal/edge tokenizer (DiVAE): the same encoder and codebook, a diffusion UNet
+    (``unet``) conditioned on the codebook vectors instead of ``post_quant_proj`` and a ViT decoder."""
+    encoder = {
         k: v for k, v in weights(labels=None, channels=channels).items() if not k.startswith(("decoder.", "post_"))
     }
-    return state | {"decoder.time_embed.0.weight": torch.zeros(4, 4), "decoder.input_blocks.0.0.weight": torch.zeros(4)}
+    return encoder | unet(channels, LATENT, torch.Generator().manual_seed(seed))
+
+
+DIVAE_CONFIG = {"dec_type": "unet_patched", "prediction_type": "sample", "beta_schedule": "linear"}
+"""A released DiVAE's diffusion settings (``cfgs/default/tokenization/divae``)."""

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from four_m.core.coco import SEMSEG_IGNORE
-from four_m.tokenize.base import TokenizerInputError
+from four_m.tokenize.base import ML4MTokenizerError, TokenizerInputError
 from four_m.tokenize.maps import configured
 from four_m.tokenize.ml4m_tokenizer import ML4MTokenizer, is_imported
-from four_m.tokenize.ml4m_vqvae import ML4MTokenizerError, load_ml4m_vqvae
+from four_m.tokenize.ml4m_vqvae import load_ml4m_vqvae
 from tests.tokenize import ml4m_tokenizer_checkpoint as checkpoint
 
 SIDE = 64  # a 4x4 token grid of 16 px patches
@@ -66,6 +66,7 @@ def test_a_feature_tokenizer_reads_feature_maps_of_its_own_width(tmp_path):
         ({"add": "encoder.blocks.0.attn.q_norm.weight"}, "checkpoint key encoder.blocks.0.attn.q_norm.weight has no"),
         ({"drop": "encoder.blocks.0.mlp.fc2.bias"}, "nothing in the checkpoint fills encoder.blocks.0.fc2.bias"),
         ({"drop": "quant_proj.weight"}, "checkpoint lacks quant_proj.weight"),
+        ({"drop": "post_quant_proj.weight"}, "checkpoint lacks post_quant_proj.weight and decoder.time_embed"),
         ({"config": {"num_codebooks": 2}}, "only one cosine-similarity codebook"),
     ],
 )
@@ -87,14 +88,55 @@ def test_a_tokenizer_for_other_classes_or_another_kind_is_refused(tmp_path):
         ML4MTokenizer.from_source("depth", folder, configured("depth", SIDE, {}))
 
 
-def test_a_diffusion_decoder_tokenizer_imports_to_encode_only(tmp_path):
+@pytest.fixture
+def rgb(tmp_path) -> ML4MTokenizer:
     """ml-4m's RGB tokenizer (DiVAE): the same encoder and codebook, a diffusion UNet as decoder."""
+    folder = checkpoint.write(tmp_path / "rgb", checkpoint.divae_weights(), **checkpoint.DIVAE_CONFIG)
+    return ML4MTokenizer.from_source("rgb", folder, configured("rgb", SIDE, {}))
+
+
+def test_a_diffusion_decoder_tokenizer_encodes_ml4m_scaled_pixels_and_decodes_reproducibly(rgb):
+    values = [np.random.default_rng(seed).random((3, SIDE, SIDE)).astype(np.float32) for seed in (2, 3)]
+    ids = rgb.encode(values)  # this project's [0, 1]
+    scaled = torch.from_numpy(values[0])[None] * 2 - 1  # ml-4m's RGB tokenizers take [-1, 1]
+    assert np.array_equal(ids[0], rgb.network.tokenize(scaled).flatten().numpy())
+    decoded = rgb.decode(ids)
+    assert [(d.shape, d.dtype) for d in decoded] == [((3, SIDE, SIDE), np.float32)] * 2
+    assert all(0 <= d.min() and d.max() <= 1 for d in decoded) and np.ptp(decoded[0]) > 0.1
+    alone = rgb.decode(ids[1:])  # an image decodes from its own seeded noise, whatever its batch
+    np.testing.assert_allclose(alone[0], decoded[1], atol=1e-4)
+    noise = rgb.network.diffusion.sample(lambda x, t: x, (3, SIDE, SIDE), [torch.Generator().manual_seed(0)], 1)
+    assert not np.allclose(decoded[1], ((noise[0] + 1) / 2).clamp(0, 1).numpy(), atol=1e-2)  # the UNet acted
+
+
+@pytest.mark.parametrize(("modality", "channels", "low"), [("normal", 3, -1.0), ("canny_edge", 1, 0.0)])
+def test_normals_and_edges_decode_to_this_projects_values(tmp_path, modality, channels, low):
+    state = checkpoint.divae_weights(channels=channels)
+    folder = checkpoint.write(tmp_path / modality, state, **checkpoint.DIVAE_CONFIG)
+    tokenizer = ML4MTokenizer.from_source(modality, folder, configured(modality, SIDE, {}))
+    value = np.random.default_rng(4).uniform(low, 1, (channels, SIDE, SIDE)).astype(np.float32)
+    (decoded,) = tokenizer.decode(tokenizer.encode([value]))
+    assert decoded.shape == (channels, SIDE, SIDE) and low <= decoded.min() and decoded.max() <= 1
+    if modality == "canny_edge":  # this project's edge maps are binary
+        assert set(np.unique(decoded)) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"config": {"dec_type": "uvit_b"}}, "dec_type = 'uvit_b': of the diffusion decoders only unet_patched"),
+        ({"widen": "decoder.input_blocks.1.0.emb_layers.1.weight"}, "scale-shift \\(FiLM\\) embedding"),
+        ({"widen": "decoder.input_blocks.0.0.weight"}, "conditioned on 9 channels, the codebook's vectors are 8"),
+        ({"add": "decoder.input_blocks.1.1.proj.weight"}, "decoder.input_blocks.1.1: not a layer of ml-4m's UNet"),
+    ],
+)
+def test_a_diffusion_decoder_this_network_cannot_reproduce_is_refused_by_name(change, message):
     state = checkpoint.divae_weights()
-    rgb = ML4MTokenizer.from_source("rgb", checkpoint.write(tmp_path / "rgb", state), configured("rgb", SIDE, {}))
-    value = np.random.default_rng(2).random((3, SIDE, SIDE)).astype(np.float32)  # this project's [0, 1]
-    (ids,) = rgb.encode([value])
-    scaled = torch.from_numpy(value)[None] * 2 - 1  # ml-4m's RGB tokenizers take [-1, 1]
-    assert np.array_equal(ids, rgb.network.tokenize(scaled).flatten().numpy())
-    assert not rgb.decodes
-    with pytest.raises(TokenizerInputError, match="imported to encode only"):
-        rgb.decode([ids])
+    if "widen" in change:
+        weight = state[change["widen"]]  # one more input channel, or one more output of the embedding
+        extra = weight[:, :1] if "input_blocks.0.0" in change["widen"] else weight[:1]
+        state[change["widen"]] = torch.cat([weight, extra], dim=1 if "input_blocks.0.0" in change["widen"] else 0)
+    if "add" in change:
+        state[change["add"]] = torch.zeros(4)
+    with pytest.raises(ML4MTokenizerError, match=message):
+        load_ml4m_vqvae(checkpoint.DIVAE_CONFIG | change.get("config", {}), state)

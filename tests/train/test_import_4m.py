@@ -11,22 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from four_m.core.config import GenerateConfig, TaskConfig, VQConfig, load_config
+from four_m.core.config import load_config
 from four_m.core.errors import UserError
-from four_m.core.modalities import MODALITIES
-from four_m.tokenize.maps import configured
-from four_m.tokenize.ml4m_tokenizer import ML4MTokenizer
-from four_m.tokenize.vq import VQTokenizer
-from four_m.train.evaluate import evaluated
 from four_m.train.generate import Decoding, Generator
 from four_m.train.import_4m import Import4MError, convert
 from four_m.train.import_run import run_import
 from four_m.train.model import FourM, ModelConfig, ModelModality
-from four_m.train.sample import SampleInputError, plan
-from four_m.train.trained import RunMismatchError, TrainedRun, load_trained, load_weights
-from tests.tokenize import ml4m_tokenizer_checkpoint as tokenizer_checkpoint
+from four_m.train.trained import RunMismatchError, load_trained, load_weights
 from tests.train import ml4m_checkpoint as ml4m
-from tests.train.test_model import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,19 +130,3 @@ def test_import_4m_writes_a_run_that_loads_as_any_run_and_names_the_tokenizers_i
     with pytest.raises(UserError, match="has no model.safetensors"):
         (source / "model.safetensors").unlink()
         run_import(config, str(source))
-
-
-def test_eval_and_sample_leave_out_a_target_whose_imported_tokenizer_only_encodes(tmp_path):
-    state = tokenizer_checkpoint.divae_weights()
-    rgb = ML4MTokenizer.from_source(
-        "rgb", tokenizer_checkpoint.write(tmp_path / "rgb", state), configured("rgb", 64, {})
-    )
-    edges = VQTokenizer("canny_edge", VQConfig(codebook_size=16, code_dim=4, width=8, grid=4), 64)
-    pixels = ModelModality.pixels_of(MODALITIES["rgb"])
-    modalities = [pixels, ModelModality("rgb", "map", 32, 16), ModelModality("canny_edge", "map", 16, 16)]
-    task = TaskConfig(inputs=("rgb_pixels",), targets=("rgb", "canny_edge"))
-    run = TrainedRun(tmp_path, FourM(TINY, modalities), {"rgb": rgb, "canny_edge": edges}, task)
-    assert evaluated(run) == (("rgb_pixels",), ("canny_edge",))  # rgb's tokens cannot be read back
-    assert plan(GenerateConfig(given=("rgb_pixels",)), run) == (("rgb",), ("canny_edge",))
-    with pytest.raises(SampleInputError, match=r"\['rgb'\] have tokenizers that only encode"):
-        plan(GenerateConfig(given=("rgb_pixels",), targets=("rgb",)), run)
