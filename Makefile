@@ -7,7 +7,8 @@
 # `make models OMNIDATA=omnidata_dpt_normal_v2.ckpt` converts Omnidata's normal model into label.normal.model;
 # `make finetune [FROM_RUN=tiny]` trains the config's fine-tune recipe (finetune.train: a new run, e.g. a task
 # rgb_pixels -> canny_edge) starting from run `tiny`'s weights; `make eval SET=train.run=<it>` scores it;
-# `make import-4m SOURCE=<folder or hub id> SET=train.run=4m-b` converts a released apple/ml-4m model into a run;
+# `make import-4m SOURCE=<folder or hub id> SET=train.run=4m-b [LEAVE_OUT=t5_caption,...]` converts a released
+# apple/ml-4m model into a run (LEAVE_OUT: its modalities this project lacks, left out);
 # `make probe` trains a dense head on train.run's encoder (an RGB backbone) and scores it on the held-out shards;
 # `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"] [KEEP=depth:0.5]` generates with the
 # trained run (KEEP: in-paint, half of depth's stored tokens given)
@@ -34,6 +35,7 @@ OMNIDATA ?=
 SAMPLES ?=
 FROM_RUN ?=
 SOURCE ?=
+LEAVE_OUT ?=
 # Every verb's options, then each verb's own: target `x` passes $(x_ARGS) after $(ARGS).
 ARGS     = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
 comma := ,
@@ -48,7 +50,7 @@ preview-tokens_ARGS = $(preview_ARGS)
 sample_ARGS         = $(GENERATE) $(if $(IMAGE),--image '$(IMAGE)') $(if $(CAPTION),--caption '$(CAPTION)')
 demo_ARGS           = $(GENERATE)
 finetune_ARGS       = $(if $(FROM_RUN),--set finetune.from_run=$(FROM_RUN))
-import-4m_ARGS      = $(if $(SOURCE),--source '$(SOURCE)')
+import-4m_ARGS      = $(if $(SOURCE),--source '$(SOURCE)') $(if $(LEAVE_OUT),--leave-out '$(LEAVE_OUT)')
 
 # torch/torchvision: the pair this machine has on disk (CPU wheels); other pairs download gigabytes.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1

@@ -102,7 +102,8 @@ def _import_4m(config: Config, args: argparse.Namespace) -> int:
 
     if not args.source:
         raise UserError("import-4m needs --source (make import-4m SOURCE=<folder or hub id>): the model to convert")
-    print("\n".join(run_import(config, args.source).lines()))
+    leave_out = [name for name in (args.leave_out or "").split(",") if name]
+    print("\n".join(run_import(config, args.source, leave_out).lines()))
     return 0
 
 
@@ -283,6 +284,8 @@ def _samples(parser: argparse.ArgumentParser) -> None:
 def _source(parser: argparse.ArgumentParser) -> None:
     help_ = "an ml-4m model: a folder with config.json and model.safetensors, or a hub id (EPFL-VILAB/4M-7_B_CC12M)"
     parser.add_argument("--source", help=help_)
+    leave = "ml-4m modality names to convert without, comma-separated (4M-21's t5_caption,human_poses,...)"
+    parser.add_argument("--leave-out", help=leave)
 
 
 def _user_input(parser: argparse.ArgumentParser) -> None:

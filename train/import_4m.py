@@ -22,12 +22,18 @@ this model's own (same formula, MoCo-v3's) and must agree. Bias buffers of bias-
 zero. Every other key must be used: a checkpoint with a key this mapping does not know, or an
 architecture setting it cannot reproduce exactly (biases, QK-norm, register tokens, a non-gated
 MLP), is refused naming that key.
+
+A modality of the checkpoint that has no counterpart here (4M-21's ``t5_caption``,
+``human_poses``...) is refused too, unless it is named in ``leave_out``: its config entries and
+``encoder_embeddings.<m>.*``/``decoder_embeddings.<m>.*`` weights are then taken out before the
+conversion, and counted. The transformer does not depend on which modalities it was given, so the
+rest converts exactly; the model just no longer reads or writes the ones left out.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +88,8 @@ class Imported:
     """Our modality name -> its ml-4m name."""
     left_behind: tuple[str, ...]
     """Checkpoint keys ml-4m itself never reads (map targets' decoder token tables)."""
+    left_out: dict[str, int]
+    """ml-4m modality name -> how many of its checkpoint tensors were left out (``leave_out``)."""
 
 
 def reference_names() -> dict[str, str]:
@@ -121,7 +129,8 @@ def model_modalities(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -
     unknown = [d for d in domains if d not in known]
     if unknown:
         raise Import4MError(
-            f"config domains {unknown}: no modality here declares these ml-4m names (known: {', '.join(sorted(known))})"
+            f"config domains {unknown}: no modality here declares these ml-4m names"
+            f" (known: {', '.join(sorted(known))}); LEAVE_OUT={','.join(unknown)} converts the rest without them"
         )
     pixels = pixel_inputs()
     modalities = []
@@ -139,8 +148,28 @@ def model_modalities(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -
     return sorted(modalities, key=lambda m: order.index(m.name))
 
 
-def convert(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -> Imported:
-    """The checkpoint as a :class:`FourM` (eval mode), every key used, checked or refused by name."""
+def without(
+    config: Mapping[str, Any], weights: Mapping[str, Tensor], leave_out: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, int]]:
+    """The checkpoint with the ``leave_out`` modalities taken out: (config, weights, tensors left out per modality)."""
+    domains = [*config.get("domains_in", []), *config.get("domains_out", [])]
+    strange = [d for d in leave_out if d not in domains]
+    if strange:
+        raise Import4MError(
+            f"leave out {strange}: not among the checkpoint's domains ({', '.join(dict.fromkeys(domains))})"
+        )
+    owners = {d: (f"encoder_embeddings.{d}.", f"decoder_embeddings.{d}.") for d in leave_out}
+    counts = {d: sum(key.startswith(prefixes) for key in weights) for d, prefixes in owners.items()}
+    every = tuple(p for prefixes in owners.values() for p in prefixes)
+    kept = {key: tensor for key, tensor in weights.items() if not key.startswith(every)}
+    sides = {side: [d for d in config.get(side, []) if d not in owners] for side in ("domains_in", "domains_out")}
+    return {**config, **sides}, kept, counts
+
+
+def convert(config: Mapping[str, Any], weights: Mapping[str, Tensor], leave_out: Sequence[str] = ()) -> Imported:
+    """The checkpoint as a :class:`FourM` (eval mode), every key used, checked or refused by name;
+    the ``leave_out`` modalities (ml-4m names) taken out first."""
+    config, weights, left_out = without(config, weights, leave_out)
     model = FourM(model_config(config), model_modalities(config, weights)).eval()
     references = {name: ref for ref, name in reference_names().items() if name in {m.name for m in model.modalities}}
     mapped, used, left_behind = _mapped(model, config, weights, references)
@@ -156,7 +185,7 @@ def convert(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -> Importe
             given, needed = tuple(tensor.shape), tuple(ours[name].shape)
             raise Import4MError(f"{name}: the checkpoint gives shape {given}, the model needs {needed}")
     model.load_state_dict(mapped, strict=True)
-    return Imported(model, references, tuple(sorted(left_behind)))
+    return Imported(model, references, tuple(sorted(left_behind)), left_out)
 
 
 def _weight(weights: Mapping[str, Tensor], key: str) -> Tensor:

@@ -7,12 +7,15 @@ repositories such as ``EPFL-VILAB/4M-7_B_CC12M`` hold), or such a hub id, fetche
 records, per token modality, the tokenizer its ids belong to: the root's ``tokenizers/<modality>``
 where that is an import of ml-4m's own (``tokenize.<modality>.source``, ``tokenize.text.file``),
 else ``ml-4m:<its name>`` (``ml-4m:tok_depth@224``), which ``make sample``/``eval``/``finetune``
-refuse by name until the root has that tokenizer.
+refuse by name until the root has that tokenizer. ``LEAVE_OUT=<ml-4m names>`` converts a
+checkpoint without modalities this project does not have (4M-21's ``t5_caption``...), recorded in
+``model.json`` as ``left_out``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +42,7 @@ class ImportReport:
     source: str
     modalities: dict[str, str]
     left_behind: tuple[str, ...]
+    left_out: dict[str, int]
     parameters: int
 
     def lines(self) -> list[str]:
@@ -46,6 +50,9 @@ class ImportReport:
         lines = [f"import-4m: {self.source} -> {self.run} ({self.parameters:,} parameters); modalities {pairs}"]
         if self.left_behind:
             lines.append(f"import-4m: left behind (never read by ml-4m): {', '.join(self.left_behind)}")
+        if self.left_out:
+            counts = ", ".join(f"{name} ({count} tensors)" for name, count in self.left_out.items())
+            lines.append(f"import-4m: left out as asked (LEAVE_OUT): {counts}")
         return lines
 
 
@@ -62,13 +69,13 @@ def source_folder(source: str) -> Path:
         raise UserError(f"cannot read {source!r}: not a folder, and the hub says {type(err).__name__}: {err}") from None
 
 
-def run_import(config: Config, source: str) -> ImportReport:
+def run_import(config: Config, source: str, leave_out: Sequence[str] = ()) -> ImportReport:
     folder = source_folder(source)
     for name in (CONFIG, WEIGHTS):
         if not (folder / name).is_file():
             raise UserError(f"{folder} has no {name}: an ml-4m model folder holds {CONFIG} and {WEIGHTS}")
     reference = json.loads((folder / CONFIG).read_text())
-    imported = convert(reference, load_file(str(folder / WEIGHTS)))
+    imported = convert(reference, load_file(str(folder / WEIGHTS)), leave_out)
     model = imported.model
     root = DatasetRoot(config.root)
     run = root / f"runs/{config.train.run}"
@@ -83,9 +90,11 @@ def run_import(config: Config, source: str) -> ImportReport:
             if m.kind != "pixels"
         },
         "imported_from": source,
+        "left_out": list(imported.left_out),
     }
     write_text_atomic(run / DESCRIPTION, json.dumps(described, indent=1))
-    return ImportReport(run, source, imported.references, imported.left_behind, model.parameter_count())
+    report = (imported.references, imported.left_behind, imported.left_out, model.parameter_count())
+    return ImportReport(run, source, *report)
 
 
 def _tokenizer(root: DatasetRoot, modality: str, reference: str) -> str:

@@ -130,3 +130,50 @@ def test_import_4m_writes_a_run_that_loads_as_any_run_and_names_the_tokenizers_i
     with pytest.raises(UserError, match="has no model.safetensors"):
         (source / "model.safetensors").unlink()
         run_import(config, str(source))
+
+
+def four_m_21(weights: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The tiny checkpoint with two 4M-21 modalities this project lacks, laid out as ml-4m's: T5-XXL
+    caption embeddings in (a projection, no token table), human poses in and out."""
+    D, rand = ml4m.DIM, torch.randn
+    extra = {
+        "encoder_embeddings.t5_caption.emb_proj.weight": rand(D, 4096),
+        "encoder_embeddings.t5_caption.pos_emb": ml4m.sincos_1d(77, D),
+        "encoder_embeddings.t5_caption.mod_emb": rand(1, 1, D),
+    }
+    for side in ("encoder", "decoder"):
+        prefix = f"{side}_embeddings.human_poses"
+        extra |= {f"{prefix}.pos_emb": ml4m.sincos_1d(263, D), f"{prefix}.token_emb.weight": rand(300, D)}
+    extra |= {"decoder_embeddings.human_poses.to_logits.weight": rand(300, D)}
+    extra |= {"decoder_embeddings.human_poses.mod_emb": rand(1, 1, D)}  # shared: stored under one name
+    config = ml4m.config()
+    config["domains_in"] += ["t5_caption", "human_poses"]
+    config["domains_out"] += ["human_poses"]
+    return config, weights | extra
+
+
+def test_modalities_this_project_lacks_are_refused_unless_left_out_then_the_rest_converts_exactly():
+    weights = ml4m.weights()
+    config, extended = four_m_21(weights)
+    with pytest.raises(Import4MError, match=r"\['t5_caption', 'human_poses'\].*LEAVE_OUT=t5_caption,human_poses"):
+        convert(config, extended)
+    with pytest.raises(Import4MError, match=r"leave out \['sam_instance'\]: not among the checkpoint's domains"):
+        convert(config, extended, ["t5_caption", "human_poses", "sam_instance"])
+    result = convert(config, extended, ["t5_caption", "human_poses"])
+    assert result.left_out == {"t5_caption": 3, "human_poses": 6}
+    plain = convert(ml4m.config(), weights).model.state_dict()
+    converted = result.model.state_dict()
+    assert converted.keys() == plain.keys() and all(torch.equal(converted[k], plain[k]) for k in plain)
+
+
+def test_import_4m_records_and_reports_what_it_left_out(tmp_path):
+    config, weights = four_m_21(ml4m.weights())
+    source = tmp_path / "4M-21-tiny"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(config))
+    save_file(ml4m.saved(weights), str(source / "model.safetensors"))  # one name per shared tensor
+    settings = load_config("default", ["train.run=imported"], root=str(tmp_path / "root"))
+    report = run_import(settings, str(source), ["human_poses", "t5_caption"])
+    assert "import-4m: left out as asked (LEAVE_OUT): human_poses (6 tensors), t5_caption (3 tensors)" in report.lines()
+    described = json.loads((tmp_path / "root/runs/imported/model.json").read_text())
+    assert described["left_out"] == ["human_poses", "t5_caption"] and "human_poses" not in described["tokenizers"]
