@@ -4,7 +4,8 @@
 # `make label ONLY=depth,det` reruns chosen labelers without touching the others;
 # `make download RETRY_FAILED=1` re-fetches only the failed urls of finished shards;
 # `make preview SAMPLES=4` (and preview-tokens) sets the rows of the grid;
-# `make models OMNIDATA=omnidata_dpt_normal_v2.ckpt` converts Omnidata's normal model into label.normal.model;
+# `make models OMNIDATA=omnidata_dpt_normal_v2.ckpt [OMNIDATA_DEPTH=omnidata_dpt_depth_v2.ckpt]` converts Omnidata's
+# normal (depth) model into label.normal.model (label.depth.model);
 # `make finetune [FROM_RUN=tiny]` trains the config's fine-tune recipe (finetune.train: a new run, e.g. a task
 # rgb_pixels -> canny_edge) starting from run `tiny`'s weights; `make eval SET=train.run=<it>` scores it;
 # `make import-4m SOURCE=<folder or hub id> SET=train.run=4m-b [LEAVE_OUT=t5_caption,...]` converts a released
@@ -32,6 +33,7 @@ IMAGE  ?=
 CAPTION ?=
 KEEP   ?=
 OMNIDATA ?=
+OMNIDATA_DEPTH ?=
 SAMPLES ?=
 FROM_RUN ?=
 SOURCE ?=
@@ -44,7 +46,7 @@ GENERATE = $(if $(FROM),--set 'generate.given=[$(FROM)]') $(if $(TO),--set 'gene
            $(foreach k,$(subst $(comma), ,$(KEEP)),--set 'generate.keep.$(subst :,=,$(k))')
 download_ARGS       = $(if $(RETRY_FAILED),--retry-failed)
 label_ARGS          = $(if $(ONLY),--only $(ONLY))
-models_ARGS         = $(if $(OMNIDATA),--omnidata '$(OMNIDATA)')
+models_ARGS         = $(if $(OMNIDATA),--omnidata '$(OMNIDATA)') $(if $(OMNIDATA_DEPTH),--omnidata-depth '$(OMNIDATA_DEPTH)')
 preview_ARGS        = $(if $(SAMPLES),--samples $(SAMPLES))
 preview-tokens_ARGS = $(preview_ARGS)
 sample_ARGS         = $(GENERATE) $(if $(IMAGE),--image '$(IMAGE)') $(if $(CAPTION),--caption '$(CAPTION)')

@@ -16,7 +16,10 @@ the decoded outputs; (e) an RGB-like diffusion-decoder tokenizer (``DiVAE``, its
 ``unet_patched`` decoder at full size, random weights): the share of equal ids, then the image
 decoded from the same ids and the same seed with ml-4m's DDPM sampler (x0-prediction, linear
 schedule, as released) and with its DDIM one: the largest difference, and the seconds per
-denoising step of each. ml-4m's ``fourm.vq`` imports ``diffusers`` (its pinned 0.20 needs an older
+denoising step of each; (f) a depth-like DiVAE: the ids of min-max scaled depth through this
+project's tokenizer (``tokenize.ml4m_tokenizer``, labels of Omnidata's depth) against ml-4m's own
+``DepthTransform.truncated_depth_standardization`` of the raw depth (its module loaded alone, with
+a stand-in ``albumentations``). ml-4m's ``fourm.vq`` imports ``diffusers`` (its pinned 0.20 needs an older
 ``huggingface_hub`` than this project's), so a stand-in module is put in its place here: base
 classes (``ModelMixin`` is ``torch.nn.Module``), the config decorator and ``randn_tensor``, the
 few names ml-4m's UNet, schedulers and pipeline use.
@@ -34,6 +37,7 @@ import argparse
 import functools
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import inspect
 import sys
 import tempfile
@@ -41,10 +45,13 @@ import time
 import types
 from pathlib import Path
 
+import numpy
 import torch
 from safetensors.torch import load_file, save_model
 
 from four_m.core.modalities import IMAGENET_MEAN, IMAGENET_STD
+from four_m.tokenize.maps import configured
+from four_m.tokenize.ml4m_tokenizer import ML4MTokenizer
 from four_m.tokenize.ml4m_vqvae import load_ml4m_vqvae
 from four_m.train.batch import MaskedBatch
 from four_m.train.import_4m import REQUIRED, convert
@@ -187,7 +194,7 @@ def main() -> None:
             scale = theirs.abs().max().item()
             shape = tuple(theirs.shape)
             print(f"{case}: logits {shape}, max |ours - ml-4m| = {difference:.3g} (largest logit {scale:.3g})")
-    check_tokenizers()
+    check_tokenizers(args.ml4m)
 
 
 def stub_diffusers() -> None:
@@ -302,7 +309,32 @@ def check_divae() -> None:
         )
 
 
-def check_tokenizers() -> None:
+def check_depth(ml4m: Path) -> None:
+    """(f): this project's depth values, converted its way, give the ids ml-4m's own depth input gives."""
+    from fourm.vq.vqvae import DiVAE  # noqa: PLC0415 - only with the reference on the path
+
+    sys.modules.setdefault("albumentations", types.ModuleType("albumentations"))  # transforms never used here
+    spec = importlib.util.spec_from_file_location("ml4m_transforms", ml4m / "fourm/data/modality_transforms.py")
+    transforms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(transforms)
+    standardise = transforms.DepthTransform.truncated_depth_standardization
+
+    torch.manual_seed(0)
+    config = {"image_size": 448, "n_channels": 1, "enc_type": "vit_b_enc", "dec_type": "unet_patched"}
+    config |= {"post_mlp": True, "prediction_type": "sample", "beta_schedule": "linear"}
+    reference = DiVAE(**config, patch_size=16, codebook_size=1024, latent_dim=32, norm_codes=True).eval()
+    metres = torch.rand(B, 1, SIDE, SIDE).cumsum(dim=-1) / 20 + 0.5  # depth growing across each image
+    low, high = metres.amin(dim=(1, 2, 3), keepdim=True), metres.amax(dim=(1, 2, 3), keepdim=True)
+    stored = ((metres - low) / (high - low)).numpy()  # as the depth labeler scales it
+    adapter = configured("depth", SIDE, {"quantity": "depth"})  # labels of Omnidata's depth
+    ours = ML4MTokenizer("depth", adapter, load_ml4m_vqvae(config, reference.state_dict()), Path())
+    with torch.no_grad():
+        theirs = reference.tokenize(torch.stack([standardise(m) for m in metres])).flatten(1).numpy()
+    same = (numpy.stack(ours.encode(list(stored))) == theirs).mean()
+    print(f"(f) depth-like DiVAE, min-max scaled depth in: ids {theirs.shape}, {same:.1%} equal to ml-4m's")
+
+
+def check_tokenizers(ml4m: Path) -> None:
     stub_diffusers()
     from fourm.vq.vqvae import VQVAE  # noqa: PLC0415 - only with the reference on the path
 
@@ -317,6 +349,7 @@ def check_tokenizers() -> None:
         ),
     }
     check_divae()
+    check_depth(ml4m)
     for case, (options, inputs) in cases.items():
         torch.manual_seed(0)
         config = {"enc_type": "vit_b_enc", "dec_type": "vit_b_dec", "patch_size": 16, "post_mlp": True, **options}

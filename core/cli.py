@@ -149,21 +149,27 @@ def _bad_input(config: Config, args: argparse.Namespace) -> int:
 
 def _models(config: Config, args: argparse.Namespace) -> int:
     """Fetch production weights for the configured labelers (needs a reachable hub); with
-    ``--omnidata``, first convert Omnidata's normal checkpoint into ``label.normal.model``."""
+    ``--omnidata`` / ``--omnidata-depth``, first convert Omnidata's normal / depth checkpoint into
+    ``label.normal.model`` / ``label.depth.model``."""
     from pathlib import Path
 
     from four_m.labelers.pretrained import PretrainedLabeler
     from four_m.labelers.registry import LABELERS
 
-    if args.omnidata:
+    for task, checkpoint, flag in (
+        ("normal", args.omnidata, "--omnidata"),
+        ("depth", args.omnidata_depth, "--omnidata-depth"),
+    ):
+        if not checkpoint:
+            continue
         from four_m.labelers.omnidata import convert_checkpoint
 
-        target = config.label.labeler("normal").model
+        target = config.label.labeler(task).model
         if target is None or Path(target).exists():
             raise UserError(
-                f"--omnidata converts into label.normal.model, which must name a folder not there yet (it is {target})"
+                f"{flag} converts into label.{task}.model, which must name a folder not there yet (it is {target})"
             )
-        print(f"models: normal: {args.omnidata} -> {convert_checkpoint(Path(args.omnidata), Path(target))} (converted)")
+        print(f"models: {task}: {checkpoint} -> {convert_checkpoint(Path(checkpoint), Path(target), task)} (converted)")
     failed = 0
     for name in config.label.labelers:
         cfg = config.label.labeler(name)
@@ -275,6 +281,8 @@ def _retry_failed(parser: argparse.ArgumentParser) -> None:
 def _omnidata(parser: argparse.ArgumentParser) -> None:
     help_ = "convert Omnidata's DPT-Hybrid normal checkpoint (.ckpt) into label.normal.model first"
     parser.add_argument("--omnidata", metavar="CKPT", help=help_)
+    help_ = "convert Omnidata's DPT-Hybrid depth checkpoint (.ckpt) into label.depth.model first"
+    parser.add_argument("--omnidata-depth", metavar="CKPT", help=help_)
 
 
 def _samples(parser: argparse.ArgumentParser) -> None:
@@ -323,7 +331,10 @@ VERBS: dict[str, Verb] = {
     "probe": Verb(_probe, "runs/<run>/probe/<target>.md: the run's encoder as a backbone, a dense head on a label"),
     "card": Verb(_card, "<root>/README.md: the Hugging Face dataset card of the root"),
     "models": Verb(
-        _models, "fetch the configured labelers' production weights (--omnidata: convert normals)", (_omnidata,), False
+        _models,
+        "fetch the configured labelers' production weights (--omnidata[-depth]: convert Omnidata's)",
+        (_omnidata,),
+        False,
     ),
     "bad-input": Verb(_bad_input, "the bad-input corpus through every stage in <root>/_bad_input/, audited"),
     "demo": Verb(_demo, f"every stage in order: {', '.join(verb for verb, _ in DEMO)}"),

@@ -1,16 +1,20 @@
-"""Depth pseudo-labels: a DPT depth model's relative inverse depth, one 16-bit PNG per image.
+"""Depth pseudo-labels: a DPT depth model's relative depth or inverse depth, one 16-bit PNG per image.
 
-Production weights are MiDaS-trained DPT (``Intel/dpt-hybrid-midas``, ``Intel/dpt-large``), 4M's
-choice, or Depth Anything V2 (``label.depth.architecture: depth_anything``; a ViT-DINOv2 encoder and
-a DPT neck, better and faster). Both load through ``AutoModelForDepthEstimation``. Their
-``predicted_depth`` is *relative inverse depth* (disparity up to an unknown scale and shift): larger
-is nearer, and values are comparable within one image only. So each map is scaled per image:
+Production weights are MiDaS-trained DPT (``Intel/dpt-hybrid-midas``, ``Intel/dpt-large``), Depth
+Anything V2 (``label.depth.architecture: depth_anything``; a ViT-DINOv2 encoder and a DPT neck,
+better and faster), or Omnidata's DPT-Hybrid, 4M's own labeler, converted by ``make models
+OMNIDATA_DEPTH=omnidata_dpt_depth_v2.ckpt`` (``labelers.omnidata``). All load through
+``AutoModelForDepthEstimation``. MiDaS's and Depth Anything's ``predicted_depth`` is *relative
+inverse depth* (disparity up to an unknown scale and shift): larger is nearer. Omnidata's is
+*depth* (z-buffer, up to scale and shift), clamped to [0, 1] as Omnidata does: larger is farther.
+Either is comparable within one image only, so each map is scaled per image:
 
     stored v (uint16, 0..65535)  ->  d = depth_min + v / 65535 * (depth_max - depth_min)
 
 with ``depth_min``/``depth_max`` the map's own extremes stored beside it (a constant map stores
 zeros and min == max). 16 bits keep 1/65535 of the range, far below the model's own error, and the
-extremes keep the raw values recoverable for anyone who wants them.
+extremes keep the raw values recoverable for anyone who wants them. Which quantity a file holds is
+in its metadata (``four_m.depth_quantity``): ml-4m's depth tokenizer takes depth, never inverse depth.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from four_m.core.label_codec import encode_png
 from four_m.core.modalities import IMAGENET_MEAN, IMAGENET_STD
 from four_m.labelers.dpt import DPTLabeler, check_hybrid_size
 from four_m.labelers.hf import load_model, normalisation
+from four_m.labelers.omnidata import is_converted
 from four_m.labelers.resize import resize_maps
-from four_m.modalities.depth import ARCHITECTURES, DepthConfig
+from four_m.modalities.depth import ARCHITECTURES, DEPTH, INVERSE_DEPTH, QUANTITY_KEY, DepthConfig
 
 UINT16_MAX = 65535
 TINY_DEPTH_ANYTHING = {
@@ -51,7 +56,7 @@ TINY_DEPTH_ANYTHING = {
 
 
 class DepthLabeler(DPTLabeler):
-    """Relative inverse depth from ``DPTForDepthEstimation``, at the label view's size."""
+    """Relative inverse depth (or Omnidata's depth) from ``DPTForDepthEstimation``, at the label view's size."""
 
     name = "depth"
     model_cls = DPTForDepthEstimation
@@ -100,6 +105,11 @@ class DepthLabeler(DPTLabeler):
         self.mean, self.std = normalisation(source, revision)
         if found == "dpt":
             check_hybrid_size(self.model.config, self.cfg.input_size, self.name)
+        self.omnidata = self._omnidata(source, revision)
+
+    def _omnidata(self, source: str, revision: str | None = None) -> bool:
+        """Whether ``source`` is Omnidata's depth model converted here (its config says so)."""
+        return not self.random_init and is_converted(source, self.name, revision)
 
     def schema(self) -> pa.Schema:
         return pa.schema(
@@ -111,14 +121,21 @@ class DepthLabeler(DPTLabeler):
         )
 
     def provenance(self) -> dict[str, str]:
-        kind = {"depth_kind": "relative inverse depth (disparity), per-image min/max scaling"}
+        if self._omnidata(self.source, self.cfg.revision):
+            kind = {"depth_kind": "relative depth (Omnidata's, clamped to [0, 1]), per-image min/max scaling"}
+            kind[QUANTITY_KEY] = DEPTH
+        else:
+            kind = {"depth_kind": "relative inverse depth (disparity), per-image min/max scaling"}
+            kind[QUANTITY_KEY] = INVERSE_DEPTH
         architecture = {"architecture": self.cfg.architecture} if self.cfg.architecture != "dpt" else {}
         return {**super().provenance(), **kind, **architecture}
 
     @torch.inference_mode()
     def label(self, pixels: np.ndarray) -> list[dict[str, Any]]:
-        disparity = self.forward(pixels).predicted_depth.float()  # (B, S, S)
-        maps = resize_maps(disparity.unsqueeze(1), self.view_size)[:, 0]  # (B, V, V)
+        predicted = self.forward(pixels).predicted_depth.float()  # (B, S, S)
+        if self.omnidata:  # Omnidata clamps its depth to [0, 1]; 4M's labels are those
+            predicted = predicted.clamp(0.0, 1.0)
+        maps = resize_maps(predicted.unsqueeze(1), self.view_size)[:, 0]  # (B, V, V)
         low = maps.amin(dim=(1, 2), keepdim=True)  # (B, 1, 1)
         high = maps.amax(dim=(1, 2), keepdim=True)
         span = torch.where(high > low, high - low, torch.ones_like(high))  # a constant map -> all 0

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from transformers import AutoConfig, DPTConfig, DPTForSemanticSegmentation
+from transformers import DPTConfig, DPTForSemanticSegmentation
 from transformers.models.dpt.modeling_dpt import DPTPreTrainedModel
 
 from four_m.core.errors import UserError
 from four_m.core.label_codec import encode_png
 from four_m.labelers.dpt import DPTLabeler
-from four_m.labelers.omnidata import OMNIDATA_HEAD, DPTForOmnidataNormals, omnidata_config
+from four_m.labelers.omnidata import DPTForOmnidataNormals, is_converted, omnidata_config
 from four_m.labelers.resize import resize_maps
 
 
@@ -62,7 +62,7 @@ class NormalLabeler(DPTLabeler):
         """Whether ``source`` is a converted Omnidata model (its config says so); the tiny variant is not."""
         if self.random_init:
             return self.dry_run  # the full-size random variant is built in Omnidata's layout
-        return getattr(AutoConfig.from_pretrained(source, revision=revision), "normal_head", None) == OMNIDATA_HEAD
+        return is_converted(source, self.name, revision)
 
     def production_model(self, config: DPTConfig) -> DPTPreTrainedModel:
         """Omnidata's layout: the production normal model is the converted one's architecture."""

@@ -1,13 +1,17 @@
-"""Omnidata's released surface-normal model (DPT-Hybrid) as a folder the normal labeler loads.
+"""Omnidata's released surface-normal and depth models (DPT-Hybrid) as folders the normal and
+depth labelers load.
 
-4M labels normals with Omnidata's DPT-Hybrid (EPFL-VILAB/omnidata, ``omnidata_dpt_normal_v2.ckpt``):
-a timm ViT-B with a ResNet-50 (BiT) stem, MiDaS's reassemble and fusion neck, and MiDaS's depth
-head ending in 3 channels, whose output clamped to [0, 1] is the colour (n + 1) / 2. transformers'
-DPT has the same backbone and neck; its depth head is the same layout ending in 1 channel, so
-:class:`DPTForOmnidataNormals` swaps that last 1x1 convolution for a 3-channel one, and
+4M labels normals and depth with Omnidata's DPT-Hybrid (EPFL-VILAB/omnidata,
+``omnidata_dpt_normal_v2.ckpt`` and ``omnidata_dpt_depth_v2.ckpt``): a timm ViT-B with a ResNet-50
+(BiT) stem, MiDaS's reassemble and fusion neck, and MiDaS's depth head, ending in 3 channels for
+normals (its output clamped to [0, 1] is the colour (n + 1) / 2) and in 1 for depth (z-buffer
+depth, not MiDaS's inverse depth, clamped to [0, 1] as Omnidata does). transformers' DPT has the
+same backbone and neck and the same depth head, so depth converts into ``DPTForDepthEstimation`` as
+it is and :class:`DPTForOmnidataNormals` swaps the head's last 1x1 convolution for a 3-channel one;
 :func:`convert_state_dict` renames Omnidata's (MiDaS and timm) weight names to transformers' and
-splits each fused query-key-value matrix into three. The converted folder is safetensors plus
-JSON, loaded without unpickling; only the conversion reads the checkpoint, with torch's
+splits each fused query-key-value matrix into three. A converted folder's config says what it is
+(``normal_head: omnidata`` or ``depth_head: omnidata``, :func:`is_converted`); it is safetensors
+plus JSON, loaded without unpickling; only the conversion reads the checkpoint, with torch's
 ``weights_only`` loader (tensors and plain containers only).
 """
 
@@ -20,13 +24,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DPTConfig, DPTForDepthEstimation
+from transformers import AutoConfig, DPTConfig, DPTForDepthEstimation
 
 from four_m.core.errors import UserError
 from four_m.labelers.dpt import dpt_hybrid_config, save_processor
 
 OMNIDATA_HEAD = "omnidata"
-"""``config.normal_head`` of a converted folder: the normal labeler reads its output as a colour."""
+"""``config.<task>_head`` of a converted folder: the labeler reads its output as Omnidata's."""
 
 
 class DPTForOmnidataNormals(DPTForDepthEstimation):
@@ -42,9 +46,20 @@ class DPTForOmnidataNormals(DPTForDepthEstimation):
         self.head.head[4] = nn.Conv2d(last.in_channels, 3, kernel_size=1)
 
 
-def omnidata_config(overrides: Mapping[str, Any] | None = None, backbone: Mapping[str, Any] | None = None) -> DPTConfig:
-    """Omnidata's normal model: DPT-Hybrid at 384 px (or another size, for tests), marked as emitting colours."""
-    return dpt_hybrid_config(overrides, backbone, normal_head=OMNIDATA_HEAD)
+TASKS: Mapping[str, type[DPTForDepthEstimation]] = {"normal": DPTForOmnidataNormals, "depth": DPTForDepthEstimation}
+"""Omnidata task -> the transformers class its checkpoint converts into."""
+
+
+def omnidata_config(
+    overrides: Mapping[str, Any] | None = None, backbone: Mapping[str, Any] | None = None, task: str = "normal"
+) -> DPTConfig:
+    """Omnidata's ``task`` model: DPT-Hybrid at 384 px (or another size, for tests), marked as Omnidata's."""
+    return dpt_hybrid_config(overrides, backbone, **{f"{task}_head": OMNIDATA_HEAD})
+
+
+def is_converted(source: str, task: str, revision: str | None = None) -> bool:
+    """Whether the model folder or hub id ``source`` is an Omnidata ``task`` model converted here."""
+    return getattr(AutoConfig.from_pretrained(source, revision=revision), f"{task}_head", None) == OMNIDATA_HEAD
 
 
 def _fusion(n: str) -> str:
@@ -123,7 +138,7 @@ WRAPPERS = ("model.", "module.")
 
 
 class OmnidataConversionError(UserError):
-    """A checkpoint that is not Omnidata's DPT-Hybrid normal model, named by its first odd key."""
+    """A checkpoint that is not the Omnidata DPT-Hybrid model asked for, named by its first odd key."""
 
 
 def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,14 +157,14 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         target = next((rename(match) for pattern, rename in RENAMES if (match := pattern.match(name))), None)
         if target is None:
-            raise OmnidataConversionError(f"weight {name!r} is not part of Omnidata's DPT-Hybrid normal model")
+            raise OmnidataConversionError(f"weight {name!r} is not part of Omnidata's DPT-Hybrid models")
         out[target] = tensor
     return out
 
 
-def load_converted(state: Mapping[str, torch.Tensor], config: DPTConfig) -> DPTForOmnidataNormals:
-    """The model with the converted weights; every weight must be there, none extra, each of its shape."""
-    model = DPTForOmnidataNormals(config)
+def load_converted(state: Mapping[str, torch.Tensor], config: DPTConfig, task: str) -> DPTForDepthEstimation:
+    """The ``task`` model with the converted weights; every weight must be there, none extra, each of its shape."""
+    model = TASKS[task](config)
     converted = convert_state_dict(state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
@@ -162,10 +177,10 @@ def load_converted(state: Mapping[str, torch.Tensor], config: DPTConfig) -> DPTF
     return model.eval()
 
 
-def convert_checkpoint(checkpoint: Path, out: Path, config: DPTConfig | None = None) -> Path:
-    """Omnidata's ``.ckpt`` (a Lightning checkpoint or a bare state dict) -> ``out``, loadable by the
-    normal labeler (``label.normal.model: <out>``); ``config`` defaults to Omnidata's 384 px model."""
-    config = config or omnidata_config()
+def convert_checkpoint(checkpoint: Path, out: Path, task: str = "normal", config: DPTConfig | None = None) -> Path:
+    """Omnidata's ``task`` ``.ckpt`` (a Lightning checkpoint or a bare state dict) -> ``out``, loadable
+    by that labeler (``label.<task>.model: <out>``); ``config`` defaults to Omnidata's 384 px model."""
+    config = config or omnidata_config(task=task)
     try:
         raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read is one message
@@ -173,7 +188,7 @@ def convert_checkpoint(checkpoint: Path, out: Path, config: DPTConfig | None = N
             f"cannot read {checkpoint} as tensors only: {type(err).__name__}: {err}"
         ) from None
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-    model = load_converted(state, config)
+    model = load_converted(state, config, task)
     model.save_pretrained(out)
     save_processor(out, config.image_size)
     return out

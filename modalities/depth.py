@@ -1,5 +1,6 @@
-"""depth: normalised inverse depth from a DPT model (4M used Omnidata's DPT-B-Hybrid), or from
-Depth Anything V2 (``architecture: depth_anything``)."""
+"""depth: normalised relative depth from a DPT model: inverse depth from MiDaS's DPT or Depth
+Anything V2 (``architecture: depth_anything``), or depth itself from Omnidata's DPT-B-Hybrid (4M's
+choice; ``make models OMNIDATA_DEPTH=<ckpt>``). Label files say which (``depth_quantity``)."""
 
 from dataclasses import dataclass, field
 
@@ -8,6 +9,10 @@ from four_m.core.modalities import ModalitySpec
 
 ARCHITECTURES = {"dpt": "dpt", "depth_anything": "depth_anything"}
 """``label.depth.architecture`` -> the transformers ``model_type`` a loaded checkpoint must have."""
+INVERSE_DEPTH, DEPTH = "inverse_depth", "depth"
+QUANTITY_KEY = "depth_quantity"
+"""Provenance (and so label-file metadata, ``four_m.depth_quantity``) key: which of the two a
+depth label is, each scaled to [0, 1] per image. A file without it holds inverse depth."""
 
 
 @dataclass(frozen=True)

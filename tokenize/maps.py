@@ -53,6 +53,7 @@ from four_m.core.failures import SUCCESS, download_failed
 from four_m.core.label_codec import decode_png
 from four_m.core.modalities import MODALITIES, ModalitySpec
 from four_m.core.views import centre_square, cut_crop, decode_rgb, resize_square
+from four_m.modalities.depth import INVERSE_DEPTH, QUANTITY_KEY
 from four_m.tokenize.base import TokenizerInputError
 
 ReadResult = tuple[list[np.ndarray | None], list[str | None]]
@@ -268,14 +269,25 @@ class RgbAdapter(FloatMapAdapter):
         return (value.transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
 
+@dataclass(frozen=True, kw_only=True)
 class DepthAdapter(FloatMapAdapter):
-    """Per-image normalised relative inverse depth; ``depth_min``/``depth_max`` are not part of the value."""
+    """Per-image normalised relative inverse depth, or depth (``quantity``, from the label files);
+    ``depth_min``/``depth_max`` are not part of the value."""
+
+    quantity: str = INVERSE_DEPTH
+    """``inverse_depth`` (MiDaS, Depth Anything) or ``depth`` (Omnidata): the label files'
+    ``four_m.depth_quantity``; a file without it holds inverse depth."""
 
     kind = "continuous_map"
     channels = 1
     low, high = 0.0, 1.0
     flippable = True
     metric_name = "abs_rel"
+
+    @classmethod
+    def params_of(cls, schema: pa.Schema) -> dict[str, Any]:
+        quantity = (schema.metadata or {}).get(f"four_m.{QUANTITY_KEY}".encode(), INVERSE_DEPTH.encode())
+        return {"quantity": quantity.decode()}
 
     def parse(self, payload: bytes) -> np.ndarray:
         codes = decode_png(payload)

@@ -1,4 +1,4 @@
-"""An imported ml-4m ViT VQ-VAE (``tokenize.ml4m_vqvae``) as one modality's tokenizer, used by
+"""An imported ml-4m image tokenizer (``tokenize.ml4m_vqvae``) as one modality's tokenizer, used by
 ``make tokenize``, ``make sample`` and ``make eval`` as the trained ones are.
 
 ``tokenize.<modality>.source`` names the released tokenizer's folder (``config.json`` +
@@ -13,10 +13,12 @@ checks, previews); each kind says how they become what ml-4m's tokenizer was tra
   ``direction_map`` (normals): [-1, 1] with x first, as ml-4m's. Their tokenizers (DiVAE) decode
   with a diffusion UNet (``DECODE_STEPS`` denoising steps, seeded, so a preview is reproducible):
   back to [0, 1], edges thresholded at the middle (this project's edge maps are binary), normals
-  clipped to [-1, 1].
-
-Depth is refused: ml-4m's tokenizer takes per-image standardised depth, this project's labels are
-min-max normalised relative inverse depth, and no conversion between them is faithful.
+  clipped to [-1, 1];
+- ``continuous_map`` (depth): ml-4m's per-image truncated z-score (mean and variance of the values
+  between the 10th and 90th percentile), exactly as ml-4m standardises its 16-bit depth; decoded,
+  min-max scaled back to [0, 1]. The z-score does not see scale or shift, so a min-max normalised
+  depth map gives ml-4m's input exactly, but only if it is depth: labels of inverse depth (MiDaS,
+  Depth Anything) are refused, labels of Omnidata's depth (4M's own labeler) convert.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ from safetensors.torch import load_file
 from four_m.core.coco import SEMSEG_IGNORE
 from four_m.core.modalities import MODALITIES
 from four_m.core.storage import RootPath
+from four_m.modalities.depth import DEPTH
 from four_m.tokenize.base import TOKEN_DTYPE, Tokenizer, TokenizerInputError
 from four_m.tokenize.maps import MapAdapter, configured
 from four_m.tokenize.ml4m_vqvae import ML4MVQVAE, load_ml4m_vqvae
@@ -76,29 +80,67 @@ def _directions(output: torch.Tensor) -> np.ndarray:
     return output.clamp(-1, 1).numpy().astype(np.float32)
 
 
-Conversion = tuple[Callable[[np.ndarray], torch.Tensor], Callable[[torch.Tensor], np.ndarray]]
+def _standardised_depth(values: np.ndarray, trim: float = 0.1) -> torch.Tensor:
+    """ml-4m's truncated depth standardisation, per image of a (B, 1, H, W) batch."""
+    depth = torch.from_numpy(values).float()
+    ordered = depth.flatten(1).sort(dim=1).values
+    kept = ordered[:, int(trim * ordered.shape[1]) : int((1 - trim) * ordered.shape[1])]
+    mean, variance = kept.mean(dim=1), kept.var(dim=1)
+    return (depth - mean[:, None, None, None]) / torch.sqrt(variance + 1e-6)[:, None, None, None]
+
+
+def _min_max(output: torch.Tensor) -> np.ndarray:
+    low, high = output.amin(dim=(1, 2, 3), keepdim=True), output.amax(dim=(1, 2, 3), keepdim=True)
+    span = torch.where(high > low, high - low, torch.ones_like(high))  # a constant map -> all 0
+    return ((output - low) / span).numpy().astype(np.float32)
+
+
+def _any_values(adapter: MapAdapter) -> str | None:
+    return None
+
+
+def _depth_not_inverse(adapter: MapAdapter) -> str | None:
+    quantity = getattr(adapter, "quantity", None)  # the continuous_map adapter's
+    if quantity == DEPTH:
+        return None
+    return (
+        f"ml-4m's depth tokenizer takes depth (its per-image z-score), these labels are {quantity}"
+        " (MiDaS, Depth Anything), whose z-score is another map: label with Omnidata's depth model"
+        " (make models OMNIDATA_DEPTH=omnidata_dpt_depth_v2.ckpt, 4M's own labeler)"
+    )
+
+
+@dataclass(frozen=True)
+class Conversion:
+    to_input: Callable[[np.ndarray], torch.Tensor]
+    """A batch of this project's values -> what ml-4m's tokenizer takes."""
+    to_values: Callable[[torch.Tensor], np.ndarray]
+    """ml-4m's decoded output -> a batch of this project's values."""
+    refusal: Callable[[MapAdapter], str | None] = _any_values
+    """Why the modality's labels cannot be converted faithfully (None: they can)."""
+
+
 CONVERSIONS: Mapping[str, Conversion] = {
-    "class_map": (_class_input, _class_output),
-    "feature_map": (_feature_input, _feature_output),
-    "image": (_unit_to_signed, _signed_to_unit),
-    "edge_map": (_unit_to_signed, _signed_to_edges),
-    "direction_map": (_feature_input, _directions),
+    "class_map": Conversion(_class_input, _class_output),
+    "feature_map": Conversion(_feature_input, _feature_output),
+    "image": Conversion(_unit_to_signed, _signed_to_unit),
+    "edge_map": Conversion(_unit_to_signed, _signed_to_edges),
+    "direction_map": Conversion(_feature_input, _directions),
+    "continuous_map": Conversion(_standardised_depth, _min_max, _depth_not_inverse),
 }
-"""Kind -> (a batch of values -> ml-4m's input, ml-4m's decoded output -> values)."""
+"""Map kind -> how its values become ml-4m's tokenizer input and come back."""
 
 
 class ML4MTokenizer(Tokenizer):
     fixed_length = True
 
     def __init__(self, modality: str, adapter: MapAdapter, network: ML4MVQVAE, folder: Path):
-        kind = MODALITIES[modality].kind
-        if kind not in CONVERSIONS:
-            raise TokenizerInputError(
-                f"{modality}: no faithful conversion of this project's {kind} values to what ml-4m's tokenizer"
-                f" takes (see docs/import-4m.md); importable kinds: {', '.join(CONVERSIONS)}"
-            )
+        conversion = CONVERSIONS[MODALITIES[modality].kind]  # every map kind has one
+        refusal = conversion.refusal(adapter)
+        if refusal is not None:
+            raise TokenizerInputError(f"{modality}: {refusal}")
         self.modality, self.adapter, self.network, self.folder = modality, adapter, network, folder
-        self._to_input, self._to_values = CONVERSIONS[kind]
+        self.conversion = conversion
         self._check_fit()
 
     @classmethod
@@ -146,7 +188,7 @@ class ML4MTokenizer(Tokenizer):
             self.adapter.check(value)
         ids: list[np.ndarray] = []
         for start in range(0, len(values), BATCH):
-            batch = self._to_input(np.stack(values[start : start + BATCH]))
+            batch = self.conversion.to_input(np.stack(values[start : start + BATCH]))
             ids += list(self.network.tokenize(batch).flatten(1).numpy().astype(TOKEN_DTYPE))
         return ids
 
@@ -161,7 +203,7 @@ class ML4MTokenizer(Tokenizer):
         values: list[np.ndarray] = []
         for start in range(0, len(grids), BATCH):
             output = self.network.decode_tokens(torch.from_numpy(np.stack(grids[start : start + BATCH])))
-            values += list(self._to_values(output))
+            values += list(self.conversion.to_values(output))
         return values
 
     def crop(self, value: np.ndarray, crop) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""Omnidata's normal checkpoint converted to the folder the normal labeler loads: a synthetic
-checkpoint with Omnidata's (MiDaS, timm) weight names and shapes, at a tiny size."""
+"""Omnidata's normal and depth checkpoints converted to the folders the normal and depth labelers
+load: synthetic checkpoints with Omnidata's (MiDaS, timm) weight names and shapes, at a tiny size."""
 
 from __future__ import annotations
 
@@ -10,32 +10,33 @@ import torch
 from four_m.core.config import LabelerConfig
 from four_m.core.label_codec import decode_png
 from four_m.labelers.base import LabelBatch
+from four_m.labelers.depth import DepthLabeler
 from four_m.labelers.normal import NormalLabeler
 from four_m.labelers.omnidata import OmnidataConversionError, convert_checkpoint, omnidata_config
 
 D, LAYERS, MLP = 32, 4, 64  # ViT width, depth, MLP width
 STEM, STAGES = 16, (32, 64, 64)  # BiT stem and stage widths (bottlenecks a quarter as wide)
 NECK, FUSION, SIZE = (32, 64, 32, 32), 32, 64
-CONFIG = omnidata_config(
-    {
-        "image_size": SIZE,
-        "hidden_size": D,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": 2,
-        "intermediate_size": MLP,
-        "backbone_out_indices": [0, 1, 2, 3],
-        "backbone_featmap_shape": [1, STAGES[-1], SIZE // 16, SIZE // 16],
-        "neck_hidden_sizes": list(NECK),
-        "fusion_hidden_size": FUSION,
-    },
-    {"depths": [1, 1, 1], "hidden_sizes": list(STAGES), "embedding_size": STEM, "num_groups": 8},
-)
+SIZES = {
+    "image_size": SIZE,
+    "hidden_size": D,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": 2,
+    "intermediate_size": MLP,
+    "backbone_out_indices": [0, 1, 2, 3],
+    "backbone_featmap_shape": [1, STAGES[-1], SIZE // 16, SIZE // 16],
+    "neck_hidden_sizes": list(NECK),
+    "fusion_hidden_size": FUSION,
+}
+BACKBONE = {"depths": [1, 1, 1], "hidden_sizes": list(STAGES), "embedding_size": STEM, "num_groups": 8}
+CONFIG = omnidata_config(SIZES, BACKBONE)
 
 
-def omnidata_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every weight of Omnidata's DPT-Hybrid normal model at the tiny size, under its own names:
-    timm's ViT-ResNet hybrid under ``pretrained.model``, MiDaS's readout and resize convolutions under
-    ``pretrained.act_postprocess*``, its neck and head under ``scratch``; as Lightning saves it."""
+def omnidata_state(generator: torch.Generator, outputs: int = 3) -> dict[str, torch.Tensor]:
+    """Every weight of Omnidata's DPT-Hybrid normal (3 outputs) or depth (1) model at the tiny size,
+    under its own names: timm's ViT-ResNet hybrid under ``pretrained.model``, MiDaS's readout and
+    resize convolutions under ``pretrained.act_postprocess*``, its neck and head under ``scratch``;
+    as Lightning saves it."""
     shapes: dict[str, tuple[int, ...]] = {}
     vit, grid = "pretrained.model", (SIZE // 16) ** 2
     shapes |= {f"{vit}.cls_token": (1, 1, D), f"{vit}.pos_embed": (1, 1 + grid, D)}
@@ -91,7 +92,7 @@ def omnidata_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     head = "scratch.output_conv"
     shapes |= {f"{head}.0.weight": (FUSION // 2, FUSION, 3, 3), f"{head}.0.bias": (FUSION // 2,)}
     shapes |= {f"{head}.2.weight": (32, FUSION // 2, 3, 3), f"{head}.2.bias": (32,)}
-    shapes |= {f"{head}.4.weight": (3, 32, 1, 1), f"{head}.4.bias": (3,)}
+    shapes |= {f"{head}.4.weight": (outputs, 32, 1, 1), f"{head}.4.bias": (outputs,)}
     return {f"model.{k}": 0.02 * torch.randn(shape, generator=generator) for k, shape in shapes.items()}
 
 
@@ -102,7 +103,7 @@ def test_the_converted_checkpoint_loads_every_weight_and_labels_with_omnidatas_c
     state["model.scratch.output_conv.4.bias"].copy_(torch.tensor([0.75, 0.5, 0.25]))
     checkpoint = tmp_path / "omnidata_dpt_normal_v2.ckpt"
     torch.save({"state_dict": state, "epoch": 3}, checkpoint)
-    folder = convert_checkpoint(checkpoint, tmp_path / "converted", CONFIG)
+    folder = convert_checkpoint(checkpoint, tmp_path / "converted", "normal", CONFIG)
     labeler = NormalLabeler(LabelerConfig(model=str(folder), input_size=SIZE), 32)
     labeler.setup()
     assert labeler.emits_colour and "Omnidata" in labeler.provenance()["normal_source"]
@@ -120,6 +121,22 @@ def test_the_converted_checkpoint_loads_every_weight_and_labels_with_omnidatas_c
     normals = decode_png(payload["normal"]).astype(np.float64) / 255 * 2 - 1  # (32, 32, 3)
     expected = np.array([0.5, 0.0, -0.5]) / np.linalg.norm([0.5, 0.0, -0.5])
     np.testing.assert_allclose(normals.reshape(-1, 3), np.broadcast_to(expected, (32 * 32, 3)), atol=1 / 127.5)
+
+
+def test_the_depth_checkpoint_converts_and_labels_omnidatas_clamped_depth_saying_it_is_depth(tmp_path):
+    state = omnidata_state(torch.Generator().manual_seed(2), outputs=1)
+    state["model.scratch.output_conv.4.weight"].zero_()  # the head made constant: depth 2.0, beyond Omnidata's range
+    state["model.scratch.output_conv.4.bias"].fill_(2.0)
+    checkpoint = tmp_path / "omnidata_dpt_depth_v2.ckpt"
+    torch.save({"state_dict": state}, checkpoint)
+    folder = convert_checkpoint(checkpoint, tmp_path / "converted", "depth", omnidata_config(SIZES, BACKBONE, "depth"))
+    labeler = DepthLabeler(LabelerConfig(model=str(folder), input_size=SIZE), 32)
+    labeler.setup()
+    assert labeler.omnidata and labeler.provenance()["depth_quantity"] == "depth"
+    (payload,) = labeler.labelled(LabelBatch(np.zeros((1, SIZE, SIZE, 3), dtype=np.uint8)))
+    assert payload["depth_min"] == payload["depth_max"] == 1.0  # clamped to [0, 1] as Omnidata does
+    with pytest.raises(OmnidataConversionError, match="another shape for 'head.head.4.bias'"):
+        convert_checkpoint(checkpoint, tmp_path / "as-normals", "normal", CONFIG)  # a depth head is not a normal one
 
 
 @pytest.mark.parametrize(
@@ -143,21 +160,22 @@ def test_a_checkpoint_that_is_not_omnidatas_normal_model_stops_naming_the_weight
     checkpoint = tmp_path / "other.ckpt"
     torch.save(state, checkpoint)
     with pytest.raises(OmnidataConversionError, match=message):
-        convert_checkpoint(checkpoint, tmp_path / "out", CONFIG)
+        convert_checkpoint(checkpoint, tmp_path / "out", "normal", CONFIG)
     assert not (tmp_path / "out").exists()
 
 
-def test_make_models_converts_only_into_a_configured_new_folder(tmp_path, capsys):
+@pytest.mark.parametrize(("task", "flag"), [("normal", "--omnidata"), ("depth", "--omnidata-depth")])
+def test_make_models_converts_only_into_a_configured_new_folder(tmp_path, capsys, task, flag):
     from four_m.core.cli import main
 
     checkpoint = tmp_path / "omnidata.ckpt"
     torch.save({}, checkpoint)
     for model in ("null", str(tmp_path)):  # no folder configured; a folder that is already there
         status = main(
-            ["models", "--root", str(tmp_path), "--set", f"label.normal.model={model}", "--omnidata", str(checkpoint)]
+            ["models", "--root", str(tmp_path), "--set", f"label.{task}.model={model}", flag, str(checkpoint)]
         )
         assert status == 2
         assert (
-            "--omnidata converts into label.normal.model, which must name a folder not there yet"
+            f"{flag} converts into label.{task}.model, which must name a folder not there yet"
             in capsys.readouterr().err
         )

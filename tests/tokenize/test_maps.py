@@ -162,7 +162,10 @@ def test_label_files_give_their_adapter_params(tmp_path):
     rng = np.random.default_rng(0)
     assert ADAPTERS["semseg"].params_of(stored_semseg(rng)[0].schema) == {"classes": CLASSES}
     assert ADAPTERS["clip"].params_of(stored_clip(rng)[0].schema) == {"dim": DIM}
-    assert ADAPTERS["depth"].params_of(stored_depth(rng)[0].schema) == {}
+    depth = stored_depth(rng)[0]
+    assert ADAPTERS["depth"].params_of(depth.schema) == {"quantity": "inverse_depth"}  # files before the key
+    omnidata = depth.replace_schema_metadata({"four_m.depth_quantity": "depth"})  # Omnidata's labels say so
+    assert ADAPTERS["depth"].params_of(omnidata.schema) == {"quantity": "depth"}
     table = stored_clip(rng)[0].replace_schema_metadata(None)
     with pytest.raises(TokenizerInputError, match="clip: .*four_m.feature_shape"):
         ADAPTERS["clip"].read(table)

@@ -4,6 +4,8 @@ and back, cosine-similarity lookup, and a mismatch with the modality's labels na
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -80,12 +82,30 @@ def test_a_checkpoint_this_network_cannot_reproduce_is_refused_by_name(change, m
         load_ml4m_vqvae(change.get("config", {}), state)
 
 
-def test_a_tokenizer_for_other_classes_or_another_kind_is_refused(tmp_path):
+def test_a_tokenizer_for_other_classes_is_refused(tmp_path):
     folder = checkpoint.write(tmp_path / "semseg", checkpoint.weights())
     with pytest.raises(TokenizerInputError, match="has 134 labels, this modality 10 classes"):
         ML4MTokenizer.from_source("semseg", folder, configured("semseg", SIDE, {"classes": 10}))
-    with pytest.raises(TokenizerInputError, match="depth: no faithful conversion of this project's continuous_map"):
-        ML4MTokenizer.from_source("depth", folder, configured("depth", SIDE, {}))
+
+
+@pytest.fixture
+def depth_tokenizer(tmp_path) -> Path:
+    return checkpoint.write(tmp_path / "depth", checkpoint.divae_weights(channels=1), **checkpoint.DIVAE_CONFIG)
+
+
+def test_depth_labels_convert_by_ml4ms_truncated_z_score_only_when_they_are_depth(depth_tokenizer):
+    with pytest.raises(TokenizerInputError, match="takes depth .* these labels are inverse_depth .* OMNIDATA_DEPTH"):
+        ML4MTokenizer.from_source("depth", depth_tokenizer, configured("depth", SIDE, {}))
+    depth = ML4MTokenizer.from_source("depth", depth_tokenizer, configured("depth", SIDE, {"quantity": "depth"}))
+    far = np.random.default_rng(5).gamma(2.0, 3.0, (1, SIDE, SIDE))  # some scene's depth, in metres
+    value = ((far - far.min()) / (far.max() - far.min())).astype(np.float32)  # as the labeler stores it
+    (ids,) = depth.encode([value])
+    kept = np.sort(far.ravel())[int(0.1 * far.size) : int(0.9 * far.size)]  # ml-4m: trim 10 % each end
+    standardised = (far - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6)  # of the raw depth itself
+    expected = depth.network.tokenize(torch.from_numpy(standardised).float()[None])
+    assert np.array_equal(ids, expected.flatten().numpy())
+    (decoded,) = depth.decode([ids])
+    assert decoded.shape == (1, SIDE, SIDE) and decoded.min() == 0 and decoded.max() == 1
 
 
 @pytest.fixture
