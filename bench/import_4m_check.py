@@ -45,7 +45,7 @@ import time
 import types
 from pathlib import Path
 
-import numpy
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_model
 
@@ -330,7 +330,7 @@ def check_depth(ml4m: Path) -> None:
     ours = ML4MTokenizer("depth", adapter, load_ml4m_vqvae(config, reference.state_dict()), Path())
     with torch.no_grad():
         theirs = reference.tokenize(torch.stack([standardise(m) for m in metres])).flatten(1).numpy()
-    same = (numpy.stack(ours.encode(list(stored))) == theirs).mean()
+    same = (np.stack(ours.encode(list(stored))) == theirs).mean()
     print(f"(f) depth-like DiVAE, min-max scaled depth in: ids {theirs.shape}, {same:.1%} equal to ml-4m's")
 
 
