@@ -13,8 +13,9 @@
   mean plus its "fixed small" variance's noise, none at t = 0) or ``ddim`` (deterministic, eta 0,
   "trailing" steps ``T - 1 - k * T // n``, the step after the last one at alpha-bar 1).
 
-Noise is drawn per image from that image's own generator, so an image's decoding does not depend
-on the batch it is in; with one image it draws exactly what ml-4m's pipeline draws.
+Noise is drawn per image from that image's own (CPU) generator, then moved to the denoiser's
+device, so an image's decoding depends neither on the batch it is in nor on the device; with one
+image it draws exactly what ml-4m's pipeline draws.
 """
 
 from __future__ import annotations
@@ -115,9 +116,10 @@ class DiffusionSampler:
         shape: tuple[int, ...],
         generators: Sequence[torch.Generator],
         steps: int,
+        device: torch.device | str = "cpu",
     ) -> Tensor:
-        """Images of ``shape`` (one per generator) denoised in ``steps`` steps; ``denoiser(x, t)``."""
-        x = self._noise(shape, generators)
+        """Images of ``shape`` (one per generator) denoised on ``device`` in ``steps`` steps; ``denoiser(x, t)``."""
+        x = self._noise(shape, generators).to(device)
         stride = self.train_steps // steps
         for t in self.timesteps(steps):
             x = self._step(denoiser(x, t), t, t - stride, x, generators)
@@ -146,4 +148,4 @@ class DiffusionSampler:
         if t == 0:
             return mean
         variance = ((1 - alpha_previous) / (1 - alpha) * (1 - alpha_step)).clamp(min=1e-20)
-        return mean + variance**0.5 * self._noise(tuple(x.shape[1:]), generators)
+        return mean + variance**0.5 * self._noise(tuple(x.shape[1:]), generators).to(x.device)

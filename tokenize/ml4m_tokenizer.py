@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 
 from four_m.core.coco import SEMSEG_IGNORE
 from four_m.core.modalities import MODALITIES
+from four_m.core.precision import autocast_dtype
 from four_m.core.storage import RootPath
 from four_m.modalities.depth import DEPTH
 from four_m.tokenize.base import TOKEN_DTYPE, Tokenizer, TokenizerInputError
@@ -141,6 +142,8 @@ class ML4MTokenizer(Tokenizer):
             raise TokenizerInputError(f"{modality}: {refusal}")
         self.modality, self.adapter, self.network, self.folder = modality, adapter, network, folder
         self.conversion = conversion
+        self.autocast: torch.dtype | None = None
+        """Encoding's autocast dtype (:meth:`run_on`); None: fp32. Decoding is always fp32."""
         self._check_fit()
 
     @classmethod
@@ -183,13 +186,23 @@ class ML4MTokenizer(Tokenizer):
     def max_tokens(self) -> int:
         return self.grid**2
 
+    @property
+    def device(self) -> torch.device:
+        return self.network.codebook.device
+
+    def run_on(self, device_type: str, precision: str) -> None:
+        device = "cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu"
+        self.network.to(device)
+        self.autocast = autocast_dtype(precision, device)
+
     def encode(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
         for value in values:
             self.adapter.check(value)
         ids: list[np.ndarray] = []
         for start in range(0, len(values), BATCH):
-            batch = self.conversion.to_input(np.stack(values[start : start + BATCH]))
-            ids += list(self.network.tokenize(batch).flatten(1).numpy().astype(TOKEN_DTYPE))
+            batch = self.conversion.to_input(np.stack(values[start : start + BATCH])).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                ids += list(self.network.tokenize(batch).flatten(1).cpu().numpy().astype(TOKEN_DTYPE))
         return ids
 
     def decode(self, ids: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -202,8 +215,10 @@ class ML4MTokenizer(Tokenizer):
             grids.append(sequence.astype(np.int64).reshape(self.grid, self.grid))
         values: list[np.ndarray] = []
         for start in range(0, len(grids), BATCH):
-            output = self.network.decode_tokens(torch.from_numpy(np.stack(grids[start : start + BATCH])))
-            values += list(self.conversion.to_values(output))
+            output = self.network.decode_tokens(
+                torch.from_numpy(np.stack(grids[start : start + BATCH])).to(self.device)
+            )
+            values += list(self.conversion.to_values(output.cpu()))
         return values
 
     def crop(self, value: np.ndarray, crop) -> np.ndarray:

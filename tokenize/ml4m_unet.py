@@ -133,9 +133,9 @@ def _stages(shapes: Mapping[str, tuple[int, ...]], prefix: str, emb: int) -> nn.
     return stages
 
 
-def _timestep_embedding(timestep: int, dim: int) -> Tensor:
+def _timestep_embedding(timestep: int, dim: int, device: torch.device) -> Tensor:
     half = dim // 2
-    frequencies = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32) / half)
+    frequencies = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=device) / half)
     angles = float(timestep) * frequencies
     return torch.cat([torch.cos(angles), torch.sin(angles)])[None]  # (1, dim)
 
@@ -166,7 +166,7 @@ class PatchedUNet(nn.Module):
         p = self.patch
         x = sample.reshape(B, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C * p * p, H // p, W // p)
         x = torch.cat([x, F.interpolate(cond, size=(H // p, W // p), mode="nearest")], dim=1)
-        emb = self.time_embed(_timestep_embedding(timestep, self.model_channels))
+        emb = self.time_embed(_timestep_embedding(timestep, self.model_channels, sample.device))
         skips = []
         for stage in self.input_blocks:
             x = stage(x, emb)

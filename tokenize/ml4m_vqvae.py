@@ -155,12 +155,15 @@ class ML4MVQVAE(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, x: Tensor) -> Tensor:
-        """(B, H, W) int64 class indices or (B, C, H, W) floats -> (B, h, w) int64 ids."""
+        """(B, H, W) int64 class indices or (B, C, H, W) floats -> (B, h, w) int64 ids. Under a
+        caller's autocast only the encoder runs at low precision: the lookup is fp32, so rounding
+        cannot pick the code."""
         if self.labels is not None:
             x = self.cls_emb(x).permute(0, 3, 1, 2)  # (B, C, H, W)
         latent = self.quant_proj(self.encoder(self.proj(x)).transpose(1, 2).unflatten(2, _grid(x, self.patch)))
-        flat = F.normalize(latent.float().flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, L)
-        ids = (flat @ F.normalize(self.codebook.float(), dim=-1).T).argmax(dim=-1)  # cosine similarity
+        with torch.autocast(latent.device.type, enabled=False):
+            flat = F.normalize(latent.float().flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, L)
+            ids = (flat @ F.normalize(self.codebook.float(), dim=-1).T).argmax(dim=-1)  # cosine similarity
         return ids.view(len(x), *latent.shape[2:])
 
     @torch.no_grad()
@@ -172,7 +175,7 @@ class ML4MVQVAE(nn.Module):
         if self.diffusion is not None:
             shape = (self.decoder.channels, h * self.patch, w * self.patch)
             generators = [torch.Generator().manual_seed(seed) for _ in range(B)]
-            return self.diffusion.sample(lambda x, t: self.decoder(x, t, quant), shape, generators, steps)
+            return self.diffusion.sample(lambda x, t: self.decoder(x, t, quant), shape, generators, steps, ids.device)
         x = self.out_proj(self.decoder(self.post_quant_proj(quant)))  # (B, h*w, C*p*p)
         p, C = self.out_patch, self.out_channels
         return x.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h * p, w * p)

@@ -13,33 +13,41 @@ from safetensors.torch import save_file
 DIM, HIDDEN, LATENT, CODES, PATCH = 64, 256, 8, 32, 16
 
 
-def vit(prefix: str, grid: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One ViT trunk (one block, the residual Tanh MLP after it) under ``prefix``."""
+def vit(
+    prefix: str, grid: int, generator: torch.Generator, dim: int = DIM, hidden: int = HIDDEN, depth: int = 1
+) -> dict[str, torch.Tensor]:
+    """One ViT trunk (``depth`` blocks, the residual Tanh MLP after them) under ``prefix``."""
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * 0.05
 
-    block = f"{prefix}.blocks.0"
+    trunk = {f"{prefix}.pos_emb": rand(1, dim, grid, grid)}
+    for index in range(depth):
+        trunk |= _block(f"{prefix}.blocks.{index}", rand, dim, hidden)
+    return trunk | {
+        f"{prefix}.norm_mlp.weight": 1 + rand(dim),
+        f"{prefix}.norm_mlp.bias": rand(dim),
+        f"{prefix}.post_mlp.fc1.weight": rand(hidden, dim),
+        f"{prefix}.post_mlp.fc1.bias": rand(hidden),
+        f"{prefix}.post_mlp.fc2.weight": rand(dim, hidden),
+        f"{prefix}.post_mlp.fc2.bias": rand(dim),
+    }
+
+
+def _block(block: str, rand, dim: int, hidden: int) -> dict[str, torch.Tensor]:
     return {
-        f"{prefix}.pos_emb": rand(1, DIM, grid, grid),
-        f"{block}.norm1.weight": 1 + rand(DIM),
-        f"{block}.norm1.bias": rand(DIM),
-        f"{block}.attn.qkv.weight": rand(3 * DIM, DIM),
-        f"{block}.attn.qkv.bias": rand(3 * DIM),
-        f"{block}.attn.proj.weight": rand(DIM, DIM),
-        f"{block}.attn.proj.bias": rand(DIM),
-        f"{block}.norm2.weight": 1 + rand(DIM),
-        f"{block}.norm2.bias": rand(DIM),
-        f"{block}.mlp.fc1.weight": rand(HIDDEN, DIM),
-        f"{block}.mlp.fc1.bias": rand(HIDDEN),
-        f"{block}.mlp.fc2.weight": rand(DIM, HIDDEN),
-        f"{block}.mlp.fc2.bias": rand(DIM),
-        f"{prefix}.norm_mlp.weight": 1 + rand(DIM),
-        f"{prefix}.norm_mlp.bias": rand(DIM),
-        f"{prefix}.post_mlp.fc1.weight": rand(HIDDEN, DIM),
-        f"{prefix}.post_mlp.fc1.bias": rand(HIDDEN),
-        f"{prefix}.post_mlp.fc2.weight": rand(DIM, HIDDEN),
-        f"{prefix}.post_mlp.fc2.bias": rand(DIM),
+        f"{block}.norm1.weight": 1 + rand(dim),
+        f"{block}.norm1.bias": rand(dim),
+        f"{block}.attn.qkv.weight": rand(3 * dim, dim),
+        f"{block}.attn.qkv.bias": rand(3 * dim),
+        f"{block}.attn.proj.weight": rand(dim, dim),
+        f"{block}.attn.proj.bias": rand(dim),
+        f"{block}.norm2.weight": 1 + rand(dim),
+        f"{block}.norm2.bias": rand(dim),
+        f"{block}.mlp.fc1.weight": rand(hidden, dim),
+        f"{block}.mlp.fc1.bias": rand(hidden),
+        f"{block}.mlp.fc2.weight": rand(dim, hidden),
+        f"{block}.mlp.fc2.bias": rand(dim),
     }
 
 

@@ -160,3 +160,23 @@ def test_a_diffusion_decoder_this_network_cannot_reproduce_is_refused_by_name(ch
         state[change["add"]] = torch.zeros(4)
     with pytest.raises(ML4MTokenizerError, match=message):
         load_ml4m_vqvae(checkpoint.DIVAE_CONFIG | change.get("config", {}), state)
+
+
+def test_encoding_under_bf16_autocast_runs_the_encoder_low_and_the_code_lookup_in_fp32(semseg):
+    """``run_on`` as the tokenize stage calls it: ``auto`` on a CPU is fp32 (the same ids); ``bf16``
+    autocasts the ViT encoder, and the ids are the fp32 cosine lookup of its latent."""
+    values = [np.random.default_rng(seed).integers(0, 133, (SIDE, SIDE)).astype(np.int64) for seed in range(4)]
+    full = semseg.encode(values)
+    semseg.run_on("cpu", "auto")
+    assert semseg.autocast is None and semseg.device.type == "cpu"
+    assert all(np.array_equal(a, b) for a, b in zip(full, semseg.encode(values), strict=True))
+    semseg.run_on("cpu", "bf16")
+    assert semseg.autocast == torch.bfloat16
+    mixed = semseg.encode(values)
+    network, inputs = semseg.network, semseg.conversion.to_input(np.stack(values))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = network.encoder(network.proj(network.cls_emb(inputs).permute(0, 3, 1, 2)))  # (B, 16, D)
+        latent = network.quant_proj(tokens.transpose(1, 2).unflatten(2, (4, 4)))
+    flat = torch.nn.functional.normalize(latent.float().flatten(2).transpose(1, 2), dim=-1)
+    expected = (flat @ torch.nn.functional.normalize(network.codebook, dim=-1).T).argmax(dim=-1)  # fp32 lookup
+    assert np.array_equal(np.stack(mixed), expected.numpy())
