@@ -389,7 +389,7 @@ def loader_rate(root: Path, modalities: tuple[Modality, ...], batches: int, args
     )
     loader = data.train_dataloader()  # finds the shards and checks the store's metadata: once per run
     with one_thread():
-        batch_iter: Iterator[MaskedBatch] = iter(loader)
+        batch_iter: Iterator[MaskedBatch] = (data.on_before_batch_transfer(item, 0) for item in loader)
         started = time.perf_counter()
         samples = sum(next(batch_iter).input_ids.shape[0] for _ in range(batches))
         seconds = time.perf_counter() - started

@@ -23,6 +23,9 @@ Choices (the why is in each docstring):
 - A shard must exist for every requested modality: one missing is an error that names the file,
   unless ``skip_incomplete`` (then it is left out and listed in ``TokenShards.skipped``). Token
   files are written atomically, so a file that exists is complete.
+- What a stream passes over (empty rows, rows lacking a task's modality, images that do not
+  decode) is counted where it is read, in a worker, and travels to the main process with the next
+  batch (:class:`StreamBatch`); the data module sums it (``passed_over``) for the train summary.
 - Every id read is checked against the ``four_m.vocab_size`` its file declares (the trainer checks
   that against the tokenizers and the model): one out of range is an error naming the file, the
   modality, the id and its row, not an ``IndexError`` in the embedding. A worker's such error
@@ -53,6 +56,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import lightning as L
@@ -114,6 +118,16 @@ def _shard_files(root: Path, modality: str) -> dict[str, Path]:
     if not files:
         raise TokenStoreError(f"no token shards for modality {modality!r} in {folder}; run the tokenize stage")
     return files
+
+
+PASSED_OVER: Mapping[str, str] = MappingProxyType(
+    {
+        "empty_rows": "rows with no modality",
+        "incomplete_rows": "rows lacking a task modality",
+        "undecodable_images": "images that did not decode (absent inputs)",
+    }
+)
+"""The counters of what :class:`TokenShards` passes over while reading (each time it reads it), in words."""
 
 
 class TokenShards:
@@ -179,6 +193,10 @@ class TokenShards:
         self.crop_settings = _crop_settings(complete[0], self.modalities)
         """The ``tokenize.crops`` the cropped modalities were tokenized under (from the first shard's
         metadata; rows are checked as they are read), None for a store without crops."""
+
+    def passed_over(self) -> dict[str, int]:
+        """What reading has passed over so far in this process: :data:`PASSED_OVER` -> count."""
+        return {reason: getattr(self, reason) for reason in PASSED_OVER}
 
     @property
     def crops_per_sample(self) -> int:
@@ -540,12 +558,30 @@ class TokenStream(IterableDataset):
                 yield self.masker.collate(batch)
                 batch = []
 
-    def __iter__(self) -> Iterator[MaskedBatch | WorkerError]:
-        """In a DataLoader worker, a :class:`UserError` ends the worker's batches as a :class:`WorkerError`."""
+    def __iter__(self) -> Iterator[StreamBatch | WorkerError]:
+        """Each batch with what was passed over before it; in a DataLoader worker, a
+        :class:`UserError` ends the worker's batches as a :class:`WorkerError`."""
         info = get_worker_info()
         if info is None:
-            return self.worker_batches()
-        return _delivering_errors(self.worker_batches(info.id, info.num_workers))
+            return self._counted(self.worker_batches())
+        return _delivering_errors(self._counted(self.worker_batches(info.id, info.num_workers)))
+
+    def _counted(self, batches: Iterator[MaskedBatch]) -> Iterator[StreamBatch]:
+        before = self.shards.passed_over()
+        for batch in batches:
+            now = self.shards.passed_over()
+            yield StreamBatch(batch, {reason: now[reason] - before[reason] for reason in PASSED_OVER})
+            before = now
+
+
+@dataclass(frozen=True)
+class StreamBatch:
+    """A batch as the stream hands it to a DataLoader: the masked batch, and what its reading
+    passed over since the previous one (:data:`PASSED_OVER` -> count), counted in the worker that
+    read it. :meth:`TokenDataModule.on_before_batch_transfer` sums the counts and passes the batch on."""
+
+    batch: MaskedBatch
+    passed_over: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -560,7 +596,7 @@ class WorkerError:
     error: UserError
 
 
-def _delivering_errors(batches: Iterator[MaskedBatch]) -> Iterator[MaskedBatch | WorkerError]:
+def _delivering_errors(batches: Iterator[StreamBatch]) -> Iterator[StreamBatch | WorkerError]:
     try:
         yield from batches
     except UserError as err:
@@ -628,6 +664,8 @@ class TokenDataModule(L.LightningDataModule):
         self.shards: TokenShards | None = None
         self.vocabularies: dict[str, dict[str, Any]] | None = None
         self.batches_consumed = 0
+        self.passed_over = dict.fromkeys(PASSED_OVER, 0)
+        """What the training batches' reading passed over (:data:`PASSED_OVER`), on this rank, in this launch."""
         self._stream: TokenStream | None = None
 
     @property
@@ -667,7 +705,13 @@ class TokenDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, WorkerError):
             raise batch.error
-        if self.trainer is None or self.trainer.training:
+        training = self.trainer is None or self.trainer.training
+        if isinstance(batch, StreamBatch):
+            if training:
+                for reason, count in batch.passed_over.items():
+                    self.passed_over[reason] += count
+            batch = batch.batch
+        if training:
             self.batches_consumed += 1
         return batch
 

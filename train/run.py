@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -32,7 +33,7 @@ from four_m.core.runs import DESCRIPTION, LOGS, read_losses
 from four_m.core.storage import RootPath
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
-from four_m.train.data import TokenDataModule, store_vocabularies
+from four_m.train.data import PASSED_OVER, TokenDataModule, store_vocabularies
 from four_m.train.finetune import FinetuneStart
 from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
 from four_m.train.model import FourM, ModelConfig, ModelModality, check_weight_names
@@ -58,6 +59,8 @@ class TrainSummary:
     """How the model started, for a fine-tune (``FinetuneStart.notes``)."""
     task: str = ""
     """``inputs -> targets`` of a run trained on a fixed task (``train.task``), else empty."""
+    passed_over: Mapping[str, int] = field(default_factory=dict)
+    """What reading the training batches passed over (``TokenDataModule.passed_over``; rank 0's share under DDP)."""
 
     def lines(self) -> list[str]:
         curve = f"loss {self.losses[0][1]:.3f} -> {self.losses[-1][1]:.3f}" if self.losses else "no loss logged yet"
@@ -66,7 +69,14 @@ class TrainSummary:
             *self.notes,
             f"train: {self.steps} steps of {what} on {self.crops} crop(s) per sample, {curve}; {self.seconds:.1f} s",
             f"train: wrote {self.run_dir / 'loss.png'} and {self.run_dir / 'model.safetensors'}",
+            *self._passed_over_line(),
         ]
+
+    def _passed_over_line(self) -> list[str]:
+        counted = [f"{n} {PASSED_OVER[reason]}" for reason, n in self.passed_over.items() if n]
+        return (
+            [f"train: passed over while reading, each time an epoch read them: {', '.join(counted)}"] if counted else []
+        )
 
 
 def run_train(config: Config, start: FinetuneStart | None = None) -> TrainSummary:
@@ -169,7 +179,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
     notes = tuple(start.notes) if start else ()
     task = f"{'+'.join(cfg.task.inputs)} -> {', '.join(cfg.task.targets)}" if cfg.task.inputs else ""
     seconds = time.perf_counter() - started
-    return TrainSummary(mirror.remote, trainer.global_step, losses, seconds, crops, notes, task)
+    return TrainSummary(mirror.remote, trainer.global_step, losses, seconds, crops, notes, task, dict(data.passed_over))
 
 
 def model_modalities(root: DatasetRoot, names: tuple[str, ...]) -> list[ModelModality]:

@@ -29,6 +29,7 @@ from four_m.train.data import (
     store_vocabularies,
 )
 from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
+from four_m.train.run import TrainSummary
 
 GRID = 16
 INFOS = (
@@ -98,6 +99,11 @@ def store(tmp_path_factory) -> tuple[Path, dict]:
 def stream(root: Path, **kwargs) -> TokenStream:
     options = {"batch_size": 4, "shuffle_buffer": 5, "seed": 7, "rank": 0, "world_size": 1} | kwargs
     return TokenStream(TokenShards(root, NAMES), Masker(INFOS, MASKING), **options)
+
+
+def batches(delivered, count: int) -> list[MaskedBatch]:
+    """The first ``count`` masked batches a stream or its DataLoader delivers (each in a ``StreamBatch``)."""
+    return [item.batch for item in itertools.islice(delivered, count)]
 
 
 def loader_order(s: TokenStream, workers: int, count: int) -> list[MaskedBatch]:
@@ -219,11 +225,11 @@ def test_streams_of_ranks_and_workers_are_disjoint_and_cover_the_store(store, wo
 
 def test_same_seed_same_batches_and_epochs_reshuffle(store):
     root, _ = store
-    first = list(itertools.islice(stream(root), 6))
-    again = list(itertools.islice(stream(root), 6))
+    first = batches(stream(root), 6)
+    again = batches(stream(root), 6)
     for a, b in zip(first, again, strict=True):
         assert_same(a, b)
-    other = list(itertools.islice(stream(root, seed=8), 6))
+    other = batches(stream(root, seed=8), 6)
     assert not all(same(a, b) for a, b in zip(first, other, strict=True))
 
     s = stream(root)
@@ -257,26 +263,46 @@ def test_absent_modality_flows_through_and_batches_have_the_budget_shapes(store)
     s = stream(root, batch_size=1, shuffle_buffer=0)  # in order: batch i is the i-th kept row
     keys = [k for k in sorted(written) if k != EMPTY_KEY]
     rgb = NAMES.index("rgb")
-    for key, batch in zip(keys, itertools.islice(s, len(keys)), strict=True):
+    for key, batch in zip(keys, batches(s, len(keys)), strict=True):
         used = torch.cat([batch.input_modality[batch.input_mask], batch.target_modality[batch.target_mask]])
         if key in NULL_RGB:
             assert rgb not in used.tolist()
         assert used.numel() > 0
-    batch = next(iter(stream(root, batch_size=5)))
+    (batch,) = batches(stream(root, batch_size=5), 1)
     for name, tensor in batch.tensors().items():
         budget = MASKING.input_budget if name.startswith("input") else MASKING.target_budget
         assert tensor.shape == (5, budget), name
     assert batch.input_mask.dtype == torch.bool and batch.input_ids.dtype == torch.long
 
 
+def test_what_reading_passes_over_travels_with_the_next_batch_and_the_data_module_sums_it(store):
+    root, written = store
+    kept = len(written) - 1  # rows per epoch: all but the empty one
+    delivered = list(itertools.islice(stream(root, batch_size=1, shuffle_buffer=0), 2 * kept))
+    empties = [item.passed_over["empty_rows"] for item in delivered]
+    assert empties[5] == 1 and empties[kept + 5] == 1 and sum(empties) == 2  # row 5 of shard 0, each epoch
+    data = TokenDataModule(root, Masker(INFOS, MASKING), 1, shuffle_buffer=0, num_workers=2)
+    loader = data.train_dataloader()
+    handed = [data.on_before_batch_transfer(item, 0) for item in itertools.islice(loader, 2 * kept)]
+    assert all(isinstance(batch, MaskedBatch) for batch in handed) and data.batches_consumed == 2 * kept
+    # Counted in the workers, summed here: worker 0 reads shards 0 and 2 (13 rows kept), delivers
+    # every other batch, and so passed shard 0's empty row in both of its epochs begun.
+    assert data.passed_over == {"empty_rows": 2, "incomplete_rows": 0, "undecodable_images": 0}
+    summary = TrainSummary(root, 1, [], 1.0, passed_over=data.passed_over)
+    assert (
+        summary.lines()[-1] == "train: passed over while reading, each time an epoch read them: 2 rows with no modality"
+    )
+    assert not any("passed over" in line for line in TrainSummary(root, 1, [], 1.0).lines())
+
+
 def test_dataloader_with_two_workers_matches_the_stream_and_resumes(store):
     root, _ = store
     expected = loader_order(stream(root), 2, 5)
     loader = DataLoader(stream(root), batch_size=None, num_workers=2)
-    for a, b in zip(expected, itertools.islice(loader, 5), strict=True):
+    for a, b in zip(expected, batches(loader, 5), strict=True):
         assert_same(a, b)
     resumed = DataLoader(stream(root, start_batch=3), batch_size=None, num_workers=2)
-    for a, b in zip(expected[3:], itertools.islice(resumed, 2), strict=True):
+    for a, b in zip(expected[3:], batches(resumed, 2), strict=True):
         assert_same(a, b)
 
 
