@@ -1,5 +1,6 @@
-"""ml-4m's ViT VQ-VAE image tokenizers (semseg, CLIP, DINOv2 feature maps) as a network of this
-project, loaded from their released ``config.json`` + ``model.safetensors``.
+"""ml-4m's image tokenizers, ViT VQ-VAEs (semseg, CLIP, DINOv2 feature maps) and DiVAEs (RGB,
+depth, normals, edges), as a network of this project, loaded from their released ``config.json`` +
+``model.safetensors``.
 
 The network, read from ml-4m's ``fourm/vq`` (facts, not code): an optional class embedding (semseg:
 134 labels -> 64 channels), a ViT encoder (a patch or 1x1 convolution, a stored positional grid
@@ -85,9 +86,9 @@ class _ViT(nn.Module):
 
 
 class ML4MVQVAE(nn.Module):
-    """An ml-4m ViT VQ-VAE. ``tokenize`` maps its input (class indices shifted by one, or a
-    feature map) to a (B, h, w) grid of ids; ``decode_tokens`` maps ids back to its outputs
-    (class logits, or the feature map)."""
+    """An ml-4m ViT VQ-VAE or DiVAE. ``tokenize`` maps its input (class indices shifted by one, a
+    feature map, or an image in ml-4m's value range) to a (B, h, w) grid of ids; ``decode_tokens``
+    maps ids back to its outputs (class logits, the feature map, or the image)."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]):
         super().__init__()
