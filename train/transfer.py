@@ -42,12 +42,18 @@ class Transfer:
     vocabulary is shared with a kept modality, as 4M-21's text modalities share the caption's)."""
     dropped_modalities: list[str] = field(default_factory=list)
     """Modalities only the source had: their weights are left behind."""
+    regridded: list[str] = field(default_factory=list)
+    """Kept maps and pixel inputs whose grid differs from the source's (another crop size, such as an
+    imported 224 px model fine-tuned on smaller crops): their sin-cos positions follow this run's
+    grid, where the source learned them on its own. Named, not refused: it can be meant."""
 
     def lines(self) -> list[str]:
+        regridded = [f"transfer: another token grid than the source's: {', '.join(self.regridded)}"]
         return [
             f"transfer: {len(self.copied)} weights copied; modalities kept {self.kept_modalities or 'none'}",
             f"transfer: new (freshly initialised) {self.new_modalities or 'none'};"
             f" left behind {self.dropped_modalities or 'none'}",
+            *(regridded if self.regridded else []),
         ]
 
 
@@ -59,18 +65,25 @@ def transfer_weights(source: FourM, target: FourM) -> Transfer:
             " (set train.model to the source run's)"
         )
     _check_vocabularies(source, target)
-    names = {m.name for m in source.modalities}
+    source_modalities = {m.name: m for m in source.modalities}
     report = Transfer(
-        kept_modalities=[m.name for m in target.modalities if m.name in names],
-        new_modalities=[m.name for m in target.modalities if m.name not in names],
+        kept_modalities=[m.name for m in target.modalities if m.name in source_modalities],
+        new_modalities=[m.name for m in target.modalities if m.name not in source_modalities],
         dropped_modalities=[m.name for m in source.modalities if m.name not in {t.name for t in target.modalities}],
+        regridded=[
+            f"{m.name} ({source_modalities[m.name].positions} -> {m.positions} positions)"
+            for m in target.modalities
+            if m.name in source_modalities
+            and m.kind != "sequence"
+            and source_modalities[m.name].positions != m.positions
+        ],
     )
     theirs, ours = source.state_dict(), target.state_dict()
     with torch.no_grad():
         for name, weight in ours.items():
             if name in MODALITY_ROWS:
                 for index, modality in enumerate(target.modalities):
-                    if modality.name in names:
+                    if modality.name in source_modalities:
                         weight[index] = theirs[name][source.modality_index(modality.name)]
                 report.copied.append(f"{name} (rows of {report.kept_modalities})")
             elif name in theirs and theirs[name].shape == weight.shape:

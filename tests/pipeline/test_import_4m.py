@@ -75,7 +75,9 @@ def test_an_imported_tokenizer_and_model_run_through_tokenize_finetune_and_sampl
         "train.batch_size=2",
     ]
     summary = run_finetune(load_config("default", [*options, "train.warmup_steps=0"], root=str(root)))
-    assert summary.steps == 2 and "modalities kept ['rgb_pixels', 'semseg', 'rgb']" in "\n".join(summary.lines())
+    lines = "\n".join(summary.lines())
+    assert summary.steps == 2 and "modalities kept ['rgb_pixels', 'semseg', 'rgb']" in lines
+    assert "another token grid than the source's" in lines and "semseg (196 -> 16 positions)" in lines  # 64 px crops
     tuned = json.loads((root / "runs/tuned/model.json").read_text())
     assert tuned["model"]["context_token"] is False and tuned["model"]["norm_eps"] == 1e-6  # the source's build
 

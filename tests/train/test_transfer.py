@@ -51,3 +51,12 @@ def test_a_resized_vocabulary_or_another_model_size_is_refused_by_name():
         transfer_weights(source, FourM(TINY, resized))
     with pytest.raises(TransferError, match="keeps the size"):
         transfer_weights(source, FourM(dataclasses.replace(TINY, encoder_layers=3), MODALITIES_4))
+
+
+def test_a_kept_map_on_another_grid_is_named():
+    """An imported 224 px model fine-tuned on smaller crops: depth's 16 positions become 4."""
+    target = tuple(dataclasses.replace(m, positions=4) if m.name == "depth" else m for m in MODALITIES_4)
+    report = transfer_weights(make_model(), FourM(TINY, target))
+    assert report.regridded == ["depth (16 -> 4 positions)"]
+    assert report.lines()[-1] == "transfer: another token grid than the source's: depth (16 -> 4 positions)"
+    assert transfer_weights(make_model(), FourM(TINY, MODALITIES_4)).regridded == []
