@@ -6,7 +6,9 @@ models' architecture: SwiGLU, no biases, LayerNorm eps 1e-6), converts its state
 runs both models on the same two batches:
 
 (a) the photo's pixels (``rgb@224``) and half of the depth tokens in, every rgb token out;
-(b) the pixels in, a caption out (teacher-forced: ``S_0 w1 w2 w3 S_1``).
+(b) the pixels in, a caption out (teacher-forced: ``S_0 w1 w2 w3 S_1``);
+(a0), (b0) the same targets from no input at all (unconditional generation, classifier-free
+guidance's unconditional pass): ml-4m's every input masked, ours all padding.
 
 It prints the largest absolute difference of the logits. Then the same for ml-4m's ViT VQ-VAE
 tokenizers (``fourm.vq.vqvae.VQVAE``, random weights) against ``tokenize.ml4m_vqvae``: (c) a
@@ -180,15 +182,21 @@ def main() -> None:
     shown = torch.randperm(GRID * GRID)[:DEPTH_SHOWN].sort().values
     print(f"ml-4m FM dim {args.dim}, 2+2 layers: {sum(p.numel() for p in reference.parameters()):,} parameters")
     with torch.no_grad():
-        for case, theirs_name, our_name in (
-            ("(a) pixels + depth -> rgb", "tok_rgb@224", "rgb"),
-            ("(b) pixels -> caption", "caption", "caption"),
+        for case, theirs_name, our_name, empty in (
+            ("(a) pixels + depth -> rgb", "tok_rgb@224", "rgb", False),
+            ("(b) pixels -> caption", "caption", "caption", False),
+            ("(a0) nothing -> rgb", "tok_rgb@224", "rgb", True),
+            ("(b0) nothing -> caption", "caption", "caption", True),
         ):
             mod_dict = ml4m_inputs(images, depth, shown, theirs_name)
             n_encoder = GRID * GRID + (DEPTH_SHOWN if theirs_name == "tok_rgb@224" else 0)
             n_decoder = GRID * GRID if theirs_name == "tok_rgb@224" else len(CAPTION) - 1
-            theirs = reference(mod_dict, n_encoder, n_decoder, return_logits=True)[theirs_name]  # (B, M, V)
             batch = our_batch(ours, images, depth, shown, our_name)
+            if empty:  # unconditional: no input anywhere (ml-4m: every input masked; ours: all padding)
+                for entry in mod_dict.values():
+                    entry["input_mask"] = torch.ones_like(entry["input_mask"])
+                batch.input_mask = torch.zeros_like(batch.input_mask)
+            theirs = reference(mod_dict, n_encoder, n_decoder, return_logits=True)[theirs_name]  # (B, M, V)
             logits = ours(batch)[ours.modality_index(our_name)]  # (B*M, V)
             difference = (logits - theirs.reshape(-1, theirs.shape[-1])).abs().max().item()
             scale = theirs.abs().max().item()

@@ -75,7 +75,7 @@ def evaluated(run: TrainedRun) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if source is None:
         raise UserError(f"run {run.directory.name} has no image modality to predict from: make eval scores rgb -> X")
     shown = pixel_input_of(source, run.modalities) or source
-    return (shown,), tuple(m for m in run.modalities if m not in (source, shown) and m in METRICS)
+    return (shown,), tuple(m for m in run.predicted if m not in (source, shown) and m in METRICS)
 
 
 def run_eval(config: Config) -> EvalReport:

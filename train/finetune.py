@@ -76,11 +76,11 @@ class FinetuneStart:
             self.notes.append(
                 f"transfer: none, resuming the fine-tune's own checkpoint (from run {self.directory.name})"
             )
-        old = {m.vocabulary for m in source.modalities} | {m.name for m in source.modalities}
+        # New: what the source has no weight of (a new modality's tables and head, or the input table
+        # of a modality an imported model only predicted).
+        old = source.state_dict().keys()
         module.new_parameters = frozenset(
-            f"model.{name}"
-            for name, _ in module.model.named_parameters()
-            if name.startswith(("token_embeddings.", "heads.", "patch_embeddings.")) and name.split(".")[1] not in old
+            f"model.{name}" for name, _ in module.model.named_parameters() if name not in old
         )
         module.new_learning_rate = self.cfg.new_learning_rate
         if self.cfg.lora_rank:

@@ -421,8 +421,9 @@ class Generator:
                 results = self._decode_sequence(guidance, m, decoding, generator)
                 contents = results  # shown whole as an input: with its EOS, as training shows a visible one
             out[self.model.modalities[m].name] = [ids.astype(TOKEN_DTYPE) for ids in results]
-            for row, content in zip(rows, contents, strict=True):
-                row[m] = content  # chaining: the next target sees this one as if given
+            if self.model.modalities[m].as_input:  # a target-only modality has nothing to be read with
+                for row, content in zip(rows, contents, strict=True):
+                    row[m] = content  # chaining: the next target sees this one as if given
         return out
 
     # -- input checks -----------------------------------------------------------------------
@@ -446,6 +447,8 @@ class Generator:
         for name, entries in given.items():
             m = self.model.modality_index(name)
             info, vocab_size = self.infos[m], self.model.modalities[m].vocab_size
+            if not self.model.modalities[m].as_input and any(ids is not None for ids in entries):
+                raise GenerationError(f"given {name!r}: this model only predicts it (no input embedding to read it)")
             if info.kind == "pixels":
                 side = info.image_size
                 pixels[name] = torch.zeros(len(rows), side, side, 3, dtype=torch.uint8, device=self.device)
@@ -489,6 +492,8 @@ class Generator:
                 raise GenerationError(f"targets: {name!r} is repeated")
             if self.model.modalities[m].kind == "pixels":
                 raise GenerationError(f"targets: {name!r} is a pixel input: nothing generates pixels")
+            if not self.model.modalities[m].as_target:
+                raise GenerationError(f"targets: {name!r} is only an input of this model: it has no head to predict it")
             if not isinstance(decoding, Decoding):
                 raise GenerationError(f"targets: {name!r} needs a Decoding, got {type(decoding).__name__}")
             for condition in decoding.guidance if isinstance(decoding.guidance, Mapping) else ():

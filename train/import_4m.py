@@ -15,7 +15,9 @@ What carries over, and how (ml-4m's names on the left, read from its ``fourm/mod
   map one to one, ``attn.proj`` -> ``out``; the gated MLP's ``fc1`` (gate) and ``fc3`` (up) become
   ``gate_up`` and ``fc2`` ``down``; ``norm1``/``norm2``/``query_norm``/``context_norm`` -> the
   blocks' norms; ``decoder_proj_context`` -> ``context_projection``; ``mask_token`` as it is;
-- no context token (ml-4m has none) and layer norms at ml-4m's epsilon (1e-6).
+- no context token (ml-4m has none) and layer norms at ml-4m's epsilon (1e-6);
+- a modality only among ``domains_out`` has no encoder embedding in ml-4m, and gets no token table
+  here (``ModelModality.as_input``); one only among ``domains_in`` gets no head (``as_target``).
 
 The fixed sin-cos positions (``pos_emb`` buffers) are not weights here: they are checked against
 this model's own (same formula, MoCo-v3's) and must agree. Bias buffers of bias-free norms must be
@@ -140,10 +142,15 @@ def model_modalities(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -
             modalities.append(ModelModality.pixels_of(pixels[name]))  # pixels[name]: its image's spec
             continue
         spec = MODALITIES[name]
-        side = "encoder" if domain in config.get("domains_in", []) else "decoder"
+        read, predicted = domain in config.get("domains_in", []), domain in config.get("domains_out", [])
+        side = "encoder" if read else "decoder"
         table = _weight(weights, f"{side}_embeddings.{domain}.token_emb.weight")
         positions = _weight(weights, f"{side}_embeddings.{domain}.pos_emb").shape[1]
-        modalities.append(ModelModality(name, spec.layout, table.shape[0], positions, vocabulary=name))
+        modalities.append(
+            ModelModality(
+                name, spec.layout, table.shape[0], positions, vocabulary=name, as_input=read, as_target=predicted
+            )
+        )
     order = list(MODALITIES) + list(pixels)
     return sorted(modalities, key=lambda m: order.index(m.name))
 

@@ -118,10 +118,19 @@ class ModelModality:
     mean: tuple[float, ...] = ()
     """Pixels: the per-channel mean and std that standardise [0, 1] pixels before the patch embedding."""
     std: tuple[float, ...] = ()
+    as_input: bool = True
+    """The encoder reads it: its vocabulary has a token table (a pixel input: its patches)."""
+    as_target: bool = True
+    """The decoder predicts it: its vocabulary has an output head. ml-4m's configs name a model's
+    inputs and targets apart (``domains_in``, ``domains_out``): a modality only among the targets has
+    no token table to read it with, and an imported model is built without one (False for pixels:
+    nothing predicts them)."""
 
     def __post_init__(self) -> None:
         if not self.vocabulary:
             object.__setattr__(self, "vocabulary", self.name)
+        if self.kind == "pixels":
+            object.__setattr__(self, "as_target", False)
         for name in ("mean", "std"):  # JSON gives lists back
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check(bool(self.name), "modality.name", "must not be empty")
@@ -133,6 +142,7 @@ class ModelModality:
             check(math.isqrt(self.positions) ** 2 == self.positions, f"modality {self.name}.positions", "a square")
         shaped = self.patch_size >= 1 and len(self.mean) == len(self.std) == 3
         check(shaped == pixels, f"modality {self.name}.patch_size", "pixels need patch_size, mean, std; tokens none")
+        check(self.as_input or self.as_target, f"modality {self.name}", "must be an input, a target or both")
 
     @property
     def grid(self) -> int:
@@ -283,6 +293,22 @@ def decoder_attention_mask(modality: Tensor, position: Tensor, is_map: Tensor, r
     return allowed | itself
 
 
+def empty_sample_attention(x: Tensor, labels: Tensor, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Without a context token, what a sample with no inputs attends to: ml-4m's masking.
+
+    ml-4m masks attention with the dtype's lowest value, not -inf, so a row whose every key is
+    masked attends to all of them alike; its masked slots being all zeros, that sample's encoder
+    stays at zero and its decoder reads the context projection's bias alone, however many slots
+    there are. Here such a sample's (zeroed) padding becomes its keys, and a batch without any
+    input slot gets one zero slot, so no attention row is empty (NaN).
+    ``x``, ``labels``: (B, N_in, D) with padding already zero; ``real``: (B, N_in).
+    """
+    if real.shape[1] == 0:
+        x, labels = x.new_zeros(x.shape[0], 1, x.shape[2]), labels.new_zeros(x.shape[0], 1, x.shape[2])
+        real = real.new_zeros(real.shape[0], 1)
+    return x, labels, real | ~real.any(dim=1, keepdim=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -314,22 +340,27 @@ class FourM(nn.Module):
                 f"modality {m.name}.vocab_size",
                 f"{m.vocab_size}, but vocabulary {m.vocabulary!r} has {vocab_sizes[m.vocabulary]} ids elsewhere",
             )
-        vocabularies = list(vocab_sizes)
+        self._vocabularies = list(vocab_sizes)
+        read = {m.vocabulary for m in tokens if m.as_input}
+        predicted = {m.vocabulary for m in tokens if m.as_target}
         D = config.dim
 
         # Per-modality lookups by modality index: is it on a grid (maps, pixels), its grid side, its
         # vocabulary's index (-1: pixels have none).
         self.register_buffer("is_map", torch.tensor([m.kind != "sequence" for m in modalities]), persistent=False)
         self.register_buffer("grid", torch.tensor([m.grid for m in modalities]), persistent=False)
-        self._vocabulary_of = [vocabularies.index(m.vocabulary) if m in tokens else -1 for m in modalities]
+        self._vocabulary_of = [self._vocabularies.index(m.vocabulary) if m in tokens else -1 for m in modalities]
         self.register_buffer("vocabulary_of", torch.tensor(self._vocabulary_of), persistent=False)
 
-        # Embeddings, one token table per vocabulary. Tables are shared by the encoder's inputs and the
-        # decoder's teacher-forced sequence inputs (unless ``decoder_tables``); the modality
-        # embeddings are not: "an input of m" and "predict m" differ.
-        self.token_embeddings = nn.ModuleDict({v: nn.Embedding(n, D) for v, n in vocab_sizes.items()})
-        if config.decoder_tables:
-            sequences = {m.vocabulary for m in tokens if m.kind == "sequence"}  # map targets read the mask token
+        # Embeddings, one token table per vocabulary some modality is an input of (a teacher-forced
+        # target sequence reads it too). Tables are shared by the encoder's inputs and the decoder's
+        # teacher-forced sequence inputs (unless ``decoder_tables``); the modality embeddings are
+        # not: "an input of m" and "predict m" differ.
+        self.token_embeddings = nn.ModuleDict(
+            {v: nn.Embedding(n, D) for v, n in vocab_sizes.items() if v in read or not config.decoder_tables}
+        )
+        if config.decoder_tables:  # map targets read the mask token
+            sequences = {m.vocabulary for m in tokens if m.kind == "sequence" and m.as_target}
             self.decoder_token_embeddings = nn.ModuleDict(
                 {v: nn.Embedding(n, D) for v, n in vocab_sizes.items() if v in sequences}
             )
@@ -347,7 +378,8 @@ class FourM(nn.Module):
             self.context_token = nn.Parameter(torch.zeros(D))
             """Leads every sample's encoder tokens, so a sample with no inputs (unconditional
             generation, classifier-free guidance) still has one key to cross-attend to instead of a
-            NaN row. Without it, such a row attends to its padding uniformly, as ml-4m's masking does."""
+            NaN row. Without it, such a row attends to its zeroed padding, as ml-4m's masking does
+            (``empty_sample_attention``)."""
         self.embedding_dropout = nn.Dropout(config.dropout)
 
         self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.encoder_layers))
@@ -356,7 +388,7 @@ class FourM(nn.Module):
         self.context_projection = nn.Linear(D, D)
         self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.decoder_layers))
         self.decoder_norm = nn.LayerNorm(D, eps=config.norm_eps, bias=False)
-        self.heads = nn.ModuleDict({v: nn.Linear(D, n, bias=False) for v, n in vocab_sizes.items()})
+        self.heads = nn.ModuleDict({v: nn.Linear(D, n, bias=False) for v, n in vocab_sizes.items() if v in predicted})
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -388,11 +420,11 @@ class FourM(nn.Module):
 
     def head(self, m: int) -> nn.Linear:
         """The output head of modality index ``m`` (its vocabulary's): (..., D) -> (..., V_m) logits."""
-        return list(self.heads.values())[self._vocabulary_of[m]]
+        return self.heads[self._vocabularies[self._vocabulary_of[m]]]
 
     def table(self, m: int) -> nn.Embedding:
         """The token table of modality index ``m`` (its vocabulary's)."""
-        return list(self.token_embeddings.values())[self._vocabulary_of[m]]
+        return self.token_embeddings[self._vocabularies[self._vocabulary_of[m]]]
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -402,9 +434,9 @@ class FourM(nn.Module):
         x = self.mask_token.new_zeros(*ids.shape, self.config.dim)  # (B, N, D)
         vocabulary = self.vocabulary_of[modality]  # (B, N)
         tables = self.decoder_token_embeddings if decoder and self.config.decoder_tables else self.token_embeddings
-        for v, name in enumerate(self.token_embeddings):
+        for v, name in enumerate(self._vocabularies):
             here = vocabulary == v  # (B, N)
-            if name in tables:  # the decoder has no tables for map vocabularies (they ask with the mask token)
+            if name in tables:  # none: map targets ask with the mask token, target-only ones are never read
                 x[here] = tables[name](ids[here])  # (tokens of vocabulary v, D)
         return x
 
@@ -440,20 +472,25 @@ class FourM(nn.Module):
         """-> the decoder's context (B, S, D), one row per encoder token with the context token
         first, and its real-token mask (B, S) for cross-attention."""
         real = batch.input_mask  # (B, N_in)
-        # Padding may carry any ids/modality/position: make them valid indices, they are never attended.
+        # Padding may carry any ids/modality/position: make them valid indices, then zero what they embed.
         modality = batch.input_modality.where(real, 0)
         position = batch.input_position.where(real, 0)
         # Each token's modality + position embeddings: the decoder's context gets them again.
         labels = self.input_modality_embedding(modality) + self.embed_positions(modality, position)  # (B, N_in, D)
         x = self.embed_inputs(batch, modality, position) + labels  # (B, N_in, D)
+        # As ml-4m, a padding slot is all zeros, token and embeddings alike: a sample with no inputs
+        # attends to nothing but zeros (see ``empty_sample_attention``), never to an embedding of
+        # modality 0 at position 0 that the padding would otherwise carry.
+        padding = ~real[..., None]  # (B, N_in, 1)
+        x, labels = x.masked_fill(padding, 0.0), labels.masked_fill(padding, 0.0)
         B = x.shape[0]
         if self.config.context_token:
             x = torch.cat([self.context_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, S, D)
             # The context token has no modality or position (as 4M's register tokens): nothing to add back.
             labels = torch.cat([labels.new_zeros(B, 1, labels.shape[-1]), labels], dim=1)  # (B, S, D)
             real = torch.cat([real.new_ones(B, 1), real], dim=1)  # (B, S)
-        else:  # a sample without inputs attends to all its (padding) tokens alike, as ml-4m's masking
-            real = real | ~real.any(dim=1, keepdim=True)
+        else:
+            x, labels, real = empty_sample_attention(x, labels, real)
         x = self.embedding_dropout(x)
 
         # Every token, padding included, sees the sample's real tokens (the context token at least),

@@ -213,7 +213,8 @@ def check_checkpoint(path: Path, modalities: list[ModelModality], run: str) -> N
     with torch.device("meta"):  # the checkpoint's own model, shapes only: the weights' names it should have
         model = FourM(ModelConfig(**hyper["model"]), [ModelModality(**m) for m in hyper["modalities"]])
     check_weight_names(model, [name.removeprefix("model.") for name in checkpoint["state_dict"]], run)
-    saved, now = hyper["modalities"], [asdict(m) for m in modalities]
+    # Read back through the dataclass, so a checkpoint written before a field existed compares by its default.
+    saved, now = [asdict(ModelModality(**m)) for m in hyper["modalities"]], [asdict(m) for m in modalities]
     if saved != now:
         raise TrainingMismatchError(
             f"checkpoint {path} was trained on {_describe(saved)}, the token store now has {_describe(now)}:"

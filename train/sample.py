@@ -94,7 +94,7 @@ def plan(cfg: GenerateConfig, run: TrainedRun) -> tuple[tuple[str, ...], tuple[s
     images = pixel_inputs()
     given = tuple(dict.fromkeys(images[m].name if m in images else m for m in asked))
     shown = model_inputs(given, run)
-    others = tuple(m for m in run.modalities if m not in given and m not in shown.values() and m in MODALITIES)
+    others = tuple(m for m in run.predicted if m not in given and m not in shown.values() and m in MODALITIES)
     targets = cfg.targets or (task.targets if task and not cfg.given else others)
     both = sorted(set(asked) & set(targets))
     if both:

@@ -44,6 +44,11 @@ class TrainedRun:
     def modalities(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.model.modalities)
 
+    @property
+    def predicted(self) -> tuple[str, ...]:
+        """The modalities the model has a head for (an imported ml-4m model's ``domains_out``)."""
+        return tuple(m.name for m in self.model.modalities if m.as_target)
+
 
 def load_trained(config: Config) -> TrainedRun:
     """``<root>/runs/<train.run>/``'s final weights, checked against ``<root>/tokenizers/``."""

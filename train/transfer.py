@@ -21,8 +21,8 @@ from four_m.train.model import FourM
 
 MODALITY_ROWS = ("input_modality_embedding.weight", "target_modality_embedding.weight")
 """Weights with one row per modality, indexed by the model's modality list."""
-PER_VOCABULARY = ("token_embeddings.", "heads.")
-PER_PIXEL_INPUT = "patch_embeddings."
+PER_VOCABULARY = ("token_embeddings.", "decoder_token_embeddings.", "heads.")
+"""Weights named after a vocabulary (their second name part)."""
 
 
 class TransferError(UserError):
@@ -42,6 +42,10 @@ class Transfer:
     vocabulary is shared with a kept modality, as 4M-21's text modalities share the caption's)."""
     dropped_modalities: list[str] = field(default_factory=list)
     """Modalities only the source had: their weights are left behind."""
+    fresh: list[str] = field(default_factory=list)
+    """Weights of kept modalities the source has no counterpart of, freshly initialised: the token
+    table of a modality an imported model only predicted (ml-4m's ``domains_out`` alone), the head
+    of one it only read."""
     regridded: list[str] = field(default_factory=list)
     """Kept maps and pixel inputs whose grid differs from the source's (another crop size, such as an
     imported 224 px model fine-tuned on smaller crops): their sin-cos positions follow this run's
@@ -54,6 +58,11 @@ class Transfer:
             f"transfer: new (freshly initialised) {self.new_modalities or 'none'};"
             f" left behind {self.dropped_modalities or 'none'}",
             *(regridded if self.regridded else []),
+            *(
+                [f"transfer: kept modalities' weights the source lacks, new: {', '.join(self.fresh)}"]
+                if self.fresh
+                else []
+            ),
         ]
 
 
@@ -79,6 +88,7 @@ def transfer_weights(source: FourM, target: FourM) -> Transfer:
         ],
     )
     theirs, ours = source.state_dict(), target.state_dict()
+    kept_vocabularies = {m.vocabulary for m in target.modalities if m.name in source_modalities}
     with torch.no_grad():
         for name, weight in ours.items():
             if name in MODALITY_ROWS:
@@ -89,6 +99,8 @@ def transfer_weights(source: FourM, target: FourM) -> Transfer:
             elif name in theirs and theirs[name].shape == weight.shape:
                 weight.copy_(theirs[name])
                 report.copied.append(name)
+            elif name.startswith(PER_VOCABULARY) and name.split(".")[1] in kept_vocabularies:
+                report.fresh.append(name)
     return report
 
 

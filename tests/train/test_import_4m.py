@@ -4,6 +4,7 @@ converted model runs forward and generates."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -177,3 +178,28 @@ def test_import_4m_records_and_reports_what_it_left_out(tmp_path):
     assert "import-4m: left out as asked (LEAVE_OUT): human_poses (6 tensors), t5_caption (3 tensors)" in report.lines()
     described = json.loads((tmp_path / "root/runs/imported/model.json").read_text())
     assert described["left_out"] == ["human_poses", "t5_caption"] and "human_poses" not in described["tokenizers"]
+
+
+def test_a_modality_only_among_the_targets_imports_without_an_input_table_and_is_only_predicted():
+    """ml-4m builds no encoder embedding for a modality only in ``domains_out``: the converted model
+    has no token table for it, predicts it exactly as the same weights with the table do, and
+    refuses to be given it."""
+    weights = ml4m.weights()
+    config = ml4m.config()
+    config["domains_in"].remove("det")
+    target_only = {k: v for k, v in weights.items() if not k.startswith("encoder_embeddings.det.")}
+    model = convert(config, target_only).model
+    det = model.modalities[model.modality_index("det")]
+    assert (det.as_input, det.as_target) == (False, True)
+    assert "token_embeddings.det.weight" not in model.state_dict() and "heads.det.weight" in model.state_dict()
+    both = convert(ml4m.config(), weights).model  # the same weights, det an input too
+    generator, reference = Generator(model), Generator(both)
+    photos = [np.random.default_rng(0).integers(0, 256, (ml4m.IMAGE, ml4m.IMAGE, 3), dtype=np.uint8)]
+    greedy = Decoding(temperature=0.0, max_tokens=6)
+    got = generator.generate({"rgb_pixels": photos}, [("det", greedy), ("caption", greedy)])
+    expected = reference.generate({"rgb_pixels": photos}, [("det", greedy)])
+    assert np.array_equal(got["det"][0], expected["det"][0])
+    with pytest.raises(UserError, match="given 'det': this model only predicts it"):
+        generator.generate({"det": [got["det"][0]]}, [("caption", greedy)])
+    described = ModelModality(**dataclasses.asdict(det))  # as model.json writes and reads it
+    assert described == det

@@ -204,6 +204,36 @@ def test_a_sample_without_inputs_or_targets_stays_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("context_token", [False, True])
+def test_a_sample_without_inputs_attends_to_nothing_but_zeros_as_ml4m(context_token):
+    """ml-4m zeroes a masked slot's token and embeddings and masks with the lowest float, not -inf:
+    an all-masked sample attends to zeros alike, its encoder stays at zero and its decoder reads the
+    context projection's bias alone (plus the context token, where there is one). So neither its
+    padding's content nor its length may change what it predicts."""
+    model = make_model(config=dataclasses.replace(TINY, context_token=context_token))
+    with torch.no_grad():
+        model.context_projection.bias.normal_()  # zero-initialised: give it values the check can see
+    reference = random_batch(size=2)
+    reference.input_mask[1] = False  # sample 1: unconditional
+    with torch.no_grad():
+        expected = model(reference)
+        context, context_real = model.encode(reference)
+        if not context_token:
+            torch.testing.assert_close(context[1], model.context_projection.bias.expand_as(context[1]))
+        for n_in, fill in ((12, 7), (3, 2), (0, 0)):
+            batch = copy(reference)
+            batch.input_mask[1] = False
+            batch.input_ids[1], batch.input_modality[1], batch.input_position[1] = fill, DEPTH, fill
+            if n_in == 0:  # the whole batch unconditional, with no input slot at all
+                batch.input_mask[0] = False
+            for name in ("input_ids", "input_modality", "input_position", "input_mask"):
+                setattr(batch, name, getattr(batch, name)[:, :n_in])
+            got = model(batch)
+            for m in expected:  # logits run sample by sample: sample 1's follow sample 0's
+                first = int(((reference.target_modality[0] == m) & reference.target_mask[0]).sum())
+                torch.testing.assert_close(got[m][first:], expected[m][first:], atol=1e-5, rtol=1e-5)
+
+
 def test_loss_is_the_mean_over_modalities_of_their_mean_cross_entropy():
     model, batch = make_model(), random_batch()
     with torch.no_grad():

@@ -60,3 +60,23 @@ def test_a_kept_map_on_another_grid_is_named():
     assert report.regridded == ["depth (16 -> 4 positions)"]
     assert report.lines()[-1] == "transfer: another token grid than the source's: depth (16 -> 4 positions)"
     assert transfer_weights(make_model(), FourM(TINY, MODALITIES_4)).regridded == []
+
+
+def test_the_input_table_of_a_modality_the_source_only_predicted_is_named_new():
+    """An imported ml-4m model with depth only among its targets has no depth token table: a fine-tune
+    reading depth starts that table fresh and says so."""
+    config = dataclasses.replace(TINY, context_token=False, decoder_tables=True)  # as an imported model
+    predicted_only = tuple(dataclasses.replace(m, as_input=False) if m.name == "depth" else m for m in MODALITIES_4)
+    torch.manual_seed(0)
+    source = FourM(config, predicted_only)
+    assert "token_embeddings.depth.weight" not in source.state_dict()
+    torch.manual_seed(1)
+    target = FourM(config, MODALITIES_4)
+    fresh = target.state_dict()["token_embeddings.depth.weight"].clone()
+    report = transfer_weights(source, target)
+    assert report.fresh == ["token_embeddings.depth.weight"]
+    assert (
+        report.lines()[-1] == "transfer: kept modalities' weights the source lacks, new: token_embeddings.depth.weight"
+    )
+    assert torch.equal(target.state_dict()["token_embeddings.depth.weight"], fresh)
+    assert torch.equal(target.state_dict()["heads.depth.weight"], source.state_dict()["heads.depth.weight"])
