@@ -148,7 +148,8 @@ def _bad_input(config: Config, args: argparse.Namespace) -> int:
 
 
 def _models(config: Config, args: argparse.Namespace) -> int:
-    """Fetch production weights for the configured labelers (needs a reachable hub); with
+    """Fetch production weights for the configured labelers (a hub id at its pinned commit: needs a
+    reachable hub) and record each file's sha256 in ``<root>/models/<modality>.json``; with
     ``--omnidata`` / ``--omnidata-depth``, first convert Omnidata's normal / depth checkpoint into
     ``label.normal.model`` / ``label.depth.model``."""
     from pathlib import Path
@@ -176,14 +177,16 @@ def _models(config: Config, args: argparse.Namespace) -> int:
         if not issubclass(LABELERS[name], PretrainedLabeler):
             print(f"models: {name}: an algorithm, no weights (nothing to fetch)")
             continue
-        if cfg.model is None or Path(cfg.model).exists():
-            print(f"models: {name}: {cfg.model or 'tiny random-init variant'} (nothing to fetch)")
+        if cfg.model is None:
+            print(f"models: {name}: tiny random-init variant (nothing to fetch)")
             continue
         try:
-            print(f"models: {name}: {cfg.model} -> {LABELERS[name](cfg, config.label.size).fetch()}")
+            manifest = LABELERS[name](cfg, config.label.size, None, location(config.root)).record_weights()
+            print(f"models: {name}: {manifest.line()}")
         except Exception as err:  # noqa: BLE001 - one line per labeler, then the exit status says it
             failed += 1
-            print(f"models: {name}: cannot fetch {cfg.model}: {type(err).__name__}: {err}", file=sys.stderr)
+            at = f" at {cfg.revision}" if cfg.revision else ""
+            print(f"models: {name}: cannot fetch {cfg.model}{at}: {type(err).__name__}: {err}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -309,8 +312,8 @@ class Verb:
     help: str
     options: tuple[Options, ...] = ()
     writes_root: bool = True
-    """False for a verb that writes nothing under the root (weights go to the hub's cache); every
-    other one is refused up front on a root that cannot take output (``check_root_writable``)."""
+    """False for a verb that writes nothing under the root; every other one is refused up front on
+    a root that cannot take output (``check_root_writable``)."""
 
 
 VERBS: dict[str, Verb] = {
@@ -334,7 +337,6 @@ VERBS: dict[str, Verb] = {
         _models,
         "fetch the configured labelers' production weights (--omnidata[-depth]: convert Omnidata's)",
         (_omnidata,),
-        False,
     ),
     "bad-input": Verb(_bad_input, "the bad-input corpus through every stage in <root>/_bad_input/, audited"),
     "demo": Verb(_demo, f"every stage in order: {', '.join(verb for verb, _ in DEMO)}"),

@@ -29,6 +29,7 @@ from four_m.core.modalities import (
     token_modalities,
 )
 from four_m.core.precision import PRECISIONS
+from four_m.core.weights import pin_problem
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = "sections"
@@ -138,6 +139,8 @@ class LabelerConfig:
     model: str | None = None
     """A hub id or a local directory; null builds the tiny random-init variant (labels say so)."""
     revision: str | None = None
+    """The commit of a hub ``model`` to use, its full 40-hex hash: required for a hub id (a branch
+    or tag moves), unused for a local folder or file (``core/weights.py``)."""
     input_size: int = 224
     """Side of the square RGB input; labelers sharing a size share one resize."""
     batch_size: int = field(default=8, metadata=RUNTIME_ONLY)
@@ -202,6 +205,9 @@ class LabelConfig:
         grouped = [n for group in self.actor_groups for n in group]
         check(set(grouped) <= set(known), "label.actor_groups", f"names must be among {known}")
         check(len(grouped) == len(set(grouped)), "label.actor_groups", "a labeler may be in one group only")
+        for name, section in self.sections.items():
+            problem = pin_problem(section.model, section.revision)
+            check(problem is None, f"label.{name}.revision", problem or "")
 
     def labeler(self, name: str) -> LabelerConfig:
         return self.sections[name]

@@ -75,11 +75,14 @@ class DetLabeler(PretrainedLabeler):
     def build_production(self, directory: Path) -> None:
         save_safetensors(build_architecture(PRODUCTION_ARCHITECTURE), directory)
 
-    def fetch(self) -> str:
-        """Ultralytics' release assets (yolov8x.pt, yolo11x.pt, ...) are fetched to the configured path."""
+    def fetch(self) -> Path:
+        """Ultralytics' release assets (yolov8x.pt, yolo11x.pt, ...) are fetched to the configured
+        path when missing there; a folder or a file already there is taken as it is."""
+        if Path(self.cfg.model).exists():
+            return Path(self.cfg.model)
         from ultralytics.utils.downloads import attempt_download_asset
 
-        return str(attempt_download_asset(self.cfg.model))
+        return Path(attempt_download_asset(self.cfg.model))
 
     def load(self, source: str, revision: str | None) -> None:
         from ultralytics.utils import patches

@@ -5,11 +5,13 @@ else fp16; ``32`` turns it off; ``bf16``/``fp16`` force it, on a CPU too), the m
 ``channels_last`` memory format (``channels_last``: convolutions run faster in it, other layers do not
 care) and, with ``compile: true``, wrapped by ``torch.compile``. On a CPU, ``auto`` changes nothing.
 
-Weights: ``model`` is a hub id or a local directory, loaded with the library's own
-``from_pretrained`` (``det``: see its module). With ``model: null`` the labeler builds its tiny
-variant (the same architecture, a small config, random weights) into its ``workdir`` first and then
-loads it through that same path, so offline runs exercise the production code. Such labels say
-"random-init" in their provenance and in the stage summary.
+Weights: ``model`` is a hub id pinned to a commit (``revision``) or a local directory, loaded with
+the library's own ``from_pretrained`` (``det``: see its module). ``make models`` fetches a hub id at
+its commit and records every file's sha256 in the root (``core/weights.py``); the label files'
+provenance names the model, the revision and, once recorded, that digest. With ``model: null`` the
+labeler builds its tiny variant (the same architecture, a small config, random weights) into its
+``workdir`` first and then loads it through that same path, so offline runs exercise the production
+code. Such labels say "random-init" in their provenance and in the stage summary.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from four_m.core.errors import UserError
 from four_m.core.precision import autocast_dtype
 from four_m.core.provenance import RANDOM_INIT
 from four_m.core.storage import RootPath
+from four_m.core.weights import WeightsManifest, hash_weights, is_hub_id, read_manifest, write_manifest
 from four_m.labelers.base import LabelBatch, Labeler
 
 
@@ -76,10 +79,27 @@ class PretrainedLabeler(Labeler):
         return {
             "modality": self.name,
             "model": RANDOM_INIT if self.random_init else self.cfg.model,
-            "revision": RANDOM_INIT if self.random_init else (self.cfg.revision or "default"),
+            "revision": RANDOM_INIT if self.random_init else self.revision,
+            **self.recorded_weights(),
             "input_size": str(self.cfg.input_size),
             **({"random_size": "production (dry run: random weights)"} if self.dry_run else {}),
         }
+
+    @property
+    def revision(self) -> str:
+        """The commit of a hub model (the config requires one), or ``local`` for a folder or file."""
+        return self.cfg.revision if is_hub_id(self.cfg.model) else "local"
+
+    def recorded_weights(self) -> dict[str, str]:
+        """``weights_sha256`` from the root's manifest of these weights (model and revision both
+        match), when ``make models`` wrote one; nothing otherwise: the labels then name the model
+        and revision only."""
+        if self.random_init or self.root is None:
+            return {}
+        manifest = read_manifest(self.root, self.name)
+        if manifest is None or not manifest.matches(self.cfg.model, self.cfg.revision):
+            return {}
+        return {"weights_sha256": manifest.weights_sha256}
 
     @property
     def dry_run(self) -> bool:
@@ -134,11 +154,27 @@ class PretrainedLabeler(Labeler):
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self.label_batch(batch)
 
-    def fetch(self) -> str:
-        """Download the configured hub weights into the local cache (``make models``); returns where."""
+    def fetch(self) -> Path:
+        """Where the configured weights are, fetched first if they are a hub id: its commit's
+        snapshot folder in the hub's cache, holding exactly that commit's files."""
+        if not is_hub_id(self.cfg.model):
+            return Path(self.cfg.model)
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(self.cfg.model, revision=self.cfg.revision)
+        return Path(snapshot_download(self.cfg.model, revision=self.cfg.revision))
+
+    def record_weights(self) -> WeightsManifest:
+        """``make models``: fetch the configured weights, hash every file and write the manifest
+        into the root (``core/weights.py``); returns it."""
+        if self.random_init or self.root is None:
+            raise ValueError(f"{self.name}: only configured weights are recorded, into a dataset root")
+        location = self.fetch()
+        if not location.exists():
+            raise FileNotFoundError(f"no weights at {location}")
+        revision = self.cfg.revision if is_hub_id(self.cfg.model) else None
+        manifest = hash_weights(self.name, self.cfg.model, revision, location)
+        write_manifest(self.root, manifest)
+        return manifest
 
     def writable_area_of(self, path: Path) -> Path | None:
         """The area others can write that ``path`` lies in, if any: the scratch space, or the dataset

@@ -24,6 +24,7 @@ from four_m.core.dataset_root import FileDigest
 from four_m.core.offline import QUIET_NETWORK_ENV
 from four_m.core.storage import storage_env
 from four_m.core.summary import ShardReport, StageSummary
+from four_m.core.weights import hub_env
 from four_m.pipeline.stage import Output, StageRun
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,10 @@ Key = TypeVar("Key", bound=Hashable)
 
 def worker_options() -> dict:
     """Ray options that give a task or actor this driver's filesystem settings (``FSSPEC_*``,
-    ``AWS_*``...): workers on other nodes, or started before they were set, do not inherit them,
-    and a remote dataset root is unreadable without them."""
-    env = storage_env()
+    ``AWS_*``...) and hub settings (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``): workers on
+    other nodes, or started before they were set, do not inherit them, and a remote dataset root is
+    unreadable without the first, the weights ``make models`` fetched unfound without the second."""
+    env = {**storage_env(), **hub_env()}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 

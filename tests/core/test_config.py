@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from four_m.core.config import CONFIG_DIR, Config, ConfigError, load_config
+from four_m.core.weights import COMMIT, is_hub_id
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -63,6 +64,32 @@ def test_a_run_name_that_is_not_one_folder_is_refused_naming_key_and_value(run):
 
 def test_plain_run_names_load():
     assert load_config("default", ["train.run=base-cc12m_v2.1"]).train.run == "base-cc12m_v2.1"
+
+
+@pytest.mark.parametrize(
+    ("revision", "given"),
+    [("null", "none given"), ("main", "'main' is not one"), ("57c21647", "'57c21647' is not one")],
+)
+def test_a_hub_model_without_a_full_commit_is_refused_naming_the_key(revision, given):
+    with pytest.raises(ConfigError) as error:
+        load_config("default", ["label.clip.model=openai/clip-vit-base-patch16", f"label.clip.revision={revision}"])
+    message = str(error.value)
+    assert "label.clip.revision: openai/clip-vit-base-patch16 is a hub id, so it needs the full 40-hex" in message
+    assert given in message and "\n" not in message
+
+
+def test_local_weights_and_random_init_need_no_revision(tmp_path):
+    for model in (str(tmp_path), "./my-depth-model", "~/models/depth", "null"):
+        assert load_config("default", [f"label.depth.model={model}"]).label.labeler("depth").revision is None
+
+
+def test_every_hub_model_of_the_shipped_configs_names_its_commit():
+    for path in SHIPPED:
+        label = load_config(path).label
+        pinned = {n: label.labeler(n) for n in label.labelers if label.labeler(n).model}
+        for name, section in pinned.items():
+            assert not is_hub_id(section.model) or COMMIT.fullmatch(section.revision or ""), (path.stem, name)
+    assert load_config("cc12m").label.labeler("clip").revision == "57c216476eefef5ab752ec549e440a49ae4ae5f3"
 
 
 def test_bad_override_syntax():

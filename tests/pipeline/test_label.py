@@ -21,6 +21,7 @@ from four_m.labelers.pretrained import PretrainedLabeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline import label as label_stage
 from four_m.pipeline.label import LabelStageError, label_levels, run_label
+from tests.labelers.hub_cache import REPO, HubCache, tiny_clip_files
 
 
 def made_by_random_weights(name: str) -> bool:
@@ -253,3 +254,36 @@ def test_a_relabelled_source_makes_only_what_read_it_pending_again(labelled):
     assert {n: c for n, c in summary.shards_done.items() if c} == {"metadata": 1}
     read = root.stage("label/metadata").read_marker(0).inputs
     assert root.stage("label/det").recorded(0, det) in read
+
+
+def test_another_revision_makes_that_labelers_shards_stale_as_another_config_does(
+    tmp_path, ray_local, photos, make_images_root, small_config, monkeypatch
+):
+    """A hub model labels at its pinned commit and its files say so (with the digest ``make models``
+    recorded); the same model at another commit finds its shards made with another label config and
+    stops before any work, as for any changed setting."""
+    hub = HubCache(tmp_path / "hub")
+    files = tiny_clip_files(tmp_path / "tiny")
+    first = hub.publish(REPO, files)
+    second = hub.publish(REPO, {**files, "README.md": b"# tiny CLIP\n"})
+    hub.use(monkeypatch)  # this process, and Ray's workers through the forwarded environment
+    root = tmp_path / "root"
+    keys = make_images_root(root, photos[:2])
+
+    def config(revision: str):
+        return small_config(
+            root, "label.labelers=[clip]", f"label.clip.model={REPO}", f"label.clip.revision={revision}"
+        )
+
+    labeler = LABELERS["clip"](config(first).label.labeler("clip"), 64, None, root)
+    digest = labeler.record_weights().weights_sha256
+    assert run_label(config(first), progress=False).shards_done["clip"] == len(keys)
+    metadata = pq.read_schema(root / "labels/clip/00000.parquet").metadata
+    assert metadata[b"four_m.model"] == REPO.encode() and metadata[b"four_m.revision"] == first.encode()
+    assert metadata[b"four_m.weights_sha256"] == digest.encode()
+
+    made = {p: sha256_file(p) for p in (root / "labels").rglob("*.parquet")}
+    stale = rf"{len(keys)} finished shards of .*labels/clip were made with another label config"
+    with pytest.raises(LabelStageError, match=stale):
+        run_label(config(second), progress=False)
+    assert {p: sha256_file(p) for p in made} == made, "no label file is touched"
