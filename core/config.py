@@ -98,8 +98,8 @@ class DownloadConfig:
     """Larger images are refused as decompression bombs (Pillow's own default limit)."""
     max_image_bytes: int = field(default=64 * 2**20, metadata=SHAPING_IF_SET)
     """A body longer than this is refused after reading this many bytes, not read to its end: a
-    server (or a user's ``IMAGE=/dev/zero``) could otherwise fill the memory. 64 MiB holds any
-    photo at the pixel limit as JPEG; only a shard downloaded with another limit set is redone."""
+    server (or a user's ``IMAGE=/dev/zero``) could otherwise fill the memory. 64 MiB is about twice
+    a photo's JPEG at the pixel limit. Shaping only when set: roots downloaded before it stay valid."""
     min_image_size: int = 0
     allowed_schemes: tuple[str, ...] = ("http", "https")
     """Anything else (file://, ftp://) is a counted failure: urllib would happily read local files."""
