@@ -8,8 +8,9 @@
 # normal (depth) model into label.normal.model (label.depth.model);
 # `make finetune [FROM_RUN=tiny]` trains the config's fine-tune recipe (finetune.train: a new run, e.g. a task
 # rgb_pixels -> canny_edge) starting from run `tiny`'s weights; `make eval SET=train.run=<it>` scores it;
-# `make import-4m SOURCE=<folder or hub id> SET=train.run=4m-b [LEAVE_OUT=t5_caption,...]` converts a released
-# apple/ml-4m model into a run (LEAVE_OUT: its modalities this project lacks, left out);
+# `make import-4m SOURCE=<folder or hub id> SET=train.run=4m-b [LEAVE_OUT=t5_caption,...] [REPLACE=1]` converts a
+# released apple/ml-4m model into a run (LEAVE_OUT: its modalities this project lacks, left out; REPLACE=1: replace
+# the run if it exists, which is otherwise refused);
 # `make probe` trains a dense head on train.run's encoder (an RGB backbone) and scores it on the held-out shards;
 # `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"] [KEEP=depth:0.5]` generates with the
 # trained run (KEEP: in-paint, half of depth's stored tokens given)
@@ -38,6 +39,7 @@ SAMPLES ?=
 FROM_RUN ?=
 SOURCE ?=
 LEAVE_OUT ?=
+REPLACE ?=
 # Every verb's options, then each verb's own: target `x` passes $(x_ARGS) after $(ARGS).
 ARGS     = --config $(CONFIG) $(if $(ROOT),--root $(ROOT)) $(foreach s,$(SET),--set $(s))
 comma := ,
@@ -52,7 +54,8 @@ preview-tokens_ARGS = $(preview_ARGS)
 sample_ARGS         = $(GENERATE) $(if $(IMAGE),--image '$(IMAGE)') $(if $(CAPTION),--caption '$(CAPTION)')
 demo_ARGS           = $(GENERATE)
 finetune_ARGS       = $(if $(FROM_RUN),--set finetune.from_run=$(FROM_RUN))
-import-4m_ARGS      = $(if $(SOURCE),--source '$(SOURCE)') $(if $(LEAVE_OUT),--leave-out '$(LEAVE_OUT)')
+import-4m_ARGS      = $(if $(SOURCE),--source '$(SOURCE)') $(if $(LEAVE_OUT),--leave-out '$(LEAVE_OUT)') \
+                      $(if $(REPLACE),--replace)
 
 # torch/torchvision: the pair this machine has on disk (CPU wheels); other pairs download gigabytes.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1

@@ -103,7 +103,7 @@ def _import_4m(config: Config, args: argparse.Namespace) -> int:
     if not args.source:
         raise UserError("import-4m needs --source (make import-4m SOURCE=<folder or hub id>): the model to convert")
     leave_out = [name for name in (args.leave_out or "").split(",") if name]
-    print("\n".join(run_import(config, args.source, leave_out).lines()))
+    print("\n".join(run_import(config, args.source, leave_out, replace=args.replace).lines()))
     return 0
 
 
@@ -297,6 +297,8 @@ def _source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help=help_)
     leave = "ml-4m modality names to convert without, comma-separated (4M-21's t5_caption,human_poses,...)"
     parser.add_argument("--leave-out", help=leave)
+    help_ = "replace runs/<train.run> if it exists, all of it (without: an existing run is refused)"
+    parser.add_argument("--replace", action="store_true", help=help_)
 
 
 def _user_input(parser: argparse.ArgumentParser) -> None:

@@ -97,6 +97,10 @@ class DownloadConfig:
     retries: int = 0
     max_image_pixels: int = 89_478_485
     """Larger images are refused as decompression bombs (Pillow's own default limit)."""
+    max_image_bytes: int = field(default=64 * 2**20, metadata=SHAPING_IF_SET)
+    """A body longer than this is refused after reading this many bytes, not read to its end: a
+    server (or a user's ``IMAGE=/dev/zero``) could otherwise fill the memory. 64 MiB is about twice
+    a photo's JPEG at the pixel limit. Shaping only when set: roots downloaded before it stay valid."""
     min_image_size: int = 0
     allowed_schemes: tuple[str, ...] = ("http", "https")
     """Anything else (file://, ftp://) is a counted failure: urllib would happily read local files."""
@@ -115,6 +119,7 @@ class DownloadConfig:
         check(self.deadline_s > 0, "download.deadline_s", "must be > 0")
         check(self.retries >= 0, "download.retries", "must be >= 0")
         check(self.max_image_pixels >= 1, "download.max_image_pixels", "must be >= 1")
+        check(self.max_image_bytes >= 1, "download.max_image_bytes", "must be >= 1")
         check(len(self.allowed_schemes) > 0, "download.allowed_schemes", "must name a scheme")
 
 

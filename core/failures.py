@@ -40,6 +40,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("truncated_image", r"truncated"),
         ("broken_image", r"^broken image"),
         ("decompression_bomb", r"decompression bomb"),
+        ("file_too_large", r"^file too large"),
         ("not_an_image", r"cannot identify image|Image decoding error|not an image"),
         ("image_too_small", r"image too small"),
         ("image_too_large", r"image area too large"),

@@ -74,6 +74,15 @@ def remove_tree(path: RootPath) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def move_folder(source: RootPath, target: RootPath) -> None:
+    """Rename a folder to ``target``, which must not exist. Locally one atomic rename; on an object
+    store a copy of every file then a delete (it has no folders to rename)."""
+    if is_remote(target):
+        target.fs.mv(source.path, target.path, recursive=True)
+    else:
+        os.rename(source, target)
+
+
 def copy_tree(source: RootPath, target: RootPath) -> None:
     """Copy a folder within one filesystem (a local tree, or a prefix of one bucket)."""
     if is_remote(target):

@@ -28,8 +28,12 @@ def resize_square(square: np.ndarray, size: int) -> np.ndarray:
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """JPEG/PNG/WebP bytes -> (H, W, 3) uint8 RGB; grey images are expanded to three channels."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    """JPEG/PNG/WebP bytes -> (H, W, 3) uint8 RGB; grey images are expanded to three channels.
+    ValueError for bytes that are no image (OpenCV asserts on an empty buffer, and on its own limits)."""
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    except cv2.error as err:
+        raise ValueError(f"cannot decode the stored image (OpenCV: {err.err})") from None
     if image is None:
         raise ValueError("cannot decode the stored image")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -180,7 +180,7 @@ def collect_stats(root: DatasetRoot, config: Config) -> DatasetStats:
         labels={m: _labeler(root, m, cap) for m in labels},
         tokenizers={m: _tokenizer(root / f"tokenizers/{m}") for m in modalities},
         tokens={m: _tokens(root, m, cap) for m in modalities},
-        runs=tuple(_run(folder) for folder in sorted((root / "runs").glob("*/")) if (folder / DESCRIPTION).is_file()),
+        runs=tuple(_run(folder) for folder in _finished_runs(root / "runs")),
         previews=tuple(str(p.relative_to(root.path)) for p in sorted((root / "preview").glob("*.png"))),
     )
 
@@ -439,6 +439,12 @@ def _tokens(root: DatasetRoot, modality: str, cap: int) -> TokenStats | None:
         ids_used=round(len(np.unique(ids)) / vocab_size, 4),
         crops_per_row=round(len(views) / len(tokens), 2) if cropped and len(tokens) else 1.0,
     )
+
+
+def _finished_runs(runs: Path) -> list[Path]:
+    """The run folders with a ``model.json``; not a folder an import is writing or replacing
+    (``.<run>.importing-<id>``, ``.<run>.replaced``: ``train/import_run.py``)."""
+    return [f for f in sorted(runs.glob("*/")) if not f.name.startswith(".") and (f / DESCRIPTION).is_file()]
 
 
 def _run(folder: Path) -> RunStats:

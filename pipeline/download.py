@@ -191,7 +191,7 @@ class ShardDownloader:
             feather = workdir / "input.arrow"
             with pa.ipc.new_file(str(feather), rows.schema) as out:
                 out.write_table(rows.set_column(rows.column_names.index("url"), "url", uris))
-            with guarded_fetching(self.cfg.allowed_schemes, self.cfg.deadline_s):
+            with guarded_fetching(self.cfg.allowed_schemes, self.cfg.deadline_s, self.cfg.max_image_bytes):
                 self._downloader(workdir).download_shard((shard, str(feather)))
             stats = json.loads((workdir / f"{shard_name(shard)}_stats.json").read_text())
             fetched = pq.read_table(workdir / f"{shard_name(shard)}.parquet")

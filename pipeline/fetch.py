@@ -1,4 +1,4 @@
-"""How the download stage fetches one url: img2dataset's own ``download_image``, with two guards
+"""How the download stage fetches one url: img2dataset's own ``download_image``, with three guards
 that urllib lacks.
 
 - **Redirects obey the listed urls' rule** (``url_problem``), checked before the redirected
@@ -8,6 +8,10 @@ that urllib lacks.
   so a server that sends a byte every few seconds holds a thread, and with it its shard, for as
   long as it likes. When the deadline passes, the request's socket is shut down; the blocked read
   returns at once and the row fails with ``deadline exceeded: N s``.
+- **A body is read up to ``max_image_bytes``**, one byte more to tell, never to its end: img2dataset
+  reads a whole body into memory, so a fast server sending without end would fill it inside the
+  deadline. The row fails with ``file too large: more than N bytes`` (``core/images.py``'s wording,
+  as a user's own image file is refused).
 
 img2dataset has no hook for its opener: ``download_image`` calls ``urllib.request.urlopen``
 through the ``urllib`` name of its own module. ``guarded_fetching`` repoints that one name, and
@@ -31,6 +35,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import img2dataset.downloader
+
+from four_m.core.images import too_many_bytes
 
 
 def url_problem(url: str | None, allowed_schemes: tuple[str, ...]) -> str | None:
@@ -212,23 +218,29 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
 
 class _DeadlineResponse:
     """What img2dataset uses of a response (a context manager, ``headers``, ``read()``), with a
-    body that fails with the deadline's reason if the deadline cut it short: a body without a
-    length would otherwise end quietly at the shutdown, truncated."""
+    body that fails with the deadline's reason if the deadline cut it short (a body without a
+    length would otherwise end quietly at the shutdown, truncated), or with the byte limit's if it
+    is longer than ``max_bytes``."""
 
-    def __init__(self, response: http.client.HTTPResponse, deadline: _Deadline) -> None:
+    def __init__(self, response: http.client.HTTPResponse, deadline: _Deadline, max_bytes: int) -> None:
         self._response = response
         self._deadline = deadline
+        self._max_bytes = max_bytes
         self.headers = response.headers
 
     def read(self) -> bytes:
         try:
-            body = self._response.read()
+            body = self._response.read(self._max_bytes + 1)
         except (OSError, http.client.HTTPException) as err:
             if self._deadline.stop():
                 raise self._deadline.error() from err
             raise
         if self._deadline.stop():
             raise self._deadline.error()
+        if len(body) > self._max_bytes:
+            raise too_many_bytes(self._max_bytes)
+        if self._response.length:  # a read with a size returns a cut body short, where read() raises
+            raise http.client.IncompleteRead(body, self._response.length)
         return body
 
     def __enter__(self) -> _DeadlineResponse:
@@ -245,8 +257,9 @@ class GuardedOpener:
     One per shard, shared by its download threads (urllib's openers hold no per-request state).
     """
 
-    def __init__(self, allowed_schemes: tuple[str, ...], deadline_s: float) -> None:
+    def __init__(self, allowed_schemes: tuple[str, ...], deadline_s: float, max_bytes: int) -> None:
         self.deadline_s = deadline_s
+        self.max_bytes = max_bytes
         self._opener = urllib.request.build_opener(
             _CheckedRedirects(allowed_schemes), _WatchedHTTPHandler(), _WatchedHTTPSHandler()
         )
@@ -259,7 +272,7 @@ class GuardedOpener:
             if deadline.stop():
                 raise deadline.error() from err
             raise
-        return _DeadlineResponse(response, deadline)
+        return _DeadlineResponse(response, deadline, self.max_bytes)
 
 
 # Repointing a module's name is process-wide: one shard at a time per process may hold it. A Ray
@@ -268,9 +281,9 @@ _PATCH_LOCK = threading.Lock()
 
 
 @contextmanager
-def guarded_fetching(allowed_schemes: tuple[str, ...], deadline_s: float) -> Iterator[None]:
+def guarded_fetching(allowed_schemes: tuple[str, ...], deadline_s: float, max_bytes: int) -> Iterator[None]:
     """Within the block, img2dataset's ``download_image`` opens urls through a ``GuardedOpener``."""
-    opener = GuardedOpener(allowed_schemes, deadline_s)
+    opener = GuardedOpener(allowed_schemes, deadline_s, max_bytes)
     module = img2dataset.downloader
     with _PATCH_LOCK:
         original = module.urllib

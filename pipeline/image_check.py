@@ -14,12 +14,12 @@ img2dataset scales a 4000x2 banner to 128000x64 at 64 px, then fails with a cryp
 from __future__ import annotations
 
 import io
-import sys
-import warnings
 from typing import BinaryIO
 
 from img2dataset.resizer import ResizeMode, Resizer
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from four_m.core.images import ImageRejected, opened_image
 
 ORIENTATION_TAG = 0x0112
 PASS_THROUGH_MODES = {"RGB", "L", "RGBA"}
@@ -27,20 +27,6 @@ PASS_THROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}  # what cv2.imdecode reads in eve
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ENCODER_MAX_SIDE = {"jpg": 65_535, "webp": 16_383, "png": 2**31 - 1}
 """The longest side each output format can store."""
-
-# Pillow warns above its own pixel limit from any thread; our limit is checked explicitly below.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-def _pil_open(stream: BinaryIO) -> Image.Image:
-    """Pillow's own ``Image.open``: importing ultralytics replaces it with a wrapper that, on an
-    unidentified image, pip-installs pi-heif at run time instead of raising."""
-    patches = sys.modules.get("ultralytics.utils.patches")
-    return getattr(patches, "_image_open", Image.open)(stream)
-
-
-class ImageRejected(ValueError):
-    """The bytes are not an image this pipeline will keep; the message is the failure reason."""
 
 
 def checked_image_stream(stream: BinaryIO, max_pixels: int) -> tuple[BinaryIO, tuple[int, int]]:
@@ -51,33 +37,24 @@ def checked_image_stream(stream: BinaryIO, max_pixels: int) -> tuple[BinaryIO, t
     header = stream.read(25)
     sixteen_bit_png = header[:8] == PNG_SIGNATURE and len(header) == 25 and header[24] == 16
     stream.seek(0)
-    try:
-        with _pil_open(stream) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageRejected(f"decompression bomb: {width}x{height} pixels > limit {max_pixels}")
-            upright = image.getexif().get(ORIENTATION_TAG, 1) == 1
-            simple = (
-                upright
-                and image.mode in PASS_THROUGH_MODES
-                and image.format in PASS_THROUGH_FORMATS
-                and not sixteen_bit_png
-                and not getattr(image, "is_animated", False)
-            )
-            if simple:
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-                image.load()  # raises on truncated data, at a fraction of a full decode
-                stream.seek(0)
-                return stream, (width, height)
-            image.load()
-            upright_image = ImageOps.exif_transpose(image)
-            return _as_png(upright_image), upright_image.size
-    except UnidentifiedImageError:
-        raise ImageRejected("not an image: cannot identify image file") from None
-    except Image.DecompressionBombError as err:
-        raise ImageRejected(f"decompression bomb: {err}") from None
-    except OSError as err:
-        raise ImageRejected(f"broken image: {err}") from None
+    with opened_image(stream, max_pixels) as image:
+        width, height = image.size
+        upright = image.getexif().get(ORIENTATION_TAG, 1) == 1
+        simple = (
+            upright
+            and image.mode in PASS_THROUGH_MODES
+            and image.format in PASS_THROUGH_FORMATS
+            and not sixteen_bit_png
+            and not getattr(image, "is_animated", False)
+        )
+        if simple:
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()  # raises on truncated data, at a fraction of a full decode
+            stream.seek(0)
+            return stream, (width, height)
+        image.load()
+        upright_image = ImageOps.exif_transpose(image)
+        return _as_png(upright_image), upright_image.size
 
 
 def _as_png(image: Image.Image) -> BinaryIO:

@@ -19,7 +19,6 @@ backbone standardises them as the run did.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ from torch import Tensor, nn
 from four_m.core.errors import UserError
 from four_m.core.runs import DESCRIPTION
 from four_m.core.storage import RootPath, location
-from four_m.train.model import FourM, ModelConfig, ModelModality, patchify
-from four_m.train.trained import load_weights
+from four_m.train.model import FourM, patchify
+from four_m.train.trained import load_weights, read_description
 
 
 class NoPixelInputError(UserError):
@@ -94,14 +93,14 @@ def load_backbone(run: str | Path | RootPath) -> FourMBackbone:
     described, weights = directory / DESCRIPTION, directory / "model.safetensors"
     if not (described.is_file() and weights.is_file()):
         raise UserError(f"no trained model in {directory} (model.json + model.safetensors): run `make train`")
-    spec = json.loads(described.read_text())
-    modalities = [ModelModality(**m) for m in spec["modalities"]]
+    description = read_description(described)
+    modalities = description.modalities
     pixels = [m.name for m in modalities if m.kind == "pixels"]
     if not pixels:
         raise NoPixelInputError(
             f"run {directory.name} was trained without a pixel input (train.modalities lacks rgb_pixels):"
             " its encoder cannot read an image; train one with rgb_pixels"
         )
-    model = FourM(ModelConfig(**spec["model"]), modalities)
+    model = FourM(description.model, modalities)
     load_weights(model, weights, directory.name)
     return FourMBackbone(model, pixels[0]).eval()

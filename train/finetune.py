@@ -18,8 +18,6 @@ only for which parameters are new.
 
 from __future__ import annotations
 
-import json
-
 import lightning as L
 import torch
 
@@ -28,9 +26,9 @@ from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
 from four_m.core.runs import DESCRIPTION
 from four_m.train.lora import add_lora, merge_lora
-from four_m.train.model import FourM, ModelConfig, ModelModality
+from four_m.train.model import FourM, ModelConfig
 from four_m.train.module import FourMTraining
-from four_m.train.trained import load_weights
+from four_m.train.trained import load_weights, read_description
 from four_m.train.transfer import transfer_weights
 
 
@@ -52,15 +50,15 @@ class FinetuneStart:
         self.directory = DatasetRoot(config.root) / f"runs/{cfg.from_run}"
         if not (self.directory / DESCRIPTION).is_file() or not (self.directory / "model.safetensors").is_file():
             raise UserError(f"no finished run in {self.directory} (model.json + model.safetensors) to fine-tune")
+        self.description = read_description(self.directory / DESCRIPTION)  # a broken one stops here, in one line
 
     def model_config(self) -> ModelConfig:
         """The source's architecture, which the fine-tune keeps (``train.model`` is not read): a
         named size, or an imported ml-4m model's with its options."""
-        return ModelConfig(**json.loads((self.directory / DESCRIPTION).read_text())["model"])
+        return self.description.model
 
     def source(self) -> FourM:
-        spec = json.loads((self.directory / DESCRIPTION).read_text())
-        model = FourM(ModelConfig(**spec["model"]), [ModelModality(**m) for m in spec["modalities"]])
+        model = FourM(self.description.model, self.description.modalities)
         load_weights(model, self.directory / "model.safetensors", self.directory.name)
         return model
 

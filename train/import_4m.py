@@ -35,6 +35,7 @@ rest converts exactly; the model just no longer reads or writes the ones left ou
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES, pixel_inputs
-from four_m.train.model import FourM, ModelConfig, ModelModality, sincos_1d, sincos_2d
+from four_m.train.model import FourM, ModelConfig, ModelModality, SwiGLU, sincos_1d, sincos_2d
 
 NORM_EPS = 1e-6
 """ml-4m's ``LayerNorm(eps=1e-6)``."""
@@ -176,6 +177,7 @@ def without(
 def convert(config: Mapping[str, Any], weights: Mapping[str, Tensor], leave_out: Sequence[str] = ()) -> Imported:
     """The checkpoint as a :class:`FourM` (eval mode), every key used, checked or refused by name;
     the ``leave_out`` modalities (ml-4m names) taken out first."""
+    check_checkpoint(config, weights)
     config, weights, left_out = without(config, weights, leave_out)
     model = FourM(model_config(config), model_modalities(config, weights)).eval()
     references = {name: ref for ref, name in reference_names().items() if name in {m.name for m in model.modalities}}
@@ -193,6 +195,80 @@ def convert(config: Mapping[str, Any], weights: Mapping[str, Tensor], leave_out:
             raise Import4MError(f"{name}: the checkpoint gives shape {given}, the model needs {needed}")
     model.load_state_dict(mapped, strict=True)
     return Imported(model, references, tuple(sorted(left_behind)), left_out)
+
+
+WHOLE_NUMBERS = ("dim", "encoder_depth", "decoder_depth", "num_heads")
+"""``config.json`` settings that count something: a JSON number without a fraction."""
+DOMAIN_LISTS = ("domains_in", "domains_out")
+MAX_MLP_RATIO = 64.0
+"""Far above any released model's (4): a larger ``mlp_ratio`` is a broken config, refused before arithmetic on it."""
+
+
+def check_checkpoint(config: object, weights: Mapping[str, Tensor]) -> None:
+    """Refuse, naming the setting or the key, a checkpoint that would be misread or would build
+    another model than its weights before anything is built: ``dim: 1e7`` or ``encoder_depth: 1e6``
+    in a ``config.json`` would otherwise allocate gigabytes, ``dim: 32.9`` would be taken as 32 and
+    an int8 weight cast to float. Settings the config lacks are left to :func:`model_config`."""
+    check_config_types(config)
+    check_weight_types(weights)
+    check_sizes(config, weights)
+
+
+def check_config_types(config: object) -> None:
+    """An object of settings; whole numbers (>= 1) where ml-4m counts; an ``mlp_ratio`` in
+    (0, ``MAX_MLP_RATIO``]; domain lists of names."""
+    if not isinstance(config, Mapping):
+        raise Import4MError(f"config.json is a JSON {type(config).__name__}, not an object of ml-4m's settings")
+    for key in WHOLE_NUMBERS:
+        value = config.get(key, 1)
+        if not (_whole(value) and value >= 1):
+            raise Import4MError(f"config.json {key} = {value!r}: not a whole number >= 1")
+    ratio = config.get("mlp_ratio", 4.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= MAX_MLP_RATIO:
+        raise Import4MError(f"config.json mlp_ratio = {ratio!r}: not a number in (0, {MAX_MLP_RATIO:g}]")
+    for key in DOMAIN_LISTS:
+        domains = config.get(key, [])
+        if not (isinstance(domains, list) and all(isinstance(d, str) for d in domains)):
+            raise Import4MError(f"config.json {key} = {domains!r}: not a list of ml-4m modality names")
+
+
+def _whole(value: object) -> bool:
+    """A JSON number without a fraction (``32`` or ``32.0``, not ``32.9``; a bool is no number)."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_weight_types(weights: Mapping[str, Tensor]) -> None:
+    """Every weight a floating-point tensor: loading would cast an integer one (a quantised
+    checkpoint's int8) to float silently, into a model that means something else."""
+    for key, tensor in sorted(weights.items()):
+        if not tensor.is_floating_point():
+            raise Import4MError(f"model.safetensors {key} is {tensor.dtype}: only floating-point weights convert")
+
+
+def check_sizes(config: Mapping[str, Any], weights: Mapping[str, Tensor]) -> None:
+    """``dim``, the depths, ``num_heads`` and ``mlp_ratio`` against the weights' shapes; the model
+    is then no larger than its weights. The MLP's width is our model's own arithmetic, on the meta
+    device (no memory)."""
+    dim = _weight(weights, "encoder_norm.weight").numel()  # (D,)
+    if "dim" in config and config["dim"] != dim:
+        raise Import4MError(f"config.json dim = {config['dim']!r}, the weights are {dim} wide (encoder_norm.weight)")
+    for key, part in (("encoder_depth", "encoder"), ("decoder_depth", "decoder")):
+        blocks = len({m.group(1) for k in weights if (m := re.match(rf"{part}\.(\d+)\.", k))})
+        if key in config and config[key] != blocks:
+            raise Import4MError(f"config.json {key} = {config[key]!r}, the weights have {blocks} {part} blocks")
+    heads = int(config.get("num_heads", 1))
+    if dim % heads:
+        raise Import4MError(f"config.json num_heads = {heads!r} does not divide dim {dim}")
+    fc1 = _weight(weights, "encoder.0.mlp.fc1.weight").numel() // max(dim, 1)  # (hidden, D)
+    ratio = config.get("mlp_ratio", 4.0)
+    with torch.device("meta"):
+        hidden = SwiGLU(ModelConfig(dim=dim, heads=heads, mlp_ratio=ratio)).down.in_features
+    if hidden != fc1:
+        raise Import4MError(
+            f"config.json mlp_ratio = {ratio!r} makes MLPs {hidden} wide, the weights' are {fc1} (encoder.0.mlp.fc1)"
+        )
 
 
 def _weight(weights: Mapping[str, Tensor], key: str) -> Tensor:

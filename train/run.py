@@ -29,7 +29,7 @@ from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path, clear_temporaries, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES, pixel_inputs
-from four_m.core.runs import DESCRIPTION, LOGS, read_losses
+from four_m.core.runs import DESCRIPTION, LOGS, read_losses, run_lock
 from four_m.core.storage import RootPath
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
@@ -97,7 +97,7 @@ def _run_lock(root: DatasetRoot, run: str) -> AbstractContextManager:
     """The run's lock, held by the launching process only: Lightning's DDP ranks (and the other
     nodes' processes) call ``run_train`` too, inside the run that already holds it."""
     if rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0":
-        return root.lock(f"train/{run}")
+        return root.lock(run_lock(run))
     return nullcontext()
 
 

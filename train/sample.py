@@ -3,8 +3,10 @@ PNG grid shows, per row, the inputs | each target's pseudo-label | its predictio
 
 Rows come from the held-out token shards (never trained on), or from an image and/or caption the
 user passes (``IMAGE=``, ``CAPTION=``), tokenized on the fly by the run's own tokenizers; such a
-row has no pseudo-label. Targets are generated in order and chained: each joins the conditioning
-of the next, as ``generate.targets`` documents. Every generated token sequence goes back through
+row has no pseudo-label. The user's image file is checked as a downloaded image is (its size in
+bytes, its pixel count, that it decodes: ``core/images.py``), before the model loads. Targets
+are generated in order and chained: each joins the conditioning of the next, as
+``generate.targets`` documents. Every generated token sequence goes back through
 its tokenizer's decoder and the renderers of ``make preview-tokens``, so depth is colour-mapped,
 normals are RGB, semseg has the palette, boxes are drawn on the image and captions are text.
 """
@@ -23,6 +25,7 @@ from four_m.core.config import Config, GenerateConfig
 from four_m.core.crops import WHOLE
 from four_m.core.dataset_root import atomic_path
 from four_m.core.errors import UserError
+from four_m.core.images import read_image_file
 from four_m.core.modalities import MODALITIES, map_modalities, of_kind, pixel_input_of, pixel_inputs
 from four_m.core.views import label_view
 from four_m.tokenize.maps import configured
@@ -53,12 +56,22 @@ class SampleRows:
     """Modality -> the row's stored tokens of each target (in-painting keeps some); empty for user input."""
 
 
+@dataclass(frozen=True)
+class UserImage:
+    """The user's image file (``IMAGE=``), checked."""
+
+    data: bytes
+    view: np.ndarray
+    """The image modality's label view of it, as its adapter parses a stored image."""
+
+
 def write_samples(config: Config, image: Path | None = None, caption: str | None = None) -> Path:
     """Generate and write ``runs/<run>/samples/<from>-to-<to>.png``; returns its path."""
+    photo = user_image(config, image) if image is not None else None
     run = load_trained(config)
     given, targets = plan(config.generate, run)
     user = image is not None or caption is not None
-    rows = user_rows(config, run, given, image, caption) if user else held_out_sample_rows(config, run, given, targets)
+    rows = user_rows(config, run, given, photo, caption) if user else held_out_sample_rows(config, run, given, targets)
     inputs = model_inputs(given, run)
     predicted = Generator(run.model).generate(
         {inputs[m]: rows.given[m] for m in given},
@@ -157,20 +170,26 @@ def held_out_sample_rows(
     )
 
 
+def user_image(config: Config, path: Path) -> UserImage:
+    """``path`` read with the download stage's limits (``download.max_image_bytes``,
+    ``max_image_pixels``) and parsed as the image modality's label view; else one line naming it."""
+    try:
+        data = read_image_file(Path(path), config.download.max_image_bytes, config.download.max_image_pixels)
+        return UserImage(data, configured(of_kind("image")[0], config.label.size, {}).parse(data))
+    except (OSError, ValueError) as err:
+        raise SampleInputError(f"cannot use image {path}: {err}") from None
+
+
 def user_rows(
-    config: Config, run: TrainedRun, given: tuple[str, ...], image: Path | None, caption: str | None
+    config: Config, run: TrainedRun, given: tuple[str, ...], image: UserImage | None, caption: str | None
 ) -> SampleRows:
     """One row from the user's image and/or caption, tokenized here by the run's tokenizers."""
     supplied: dict[str, Any] = {}
     image_modality = of_kind("image")[0]
     if image is not None:
-        try:
-            view = configured(image_modality, config.label.size, {}).parse(Path(image).read_bytes())
-        except (OSError, ValueError) as err:
-            raise SampleInputError(f"cannot use image {image}: {err}") from None
         # Crop 0, the whole label view, as the run's image tokenizer takes it (or at tokenize.crops.size).
         tokenizer = run.tokenizers.get(image_modality) or crop_adapter(image_modality, config, {})
-        supplied[image_modality] = tokenizer.crop(view, WHOLE)
+        supplied[image_modality] = tokenizer.crop(image.view, WHOLE)
     if caption is not None:
         supplied.update(dict.fromkeys(of_kind("text", given) or of_kind("text")[:1], caption))
     missing = sorted(set(given) - set(supplied))
@@ -183,7 +202,7 @@ def user_rows(
     pixels = pixel_input_of(image_modality, run.modalities)
     ids = {m: run.tokenizers[m].encode([supplied[m]]) for m in given if inputs[m] != pixels}
     if pixels in inputs.values():  # the photo itself, cut as the label view at the pixel input's size
-        ids[image_modality] = [label_view(Path(image).read_bytes(), MODALITIES[image_modality].pixel_side)]
+        ids[image_modality] = [label_view(image.data, MODALITIES[image_modality].pixel_side)]
     view = (
         configured(image_modality, config.label.size, {}).render(supplied[image_modality])
         if image_modality in supplied

@@ -5,15 +5,20 @@ the tokenizers that will read and write its tokens.
 and ``model.json`` (the model's size and its modalities with their vocabularies). Generation feeds
 tokenizer ids into the model and tokenizer decoders read the model's ids back, so a run whose
 vocabularies differ from the current ``tokenizers/`` would produce garbage silently: it stops here,
-naming both sides.
+naming both sides. So does a ``model.json`` or ``model.safetensors`` that cannot be what this
+version wrote (edited, cut short, another program's file): one line naming the file, for every
+reader of a run (sample, eval, a fine-tune's source, the probe's backbone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from dataclasses import dataclass
+from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 
 from four_m.core.config import Config, TaskConfig
@@ -28,6 +33,20 @@ from four_m.train.model import FourM, ModelConfig, ModelModality, check_weight_n
 
 class RunMismatchError(UserError):
     """A trained run and the dataset root's tokenizers disagree, or the run is not there."""
+
+
+class RunFileError(UserError):
+    """A run's ``model.json`` or ``model.safetensors`` that this version cannot read; the message names it."""
+
+
+@dataclass(frozen=True)
+class RunDescription:
+    """A run's ``model.json``, read and checked."""
+
+    model: ModelConfig
+    modalities: list[ModelModality]
+    spec: dict[str, Any]
+    """All of it: the tokenizers, a task, where it came from."""
 
 
 @dataclass
@@ -57,15 +76,15 @@ def load_trained(config: Config) -> TrainedRun:
     described, weights = directory / DESCRIPTION, directory / "model.safetensors"
     if not (described.is_file() and weights.is_file()):
         raise RunMismatchError(f"no trained model in {directory} (model.json + model.safetensors): run `make train`")
-    spec = json.loads(described.read_text())
-    modalities = [ModelModality(**m) for m in spec["modalities"]]
+    description = read_description(described)
+    spec, modalities = description.spec, description.modalities
     tokenizers = {}
     for modality in (m for m in modalities if m.kind != "pixels"):  # pixels have no tokenizer
         try:
             tokenizer = load_tokenizer(root, modality.name)
         except FileNotFoundError as err:
             raise RunMismatchError(str(err)) from None
-        trained_on = spec["tokenizers"][modality.name]
+        trained_on = spec.get("tokenizers", {}).get(modality.name)
         if tokenizer.vocab_size != modality.vocab_size or tokenizer_id(root, modality.name) != trained_on:
             raise RunMismatchError(
                 f"{modality.name}: run {directory.name} was trained on tokenizer {trained_on} ({modality.vocab_size}"
@@ -73,15 +92,66 @@ def load_trained(config: Config) -> TrainedRun:
                 " ids): the tokenizers were retrained after the run; retrain it or restore them"
             )
         tokenizers[modality.name] = tokenizer
-    model = FourM(ModelConfig(**spec["model"]), modalities)
+    model = FourM(description.model, modalities)
     load_weights(model, weights, directory.name)
     task = TaskConfig(**{k: tuple(v) for k, v in spec["task"].items()}) if "task" in spec else None
     return TrainedRun(directory, model.eval(), tokenizers, task)
 
 
+def read_description(file: RootPath) -> RunDescription:
+    """A run's ``model.json``: the model's settings and its modalities, each field of the type this
+    version writes; else one line naming the file and what in it is wrong."""
+    try:
+        spec = json.loads(file.read_text())
+    except ValueError as err:  # not JSON, not text
+        raise RunFileError(f"{file}: not JSON ({err})") from None
+    shaped = isinstance(spec, dict) and isinstance(spec.get("model"), dict) and isinstance(spec.get("modalities"), list)
+    if not shaped or not isinstance(spec.get("tokenizers", {}), dict):
+        raise RunFileError(f"{file}: not a run's model.json (an object of model, modalities and tokenizers)")
+    model = _fields(ModelConfig, spec["model"], f"{file}: model")
+    modalities = [_fields(ModelModality, m, f"{file}: modalities[{i}]") for i, m in enumerate(spec["modalities"])]
+    return RunDescription(model, modalities, spec)
+
+
+_PLAIN = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+"""A plain field's type -> the JSON values it takes (a bool is an int to Python, never to us)."""
+
+
+def _fields(cls: type, values: object, where: str) -> Any:
+    """``cls(**values)`` once every key is a field of ``cls`` and every plain field has its type."""
+    if not isinstance(values, dict):
+        raise RunFileError(f"{where} is {values!r}, not an object")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise RunFileError(f"{where} has {unknown}, which this version's {cls.__name__} does not have")
+    for key, value in values.items():
+        kinds = _PLAIN.get(hints[key])
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and hints[key] is not bool)):
+            raise RunFileError(f"{where}.{key} is {value!r}, not {hints[key].__name__}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError, UserError) as err:  # a missing field; a value out of range
+        raise RunFileError(f"{where}: {err}") from None
+
+
 def load_weights(model: FourM, weights: RootPath, run: str) -> None:
-    """``model.safetensors`` into ``model``, once its weights' names show it is this version's model."""
-    with local_file(weights) as local:  # the run folder may be on a remote root
-        with safe_open(str(local), "pt") as saved:  # reads the header only
-            check_weight_names(model, saved.keys(), run)
-        load_model(model, str(local))
+    """``model.safetensors`` into ``model``, once its weights' names and shapes show it is this
+    version's model as ``model.json`` describes it; a file that is no whole safetensors file (cut
+    short, another format renamed) is refused naming it."""
+    try:
+        with local_file(weights) as local:  # the run folder may be on a remote root
+            with safe_open(str(local), "pt") as saved:  # reads the header only
+                check_weight_names(model, saved.keys(), run)
+                _check_shapes(model, {key: saved.get_slice(key).get_shape() for key in saved.keys()}, weights)
+            load_model(model, str(local))
+    except SafetensorError as err:
+        raise RunFileError(f"{weights}: not a whole safetensors file ({err})") from None
+
+
+def _check_shapes(model: FourM, saved: dict[str, list[int]], weights: RootPath) -> None:
+    for name, tensor in model.state_dict().items():
+        if list(tensor.shape) != saved[name]:
+            raise RunFileError(
+                f"{weights}: {name} has shape {tuple(saved[name])}, the model of model.json needs {tuple(tensor.shape)}"
+            )

@@ -45,7 +45,7 @@ OWN = {
     "preview": ("--samples",),
     "preview-tokens": ("--samples",),
     "sample": ("--image", "--caption"),
-    "import-4m": ("--source",),
+    "import-4m": ("--source", "--leave-out", "--replace"),
 }
 """Each verb's own options; every other verb has none."""
 
@@ -68,6 +68,8 @@ def test_another_verbs_option_is_refused_by_the_verbs_own_parser(capsys):
         (["preview", "--samples", "3"], {"samples": 3}),
         (["preview-tokens"], {"samples": 8}),
         (["sample", "--image", "x.jpg", "--caption", "a dog"], {"image": "x.jpg", "caption": "a dog"}),
+        (["import-4m", "--source", "m"], {"source": "m", "replace": False}),
+        (["import-4m", "--source", "m", "--replace"], {"source": "m", "replace": True}),
     ],
 )
 def test_each_verb_parses_its_own_options(argv, expected):

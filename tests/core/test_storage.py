@@ -122,3 +122,16 @@ def test_a_scratch_base_someone_else_could_have_made_is_refused(temp_space, plan
             os.chown(base, 65534, 65534)
     with pytest.raises(storage.ScratchError, match=re.escape(str(base))):
         storage.scratch(storage.location("memory://bucket/root"))
+
+
+@pytest.mark.parametrize("where", ["local", "object store"])
+def test_a_folder_moves_whole_to_a_new_name(tmp_path, where):
+    base = storage.location(f"memory://move/{tmp_path.name}") if where == "object store" else tmp_path
+    (base / "run/logs").mkdir(parents=True)
+    (base / "run/logs/metrics.csv").write_text("kept")
+    (base / "run/model.json").write_text("{}")
+    storage.move_folder(base / "run", base / ".run.replaced")
+    assert not (base / "run").exists()
+    assert (base / ".run.replaced/logs/metrics.csv").read_text() == "kept" and (
+        base / ".run.replaced/model.json"
+    ).exists()

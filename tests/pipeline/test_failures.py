@@ -24,6 +24,7 @@ from four_m.core.failures import failure_reason
         ("broken image: image file is truncated (3 bytes not processed)", "truncated_image"),
         ("not an image: cannot identify image file", "not_an_image"),
         ("decompression bomb: 9000x9000 pixels > limit 100", "decompression_bomb"),
+        ("file too large: more than 67108864 bytes", "file_too_large"),
         ("Use of image disallowed by X-Robots-Tag directive", "disallowed_by_robots"),
         ("something new", "other"),
         (None, "other"),

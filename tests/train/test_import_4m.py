@@ -1,23 +1,36 @@
 """Converting an apple/ml-4m checkpoint (synthetic, with ml-4m's key names and shapes): every key
 used, each weight where it belongs, an incompatible checkpoint refused naming the key, and the
-converted model runs forward and generates."""
+converted model runs forward and generates. The command never loses a run: it takes the run's
+lock, refuses an existing run unless asked to replace it, and swaps a new run in whole; a malformed
+source is refused in one line."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
+import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
+from four_m.core import storage
+from four_m.core.cli import main
 from four_m.core.config import load_config
+from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
+from four_m.core.stage_lock import StageLocked
+from four_m.train import import_run
 from four_m.train.generate import Decoding, Generator
 from four_m.train.import_4m import Import4MError, convert
-from four_m.train.import_run import run_import
+from four_m.train.import_run import RunExistsError, run_import
 from four_m.train.model import FourM, ModelConfig, ModelModality
+from four_m.train.run import _run_lock
 from four_m.train.trained import RunMismatchError, load_trained, load_weights
 from tests.train import ml4m_checkpoint as ml4m
 
@@ -130,7 +143,7 @@ def test_import_4m_writes_a_run_that_loads_as_any_run_and_names_the_tokenizers_i
         load_trained(config)
     with pytest.raises(UserError, match="has no model.safetensors"):
         (source / "model.safetensors").unlink()
-        run_import(config, str(source))
+        run_import(load_config("default", ["train.run=other"], root=str(tmp_path / "root")), str(source))
 
 
 def four_m_21(weights: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -203,3 +216,170 @@ def test_a_modality_only_among_the_targets_imports_without_an_input_table_and_is
         generator.generate({"det": [got["det"][0]]}, [("caption", greedy)])
     described = ModelModality(**dataclasses.asdict(det))  # as model.json writes and reads it
     assert described == det
+
+
+# --- the command never loses a run ---
+
+
+def _source(folder: Path, seed: int = 0, config: str | None = None, weights: bytes | None = None) -> Path:
+    """An ml-4m model folder: the tiny checkpoint (``seed``), or the ``config`` text and raw ``weights`` given."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(ml4m.config()) if config is None else config)
+    if weights is None:
+        save_file(ml4m.saved(ml4m.weights(seed)), str(folder / "model.safetensors"))
+    else:
+        (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def _digests(run: Path) -> dict[str, str]:
+    return {str(f.relative_to(run)): hashlib.sha256(f.read_bytes()).hexdigest() for f in run.rglob("*") if f.is_file()}
+
+
+def _imported_run(tmp_path: Path) -> tuple[object, Path]:
+    """A root with run ``imported`` (seed 0) that training left logs and samples in: a finished run."""
+    config = load_config("default", ["train.run=imported"], root=str(tmp_path / "root"))
+    run_import(config, str(_source(tmp_path / "old")))
+    run = tmp_path / "root/runs/imported"
+    for extra in ("logs/version_0/metrics.csv", "samples/rgb-to-depth.png", "config.yaml"):
+        (run / extra).parent.mkdir(parents=True, exist_ok=True)
+        (run / extra).write_text("written for the old model")
+    return config, run
+
+
+def test_an_existing_run_is_refused_and_replaced_whole_only_when_asked(tmp_path):
+    config, run = _imported_run(tmp_path)
+    before = _digests(run)
+    new = _source(tmp_path / "new", seed=1)
+    with pytest.raises(RunExistsError, match=r"runs/imported exists: .*REPLACE=1 \(--replace\)"):
+        run_import(config, str(new))
+    assert _digests(run) == before
+    report = run_import(config, str(new), replace=True)
+    assert report.replaced and "replaced the run that was in" in report.lines()[1]
+    assert sorted(_digests(run)) == ["model.json", "model.safetensors"]  # the old run's logs went with it
+    assert _digests(run)["model.safetensors"] != before["model.safetensors"]
+    assert [p.name for p in run.parent.iterdir()] == ["imported"]  # nothing left beside it
+
+
+def test_the_cli_refuses_an_existing_run_in_one_line_and_replaces_it_with_replace(tmp_path, capsys):
+    config, run = _imported_run(tmp_path)
+    argv = ["import-4m", "--root", config.root, "--set", "train.run=imported", "--source", str(tmp_path / "old")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and (run / "config.yaml").is_file()
+    assert main([*argv, "--replace"]) == 0
+    assert "replaced the run" in capsys.readouterr().out and not (run / "config.yaml").exists()
+
+
+def test_import_4m_is_refused_while_the_run_is_being_trained(tmp_path):
+    """The lock ``make train`` and ``make finetune`` hold, held here as a training holds it."""
+    config = load_config("default", ["train.run=imported"], root=str(tmp_path / "root"))
+    source = _source(tmp_path / "4M-tiny")
+    with _run_lock(DatasetRoot(config.root), "imported"):
+        with pytest.raises(StageLocked, match="another train/imported run holds"):
+            run_import(config, str(source), replace=True)
+    assert not (tmp_path / "root/runs/imported").exists()
+    run_import(config, str(source))  # the lock released: it imports
+
+
+def test_a_crash_while_writing_or_swapping_leaves_the_old_run_whole(tmp_path, monkeypatch):
+    config, run = _imported_run(tmp_path)
+    before = _digests(run)
+    new = str(_source(tmp_path / "new", seed=1))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a Ctrl-C while the new weights are written
+
+    monkeypatch.setattr(import_run, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_import(config, new, replace=True)
+    assert _digests(run) == before and [p.name for p in run.parent.iterdir()] == ["imported"]
+    monkeypatch.undo()
+
+    # Killed between the swap's two renames (after the old run moved aside): the next import puts it back.
+    monkeypatch.setattr(storage, "publish_folder", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_import(config, new, replace=True)
+    assert not run.exists() and (run.parent / ".imported.replaced").is_dir()
+    (run.parent / ".imported.importing-0123abcd").mkdir()  # as a SIGKILL leaves a folder being written
+    monkeypatch.undo()
+    with pytest.raises(RunExistsError):  # put back first, then refused as any existing run
+        run_import(config, new)
+    assert _digests(run) == before and [p.name for p in run.parent.iterdir()] == ["imported"]
+
+
+def test_a_swap_killed_after_the_new_run_arrived_keeps_the_new_run(tmp_path):
+    config, run = _imported_run(tmp_path)
+    aside = run.parent / ".imported.replaced"
+    aside.mkdir()
+    (aside / "model.json").write_text("{}")  # the old run, not yet deleted when the import was killed
+    run_import(config, str(_source(tmp_path / "new", seed=1)), replace=True)
+    assert not aside.exists() and (run / "model.json").is_file()
+
+
+def _cut_weights() -> bytes:
+    data = save(ml4m.saved(ml4m.weights()))
+    return data[: len(data) // 2]
+
+
+def _pickled_weights() -> bytes:
+    """A torch checkpoint renamed: safetensors reads its header as such, never unpickles it."""
+    buffer = io.BytesIO()
+    torch.save(ml4m.weights(), buffer)
+    return buffer.getvalue()
+
+
+def _int8_weights() -> bytes:
+    weights = ml4m.saved(ml4m.weights())
+    weights["encoder.0.attn.qkv.weight"] = (weights["encoder.0.attn.qkv.weight"] * 1000).to(torch.int8)
+    return save(weights)
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "message"),
+    [
+        ({"dim": "abc"}, None, r"config.json dim = 'abc': not a whole number >= 1"),
+        ({"dim": [32]}, None, r"config.json dim = \[32\]: not a whole number >= 1"),
+        ({"dim": 32.9}, None, r"config.json dim = 32.9: not a whole number >= 1"),
+        ({"num_heads": True}, None, r"config.json num_heads = True: not a whole number"),
+        ({"dim": 10**7}, None, r"config.json dim = 10000000, the weights are 32 wide"),
+        ({"encoder_depth": 10**6}, None, r"config.json encoder_depth = 1000000, the weights have 2 encoder blocks"),
+        ({"mlp_ratio": 1e9}, None, r"config.json mlp_ratio = 1000000000.0: not a number in \(0, 64\]"),
+        ({"mlp_ratio": 3.0}, None, r"config.json mlp_ratio = 3.0 makes MLPs 64 wide, the weights' are 85"),
+        ({"num_heads": 5}, None, r"config.json num_heads = 5 does not divide dim 32"),
+        ({"domains_in": "rgb@224"}, None, r"config.json domains_in = 'rgb@224': not a list of ml-4m modality names"),
+        ("[1, 2]", None, r"config.json is a JSON list, not an object"),
+        ("{dim: 32", None, r"config.json: not JSON"),
+        (None, "cut", r"model.safetensors: not a whole safetensors file \(.*incomplete metadata"),
+        (None, b"\x00garbage" * 100, r"model.safetensors: not a whole safetensors file"),
+        (None, "pickle", r"model.safetensors: not a whole safetensors file"),
+        (None, "int8", r"model.safetensors encoder.0.attn.qkv.weight is torch.int8: only floating-point"),
+    ],
+)
+def test_a_malformed_source_is_refused_in_one_line_naming_the_file_and_writes_nothing(
+    tmp_path, capsys, config, weights, message
+):
+    folder = tmp_path / "source"
+    made = {"cut": _cut_weights, "pickle": _pickled_weights, "int8": _int8_weights}
+    raw = made[weights]() if isinstance(weights, str) else weights
+    _source(folder, config=json.dumps(ml4m.config(**config)) if isinstance(config, dict) else config, weights=raw)
+    root = tmp_path / "root"
+    assert main(["import-4m", "--root", str(root), "--set", "train.run=x", "--source", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"four_m import-4m: error: {folder}")
+    assert re.search(message, error), error
+    assert not (root / "runs/x").exists()
+
+
+def test_an_import_into_a_remote_root_refuses_and_replaces_as_a_local_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run is built in this user's scratch
+    config = load_config("default", ["train.run=imported"], root=f"memory://imports/{tmp_path.name}")
+    source = str(_source(tmp_path / "4M-tiny"))
+    run_import(config, source)
+    run = storage.location(f"{config.root}/runs/imported")
+    (run / "logs").mkdir()
+    (run / "logs/metrics.csv").write_text("written for the old model")
+    with pytest.raises(RunExistsError):
+        run_import(config, source)
+    assert run_import(config, source, replace=True).replaced
+    assert sorted(p.name for p in run.iterdir()) == ["model.json", "model.safetensors"]
+    assert [p.name for p in run.parent.iterdir()] == ["imported"]
