@@ -64,7 +64,14 @@ import pyarrow.parquet as pq
 import torch
 
 from four_m.core.coco import COCO_THINGS
-from four_m.core.config import CropConfig, DownloadConfig, TextTokenizerConfig, TokenizeConfig, TrainConfig
+from four_m.core.config import (
+    CropConfig,
+    DownloadConfig,
+    MaskingConfig,
+    TextTokenizerConfig,
+    TokenizeConfig,
+    TrainConfig,
+)
 from four_m.core.crops import crops_array, draw_crops
 from four_m.core.dataset_root import shard_name
 from four_m.core.modalities import MODALITIES, of_kind
@@ -74,7 +81,7 @@ from four_m.tokenize.store import token_schema, token_table, write_tokens
 from four_m.tokenize.text import COORDINATE_AXES, EOS, SPECIAL_TOKENS, reserved_tokens
 from four_m.train.batch import MaskedBatch
 from four_m.train.data import TokenDataModule
-from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
+from four_m.train.masking import Masker, ModalityInfo
 from four_m.train.model import FourM, ModelConfig, ModelModality
 from four_m.train.module import FourMTraining
 
@@ -259,7 +266,7 @@ def write_synthetic_store(root: Path, samples: int, crops: CropConfig, per_shard
 
 
 def masker_for(modalities: tuple[Modality, ...], args: argparse.Namespace) -> Masker:
-    masking = MaskingConfig.from_train(TrainConfig(), input_budget=args.input_budget, target_budget=args.target_budget)
+    masking = MaskingConfig(input_budget=args.input_budget, target_budget=args.target_budget)
     return Masker([m.info() for m in modalities], masking)
 
 
@@ -516,7 +523,7 @@ def sequence_target_shares(args: argparse.Namespace, samples: int = 2000) -> Non
     """Issue 16: the share of all2all samples (alpha 0.5, 4M-7's) with a caption and with a det target,
     among those that have one. A sequence whose input allotment covered it used to get no target
     (52-54 %); what still misses now is a Dirichlet share below one token, as in 4M."""
-    cfg = MaskingConfig(input_budget=args.input_budget, target_budget=args.target_budget, alphas=0.5)
+    cfg = MaskingConfig(input_budget=args.input_budget, target_budget=args.target_budget, alpha=0.5)
     masker = Masker([m.info() for m in SEVEN], cfg)
     names = [m.name for m in SEVEN]
     hits = {name: [] for name in ("caption", "det")}

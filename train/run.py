@@ -35,7 +35,7 @@ from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
 from four_m.train.data import PASSED_OVER, TokenDataModule, store_vocabularies
 from four_m.train.finetune import FinetuneStart
-from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
+from four_m.train.masking import Masker, ModalityInfo
 from four_m.train.model import FourM, ModelConfig, ModelModality, check_weight_names
 from four_m.train.module import FourMTraining
 
@@ -112,11 +112,10 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
     if resume.is_file():
         check_checkpoint(resume, modalities, cfg.run)
     infos = [ModalityInfo(m.name, m.kind, m.positions, image_size=m.image_size) for m in modalities]
-    masking = MaskingConfig.from_train(cfg)
     data = TokenDataModule(
         root=root.path,
         modalities=[m.name for m in modalities],
-        masker=Masker(infos, masking),
+        masker=Masker(infos, cfg.masking, seed=cfg.seed),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         shuffle_buffer=cfg.shuffle_buffer,

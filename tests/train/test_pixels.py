@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from four_m.core.config import ConfigError
+from four_m.core.config import ConfigError, MaskingConfig
 from four_m.core.failures import SUCCESS
 from four_m.core.modalities import IMAGENET_MEAN, IMAGENET_STD, MODALITIES, pixel_inputs
 from four_m.core.views import label_view
 from four_m.train.data import TokenShards, TokenStoreError
 from four_m.train.generate import Decoding, GenerationError, Generator
-from four_m.train.masking import Masker, MaskingConfig, ModalityInfo, modality_infos
+from four_m.train.masking import Masker, ModalityInfo, modality_infos
 from four_m.train.model import FourM, ModelConfig, ModelModality
 
 GRID, PATCH = 16, 8  # a 4 x 4 grid of 8 px patches: 32 px images
@@ -92,7 +92,7 @@ def test_rgb2all_shows_the_pixels_alone_and_asks_for_everything_else_rgb_tokens_
 
 
 def test_all2all_may_show_pixels_but_never_targets_them_and_carries_images_only_when_shown():
-    masker = Masker(WITH_PIXELS, MaskingConfig(input_budget=8, target_budget=8, alphas=0.3))
+    masker = Masker(WITH_PIXELS, MaskingConfig(input_budget=8, target_budget=8, alpha=0.3))
     rng = np.random.default_rng(1)
     shown = 0
     for seed in range(200):
@@ -144,7 +144,7 @@ def test_nothing_outside_a_samples_inputs_reaches_the_model(infos):
     an input patch or token that changes does change them (the test can fail)."""
     torch.manual_seed(0)
     model = FourM(TINY, model_modalities(infos)).eval()
-    masker = Masker(infos, MaskingConfig(input_budget=10, target_budget=12, alphas=1.0))
+    masker = Masker(infos, MaskingConfig(input_budget=10, target_budget=12, alpha=1.0))
     rng = np.random.default_rng(3)
     samples = [sample(rng, infos) for _ in range(4)]
     batch = masker.collate([masker(s, masker.sample_rng(i)) for i, s in enumerate(samples)])
