@@ -106,7 +106,7 @@ class Modality:
     """One modality of a benchmarked run: what the model, the masker and the synthetic data need."""
 
     name: str
-    kind: str
+    layout: str
     vocab_size: int
     vocabulary: str = ""
     """Id space shared with other modalities (``text``); empty: its own."""
@@ -114,16 +114,16 @@ class Modality:
     @property
     def tokens(self) -> int:
         """Maps and pixels: the grid; sequences: the cap, EOS included."""
-        return MODALITIES[IMAGE].max_tokens if self.kind != "sequence" else TEXT.max_tokens
+        return MODALITIES[IMAGE].max_tokens if self.layout != "sequence" else TEXT.max_tokens
 
     def model(self) -> ModelModality:
-        if self.kind == "pixels":
+        if self.layout == "pixels":
             return ModelModality.pixels_of(MODALITIES[IMAGE])
-        return ModelModality(self.name, self.kind, self.vocab_size, self.tokens, self.vocabulary)
+        return ModelModality(self.name, self.layout, self.vocab_size, self.tokens, self.vocabulary)
 
     def info(self) -> ModalityInfo:
-        side = MODALITIES[IMAGE].pixel_side if self.kind == "pixels" else 0
-        return ModalityInfo(self.name, self.kind, self.tokens, num_sentinels=TEXT.sentinels, image_size=side)
+        side = MODALITIES[IMAGE].pixel_side if self.layout == "pixels" else 0
+        return ModalityInfo(self.name, self.layout, self.tokens, num_sentinels=TEXT.sentinels, image_size=side)
 
 
 IMAGE = of_kind("image")[0]
@@ -159,10 +159,10 @@ def synthetic_values(modality: Modality, count: int, rng: np.random.Generator) -
     (ids above the reserved block) then EOS. Pixels: the photos of :func:`photos`, in turn.
     """
     eos = SPECIAL_TOKENS.index(EOS)
-    if modality.kind == "pixels":
+    if modality.layout == "pixels":
         views = [label_view(jpeg, MODALITIES[IMAGE].pixel_side) for jpeg in photos()]
         rows = [views[i % len(views)] for i in range(count)]
-    elif modality.kind == "map":
+    elif modality.layout == "map":
         grid = rng.choice(modality.vocab_size, size=(count, modality.tokens), p=zipf_probabilities(CODEBOOK, rng))
         rows = list(grid.astype(TOKEN_DTYPE))
     elif modality.name == "det":
@@ -256,7 +256,7 @@ def write_synthetic_store(root: Path, samples: int, crops: CropConfig, per_shard
             rows = synthetic_rows(modality, samples, rng)
         provenance = {"vocab_size": str(modality.vocab_size), "max_tokens": str(modality.tokens), "tokenizer": "synth"}
         provenance |= {"crops": declared} if cropped else {}
-        schema = token_schema(modality.tokens if modality.kind == "map" else None, provenance, cropped)
+        schema = token_schema(modality.tokens if modality.layout == "map" else None, provenance, cropped)
         for shard, start in enumerate(range(0, samples, per_shard)):
             ids = rows[start : start + per_shard]
             errors = ["synthetic: absent" if row is None else None for row in ids]
@@ -370,7 +370,7 @@ def step_flops(model: FourM, batch: MaskedBatch) -> float:
     heads = sum(
         model.head(m).weight.numel() * int(((batch.target_modality == m) & batch.target_mask).sum())
         for m, modality in enumerate(model.modalities)
-        if modality.kind != "pixels"
+        if modality.layout != "pixels"
     )
     patches = sum(
         model.patch_embeddings[name].weight.numel()

@@ -95,8 +95,8 @@ def load_backbone(run: str | Path | RootPath) -> FourMBackbone:
     if not (described.is_file() and weights.is_file()):
         raise UserError(f"no trained model in {directory} (model.json + model.safetensors): run `make train`")
     spec = json.loads(described.read_text())
-    modalities = [ModelModality(**m) for m in spec["modalities"]]
-    pixels = [m.name for m in modalities if m.kind == "pixels"]
+    modalities = [ModelModality.from_dict(m) for m in spec["modalities"]]
+    pixels = [m.name for m in modalities if m.layout == "pixels"]
     if not pixels:
         raise NoPixelInputError(
             f"run {directory.name} was trained without a pixel input (train.modalities lacks rgb_pixels):"

@@ -425,9 +425,9 @@ def check_store(vocabularies: Mapping[str, Mapping[str, Any]], modalities: Seque
     for info in modalities:
         stored = vocabularies[info.name]
         fixed, length = stored["fixed_length"], stored["max_tokens"]
-        if info.kind == "map" and (not fixed or length != info.num_tokens):
+        if info.layout == "map" and (not fixed or length != info.num_tokens):
             problems.append(f"{info.name}: the run wants maps of {info.num_tokens} tokens, the store has {stored}")
-        if info.kind == "sequence" and (fixed or length > info.num_tokens):
+        if info.layout == "sequence" and (fixed or length > info.num_tokens):
             problems.append(f"{info.name}: the run wants sequences of <= {info.num_tokens} tokens, has {stored}")
     if problems:
         raise TokenStoreError("; ".join(problems))
@@ -675,7 +675,7 @@ class TokenDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Find the shards and check the stored tokens against the masker's modalities (once)."""
         if self.shards is None:
-            tokens = [m for m in self.masker.modalities if m.kind != "pixels"]
+            tokens = [m for m in self.masker.modalities if m.layout != "pixels"]
             self.vocabularies = store_vocabularies(self.root, [m.name for m in tokens])
             check_store(self.vocabularies, tokens)
             self.shards = TokenShards(

@@ -60,7 +60,7 @@ class FinetuneStart:
 
     def source(self) -> FourM:
         spec = json.loads((self.directory / DESCRIPTION).read_text())
-        model = FourM(ModelConfig(**spec["model"]), [ModelModality(**m) for m in spec["modalities"]])
+        model = FourM(ModelConfig(**spec["model"]), [ModelModality.from_dict(m) for m in spec["modalities"]])
         load_weights(model, self.directory / "model.safetensors", self.directory.name)
         return model
 

@@ -122,7 +122,7 @@ class ModalityInfo:
     """What the masker needs of one modality of the run's ordered modality list."""
 
     name: str
-    kind: Literal["map", "sequence", "pixels"]
+    layout: Literal["map", "sequence", "pixels"]
     num_tokens: int
     """Maps and pixels: the grid's token count (every sample has exactly that many, row-major; a pixel
     input's patches). Sequences: the cap of a stored sequence, EOS included. All input and target
@@ -141,9 +141,9 @@ class ModalityInfo:
     """The ids that open a chunk (``v1=0`` .. of the shared vocabulary)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("map", "sequence", "pixels"):
-            raise ValueError(f"{self.name}: kind must be 'map', 'sequence' or 'pixels', not {self.kind!r}")
-        if (self.kind == "pixels") != (self.image_size > 0):
+        if self.layout not in ("map", "sequence", "pixels"):
+            raise ValueError(f"{self.name}: layout must be 'map', 'sequence' or 'pixels', not {self.layout!r}")
+        if (self.layout == "pixels") != (self.image_size > 0):
             raise ValueError(f"{self.name}: image_size is for pixel inputs only, and they need one")
         if self.num_tokens < 1 or self.num_sentinels < 2:
             raise ValueError(f"{self.name}: needs num_tokens >= 1 and num_sentinels >= 2 (a span and the closing one)")
@@ -393,7 +393,7 @@ class Masker:
         if not names or len(set(names)) != len(names):
             raise ValueError(f"the run needs distinct modalities, got {names}")
         self._check_names(names)
-        self._pixels = np.array([m.kind == "pixels" for m in self.modalities])
+        self._pixels = np.array([m.layout == "pixels" for m in self.modalities])
         self._check_input_only()
         image = of_kind("image", tuple(names))
         _check("rgb2all" not in mixtures.names or bool(image), "mixtures", "rgb2all needs rgb among the modalities")
@@ -406,7 +406,7 @@ class Masker:
         self._all2all = self._resolve("all2all")
         weights = np.array(mixtures.weights or [1.0] * len(mixtures.names), np.float64)
         self._weights = weights / weights.sum()
-        self._is_map = np.array([m.kind in ("map", "pixels") for m in self.modalities])  # grids
+        self._is_map = np.array([m.layout in ("map", "pixels") for m in self.modalities])  # grids
         if cfg.task.inputs:
             self._check_task_budgets()
         self._limits = {
@@ -435,7 +435,7 @@ class Masker:
 
     def _check_input_only(self) -> None:
         """A pixel input is never a target: a mixture or limit that makes it one stops the run."""
-        inputs_only = {m.name for m in self.modalities if m.kind == "pixels"}
+        inputs_only = {m.name for m in self.modalities if m.layout == "pixels"}
         for mixture, alphas in self.mixtures.target_alphas.items():
             targets = sorted(n for n, alpha in alphas.items() if n in inputs_only and float(alpha) > 0)
             _check(not targets, f"target_alphas.{mixture}", f"{targets} are pixel inputs: nothing predicts pixels")
@@ -446,7 +446,7 @@ class Masker:
     def _check_task_budgets(self) -> None:
         """A task shows its inputs and asks its targets whole: the budgets must hold the grids (a
         sequence is whole when it fits what the grids leave)."""
-        sizes = {m.name: m.num_tokens for m in self.modalities if m.kind in ("map", "pixels")}
+        sizes = {m.name: m.num_tokens for m in self.modalities if m.layout in ("map", "pixels")}
         for side in ("input", "target"):
             named = getattr(self.cfg.task, f"{side}s")
             whole = sum(sizes.get(name, 0) for name in named)
@@ -553,7 +553,7 @@ class Masker:
         )
 
     def collate(self, samples: Sequence[MaskedSample]) -> MaskedBatch:
-        sizes = {m.name: m.image_size for m in self.modalities if m.kind == "pixels"}
+        sizes = {m.name: m.image_size for m in self.modalities if m.layout == "pixels"}
         return collate(samples, self.cfg.input_budget, self.cfg.target_budget, sizes)
 
     @staticmethod
@@ -583,13 +583,13 @@ class Masker:
         """Maps: the flat grid. Sequences: the tokens up to EOS (trailing padding dropped), EOS appended
         if the stored row lacks it, since 4M masks EOS like any token. Pixels: the (S, S, 3) image,
         whose patches stand as the grid's ids (0: the model embeds the pixels, not an id)."""
-        if info.kind == "pixels":
+        if info.layout == "pixels":
             shape = (info.image_size, info.image_size, 3)
             if np.shape(ids) != shape or np.asarray(ids).dtype != np.uint8:
                 raise ValueError(f"{info.name}: expected a uint8 image of shape {shape}, got {np.shape(ids)}")
             return np.zeros(info.num_tokens, np.int64)
         ids = np.asarray(ids).reshape(-1).astype(np.int64)
-        if info.kind == "map":
+        if info.layout == "map":
             if len(ids) != info.num_tokens:
                 raise ValueError(f"{info.name}: {len(ids)} tokens, expected the grid's {info.num_tokens}")
             return ids

@@ -111,7 +111,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
     resume = run_dir / "checkpoints" / LAST
     if resume.is_file():
         check_checkpoint(resume, modalities, cfg.run)
-    infos = [ModalityInfo(m.name, m.kind, m.positions, image_size=m.image_size) for m in modalities]
+    infos = [ModalityInfo(m.name, m.layout, m.positions, image_size=m.image_size) for m in modalities]
     data = TokenDataModule(
         root=root.path,
         modalities=[m.name for m in modalities],
@@ -166,7 +166,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
         described = {
             "model": asdict(module.model.config),
             "modalities": [asdict(m) for m in modalities],
-            "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities if m.kind != "pixels"},
+            "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities if m.layout != "pixels"},
             **({"task": asdict(cfg.task)} if cfg.task.inputs else {}),
             **origin,
         }
@@ -210,9 +210,10 @@ def check_checkpoint(path: Path, modalities: list[ModelModality], run: str) -> N
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     hyper = checkpoint["hyper_parameters"]
     with torch.device("meta"):  # the checkpoint's own model, shapes only: the weights' names it should have
-        model = FourM(ModelConfig(**hyper["model"]), [ModelModality(**m) for m in hyper["modalities"]])
+        saved_modalities = [ModelModality.from_dict(m) for m in hyper["modalities"]]
+        model = FourM(ModelConfig(**hyper["model"]), saved_modalities)
     check_weight_names(model, [name.removeprefix("model.") for name in checkpoint["state_dict"]], run)
-    saved, now = hyper["modalities"], [asdict(m) for m in modalities]
+    saved, now = [asdict(m) for m in saved_modalities], [asdict(m) for m in modalities]
     if saved != now:
         raise TrainingMismatchError(
             f"checkpoint {path} was trained on {_describe(saved)}, the token store now has {_describe(now)}:"

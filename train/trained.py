@@ -53,9 +53,9 @@ def load_trained(config: Config) -> TrainedRun:
     if not (described.is_file() and weights.is_file()):
         raise RunMismatchError(f"no trained model in {directory} (model.json + model.safetensors): run `make train`")
     spec = json.loads(described.read_text())
-    modalities = [ModelModality(**m) for m in spec["modalities"]]
+    modalities = [ModelModality.from_dict(m) for m in spec["modalities"]]
     tokenizers = {}
-    for modality in (m for m in modalities if m.kind != "pixels"):  # pixels have no tokenizer
+    for modality in (m for m in modalities if m.layout != "pixels"):  # pixels have no tokenizer
         try:
             tokenizer = load_tokenizer(root, modality.name)
         except FileNotFoundError as err:

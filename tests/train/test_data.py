@@ -48,7 +48,7 @@ NULL_RGB = {"00000_0002", "00001_0000", "00002_0003"}
 
 
 def _ids(rng: np.random.Generator, info: ModalityInfo) -> np.ndarray:
-    if info.kind == "map":
+    if info.layout == "map":
         return rng.integers(0, 64, size=GRID).astype(np.uint16)
     words = rng.integers(info.sentinel_ids.stop, 64, size=int(rng.integers(1, info.num_tokens)))
     return np.array([*words, info.eos_id], np.uint16)
@@ -84,7 +84,7 @@ def write_store(root: Path, shard_rows=SHARD_ROWS, infos=INFOS, crops: bool = Tr
                 "max_tokens": str(info.num_tokens),
                 "tokenizer": f"{info.name}-abc123",
             }
-            schema = token_schema(GRID if info.kind == "map" else None, meta, cropped=cropped)
+            schema = token_schema(GRID if info.layout == "map" else None, meta, cropped=cropped)
             errors = [None if i is not None else "absent: failed" for i in ids]
             path = root / f"tokens/{info.name}/{shard:05d}.parquet"
             write_tokens(path, token_table(keys, ids, errors, schema, drawn if cropped else None), ROW_GROUP)

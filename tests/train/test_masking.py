@@ -52,7 +52,7 @@ def random_sample(rng: np.random.Generator, infos, present_probability: float = 
         if rng.random() >= present_probability:
             if rng.random() < 0.5:
                 sample[info.name] = None
-        elif info.kind == "map":
+        elif info.layout == "map":
             sample[info.name] = rng.integers(0, 4096, size=info.num_tokens).astype(np.uint16)
         else:
             sample[info.name] = random_sequence(rng, info)
@@ -130,7 +130,7 @@ def test_map_inputs_and_targets_are_disjoint_in_range_and_carry_the_right_ids():
             ids_tgt, pos_tgt = tokens_of(out.target_ids, out.target_modality, out.target_position, index)
             for positions in (pos_in, pos_tgt):
                 assert ((positions >= 0) & (positions < info.num_tokens)).all()
-            if info.kind == "map":
+            if info.layout == "map":
                 assert len(set(pos_in)) == len(pos_in) and len(set(pos_tgt)) == len(pos_tgt)
                 assert not set(pos_in) & set(pos_tgt)
                 if len(pos_in) or len(pos_tgt):
@@ -370,8 +370,8 @@ def test_same_seed_same_masks_also_after_pickling():
 def test_modality_infos_follow_the_registry_and_the_text_vocabulary():
     text = TextTokenizerConfig(sentinels=8, max_tokens=64)
     rgb, caption = modality_infos(["rgb", "caption"], text)
-    assert (rgb.kind, rgb.num_tokens) == ("map", 14 * 14)
-    assert (caption.kind, caption.num_tokens, caption.num_sentinels) == ("sequence", 64, 8)
+    assert (rgb.layout, rgb.num_tokens) == ("map", 14 * 14)
+    assert (caption.layout, caption.num_tokens, caption.num_sentinels) == ("sequence", 64, 8)
     vocabulary = reserved_tokens(text)
     assert [vocabulary[i] for i in (caption.pad_id, caption.sos_id, caption.eos_id)] == ["[PAD]", "[SOS]", "[EOS]"]
     assert [vocabulary[i] for i in caption.sentinel_ids] == [f"[S_{i}]" for i in range(8)]

@@ -38,9 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def sample(rng: np.random.Generator, infos=WITH_PIXELS) -> dict[str, np.ndarray]:
     out = {}
     for info in infos:
-        if info.kind == "pixels":
+        if info.layout == "pixels":
             out[info.name] = rng.integers(0, 256, (SIDE, SIDE, 3)).astype(np.uint8)
-        elif info.kind == "map":
+        elif info.layout == "map":
             out[info.name] = rng.integers(0, 16, GRID).astype(np.uint16)
         else:
             out[info.name] = np.array([*rng.integers(8, 20, 5), info.eos_id], np.uint16)
@@ -50,10 +50,10 @@ def sample(rng: np.random.Generator, infos=WITH_PIXELS) -> dict[str, np.ndarray]
 def model_modalities(infos) -> list[ModelModality]:
     out = []
     for info in infos:
-        if info.kind == "pixels":
+        if info.layout == "pixels":
             out.append(ModelModality(info.name, "pixels", 0, GRID, "", PATCH, IMAGENET_MEAN, IMAGENET_STD))
         else:
-            out.append(ModelModality(info.name, info.kind, 20 if info.kind == "sequence" else 16, info.num_tokens))
+            out.append(ModelModality(info.name, info.layout, 20 if info.layout == "sequence" else 16, info.num_tokens))
     return out
 
 
@@ -70,7 +70,7 @@ def test_rgb_declares_4ms_pixel_input_and_runs_include_it_by_default():
     image = pixel_inputs()["rgb_pixels"]
     assert image.name == "rgb" and image.pixel_input.patch_size == 16 and image.pixel_side == 224
     (info,) = modality_infos(["rgb_pixels"])
-    assert (info.kind, info.num_tokens, info.image_size) == ("pixels", 196, 224)
+    assert (info.layout, info.num_tokens, info.image_size) == ("pixels", 196, 224)
     assert "rgb_pixels" not in MODALITIES  # no tokenizer, no labeler, no folder of its own
 
 
@@ -154,9 +154,9 @@ def test_nothing_outside_a_samples_inputs_reaches_the_model(infos):
         other = {k: v.copy() for k, v in s.items()}
         for m, info in enumerate(infos):
             hidden = sorted(set(range(GRID)) - inputs_of(batch, m)[b])
-            if info.kind == "map":
+            if info.layout == "map":
                 other[info.name][hidden] = (other[info.name][hidden] + 1) % 16
-            elif info.kind == "pixels":
+            elif info.layout == "pixels":
                 for p in hidden:
                     r, c = divmod(p, 4)
                     other[info.name][r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] ^= 0x5A
@@ -168,10 +168,10 @@ def test_nothing_outside_a_samples_inputs_reaches_the_model(infos):
     for m in before:
         torch.testing.assert_close(before[m], after[m], rtol=0, atol=0)
     # One real input changed: now the logits move.
-    grid_input = next(m for m, info in enumerate(infos) if info.kind != "sequence" and inputs_of(batch, m)[0])
+    grid_input = next(m for m, info in enumerate(infos) if info.layout != "sequence" and inputs_of(batch, m)[0])
     position = min(inputs_of(batch, grid_input)[0])
     name = names[grid_input]
-    if infos[grid_input].kind == "pixels":
+    if infos[grid_input].layout == "pixels":
         r, c = divmod(position, 4)
         changed_samples[0][name][r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] ^= 0x5A
     else:
