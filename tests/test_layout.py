@@ -5,6 +5,7 @@ import ast
 import importlib
 import io
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from PIL import Image
 
 from four_m.core.failures import SUCCESS
 from four_m.core.label_codec import encode_png
+from four_m.core.modalities import KINDS, MODALITIES, pixel_inputs
 from four_m.core.provenance import RANDOM_INIT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,3 +218,34 @@ def test_card_imports_neither_torch_nor_ray(tmp_path):
     assert loaded == [], f"make card imported {loaded}"
     card = (root / "README.md").read_text()
     assert "| `runs/tiny/` | 1+1 layers, dim 8 | semseg | 1 | 5.000 -> 4.000 |" in card, "the run was not read"
+
+
+def _words(identifier: str) -> list[str]:
+    """``ContinuousMapAdapter`` and ``NO_CLASS`` -> lower-case words: continuous, map, adapter; no, class."""
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", identifier).lower().strip("_").split("_")
+
+
+def test_no_class_or_constant_outside_modalities_and_labelers_is_named_after_a_modality():
+    """What a kind shares is named after the kind (``ContinuousMapAdapter`` serves every continuous
+    map, not only depth), so a modality's name is spelled only in its own module and its labeler.
+    Classes and module constants are checked, parsed; string literals, functions and locals are not:
+    the words also mean other things there (images/' caption column, RGB colour, a network's depth)."""
+    names = [n.split("_") for n in (*MODALITIES, *pixel_inputs()) if n not in KINDS]  # a kind's name is a kind's
+    offences = []
+    for dotted, path in _package_files().items():
+        if dotted.split(".")[1:2] in (["modalities"], ["labelers"]):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                defined = [node.name]
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                defined = [t.id for t in targets if isinstance(t, ast.Name) and t.id.lstrip("_").isupper()]
+            else:
+                continue
+            for name in defined:
+                words = _words(name)
+                for modality in names:
+                    if any(words[i : i + len(modality)] == modality for i in range(len(words))):
+                        offences.append(f"{path.relative_to(REPO)}:{node.lineno}: {name} ({'_'.join(modality)})")
+    assert not offences, "named after a modality, not its kind:\n" + "\n".join(offences)

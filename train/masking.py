@@ -398,9 +398,9 @@ class Masker:
         image = of_kind("image", tuple(names))
         _check("rgb2all" not in mixtures.names or bool(image), "mixtures", "rgb2all needs rgb among the modalities")
         if image:
-            self._rgb = names.index(image[0])
+            self._image = names.index(image[0])
             pixels = pixel_input_of(image[0], tuple(names))
-            self._rgb_input = names.index(pixels) if pixels else self._rgb
+            self._image_input = names.index(pixels) if pixels else self._image
         self._alphas = np.full(len(names), float(cfg.alpha))
         self._resolved = [self._resolve(name) for name in mixtures.names]
         self._all2all = self._resolve("all2all")
@@ -459,8 +459,8 @@ class Masker:
         preset_input, preset_target = self._alphas.copy(), np.where(self._pixels, 0.0, self._alphas)
         if name == "rgb2all":  # 4M: the image in, everything else out (its tokens too, when pixels are in)
             preset_input = np.zeros(count)
-            preset_input[self._rgb_input] = 1.0
-            preset_target[self._rgb_input] = 0.0
+            preset_input[self._image_input] = 1.0
+            preset_target[self._image_input] = 0.0
 
         def own(side: str, preset: np.ndarray | None) -> np.ndarray:
             given = getattr(self.mixtures, side).get(name)
