@@ -1,8 +1,8 @@
 """four_m: the data pipeline and trainer for 4M-style massively multimodal masked models.
 
 The repository root is this package: the stage folders (``pipeline/``, ``labelers/``,
-``tokenize/``, ``train/``) are its subpackages, and ``core/`` holds what every stage shares
-(config, dataset root and resume, summaries, the CLI).
+``tokenize/``, ``train/``) are its subpackages, ``core/`` holds what every stage shares
+(config, dataset root and resume, summaries), and ``cli.py`` the verbs.
 """
 
 from four_m.core.offline import quiet_network_env

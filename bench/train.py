@@ -64,7 +64,14 @@ import pyarrow.parquet as pq
 import torch
 
 from four_m.core.coco import COCO_THINGS
-from four_m.core.config import CropConfig, DownloadConfig, TextTokenizerConfig, TokenizeConfig, TrainConfig
+from four_m.core.config import (
+    CropConfig,
+    DownloadConfig,
+    MaskingConfig,
+    TextTokenizerConfig,
+    TokenizeConfig,
+    TrainConfig,
+)
 from four_m.core.crops import crops_array, draw_crops
 from four_m.core.dataset_root import shard_name
 from four_m.core.modalities import MODALITIES, of_kind
@@ -74,7 +81,7 @@ from four_m.tokenize.store import token_schema, token_table, write_tokens
 from four_m.tokenize.text import COORDINATE_AXES, EOS, SPECIAL_TOKENS, reserved_tokens
 from four_m.train.batch import MaskedBatch
 from four_m.train.data import TokenDataModule
-from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
+from four_m.train.masking import Masker, ModalityInfo
 from four_m.train.model import FourM, ModelConfig, ModelModality
 from four_m.train.module import FourMTraining
 
@@ -99,7 +106,7 @@ class Modality:
     """One modality of a benchmarked run: what the model, the masker and the synthetic data need."""
 
     name: str
-    kind: str
+    layout: str
     vocab_size: int
     vocabulary: str = ""
     """Id space shared with other modalities (``text``); empty: its own."""
@@ -107,16 +114,16 @@ class Modality:
     @property
     def tokens(self) -> int:
         """Maps and pixels: the grid; sequences: the cap, EOS included."""
-        return MODALITIES[IMAGE].max_tokens if self.kind != "sequence" else TEXT.max_tokens
+        return MODALITIES[IMAGE].max_tokens if self.layout != "sequence" else TEXT.max_tokens
 
     def model(self) -> ModelModality:
-        if self.kind == "pixels":
+        if self.layout == "pixels":
             return ModelModality.pixels_of(MODALITIES[IMAGE])
-        return ModelModality(self.name, self.kind, self.vocab_size, self.tokens, self.vocabulary)
+        return ModelModality(self.name, self.layout, self.vocab_size, self.tokens, self.vocabulary)
 
     def info(self) -> ModalityInfo:
-        side = MODALITIES[IMAGE].pixel_side if self.kind == "pixels" else 0
-        return ModalityInfo(self.name, self.kind, self.tokens, num_sentinels=TEXT.sentinels, image_size=side)
+        side = MODALITIES[IMAGE].pixel_side if self.layout == "pixels" else 0
+        return ModalityInfo(self.name, self.layout, self.tokens, num_sentinels=TEXT.sentinels, image_size=side)
 
 
 IMAGE = of_kind("image")[0]
@@ -152,10 +159,10 @@ def synthetic_values(modality: Modality, count: int, rng: np.random.Generator) -
     (ids above the reserved block) then EOS. Pixels: the photos of :func:`photos`, in turn.
     """
     eos = SPECIAL_TOKENS.index(EOS)
-    if modality.kind == "pixels":
+    if modality.layout == "pixels":
         views = [label_view(jpeg, MODALITIES[IMAGE].pixel_side) for jpeg in photos()]
         rows = [views[i % len(views)] for i in range(count)]
-    elif modality.kind == "map":
+    elif modality.layout == "map":
         grid = rng.choice(modality.vocab_size, size=(count, modality.tokens), p=zipf_probabilities(CODEBOOK, rng))
         rows = list(grid.astype(TOKEN_DTYPE))
     elif modality.name == "det":
@@ -249,7 +256,7 @@ def write_synthetic_store(root: Path, samples: int, crops: CropConfig, per_shard
             rows = synthetic_rows(modality, samples, rng)
         provenance = {"vocab_size": str(modality.vocab_size), "max_tokens": str(modality.tokens), "tokenizer": "synth"}
         provenance |= {"crops": declared} if cropped else {}
-        schema = token_schema(modality.tokens if modality.kind == "map" else None, provenance, cropped)
+        schema = token_schema(modality.tokens if modality.layout == "map" else None, provenance, cropped)
         for shard, start in enumerate(range(0, samples, per_shard)):
             ids = rows[start : start + per_shard]
             errors = ["synthetic: absent" if row is None else None for row in ids]
@@ -259,7 +266,7 @@ def write_synthetic_store(root: Path, samples: int, crops: CropConfig, per_shard
 
 
 def masker_for(modalities: tuple[Modality, ...], args: argparse.Namespace) -> Masker:
-    masking = MaskingConfig.from_train(TrainConfig(), input_budget=args.input_budget, target_budget=args.target_budget)
+    masking = MaskingConfig(input_budget=args.input_budget, target_budget=args.target_budget)
     return Masker([m.info() for m in modalities], masking)
 
 
@@ -363,7 +370,7 @@ def step_flops(model: FourM, batch: MaskedBatch) -> float:
     heads = sum(
         model.head(m).weight.numel() * int(((batch.target_modality == m) & batch.target_mask).sum())
         for m, modality in enumerate(model.modalities)
-        if modality.kind != "pixels"
+        if modality.layout != "pixels"
     )
     patches = sum(
         model.patch_embeddings[name].weight.numel()
@@ -516,7 +523,7 @@ def sequence_target_shares(args: argparse.Namespace, samples: int = 2000) -> Non
     """Issue 16: the share of all2all samples (alpha 0.5, 4M-7's) with a caption and with a det target,
     among those that have one. A sequence whose input allotment covered it used to get no target
     (52-54 %); what still misses now is a Dirichlet share below one token, as in 4M."""
-    cfg = MaskingConfig(input_budget=args.input_budget, target_budget=args.target_budget, alphas=0.5)
+    cfg = MaskingConfig(input_budget=args.input_budget, target_budget=args.target_budget, alpha=0.5)
     masker = Masker([m.info() for m in SEVEN], cfg)
     names = [m.name for m in SEVEN]
     hits = {name: [] for name in ("caption", "det")}

@@ -29,7 +29,7 @@ COCO_STUFF: tuple[str, ...] = (
 )  # fmt: skip
 
 COCO_PANOPTIC: tuple[str, ...] = COCO_THINGS + COCO_STUFF
-SEMSEG_IGNORE = 255
-"""Pixel value for 'no class' in the 8-bit semseg maps (never a class id: there are 133)."""
+NO_CLASS = 255
+"""Pixel value for 'no class' in the 8-bit class maps (never a class id: COCO panoptic has 133)."""
 
 assert len(COCO_THINGS) == 80 and len(COCO_STUFF) == 53

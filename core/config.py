@@ -428,23 +428,24 @@ class TaskConfig:
         return self.inputs + self.targets
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """One 4M training run (``make train``): model size, masking budgets, optimisation, devices."""
+MIXTURE_PRESETS = ("all2all", "rgb2all")
+"""Masking mixtures that need no alphas of their own (``train/masking.py`` says what each draws)."""
+KEEP_SCHEMES = ("random", "all", "binary")
+"""How a sequence input's keep probability is drawn: uniform in [0, 1], 1, or 0 or 1."""
 
-    run: str = "tiny"
-    """The run's folder: ``<root>/runs/<run>/`` (checkpoints, logs, loss curve, final weights)."""
-    modalities: tuple[str, ...] = field(default_factory=input_modalities)
-    """Every modality by default, and each image's pixel input (``rgb_pixels``, read from ``images/``);
-    leave the pixel input out to train on a token store alone."""
-    model: str = "tiny"
-    """A named size: tiny (6+6 layers, 384), small (8+8, 512), base (12+12, 768), large (24+24, 1024),
-    xlarge (24+24, 2048)."""
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """4M's multimodal masking (``train/masking.py``): how each sample's tokens split into the
+    encoder's inputs and the decoder's targets. ``TrainConfig`` inherits these fields, so they are
+    keys of the ``train`` section (and a fine-tune's recipe changes them one by one); the masker
+    reads them from here alone. What depends on the run's modalities is checked by the masker."""
+
     input_budget: int = 128
-    """Input tokens per sample, split across the sample's modalities by a Dirichlet draw (4M's
-    ``num_input_tokens``)."""
+    """Input tokens per sample, split across the sample's modalities by a Dirichlet draw, whatever
+    their number: the encoder's sequence length (4M's ``num_input_tokens``)."""
     target_budget: int = 128
-    """Target tokens per sample (4M's ``num_target_tokens``)."""
+    """Target tokens per sample: the decoder's sequence length (4M's ``num_target_tokens``)."""
     min_input_budget: int | None = None
     """4M's token-count range: each sample's input budget is drawn uniformly from
     [min_input_budget, input_budget] (4M's ``min_input_tokens``); None: always ``input_budget``."""
@@ -455,9 +456,11 @@ class TrainConfig:
     one mixture, in place of ``mixtures``/``*_alphas``/``keep``, shows the inputs whole and asks the
     targets whole (``make eval`` scores that direction)."""
     alpha: float = 1.0
-    """Dirichlet concentration of every modality on both sides of a mixture without alphas of its own."""
+    """Dirichlet concentration of every modality on both sides of a mixture without alphas of its own.
+    1.0 draws shares uniformly from the simplex; below 1 most of a budget tends to go to one modality."""
     mixtures: tuple[str, ...] = ("all2all",)
-    """Per-sample masking mixtures: the presets all2all, rgb2all, or names given alphas below."""
+    """Per-sample masking mixtures: the presets all2all, rgb2all (needs rgb in the sample, else
+    all2all), or names given alphas below."""
     mixture_weights: tuple[float, ...] = ()
     """Sampling weight per mixture, in the order of ``mixtures`` (empty: equal)."""
     input_alphas: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -467,13 +470,70 @@ class TrainConfig:
     keep: dict[str, dict[str, str]] = field(default_factory=dict)
     """Mixture -> sequence modality -> keep scheme of its input: random (default), all, binary."""
     min_input_tokens: dict[str, int] = field(default_factory=dict)
-    """Modality -> token counts at least / at most per sample on each side (4M's fine-tuning recipes)."""
+    """Modality -> token counts at least / at most per sample on each side (4M's fine-tuning
+    recipes); a minimum holds whenever the modality is a candidate on that side and has them."""
     max_input_tokens: dict[str, int] = field(default_factory=dict)
     min_target_tokens: dict[str, int] = field(default_factory=dict)
     max_target_tokens: dict[str, int] = field(default_factory=dict)
     unconditional_rate: float = 0.0
     """Share of samples trained with no input at all, so classifier-free guidance (generate.guidance)
     has an unconditional model to contrast with; 0.1 is a common choice."""
+
+    def __post_init__(self) -> None:
+        check(self.input_budget >= 1, "train.input_budget", "must be >= 1")
+        check(self.target_budget >= 1, "train.target_budget", "must be >= 1")
+        for side in ("input", "target"):
+            low, budget = getattr(self, f"min_{side}_budget"), getattr(self, f"{side}_budget")
+            check(low is None or 1 <= low <= budget, f"train.min_{side}_budget", f"must be in [1, {side}_budget]")
+        check(self.alpha > 0, "train.alpha", "must be > 0")
+        self._check_mixtures()
+        for name in ("min_input_tokens", "max_input_tokens", "min_target_tokens", "max_target_tokens"):
+            for modality, count in getattr(self, name).items():
+                check(count >= 0, f"train.{name}.{modality}", "must be >= 0")
+        for side, budget in (("input", self.input_budget), ("target", self.target_budget)):
+            low, high = getattr(self, f"min_{side}_tokens"), getattr(self, f"max_{side}_tokens")
+            check(sum(low.values()) <= budget, f"train.min_{side}_tokens", f"sum above the {side}_budget {budget}")
+            for modality in set(low) & set(high):
+                check(low[modality] <= high[modality], f"train.min_{side}_tokens.{modality}", "above its max")
+        check(0.0 <= self.unconditional_rate < 1.0, "train.unconditional_rate", "must be in [0, 1)")
+
+    def _check_mixtures(self) -> None:
+        check(len(self.mixtures) > 0, "train.mixtures", f"needs at least one (presets: {MIXTURE_PRESETS})")
+        check(len(set(self.mixtures)) == len(self.mixtures), "train.mixtures", f"names repeat: {list(self.mixtures)}")
+        weights = self.mixture_weights
+        check(not weights or len(weights) == len(self.mixtures), "train.mixture_weights", "one per mixture")
+        ok = all(w >= 0 for w in weights) and (not weights or sum(weights) > 0)
+        check(ok, "train.mixture_weights", "must be >= 0, not all 0")
+        for name in ("input_alphas", "target_alphas", "keep"):
+            unknown = sorted(set(getattr(self, name)) - set(self.mixtures))
+            listed = list(self.mixtures)
+            check(not unknown, f"train.{name}", f"mixtures {unknown} are not among train.mixtures {listed}")
+        for mixture in self.mixtures:
+            for side in ("input_alphas", "target_alphas"):
+                alphas = getattr(self, side).get(mixture)
+                needed = alphas is not None or mixture in MIXTURE_PRESETS
+                check(needed, f"train.{side}.{mixture}", f"needed: not a preset {MIXTURE_PRESETS}")
+                for modality, alpha in (alphas or {}).items():
+                    check(alpha >= 0, f"train.{side}.{mixture}.{modality}", "must be >= 0")
+                check(alphas is None or sum(alphas.values()) > 0, f"train.{side}.{mixture}", "needs one alpha > 0")
+            for modality, scheme in self.keep.get(mixture, {}).items():
+                ok = scheme in KEEP_SCHEMES
+                check(ok, f"train.keep.{mixture}.{modality}", f"{scheme!r} is not one of {KEEP_SCHEMES}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(MaskingConfig):
+    """One 4M training run (``make train``): its masking (the fields of ``MaskingConfig``), model
+    size, optimisation, devices."""
+
+    run: str = "tiny"
+    """The run's folder: ``<root>/runs/<run>/`` (checkpoints, logs, loss curve, final weights)."""
+    modalities: tuple[str, ...] = field(default_factory=input_modalities)
+    """Every modality by default, and each image's pixel input (``rgb_pixels``, read from ``images/``);
+    leave the pixel input out to train on a token store alone."""
+    model: str = "tiny"
+    """A named size: tiny (6+6 layers, 384), small (8+8, 512), base (12+12, 768), large (24+24, 1024),
+    xlarge (24+24, 2048)."""
     batch_size: int = 32
     """Per device."""
     max_steps: int = 300
@@ -497,10 +557,9 @@ class TrainConfig:
     checkpoint_every_n_steps: int = field(default=100, metadata=RUNTIME_ONLY)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_folder_name(self.run, "train.run")
         check_modalities(self.modalities, "train.modalities", pixels=True)
-        check(self.input_budget >= 1 and self.target_budget >= 1, "train.input_budget/target_budget", "must be >= 1")
-        check(self.alpha > 0, "train.alpha", "must be > 0")
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
         check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
@@ -508,14 +567,17 @@ class TrainConfig:
         check(self.devices >= 1 and self.num_nodes >= 1, "train.devices/num_nodes", "must be >= 1")
         check(self.checkpoint_every_n_steps >= 1, "train.checkpoint_every_n_steps", "must be >= 1")
         check(self.holdout_shards >= 0, "train.holdout_shards", "must be >= 0")
-        for side in ("input", "target"):
-            low, budget = getattr(self, f"min_{side}_budget"), getattr(self, f"{side}_budget")
-            check(low is None or 1 <= low <= budget, f"train.min_{side}_budget", f"must be in [1, {side}_budget]")
 
     @property
     def run_modalities(self) -> tuple[str, ...]:
         """What the run trains on: the task's modalities, else ``modalities``."""
         return self.task.modalities or self.modalities
+
+    @property
+    def masking(self) -> MaskingConfig:
+        """The masking settings alone: what the masker and a resumed token stream depend on (a
+        longer ``max_steps`` changes neither)."""
+        return MaskingConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MaskingConfig)})
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from four_m import __version__
 from four_m.core import storage
-from four_m.core.coco import SEMSEG_IGNORE
+from four_m.core.coco import NO_CLASS
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
@@ -328,7 +328,7 @@ def _class_map(spec: ModalitySpec, table: pa.Table, classes: list[str]) -> dict[
     for payload in table[spec.column].to_pylist():
         pixels += np.bincount(decode_png(payload).ravel(), minlength=256)
     total = max(int(pixels.sum()), 1)
-    names = dict(enumerate(classes)) | {SEMSEG_IGNORE: "(no class)"}
+    names = dict(enumerate(classes)) | {NO_CLASS: "(no class)"}
     order = np.argsort(-pixels, kind="stable")
     return {
         "class_pixel_share": {names.get(int(i), f"id {i}"): round(pixels[i] / total, 6) for i in order if pixels[i]}

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from four_m.core.coco import COCO_PANOPTIC, COCO_THINGS, SEMSEG_IGNORE
+from four_m.core.coco import COCO_PANOPTIC, COCO_THINGS, NO_CLASS
 from four_m.core.label_codec import decode_png
 from four_m.labelers.base import DerivedLabeler, LabelBatch
 from four_m.modalities.metadata import KEYS, MetadataConfig
@@ -104,7 +104,7 @@ def box_statistics(boxes: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def semseg_statistics(ids: np.ndarray) -> dict[str, float]:
-    labelled = ids[ids != SEMSEG_IGNORE]
+    labelled = ids[ids != NO_CLASS]
     if not labelled.size:
         return {"semantic_diversity": 0.0}
     return {

@@ -9,7 +9,7 @@ Production weights are ``facebook/mask2former-swin-base-coco-panoptic`` (133 cla
 and every pixel takes the class of highest score. Mask logits come out at a quarter of the input
 size and are upsampled to the label view first, as the reference implementation does. Pixel values
 are class ids in the checkpoint's own ``id2label`` order (stored in the files' metadata as
-``classes``); 255 (``SEMSEG_IGNORE``) is reserved for "no class" and never a class id.
+``classes``); 255 (``NO_CLASS``) is reserved for "no class" and never a class id.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from transformers import (
     SwinConfig,
 )
 
-from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
+from four_m.core.coco import COCO_PANOPTIC, NO_CLASS
 from four_m.core.errors import UserError
 from four_m.core.label_codec import encode_png
 from four_m.labelers.hf import load_model, normalisation, normalised
@@ -152,7 +152,7 @@ def _best_classes(class_probs: torch.Tensor, mask_probs: torch.Tensor) -> torch.
 def _class_names(config: Mask2FormerConfig, name: str) -> list[str]:
     """``id2label`` as a list; fails at setup if the ids do not fit the 8-bit maps beside 255."""
     count = config.num_labels
-    if count >= SEMSEG_IGNORE:
+    if count >= NO_CLASS:
         # Not a ValueError on purpose: ``setup`` would report it as missing weights.
-        raise UserError(f"{name}: the checkpoint has {count} classes; 8-bit maps hold at most {SEMSEG_IGNORE}")
+        raise UserError(f"{name}: the checkpoint has {count} classes; 8-bit maps hold at most {NO_CLASS}")
     return [config.id2label[index] for index in range(count)]

@@ -36,7 +36,7 @@ from four_m.pipeline.label import models_dir
 from four_m.tokenize.registry import load_tokenizer
 from four_m.tokenize.sources import read_whole_view
 from four_m.train.data import TokenShards
-from four_m.train.masking import Masker, MaskingConfig, modality_infos
+from four_m.train.masking import Masker, modality_infos
 from four_m.train.model import FourM, ModelConfig
 from four_m.train.run import model_modalities
 
@@ -204,7 +204,7 @@ def _four_m(config: Config, root: DatasetRoot) -> Cost:
     cfg = config.train
     modalities = model_modalities(root, cfg.run_modalities)
     model = FourM(ModelConfig.named(cfg.model), modalities)
-    masker = Masker(modality_infos(cfg.run_modalities), MaskingConfig.from_train(cfg))
+    masker = Masker(modality_infos(cfg.run_modalities), cfg.masking, seed=cfg.seed)
     shards = TokenShards(root.path, cfg.run_modalities)
     samples = [shards.view(s, 0) for _, s in itertools.islice(shards.read(shards.shards[0]), cfg.batch_size)]
     batch = masker.collate([masker(s, masker.sample_rng(i)) for i, s in enumerate(samples)])

@@ -5,6 +5,7 @@ import ast
 import importlib
 import io
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from PIL import Image
 
 from four_m.core.failures import SUCCESS
 from four_m.core.label_codec import encode_png
+from four_m.core.modalities import KINDS, MODALITIES, pixel_inputs
 from four_m.core.provenance import RANDOM_INIT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,22 +54,22 @@ def test_cv2_is_the_pinned_headless_build():
 # and the torch-free labeler protocol (an algorithmic labeler lives in its modality's one module);
 # the stages' libraries never import ``pipeline/`` (the only Ray user) nor each other sideways;
 # ``train/`` imports ``tokenize/`` (vocabularies, decoders) but not ``labelers/``; the card reads
-# files through core only, so that it loads neither torch nor Ray. ``pipeline/`` may import anything.
+# files through core only, so that it loads neither torch nor Ray. ``pipeline/`` may import every
+# package. The CLI (``cli.py``, beside ``__main__.py``) sits above them all, and none imports it.
 OURS = ("core", "modalities", "labelers", "tokenize", "train", "datasets_cards", "pipeline")
+TOP = ("cli", "__main__")
+"""The root's modules above every package: the verbs, each importing its stage when it runs."""
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "core": frozenset(OURS) - {"core"},
-    "modalities": frozenset(OURS) - {"core", "modalities"},
-    "labelers": frozenset({"pipeline", "tokenize", "train", "datasets_cards"}),
-    "tokenize": frozenset({"pipeline", "labelers", "train", "datasets_cards"}),
-    "train": frozenset({"pipeline", "labelers", "datasets_cards"}),
-    "datasets_cards": frozenset({"pipeline", "labelers", "tokenize", "train"}),
+    "core": frozenset(OURS + TOP) - {"core"},
+    "modalities": frozenset(OURS + TOP) - {"core", "modalities"},
+    "labelers": frozenset({"pipeline", "tokenize", "train", "datasets_cards", *TOP}),
+    "tokenize": frozenset({"pipeline", "labelers", "train", "datasets_cards", *TOP}),
+    "train": frozenset({"pipeline", "labelers", "datasets_cards", *TOP}),
+    "datasets_cards": frozenset({"pipeline", "labelers", "tokenize", "train", *TOP}),
+    "pipeline": frozenset(TOP),
 }
 ALLOWED: dict[str, frozenset[str]] = {"modalities": frozenset({f"{PACKAGE}.labelers.base"})}
 """Modules a package may import although their package is forbidden to it."""
-LAZY_DISPATCHER = "core/cli.py"
-"""The verb dispatcher is exempt from core's rule for imports inside its functions only: each verb
-imports its stage when it runs, so ``python -m four_m card`` never loads the label stage. An import
-at its top level is held to core's rule like any other."""
 HEAVY = ("ray", "torch", "img2dataset")
 """What ``make card`` must not import: it reads files, and runs where no stage is installed."""
 
@@ -81,7 +83,6 @@ class Import:
     """Absolute dotted name, e.g. ``four_m.core.views``."""
     names: tuple[str, ...]
     """What ``from module import ...`` takes; empty for ``import module``."""
-    in_function: bool
 
     def __str__(self) -> str:
         statement = f"from {self.module} import {', '.join(self.names)}" if self.names else f"import {self.module}"
@@ -104,19 +105,18 @@ def _imports(dotted: str, path: Path) -> list[Import]:
     package = dotted if path.stem == "__init__" else dotted.rpartition(".")[0]
     found: list[Import] = []
 
-    def visit(node: ast.AST, in_function: bool) -> None:
+    def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            inside = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
             relative = str(path.relative_to(REPO))
             if isinstance(child, ast.Import):
-                found.extend(Import(relative, child.lineno, a.name, (), inside) for a in child.names)
+                found.extend(Import(relative, child.lineno, a.name, ()) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
                 base = package.split(".")[: len(package.split(".")) - child.level + 1] if child.level else []
                 module = ".".join([*base, *([child.module] if child.module else [])])
-                found.append(Import(relative, child.lineno, module, tuple(a.name for a in child.names), inside))
-            visit(child, inside)
+                found.append(Import(relative, child.lineno, module, tuple(a.name for a in child.names)))
+            visit(child)
 
-    visit(ast.parse(path.read_text(), filename=str(path)), False)
+    visit(ast.parse(path.read_text(), filename=str(path)))
     return found
 
 
@@ -127,7 +127,7 @@ def _our_package(module: str, names: tuple[str, ...]) -> set[str]:
         return set()
     if len(parts) > 1:
         return {parts[1]}
-    return {name for name in names if name in OURS}
+    return {name for name in names if name in OURS + TOP}
 
 
 def _private(name: str) -> bool:
@@ -142,10 +142,11 @@ def test_packages_import_only_downwards():
             continue
         owner = parts[1]
         for found in _imports(dotted, path):
-            if (found.file == LAZY_DISPATCHER and found.in_function) or found.module in ALLOWED.get(owner, ()):
+            if found.module in ALLOWED.get(owner, ()):
                 continue
             for target in sorted(_our_package(found.module, found.names) & FORBIDDEN[owner]):
-                offences.append(f"{found}  ({owner}/ must not import {target}/)")
+                what = f"{target}.py" if target in TOP else f"{target}/"
+                offences.append(f"{found}  ({owner}/ must not import {what})")
     assert not offences, "imports against the layers of docs/design.md:\n" + "\n".join(offences)
 
 
@@ -206,7 +207,7 @@ def test_card_imports_neither_torch_nor_ray(tmp_path):
     _card_root(root)
     script = (
         "import json, sys\n"
-        "from four_m.core.cli import main\n"
+        "from four_m.cli import main\n"
         f"status = main(['card', '--root', {str(root)!r}])\n"
         f"print(json.dumps([status, sorted(m for m in {HEAVY!r} if m in sys.modules)]))\n"
     )
@@ -217,3 +218,34 @@ def test_card_imports_neither_torch_nor_ray(tmp_path):
     assert loaded == [], f"make card imported {loaded}"
     card = (root / "README.md").read_text()
     assert "| `runs/tiny/` | 1+1 layers, dim 8 | semseg | 1 | 5.000 -> 4.000 |" in card, "the run was not read"
+
+
+def _words(identifier: str) -> list[str]:
+    """``ContinuousMapAdapter`` and ``NO_CLASS`` -> lower-case words: continuous, map, adapter; no, class."""
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", identifier).lower().strip("_").split("_")
+
+
+def test_no_class_or_constant_outside_modalities_and_labelers_is_named_after_a_modality():
+    """What a kind shares is named after the kind (``ContinuousMapAdapter`` serves every continuous
+    map, not only depth), so a modality's name is spelled only in its own module and its labeler.
+    Classes and module constants are checked, parsed; string literals, functions and locals are not:
+    the words also mean other things there (images/' caption column, RGB colour, a network's depth)."""
+    names = [n.split("_") for n in (*MODALITIES, *pixel_inputs()) if n not in KINDS]  # a kind's name is a kind's
+    offences = []
+    for dotted, path in _package_files().items():
+        if dotted.split(".")[1:2] in (["modalities"], ["labelers"]):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                defined = [node.name]
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                defined = [t.id for t in targets if isinstance(t, ast.Name) and t.id.lstrip("_").isupper()]
+            else:
+                continue
+            for name in defined:
+                words = _words(name)
+                for modality in names:
+                    if any(words[i : i + len(modality)] == modality for i in range(len(words))):
+                        offences.append(f"{path.relative_to(REPO)}:{node.lineno}: {name} ({'_'.join(modality)})")
+    assert not offences, "named after a modality, not its kind:\n" + "\n".join(offences)

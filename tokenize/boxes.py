@@ -37,7 +37,7 @@ class BoxSequenceTokenizer(CodedSequenceTokenizer):
     and ``[EOS]`` is always last.
     """
 
-    modality = "det"
+    modality = "boxes"
 
     def encode(self, values: Sequence[Sequence[Mapping[str, Any]]]) -> list[np.ndarray]:
         out = []
@@ -87,10 +87,10 @@ class BoxSequenceTokenizer(CodedSequenceTokenizer):
     def _binned(self, box: Any) -> tuple[tuple[int, ...], str] | None:
         """``(bins of x0, y0, x1, y1), class`` of a box to keep, None for one under the score threshold."""
         if not isinstance(box, Mapping):
-            raise TokenizerInputError(f"det: expected a dict per box, got {type(box).__name__} {box!r:.80}")
+            raise TokenizerInputError(f"boxes: expected a dict per box, got {type(box).__name__} {box!r:.80}")
         name = box.get("class")
         if not isinstance(name, str) or name not in CLASS_NAMES:
-            raise TokenizerInputError(f"det: unknown class {name!r} (expected one of the 80 COCO class names)")
+            raise TokenizerInputError(f"boxes: unknown class {name!r} (expected one of the 80 COCO class names)")
         score = box.get("score")
         if score is not None and _number(score, "score") < self.text.cfg.min_box_score:
             return None
@@ -119,7 +119,7 @@ def crop_boxes(boxes: Sequence[Mapping[str, Any]], crop: Crop) -> list[dict[str,
     out = []
     for box in _as_list(boxes, "a list of box dicts per image"):
         if not isinstance(box, Mapping):
-            raise TokenizerInputError(f"det: expected a dict per box, got {type(box).__name__} {box!r:.80}")
+            raise TokenizerInputError(f"boxes: expected a dict per box, got {type(box).__name__} {box!r:.80}")
         x0, y0, x1, y1 = (_number(box.get(key), key) for key in CORNERS)
         x0, x1 = (min(max((x - crop.left) / crop.width, 0.0), 1.0) for x in (x0, x1))
         y0, y1 = (min(max((y - crop.top) / crop.height, 0.0), 1.0) for y in (y0, y1))
@@ -139,11 +139,11 @@ def _nearest_first(box: tuple[tuple[int, ...], str]) -> tuple:
 
 def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise TokenizerInputError(f"det: box {key!r} must be a finite number, got {value!r:.80}")
+        raise TokenizerInputError(f"boxes: box {key!r} must be a finite number, got {value!r:.80}")
     return float(value)
 
 
 def _as_list(value: Any, expected: str) -> list:
     if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence | np.ndarray):
-        raise TokenizerInputError(f"det: expected {expected}, got {type(value).__name__} {value!r:.80}")
+        raise TokenizerInputError(f"boxes: expected {expected}, got {type(value).__name__} {value!r:.80}")
     return list(value)

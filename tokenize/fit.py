@@ -104,7 +104,7 @@ def fit_group(root: DatasetRoot, group: str, config: Config, shards: list[int]) 
 
 def _fit_text(root: DatasetRoot, config: Config, shards: list[int]) -> dict[str, dict]:
     cfg = config.tokenize.text
-    texts = [] if cfg.file else list(_caption_texts(root, shards, config.tokenize.train_samples))
+    texts = [] if cfg.file else list(_text_corpus(root, shards, config.tokenize.train_samples))
     text = TextTokenizer.from_config(cfg, texts)
     metrics = {"samples": len(texts), "vocab_size": text.vocab_size}
     for modality in members(TEXT, config.tokenize):
@@ -114,7 +114,7 @@ def _fit_text(root: DatasetRoot, config: Config, shards: list[int]) -> dict[str,
     return {m: dict(metrics) for m in members(TEXT, config.tokenize)}
 
 
-def _caption_texts(root: DatasetRoot, shards: list[int], limit: int) -> Iterator[str]:
+def _text_corpus(root: DatasetRoot, shards: list[int], limit: int) -> Iterator[str]:
     """The vocabulary's corpus: per text modality, its alt-texts and generated texts of the first
     ``limit`` rows."""
     for spec in (MODALITIES[m] for m in of_kind("text")):

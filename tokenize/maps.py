@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
+from four_m.core.coco import COCO_PANOPTIC, NO_CLASS
 from four_m.core.crops import Crop
 from four_m.core.errors import UserError
 from four_m.core.failures import SUCCESS, download_failed
@@ -237,7 +237,7 @@ class FloatMapAdapter(MapAdapter):
         return float(total / count) if count else None
 
 
-class RgbAdapter(FloatMapAdapter):
+class ImageAdapter(FloatMapAdapter):
     kind = "image"
     channels = 3
     low, high = 0.0, 1.0
@@ -270,7 +270,7 @@ class RgbAdapter(FloatMapAdapter):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DepthAdapter(FloatMapAdapter):
+class ContinuousMapAdapter(FloatMapAdapter):
     """Per-image normalised relative inverse depth, or depth (``quantity``, from the label files);
     ``depth_min``/``depth_max`` are not part of the value."""
 
@@ -311,7 +311,7 @@ class DepthAdapter(FloatMapAdapter):
         return (matplotlib.colormaps["magma"](value[0])[:, :, :3] * 255).astype(np.uint8)
 
 
-class NormalAdapter(FloatMapAdapter):
+class DirectionMapAdapter(FloatMapAdapter):
     """Surface normals. A mirrored crop negates x (:meth:`mirrored`); tokenizer training does not flip them."""
 
     kind = "direction_map"
@@ -439,17 +439,17 @@ class ClassEmbedding(nn.Module):
         self.table = nn.Embedding(classes + 1, width)  # row ``classes``: no class (255)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = torch.where(ids == SEMSEG_IGNORE, self.classes, ids)
+        ids = torch.where(ids == NO_CLASS, self.classes, ids)
         # contiguous: convolutions on the permuted view fall back to a slow, copying kernel
         return self.table(ids).permute(0, 3, 1, 2).contiguous()  # (B, S, S, width) -> (B, width, S, S)
 
 
 _PALETTE = np.random.default_rng(0).integers(40, 256, size=(256, 3), dtype=np.uint8)
-_PALETTE[SEMSEG_IGNORE] = 0  # no class: black
+_PALETTE[NO_CLASS] = 0  # no class: black
 
 
 @dataclass(frozen=True, kw_only=True)
-class SemsegAdapter(MapAdapter):
+class ClassMapAdapter(MapAdapter):
     """Class-id maps; decoded maps are the argmax over classes, so they never say "no class"."""
 
     classes: int = len(COCO_PANOPTIC)
@@ -466,13 +466,13 @@ class SemsegAdapter(MapAdapter):
 
     @property
     def expected(self) -> str:
-        return f"int64 {self.shape} of class ids in [0, {self.classes}) or {SEMSEG_IGNORE} (no class)"
+        return f"int64 {self.shape} of class ids in [0, {self.classes}) or {NO_CLASS} (no class)"
 
     @classmethod
     def params_of(cls, schema: pa.Schema) -> dict[str, Any]:
         names = (schema.metadata or {}).get(b"four_m.classes")
         if names is None:
-            raise TokenizerInputError("semseg: the label file has no four_m.classes metadata (its class names)")
+            raise TokenizerInputError("class_map: the label file has no four_m.classes metadata (its class names)")
         return {"classes": len(json.loads(names))}
 
     def parse(self, payload: bytes) -> np.ndarray:
@@ -482,7 +482,7 @@ class SemsegAdapter(MapAdapter):
         return ids.astype(np.int64)
 
     def _range_problem(self, value: np.ndarray) -> str | None:
-        bad = (value < 0) | ((value >= self.classes) & (value != SEMSEG_IGNORE))
+        bad = (value < 0) | ((value >= self.classes) & (value != NO_CLASS))
         return f"class ids {np.unique(value[bad])[:5].tolist()}" if bad.any() else None
 
     def input_layer(self, width: int) -> nn.Module:
@@ -495,15 +495,15 @@ class SemsegAdapter(MapAdapter):
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # Summed then divided by the labelled pixels: the mean alone is NaN for a batch without any.
-        summed = F.cross_entropy(output, target, ignore_index=SEMSEG_IGNORE, reduction="sum")
-        return summed / (target != SEMSEG_IGNORE).sum().clamp_min(1)
+        summed = F.cross_entropy(output, target, ignore_index=NO_CLASS, reduction="sum")
+        return summed / (target != NO_CLASS).sum().clamp_min(1)
 
     def to_values(self, output: torch.Tensor) -> torch.Tensor:
         return output.argmax(dim=1)
 
     def metric_sums(self, predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Per class: (intersection, target area, predicted area) over labelled pixels, flattened."""
-        labelled = targets != SEMSEG_IGNORE
+        labelled = targets != NO_CLASS
         truth, guess = targets[labelled], predictions[labelled]
         areas = [truth[truth == guess], truth, guess]
         return np.concatenate([np.bincount(a, minlength=self.classes)[: self.classes] for a in areas])
@@ -522,7 +522,7 @@ class SemsegAdapter(MapAdapter):
 
 FEATURE_SHAPE = b"four_m.feature_shape"
 """A feature-map label file's (grid, grid, dim), written by its labeler's provenance ("16x16x768")."""
-LEGACY_CLIP_SHAPE = b"four_m.clip_shape"
+LEGACY_FEATURE_SHAPE = b"four_m.clip_shape"
 """The same, as clip label files wrote it before the feature-map kind had a second modality."""
 
 
@@ -533,7 +533,7 @@ def feature_shape(metadata: Mapping[bytes, bytes] | None, modality: str | None =
     """
     metadata = metadata or {}
     name = modality or metadata.get(b"four_m.modality", b"feature map").decode()
-    shape = metadata.get(FEATURE_SHAPE, metadata.get(LEGACY_CLIP_SHAPE))
+    shape = metadata.get(FEATURE_SHAPE, metadata.get(LEGACY_FEATURE_SHAPE))
     if shape is None:
         raise TokenizerInputError(f"{name}: the label file has no four_m.feature_shape metadata (like 16x16x768)")
     try:
@@ -619,7 +619,17 @@ class FeatureMapAdapter(FloatMapAdapter):
 
 
 ADAPTER_KINDS: Mapping[str, type[MapAdapter]] = MappingProxyType(
-    {a.kind: a for a in (RgbAdapter, DepthAdapter, NormalAdapter, SemsegAdapter, FeatureMapAdapter, EdgeAdapter)}
+    {
+        a.kind: a
+        for a in (
+            ImageAdapter,
+            ContinuousMapAdapter,
+            DirectionMapAdapter,
+            ClassMapAdapter,
+            FeatureMapAdapter,
+            EdgeAdapter,
+        )
+    }
 )
 """Map kind -> its adapter class: the one place a kind's behaviour is written."""
 

@@ -2,10 +2,10 @@
 
 A value is one image's raw metadata, ``{key: number or None}`` (the metadata labeler's row). Each
 present key becomes ``v1=<id> v0=<bin>`` (ids: ``modalities.metadata.KEYS``), binned as ml-4m's
-MetadataTransform: image sides by 32 px; counts kept as they are; watermark_score at 0.5 and
-aesthetic_score at 4.5 and 5.5; every other key into 50 bins of a fixed range; all clipped to
-0..999. The stored order is by key id; training shuffles the pairs per example and masks them as
-whole chunks (``train.masking``).
+MetadataTransform by the key's ``modalities.metadata.BINS`` (image sides by 32 px; counts kept as
+they are; scores at thresholds; the others into 50 bins of a fixed range), all clipped to 0..999.
+The stored order is by key id; training shuffles the pairs per example and masks them as whole
+chunks (``train.masking``).
 """
 
 from __future__ import annotations
@@ -16,51 +16,24 @@ from typing import Any
 
 import numpy as np
 
-from four_m.modalities.metadata import KEYS
+from four_m.modalities.metadata import BINS, KEYS, RANGE_BINS
 from four_m.tokenize.base import TokenizerInputError
 from four_m.tokenize.coded import CodedSequenceTokenizer
 
 KEY_AXIS, VALUE_AXIS = 1, 0
 MAX_BIN = 999
-SIDE_BIN = 32
-COUNTS = frozenset(
-    {
-        "caption_n_chars",
-        "caption_n_words",
-        "caption_n_sentences",
-        "n_humans",
-        "n_sam_instances",
-        "n_coco_instances",
-        "coco_instance_diversity",
-        "semantic_diversity",
-    }
-)
-THRESHOLDS = {"watermark_score": (0.5,), "aesthetic_score": (4.5, 5.5)}
-RANGES = {
-    "colorfulness": (0.0, 150.0),
-    "brightness": (0.0, 255.0),
-    "contrast": (0.0, 127.0),
-    "saturation": (0.0, 255.0),
-    "entropy": (0.0, 10.0),
-    "walkability": (0.0, 1.0),
-    "objectness": (0.0, 1.0),
-    "geometric_complexity": (0.0, 0.75),
-    "occlusion_score": (0.0, 0.25),
-}
-RANGE_BINS = 50
 
 
 def metadata_bin(key: str, value: float) -> int:
     """ml-4m's bin of one raw metadata value."""
-    if key in ("original_width", "original_height"):
-        found = int(value // SIDE_BIN)
-    elif key in COUNTS:
-        found = int(value)
-    elif key in THRESHOLDS:
-        found = sum(value >= t for t in THRESHOLDS[key])
-    else:
-        low, high = RANGES[key]
+    bins = BINS[key]
+    if bins.thresholds:
+        found = sum(value >= t for t in bins.thresholds)
+    elif bins.span is not None:
+        low, high = bins.span
         found = int((min(max(value, low), high) - low) / (high - low) * (RANGE_BINS - 1))
+    else:
+        found = int(value // bins.step)
     return min(max(found, 0), MAX_BIN)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from four_m.core.coco import SEMSEG_IGNORE
+from four_m.core.coco import NO_CLASS
 from four_m.core.modalities import MODALITIES
 from four_m.core.precision import autocast_dtype
 from four_m.core.storage import RootPath
@@ -49,12 +49,12 @@ BATCH = 16
 
 
 def _class_input(values: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.where(values == SEMSEG_IGNORE, 0, values + 1)).long()
+    return torch.from_numpy(np.where(values == NO_CLASS, 0, values + 1)).long()
 
 
 def _class_output(output: torch.Tensor) -> np.ndarray:
     ids = output.argmax(dim=1).numpy() - 1
-    return np.where(ids < 0, SEMSEG_IGNORE, ids).astype(np.int64)
+    return np.where(ids < 0, NO_CLASS, ids).astype(np.int64)
 
 
 def _feature_input(values: np.ndarray) -> torch.Tensor:

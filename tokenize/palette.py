@@ -24,7 +24,7 @@ MAX_CHANNEL = 255
 
 
 class PaletteTokenizer(CodedSequenceTokenizer):
-    modality = "color_palette"
+    modality = "palette"
     min_bins = 256
 
     def encode(self, values: Sequence[Any]) -> list[np.ndarray]:
@@ -61,11 +61,11 @@ class PaletteTokenizer(CodedSequenceTokenizer):
 
 def _palettes(value: Any) -> list[list[int]]:
     if not isinstance(value, Sequence | np.ndarray) or isinstance(value, str | bytes):
-        raise TokenizerInputError(f"color_palette: expected a list of palettes, got {type(value).__name__}")
+        raise TokenizerInputError(f"palette: expected a list of palettes, got {type(value).__name__}")
     found = []
     for colours in value:
         flat = np.asarray(colours).reshape(-1)
         if not 1 <= flat.size // 3 <= MAX_COLOURS or flat.size % 3 or flat.min() < 0 or flat.max() > 255:
-            raise TokenizerInputError(f"color_palette: a palette is 1-7 RGB colours of 0-255, got {flat.tolist()}")
+            raise TokenizerInputError(f"palette: a palette is 1-7 RGB colours of 0-255, got {flat.tolist()}")
         found.append(flat.astype(int).tolist())
     return found

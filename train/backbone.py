@@ -95,7 +95,7 @@ def load_backbone(run: str | Path | RootPath) -> FourMBackbone:
         raise UserError(f"no trained model in {directory} (model.json + model.safetensors): run `make train`")
     description = read_description(described)
     modalities = description.modalities
-    pixels = [m.name for m in modalities if m.kind == "pixels"]
+    pixels = [m.name for m in modalities if m.layout == "pixels"]
     if not pixels:
         raise NoPixelInputError(
             f"run {directory.name} was trained without a pixel input (train.modalities lacks rgb_pixels):"

@@ -425,9 +425,9 @@ def check_store(vocabularies: Mapping[str, Mapping[str, Any]], modalities: Seque
     for info in modalities:
         stored = vocabularies[info.name]
         fixed, length = stored["fixed_length"], stored["max_tokens"]
-        if info.kind == "map" and (not fixed or length != info.num_tokens):
+        if info.layout == "map" and (not fixed or length != info.num_tokens):
             problems.append(f"{info.name}: the run wants maps of {info.num_tokens} tokens, the store has {stored}")
-        if info.kind == "sequence" and (fixed or length > info.num_tokens):
+        if info.layout == "sequence" and (fixed or length > info.num_tokens):
             problems.append(f"{info.name}: the run wants sequences of <= {info.num_tokens} tokens, has {stored}")
     if problems:
         raise TokenStoreError("; ".join(problems))
@@ -471,7 +471,7 @@ class TokenStream(IterableDataset):
         batch_size: samples per batch (per rank).
         shuffle_buffer: samples held for shuffling; 0 reads units and rows in order (evaluation,
             tests). Mixing is across the units a stream reads in turn, whose order is shuffled per epoch.
-        seed: of the unit order and the shuffle buffer (the masks follow ``masker.cfg.seed``).
+        seed: of the unit order and the shuffle buffer (the masks follow ``masker.seed``).
         rank, world_size: this process's place in DDP; None reads the initialised process group
             (at construction, in the main process: workers may not see it) or else 0 of 1.
         start_batch: batches of this rank already consumed, in DataLoader order (resume).
@@ -675,7 +675,7 @@ class TokenDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Find the shards and check the stored tokens against the masker's modalities (once)."""
         if self.shards is None:
-            tokens = [m for m in self.masker.modalities if m.kind != "pixels"]
+            tokens = [m for m in self.masker.modalities if m.layout != "pixels"]
             self.vocabularies = store_vocabularies(self.root, [m.name for m in tokens])
             check_store(self.vocabularies, tokens)
             self.shards = TokenShards(
@@ -683,7 +683,7 @@ class TokenDataModule(L.LightningDataModule):
                 self.modalities,
                 skip_incomplete=self.skip_incomplete,
                 holdout=self.holdout,
-                required=self.masker.cfg.task_inputs + self.masker.cfg.task_targets,
+                required=self.masker.cfg.task.modalities,
             )
 
     def train_dataloader(self) -> DataLoader:
@@ -726,6 +726,7 @@ class TokenDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "modalities": list(self.modalities),
             "masking": repr(self.masker.cfg),
+            "mask_seed": self.masker.seed,
             "shards": hashlib.sha256(repr(shard_names).encode()).hexdigest()[:16] if shard_names else None,
         }
 

@@ -355,22 +355,22 @@ class Generator:
     """Generates target modalities from given ones with a trained :class:`FourM` (put in eval mode).
 
     ``infos`` carry each modality's special ids (SOS, EOS, sentinels) and stored-sequence cap, in
-    the model's modality order; by default ``ModalityInfo(name, kind, positions)`` with the text
+    the model's modality order; by default ``ModalityInfo(name, layout, positions)`` with the text
     tokenizer's layout.
     """
 
     def __init__(self, model: FourM, infos: Sequence[ModalityInfo] | None = None):
         self.model = model.eval()
         names = [m.name for m in model.modalities]
-        default = (ModalityInfo(m.name, m.kind, m.positions, image_size=m.image_size) for m in model.modalities)
+        default = (ModalityInfo(m.name, m.layout, m.positions, image_size=m.image_size) for m in model.modalities)
         self.infos = tuple(infos if infos is not None else default)
         check(
-            [(i.name, i.kind) for i in self.infos] == [(m.name, m.kind) for m in model.modalities],
+            [(i.name, i.layout) for i in self.infos] == [(m.name, m.layout) for m in model.modalities],
             "generate.infos",
             f"must describe the model's modalities in its order: {', '.join(names)}",
         )
         for info, modality in zip(self.infos, model.modalities, strict=True):
-            if info.kind == "sequence":
+            if info.layout == "sequence":
                 specials = {"SOS": info.sos_id, "EOS": info.eos_id, "S_0": info.first_sentinel_id}
                 for what, id_ in specials.items():
                     check(
@@ -414,7 +414,7 @@ class Generator:
         out: dict[str, list[np.ndarray]] = {}
         for m, decoding, kept in plan:
             guidance = _Guidance.of(rows, self._conditions(rows, decoding), pixels, self.device)
-            if self.model.modalities[m].kind == "map":
+            if self.model.modalities[m].layout == "map":
                 grids = self._decode_map(guidance, m, decoding, kept, generator).cpu().numpy()  # (B, G)
                 results, contents = list(grids), list(grids)
             else:
@@ -449,7 +449,7 @@ class Generator:
             info, vocab_size = self.infos[m], self.model.modalities[m].vocab_size
             if not self.model.modalities[m].as_input and any(ids is not None for ids in entries):
                 raise GenerationError(f"given {name!r}: this model only predicts it (no input embedding to read it)")
-            if info.kind == "pixels":
+            if info.layout == "pixels":
                 side = info.image_size
                 pixels[name] = torch.zeros(len(rows), side, side, 3, dtype=torch.uint8, device=self.device)
             for b, ids in enumerate(entries):
@@ -460,7 +460,7 @@ class Generator:
                     content, _ = chunk_view(info, Masker._read(info, ids), None)
                 except ValueError as error:
                     raise GenerationError(f"given {name!r}, sample {b}: {error}") from None
-                if info.kind == "pixels":
+                if info.layout == "pixels":
                     pixels[name][b] = torch.from_numpy(np.ascontiguousarray(ids))
                 elif content.size and not (0 <= content.min() and content.max() < vocab_size):
                     raise GenerationError(
@@ -490,7 +490,7 @@ class Generator:
                 raise GenerationError(f"targets: {name!r} is also given; generate only what is missing")
             if name in seen:
                 raise GenerationError(f"targets: {name!r} is repeated")
-            if self.model.modalities[m].kind == "pixels":
+            if self.model.modalities[m].layout == "pixels":
                 raise GenerationError(f"targets: {name!r} is a pixel input: nothing generates pixels")
             if not self.model.modalities[m].as_target:
                 raise GenerationError(f"targets: {name!r} is only an input of this model: it has no head to predict it")
@@ -499,7 +499,7 @@ class Generator:
             for condition in decoding.guidance if isinstance(decoding.guidance, Mapping) else ():
                 self.model.modality_index(condition)
             kept = self._read_partial(name, m, partial[name], batch) if name in partial else None
-            if self.model.modalities[m].kind == "map":
+            if self.model.modalities[m].layout == "map":
                 left = self.model.modalities[m].positions - (0 if kept is None else int((kept[0] >= 0).sum()))
                 commit_schedule(left, decoding.steps, decoding.schedule)  # checks steps
             seen.add(name)
@@ -509,7 +509,7 @@ class Generator:
     def _read_partial(self, name: str, m: int, grids: Sequence[np.ndarray], batch: int) -> Tensor:
         """A target's partial grids -> (B, G) ids, :data:`TO_GENERATE` where to generate."""
         modality = self.model.modalities[m]
-        if modality.kind != "map":
+        if modality.layout != "map":
             raise GenerationError(f"partial {name!r}: only a map can be given in part")
         shapes = {np.shape(grid) for grid in grids}
         if len(grids) != batch or shapes != {(modality.positions,)}:

@@ -348,7 +348,7 @@ def _mapped(
             if present:
                 prefix = f"{side}_embeddings.{reference}"
                 _check_positions(take(f"{prefix}.pos_emb"), modality, D, prefix)
-        if modality.kind == "pixels":
+        if modality.layout == "pixels":
             out[f"patch_embeddings.{modality.name}.weight"] = take(f"encoder_embeddings.{reference}.proj.weight")
             continue
         vocabulary = modality.vocabulary
@@ -357,7 +357,7 @@ def _mapped(
         if reference in targets:
             out[f"heads.{vocabulary}.weight"] = take(f"decoder_embeddings.{reference}.to_logits.weight")
             decoder_table = f"decoder_embeddings.{reference}.token_emb.weight"
-            if modality.kind == "sequence":
+            if modality.layout == "sequence":
                 out[f"decoder_token_embeddings.{vocabulary}.weight"] = take(decoder_table)
             elif decoder_table in weights:
                 used.add(decoder_table)
@@ -371,7 +371,7 @@ def _check_positions(stored: Tensor, modality: ModelModality, dim: int, prefix: 
     """ml-4m's fixed sin-cos buffer must be this model's positions: else the weights meant other ones."""
     count = stored.shape[1]
     index = torch.arange(count)
-    if modality.kind == "sequence":
+    if modality.layout == "sequence":
         ours = sincos_1d(index, dim)
     else:
         side = math.isqrt(count)

@@ -121,7 +121,7 @@ def run_import(config: Config, source: str, leave_out: Sequence[str] = (), repla
             "tokenizers": {
                 m.name: _tokenizer(root, m.name, imported.references[m.name])
                 for m in model.modalities
-                if m.kind != "pixels"
+                if m.layout != "pixels"
             },
             "imported_from": source,
             "left_out": list(imported.left_out),

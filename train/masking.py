@@ -6,11 +6,11 @@ Per sample, over the modalities present in it only (an absent one is never drawn
 1. a mixture is drawn by ``MaskingConfig.mixture_weights``. Each mixture is a pair of Dirichlet
    concentrations per modality, one for the input split and one for the target split (4M's
    ``alphas_mixture`` files); a zero or unlisted concentration keeps a modality off that side.
-   ``all2all`` (every modality both sides, concentration ``alphas``) and ``rgb2all`` (the input on
+   ``all2all`` (every modality both sides, concentration ``alpha``) and ``rgb2all`` (the input on
    the image only, as pixels where the run has its pixel input, else as tokens; targets among all
    the others, the image's tokens included when the pixels are the input) are presets; a sample
-   without any input candidate of its mixture falls back to ``all2all``. A *task* (``task_inputs``
-   -> ``task_targets``, 4M's task fine-tunes) is the one mixture ``task``: its inputs shown whole
+   without any input candidate of its mixture falls back to ``all2all``. A *task* (``task``: inputs
+   -> targets, 4M's task fine-tunes) is the one mixture ``task``: its inputs shown whole
    (sequences with keep scheme ``all``), its targets asked whole, and no fallback: a sample without
    its inputs is shown nothing;
 2. each sample's budgets are drawn uniformly from [``min_input_budget``, ``input_budget``] and
@@ -56,160 +56,62 @@ exactly the budgets, so a step's tensor shapes never depend on how many modaliti
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
-from four_m.core.config import ConfigError, TextTokenizerConfig
+from four_m.core.config import KEEP_SCHEMES, MaskingConfig, TextTokenizerConfig, check
 from four_m.core.modalities import MODALITIES, input_modalities, of_kind, pixel_input_of, pixel_inputs
 from four_m.tokenize.metadata import KEY_AXIS
 from four_m.tokenize.palette import LENGTH_AXIS
 from four_m.tokenize.text import EOS, PAD, SOS, SPECIAL_TOKENS, coordinate_block
 from four_m.train.batch import MaskedBatch
 
-PRESETS = ("all2all", "rgb2all")
 TASK = "task"
-"""The mixture a fixed task (``MaskingConfig.task_inputs``/``task_targets``) becomes."""
-KEEP_SCHEMES = ("random", "all", "binary")
+"""The mixture a fixed task (``MaskingConfig.task``) becomes."""
 KEEP_DECAY = 0.9
 """4M lowers a sequence's keep probability by this factor until its input fits the allotment."""
 CHUNKED_KINDS: Mapping[str, tuple[str, int]] = {"palette": ("one_of", LENGTH_AXIS), "metadata": ("shuffled", KEY_AXIS)}
 """Sequence kind -> (how a training sample views its chunks, the coordinate axis whose tokens open a
 chunk): ``one_of`` shows one chunk, drawn uniformly; ``shuffled`` shows all in random order, masked
 chunk by chunk."""
-_KEY = "train.masking"
 _PER_MIXTURE = ("input_alphas", "target_alphas", "keep")
 _PER_MODALITY = ("min_input_tokens", "max_input_tokens", "min_target_tokens", "max_target_tokens")
 
 
 def _check(ok: bool, name: str, requirement: str) -> None:
-    if not ok:
-        raise ConfigError(f"{_KEY}.{name}: {requirement}")
-
-
-def _plain_dict(value: Mapping) -> dict:
-    """Nested mappings as plain dicts: they pickle into DataLoader workers."""
-    return {k: _plain_dict(v) if isinstance(v, Mapping) else v for k, v in value.items()}
+    """What only the run's modalities show wrong, named by its key in the ``train`` section."""
+    check(ok, f"train.{name}", requirement)
 
 
 @dataclass(frozen=True)
-class MaskingConfig:
-    input_budget: int = 128
-    """Input tokens per sample, whatever the number of modalities: the encoder's sequence length."""
-    target_budget: int = 128
-    """Target tokens per sample: the decoder's sequence length."""
-    alphas: float | Mapping[str, float] = 1.0
-    """Dirichlet concentration of the presets (every modality, both sides, unless a mixture's own
-    ``input_alphas``/``target_alphas`` say otherwise). 1.0 draws shares uniformly from the simplex;
-    below 1 most of a budget tends to go to one modality. A mapping sets it per modality (unlisted
-    modalities keep 1.0)."""
-    mixtures: tuple[str, ...] = ("all2all",)
-    """Mixture names, drawn per sample: the presets ``all2all`` and ``rgb2all`` (needs rgb in the
-    sample, else all2all), or any name that has ``input_alphas`` and ``target_alphas``."""
-    mixture_weights: tuple[float, ...] = ()
-    """Sampling weight of each mixture, in the order of ``mixtures``; empty: equal weights."""
-    input_alphas: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    """Mixture -> modality -> concentration of the input split (0 or unlisted: never an input there)."""
-    target_alphas: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    """Mixture -> modality -> concentration of the target split (0 or unlisted: never a target there)."""
-    keep: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    """Mixture -> sequence modality -> keep scheme (``random``, ``all``, ``binary``; unlisted: random)."""
-    min_input_tokens: Mapping[str, int] = field(default_factory=dict)
-    """Modality -> input tokens it gets at least whenever it is an input candidate (and has them)."""
-    max_input_tokens: Mapping[str, int] = field(default_factory=dict)
-    min_target_tokens: Mapping[str, int] = field(default_factory=dict)
-    max_target_tokens: Mapping[str, int] = field(default_factory=dict)
-    unconditional_rate: float = 0.0
-    """Share of samples shown no input at all (only targets): the model then also learns the
-    unconditional distribution, which classifier-free guidance contrasts the conditional one with."""
-    min_input_budget: int | None = None
-    """Each sample's input budget is drawn uniformly from [this, ``input_budget``]; None: fixed."""
-    min_target_budget: int | None = None
-    task_inputs: tuple[str, ...] = ()
-    """A fixed task: these shown whole, ``task_targets`` asked whole, as the only mixture (``TASK``)."""
-    task_targets: tuple[str, ...] = ()
-    seed: int = 0
-    """Base of :meth:`Masker.sample_rng`: the mask of a sample depends on (seed, epoch, index) only,
-    not on which worker drew it."""
+class Mixtures:
+    """The mixtures a masker draws from, by name: the configured ones, or a task's one."""
 
-    def __post_init__(self) -> None:
-        _check(self.input_budget >= 1, "input_budget", "must be >= 1")
-        _check(self.target_budget >= 1, "target_budget", "must be >= 1")
-        for side in ("input", "target"):
-            low = getattr(self, f"min_{side}_budget")
-            _check(low is None or 1 <= low <= getattr(self, f"{side}_budget"), f"min_{side}_budget", "out of range")
-        for name in ("task_inputs", "task_targets"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        _check(bool(self.task_inputs) == bool(self.task_targets), "task", "needs both inputs and targets, or neither")
-        if self.task_inputs:
-            self._become_task()
-        if isinstance(self.alphas, Mapping):
-            object.__setattr__(self, "alphas", dict(self.alphas))
-            for name, alpha in self.alphas.items():
-                _check(float(alpha) > 0, f"alphas.{name}", "must be > 0")
-        else:
-            _check(float(self.alphas) > 0, "alphas", "must be > 0 (or a mapping modality -> alpha)")
-        for name in ("mixtures", "mixture_weights"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in _PER_MIXTURE + _PER_MODALITY:
-            object.__setattr__(self, name, _plain_dict(getattr(self, name)))
-        self._check_mixtures()
-        for name in _PER_MODALITY:
-            for modality, count in getattr(self, name).items():
-                _check(int(count) >= 0, f"{name}.{modality}", "must be >= 0")
-        for side, budget in (("input", self.input_budget), ("target", self.target_budget)):
-            low, high = getattr(self, f"min_{side}_tokens"), getattr(self, f"max_{side}_tokens")
-            _check(sum(low.values()) <= budget, f"min_{side}_tokens", f"sum above the {side}_budget {budget}")
-            for modality in set(low) & set(high):
-                _check(low[modality] <= high[modality], f"min_{side}_tokens.{modality}", "above its max")
-        _check(0.0 <= self.unconditional_rate < 1.0, "unconditional_rate", "must be in [0, 1)")
-
-    def _check_mixtures(self) -> None:
-        _check(len(self.mixtures) > 0, "mixtures", f"needs at least one (presets: {PRESETS})")
-        _check(len(set(self.mixtures)) == len(self.mixtures), "mixtures", f"names repeat: {list(self.mixtures)}")
-        weights = self.mixture_weights
-        _check(not weights or len(weights) == len(self.mixtures), "mixture_weights", "one per mixture")
-        _check(
-            all(w >= 0 for w in weights) and (not weights or sum(weights) > 0),
-            "mixture_weights",
-            "must be >= 0, not all 0",
-        )
-        for name in _PER_MIXTURE:
-            unknown = sorted(set(getattr(self, name)) - set(self.mixtures))
-            _check(not unknown, name, f"mixtures {unknown} are not among train.mixtures {list(self.mixtures)}")
-        for mixture in self.mixtures:
-            for side in ("input_alphas", "target_alphas"):
-                alphas = getattr(self, side).get(mixture)
-                _check(alphas is not None or mixture in PRESETS, f"{side}.{mixture}", f"needed: not a preset {PRESETS}")
-                for modality, alpha in (alphas or {}).items():
-                    _check(float(alpha) >= 0, f"{side}.{mixture}.{modality}", "must be >= 0")
-                _check(alphas is None or sum(alphas.values()) > 0, f"{side}.{mixture}", "needs one alpha > 0")
-            for modality, scheme in self.keep.get(mixture, {}).items():
-                _check(scheme in KEEP_SCHEMES, f"keep.{mixture}.{modality}", f"{scheme!r} is not one of {KEEP_SCHEMES}")
-
-    def _become_task(self) -> None:
-        """The task as the one mixture ``TASK``, in place of the configured mixtures (a fine-tune
-        recipe inherits its pre-training's): concentration 1 on each input and each target (one
-        modality a side takes the whole budget), every sequence input kept whole."""
-        values = {
-            "mixtures": (TASK,),
-            "mixture_weights": (),
-            "input_alphas": {TASK: dict.fromkeys(self.task_inputs, 1.0)},
-            "target_alphas": {TASK: dict.fromkeys(self.task_targets, 1.0)},
-            "keep": {TASK: dict.fromkeys(self.task_inputs, "all")},
-        }
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    """Sampling weight per name; empty: equal."""
+    input_alphas: Mapping[str, Mapping[str, float]]
+    target_alphas: Mapping[str, Mapping[str, float]]
+    keep: Mapping[str, Mapping[str, str]]
 
     @classmethod
-    def from_train(cls, train: Any, **changes: Any) -> MaskingConfig:
-        """The masking settings of a ``TrainConfig`` (same field names; its scalar ``alpha`` is
-        ``alphas``, its ``task`` the task's inputs and targets)."""
-        values = {f.name: getattr(train, f.name) for f in fields(cls) if hasattr(train, f.name)}
-        task = {"task_inputs": train.task.inputs, "task_targets": train.task.targets}
-        return cls(**{"alphas": train.alpha, **task, **values, **changes})
+    def of(cls, cfg: MaskingConfig) -> Mixtures:
+        """A task is the one mixture ``TASK``, in place of the configured mixtures (a fine-tune recipe
+        inherits its pre-training's): concentration 1 on each input and each target (one modality a
+        side takes the whole budget), every sequence input kept whole."""
+        if not cfg.task.inputs:
+            return cls(cfg.mixtures, cfg.mixture_weights, cfg.input_alphas, cfg.target_alphas, cfg.keep)
+        inputs, targets = cfg.task.inputs, cfg.task.targets
+        return cls(
+            names=(TASK,),
+            weights=(),
+            input_alphas={TASK: dict.fromkeys(inputs, 1.0)},
+            target_alphas={TASK: dict.fromkeys(targets, 1.0)},
+            keep={TASK: dict.fromkeys(inputs, "all")},
+        )
 
 
 _FIRST_SENTINEL = len(SPECIAL_TOKENS)  # the layout of tokenize.text: specials, then sentinels
@@ -220,7 +122,7 @@ class ModalityInfo:
     """What the masker needs of one modality of the run's ordered modality list."""
 
     name: str
-    kind: Literal["map", "sequence", "pixels"]
+    layout: Literal["map", "sequence", "pixels"]
     num_tokens: int
     """Maps and pixels: the grid's token count (every sample has exactly that many, row-major; a pixel
     input's patches). Sequences: the cap of a stored sequence, EOS included. All input and target
@@ -239,9 +141,9 @@ class ModalityInfo:
     """The ids that open a chunk (``v1=0`` .. of the shared vocabulary)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("map", "sequence", "pixels"):
-            raise ValueError(f"{self.name}: kind must be 'map', 'sequence' or 'pixels', not {self.kind!r}")
-        if (self.kind == "pixels") != (self.image_size > 0):
+        if self.layout not in ("map", "sequence", "pixels"):
+            raise ValueError(f"{self.name}: layout must be 'map', 'sequence' or 'pixels', not {self.layout!r}")
+        if (self.layout == "pixels") != (self.image_size > 0):
             raise ValueError(f"{self.name}: image_size is for pixel inputs only, and they need one")
         if self.num_tokens < 1 or self.num_sentinels < 2:
             raise ValueError(f"{self.name}: needs num_tokens >= 1 and num_sentinels >= 2 (a span and the closing one)")
@@ -477,33 +379,35 @@ class Masker:
 
     ``masker(sample, rng)`` takes ``{modality: uint16 ids or None}`` (None or missing: absent; keys
     outside the run's modalities are ignored) and returns a :class:`MaskedSample`;
-    ``masker.collate(samples)`` pads them into a :class:`MaskedBatch`.
+    ``masker.collate(samples)`` pads them into a :class:`MaskedBatch`. ``seed`` is the base of
+    :meth:`sample_rng`: the mask of a sample depends on (seed, epoch, index) only, not on which worker
+    drew it.
     """
 
-    def __init__(self, modalities: Sequence[ModalityInfo], cfg: MaskingConfig | None = None) -> None:
+    def __init__(self, modalities: Sequence[ModalityInfo], cfg: MaskingConfig | None = None, seed: int = 0) -> None:
         self.modalities = tuple(modalities)
         self.cfg = cfg = cfg or MaskingConfig()
+        self.seed = seed
+        self.mixtures = mixtures = Mixtures.of(cfg)
         names = [m.name for m in self.modalities]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"the run needs distinct modalities, got {names}")
         self._check_names(names)
-        self._pixels = np.array([m.kind == "pixels" for m in self.modalities])
+        self._pixels = np.array([m.layout == "pixels" for m in self.modalities])
         self._check_input_only()
         image = of_kind("image", tuple(names))
-        _check("rgb2all" not in cfg.mixtures or bool(image), "mixtures", "rgb2all needs rgb among the modalities")
+        _check("rgb2all" not in mixtures.names or bool(image), "mixtures", "rgb2all needs rgb among the modalities")
         if image:
-            self._rgb = names.index(image[0])
+            self._image = names.index(image[0])
             pixels = pixel_input_of(image[0], tuple(names))
-            self._rgb_input = names.index(pixels) if pixels else self._rgb
-        alphas = cfg.alphas if isinstance(cfg.alphas, Mapping) else {}
-        default_alpha = 1.0 if isinstance(cfg.alphas, Mapping) else float(cfg.alphas)
-        self._alphas = np.array([float(alphas.get(n, default_alpha)) for n in names])
-        self._mixtures = [self._resolve(name) for name in cfg.mixtures]
+            self._image_input = names.index(pixels) if pixels else self._image
+        self._alphas = np.full(len(names), float(cfg.alpha))
+        self._resolved = [self._resolve(name) for name in mixtures.names]
         self._all2all = self._resolve("all2all")
-        weights = np.array(cfg.mixture_weights or [1.0] * len(cfg.mixtures), np.float64)
+        weights = np.array(mixtures.weights or [1.0] * len(mixtures.names), np.float64)
         self._weights = weights / weights.sum()
-        self._is_map = np.array([m.kind in ("map", "pixels") for m in self.modalities])  # grids
-        if cfg.task_inputs:
+        self._is_map = np.array([m.layout in ("map", "pixels") for m in self.modalities])  # grids
+        if cfg.task.inputs:
             self._check_task_budgets()
         self._limits = {
             name: np.array([int(getattr(cfg, name).get(m.name, default)) for m in self.modalities])
@@ -522,19 +426,17 @@ class Masker:
         named: list[tuple[str, Mapping, Sequence[str]]] = [
             (f"{key}.{mixture}", per, input_modalities() if key == "keep" else names)
             for key in _PER_MIXTURE
-            for mixture, per in getattr(self.cfg, key).items()
+            for mixture, per in getattr(self.mixtures, key).items()
         ]
         named += [(key, getattr(self.cfg, key), names) for key in _PER_MODALITY]
-        if isinstance(self.cfg.alphas, Mapping):
-            named.append(("alphas", self.cfg.alphas, names))
         for key, per_modality, allowed in named:
             unknown = sorted(set(per_modality) - set(allowed))
             _check(not unknown, key, f"modalities {unknown} are not among the run's {names}")
 
     def _check_input_only(self) -> None:
         """A pixel input is never a target: a mixture or limit that makes it one stops the run."""
-        inputs_only = {m.name for m in self.modalities if m.kind == "pixels"}
-        for mixture, alphas in self.cfg.target_alphas.items():
+        inputs_only = {m.name for m in self.modalities if m.layout == "pixels"}
+        for mixture, alphas in self.mixtures.target_alphas.items():
             targets = sorted(n for n, alpha in alphas.items() if n in inputs_only and float(alpha) > 0)
             _check(not targets, f"target_alphas.{mixture}", f"{targets} are pixel inputs: nothing predicts pixels")
         for key in ("min_target_tokens", "max_target_tokens"):
@@ -544,9 +446,9 @@ class Masker:
     def _check_task_budgets(self) -> None:
         """A task shows its inputs and asks its targets whole: the budgets must hold the grids (a
         sequence is whole when it fits what the grids leave)."""
-        sizes = {m.name: m.num_tokens for m in self.modalities if m.kind in ("map", "pixels")}
+        sizes = {m.name: m.num_tokens for m in self.modalities if m.layout in ("map", "pixels")}
         for side in ("input", "target"):
-            named = getattr(self.cfg, f"task_{side}s")
+            named = getattr(self.cfg.task, f"{side}s")
             whole = sum(sizes.get(name, 0) for name in named)
             budget = getattr(self.cfg, f"{side}_budget")
             _check(budget >= whole, f"{side}_budget", f"{budget} cannot hold the task's {list(named)} whole: {whole}")
@@ -557,26 +459,26 @@ class Masker:
         preset_input, preset_target = self._alphas.copy(), np.where(self._pixels, 0.0, self._alphas)
         if name == "rgb2all":  # 4M: the image in, everything else out (its tokens too, when pixels are in)
             preset_input = np.zeros(count)
-            preset_input[self._rgb_input] = 1.0
-            preset_target[self._rgb_input] = 0.0
+            preset_input[self._image_input] = 1.0
+            preset_target[self._image_input] = 0.0
 
         def own(side: str, preset: np.ndarray | None) -> np.ndarray:
-            given = getattr(cfg, side).get(name)
+            given = getattr(self.mixtures, side).get(name)
             if given is None:
                 return preset
             return np.array([float(given.get(m.name, 0.0)) for m in self.modalities])
 
-        keep = cfg.keep.get(name, {})
+        keep = self.mixtures.keep.get(name, {})
         return _Mixture(
             input_alphas=own("input_alphas", preset_input),
             target_alphas=own("target_alphas", preset_target),
             keep=tuple(keep.get(m.name, "random") for m in self.modalities),
-            falls_back=name != TASK or not cfg.task_inputs,
+            falls_back=name != TASK or not cfg.task.inputs,
         )
 
     def sample_rng(self, index: int, epoch: int = 0) -> np.random.Generator:
         """The generator for sample ``index`` of ``epoch``: same mask wherever and whenever it is drawn."""
-        return np.random.default_rng((self.cfg.seed, epoch, index))
+        return np.random.default_rng((self.seed, epoch, index))
 
     def __call__(self, sample: Mapping[str, np.ndarray | None], rng: np.random.Generator) -> MaskedSample:
         cfg, infos = self.cfg, self.modalities
@@ -586,7 +488,7 @@ class Masker:
                 tokens[i], chunks[i] = chunk_view(info, self._read(info, sample[info.name]), rng)
         present = np.zeros(len(infos), bool)
         present[list(tokens)] = True
-        mixture = self._mixtures[int(rng.choice(len(self._mixtures), p=self._weights))]
+        mixture = self._resolved[int(rng.choice(len(self._resolved), p=self._weights))]
         if mixture.falls_back and not (present & (mixture.input_alphas > 0)).any():
             mixture = self._all2all
         input_from = present & (mixture.input_alphas > 0)
@@ -651,7 +553,7 @@ class Masker:
         )
 
     def collate(self, samples: Sequence[MaskedSample]) -> MaskedBatch:
-        sizes = {m.name: m.image_size for m in self.modalities if m.kind == "pixels"}
+        sizes = {m.name: m.image_size for m in self.modalities if m.layout == "pixels"}
         return collate(samples, self.cfg.input_budget, self.cfg.target_budget, sizes)
 
     @staticmethod
@@ -681,13 +583,13 @@ class Masker:
         """Maps: the flat grid. Sequences: the tokens up to EOS (trailing padding dropped), EOS appended
         if the stored row lacks it, since 4M masks EOS like any token. Pixels: the (S, S, 3) image,
         whose patches stand as the grid's ids (0: the model embeds the pixels, not an id)."""
-        if info.kind == "pixels":
+        if info.layout == "pixels":
             shape = (info.image_size, info.image_size, 3)
             if np.shape(ids) != shape or np.asarray(ids).dtype != np.uint8:
                 raise ValueError(f"{info.name}: expected a uint8 image of shape {shape}, got {np.shape(ids)}")
             return np.zeros(info.num_tokens, np.int64)
         ids = np.asarray(ids).reshape(-1).astype(np.int64)
-        if info.kind == "map":
+        if info.layout == "map":
             if len(ids) != info.num_tokens:
                 raise ValueError(f"{info.name}: {len(ids)} tokens, expected the grid's {info.num_tokens}")
             return ids

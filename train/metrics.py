@@ -7,7 +7,7 @@ updating sample by sample gives the same figures as one sample that holds them a
 nothing to average over is NaN.
 
 One metric and one baseline class per *kind* of modality (``METRIC_KINDS``, ``BASELINE_KINDS``),
-each named after 4M-7's modality of that kind; every registered modality of the kind gets them.
+named after the kind; every registered modality of the kind gets them, under its own name.
 
 ==============  ==========================================  =============================================
 kind (4M-7)     prediction and label of one sample          result keys (each result also has ``samples``)
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
+from four_m.core.coco import COCO_PANOPTIC, NO_CLASS
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
 from four_m.tokenize.boxes import CORNERS
@@ -61,14 +61,14 @@ from four_m.tokenize.text import EOS, SPECIAL_TOKENS
 
 EOS_ID = SPECIAL_TOKENS.index(EOS)
 """``[EOS]`` in the shared text vocabulary: where a caption ends."""
-DEPTH_OFFSET = 1.0
-"""Added to both depth maps before relative errors are taken (see ``DepthMetric``)."""
+CONTINUOUS_MAP_OFFSET = 1.0
+"""Added to both depth maps before relative errors are taken (see ``ContinuousMapMetric``)."""
 DELTA_THRESHOLD = 1.25
-NORMAL_MIN_LENGTH = 0.5
+DIRECTION_MIN_LENGTH = 0.5
 """A label normal shorter than this has no direction: the labeler's zero vector is stored as
 mid-grey and reads back about 0.007 long, while a real normal is about 1 long."""
-NORMAL_CLOSE_DEG = 11.25
-DET_IOU = 0.5
+DIRECTION_CLOSE_DEG = 11.25
+BOX_IOU = 0.5
 
 
 class MetricInputError(UserError):
@@ -114,13 +114,13 @@ def _float_map(name: str, value: Any, channels: int | None, role: str) -> np.nda
 
 
 def _class_map(name: str, value: Any, classes: int, role: str) -> np.ndarray:
-    """``value`` as an (H, W) integer array of class ids, or ``SEMSEG_IGNORE`` where ``role`` is a label."""
+    """``value`` as an (H, W) integer array of class ids, or ``NO_CLASS`` where ``role`` is a label."""
     array = np.asarray(value)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise MetricInputError(f"{name}: expected an (H, W) integer {role}, got {array.dtype} {array.shape}")
     bad = (array < 0) | (array >= classes)
     if role == "label":
-        bad &= array != SEMSEG_IGNORE
+        bad &= array != NO_CLASS
     if bad.any():
         raise MetricInputError(f"{name}: {role} class ids {np.unique(array[bad])[:5].tolist()} not in [0, {classes})")
     return array.astype(np.int64)
@@ -145,24 +145,24 @@ def _until_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:
     return ids[: ends[0] + 1] if ends.size else ids
 
 
-def _number(value: Any, what: str) -> float:
+def _number(name: str, value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise MetricInputError(f"det: {what} must be a finite number, got {value!r:.80}")
+        raise MetricInputError(f"{name}: {what} must be a finite number, got {value!r:.80}")
     return float(value)
 
 
-def _boxes(boxes: Any, role: str) -> tuple[np.ndarray, list[str], list[float]]:
+def _boxes(name: str, boxes: Any, role: str) -> tuple[np.ndarray, list[str], list[float]]:
     """One image's box dicts -> corners (N, 4), class names, scores (absent or None: 1.0)."""
     if isinstance(boxes, str | bytes | Mapping) or not isinstance(boxes, Sequence):
-        raise MetricInputError(f"det: expected a list of box dicts as the {role}, got {type(boxes).__name__}")
+        raise MetricInputError(f"{name}: expected a list of box dicts as the {role}, got {type(boxes).__name__}")
     corners, names, scores = [], [], []
     for box in boxes:
         if not isinstance(box, Mapping) or not isinstance(box.get("class"), str):
-            raise MetricInputError(f"det: expected box dicts with a class name in the {role}, got {box!r:.80}")
-        corners.append([_number(box.get(key), f"{role} box {key!r}") for key in CORNERS])
+            raise MetricInputError(f"{name}: expected box dicts with a class name in the {role}, got {box!r:.80}")
+        corners.append([_number(name, box.get(key), f"{role} box {key!r}") for key in CORNERS])
         names.append(box["class"])
         score = box.get("score")
-        scores.append(1.0 if score is None else _number(score, f"{role} box 'score'"))
+        scores.append(1.0 if score is None else _number(name, score, f"{role} box 'score'"))
     return np.asarray(corners, dtype=np.float64).reshape(-1, len(CORNERS)), names, scores
 
 
@@ -199,7 +199,7 @@ class _PixelMeans(ABC):
         """One sample's (C, H, W) maps -> (len(keys), valid pixels) per-pixel quantities."""
 
 
-class DepthMetric(_PixelMeans):
+class ContinuousMapMetric(_PixelMeans):
     """abs-rel, mean |p - g| / g, and delta, the share of pixels with max(p/g, g/p) < 1.25.
 
     Labels are relative inverse depth min-max normalised per image to [0, 1] (``labelers.depth``);
@@ -208,18 +208,18 @@ class DepthMetric(_PixelMeans):
     scaling would pardon a prediction for a range the labels pin down. But a normalised map is 0 at
     its farthest pixel, where abs-rel divides by zero, and near 0 over whole far regions (sky),
     where a tiny absolute error becomes a huge relative one. So p and g are the values plus 1, as in
-    the depth tokenizer's own metric (``DepthAdapter.metric_sums``): the tokenizer-ceiling figure is
+    the depth tokenizer's own metric (``ContinuousMapAdapter.metric_sums``): the tokenizer-ceiling figure is
     the tokenizer's. Read as disparity, 1 + value is a scene whose farthest point is twice as far as
     its nearest: abs-rel is at most 1 per pixel and delta is lenient (a difference of 0.25 passes
     at the far end). Every pixel of such a label is valid (g >= 1).
     """
 
-    name = "depth"
+    name = "continuous_map"
     keys = ("abs_rel", f"delta_{DELTA_THRESHOLD:g}")
     channels = 1
 
     def _per_pixel(self, prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
-        predicted, truth = prediction + DEPTH_OFFSET, label + DEPTH_OFFSET
+        predicted, truth = prediction + CONTINUOUS_MAP_OFFSET, label + CONTINUOUS_MAP_OFFSET
         valid = truth > 0
         predicted, truth = predicted[valid], truth[valid]
         # Without division: a prediction at or below zero is never within the threshold.
@@ -233,27 +233,27 @@ def _cosines(prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
     return np.clip((prediction * label).sum(axis=0) / np.maximum(lengths, 1e-12), -1.0, 1.0)
 
 
-class NormalMetric(_PixelMeans):
+class DirectionMapMetric(_PixelMeans):
     """Mean angle in degrees between predicted and label normals, and the share under 11.25 degrees.
 
     Both are normalised first, so only directions count; pixels whose label has no direction
-    (shorter than ``NORMAL_MIN_LENGTH``) are left out.
+    (shorter than ``DIRECTION_MIN_LENGTH``) are left out.
     """
 
-    name = "normal"
-    keys = ("angular_error_deg", f"within_{NORMAL_CLOSE_DEG:g}deg")
+    name = "direction_map"
+    keys = ("angular_error_deg", f"within_{DIRECTION_CLOSE_DEG:g}deg")
     channels = 3
 
     def _per_pixel(self, prediction: np.ndarray, label: np.ndarray) -> np.ndarray:
-        valid = np.linalg.norm(label, axis=0) > NORMAL_MIN_LENGTH  # (H, W)
+        valid = np.linalg.norm(label, axis=0) > DIRECTION_MIN_LENGTH  # (H, W)
         angles = np.degrees(np.arccos(_cosines(prediction[:, valid], label[:, valid])))
-        return np.stack([angles, angles < NORMAL_CLOSE_DEG])
+        return np.stack([angles, angles < DIRECTION_CLOSE_DEG])
 
 
-class ClipMetric(_PixelMeans):
+class FeatureMapMetric(_PixelMeans):
     """Mean cosine similarity of the predicted and label feature vectors at each grid position."""
 
-    name = "clip"
+    name = "feature_map"
     keys = ("cosine",)
     channels = None
 
@@ -261,12 +261,12 @@ class ClipMetric(_PixelMeans):
         return _cosines(prediction.reshape(len(prediction), -1), label.reshape(len(label), -1))[None]
 
 
-class RgbMetric:
+class ImageMetric:
     """PSNR in dB per image (peak 1, as the rgb tokenizer's own figure; a perfect image counts as
     100 dB, its MSE floored at 1e-10), averaged over images; and the mean absolute error per pixel
     and channel. What a ``caption -> rgb`` task is scored by."""
 
-    name = "rgb"
+    name = "image"
 
     def __init__(self) -> None:
         self.samples = 0
@@ -290,24 +290,24 @@ class RgbMetric:
         return {"psnr_db": self._psnr / self.samples, "abs_error": self._abs / self._values, "samples": self.samples}
 
 
-class SemsegMetric:
+class ClassMapMetric:
     """mIoU and pixel accuracy over all samples' labelled pixels, pooled (torchmetrics' multiclass
     Jaccard index, macro, and accuracy, micro: each sums one confusion matrix over every update).
 
     The mean runs over the classes seen in the labels or the predictions of the whole set
     (torchmetrics gives a class in neither weight 0): a class predicted but never labelled counts
     with IoU 0 (the tokenizer's own metric averages only over labelled classes). Pixels labelled
-    ``SEMSEG_IGNORE`` (no class) are left out.
+    ``NO_CLASS`` (no class) are left out.
     """
 
-    name = "semseg"
+    name = "class_map"
 
     def __init__(self, classes: int = len(COCO_PANOPTIC)) -> None:
         self.classes = classes
         self.samples = 0
         self._pixels = 0  # labelled pixels: with none, both figures are NaN (torchmetrics' accuracy says 0)
         # Inputs are checked by _class_map, whose messages name the modality.
-        options = {"num_classes": classes, "ignore_index": SEMSEG_IGNORE, "validate_args": False}
+        options = {"num_classes": classes, "ignore_index": NO_CLASS, "validate_args": False}
         self._iou = MulticlassJaccardIndex(average="macro", **options)
         self._accuracy = MulticlassAccuracy(average="micro", **options)
 
@@ -318,7 +318,7 @@ class SemsegMetric:
         predicted, truth = torch.from_numpy(predicted), torch.from_numpy(truth)
         self._iou.update(predicted, truth)
         self._accuracy.update(predicted, truth)
-        self._pixels += int((truth != SEMSEG_IGNORE).sum())
+        self._pixels += int((truth != NO_CLASS).sum())
         self.samples += 1
 
     def result(self) -> dict[str, float]:
@@ -353,7 +353,7 @@ def _average_precision(hits: np.ndarray, positives: int) -> float:
     return float((np.diff(recall, prepend=0.0) * envelope).sum())
 
 
-class DetMetric:
+class BoxesMetric:
     """Box mAP at IoU 0.5: per class, all-point interpolated AP (VOC 2010+), then the mean.
 
     Within an image, predictions are matched in order of score to the unmatched label box of
@@ -371,7 +371,7 @@ class DetMetric:
     higher on average), which is more than the gaps ``make eval`` reports between its columns.
     """
 
-    name = "det"
+    name = "boxes"
 
     def __init__(self) -> None:
         self.samples = 0
@@ -379,12 +379,12 @@ class DetMetric:
         self._ranked: list[tuple[str, float, int, bool]] = []  # class, score, arrival, true positive
 
     def update(self, prediction: Any, label: Any) -> None:
-        boxes, names, scores = _boxes(prediction, "prediction")
-        label_boxes, label_names, _ = _boxes(label, "label")
+        boxes, names, scores = _boxes(self.name, prediction, "prediction")
+        label_boxes, label_names, _ = _boxes(self.name, label, "label")
         self._positives.update(label_names)
         overlaps = _iou(boxes, label_boxes)  # (P, L)
         same_class = np.asarray([[n == m for m in label_names] for n in names], dtype=bool).reshape(overlaps.shape)
-        candidates = np.where(same_class & (overlaps >= DET_IOU), overlaps, -1.0)
+        candidates = np.where(same_class & (overlaps >= BOX_IOU), overlaps, -1.0)
         for i in sorted(range(len(names)), key=lambda i: -scores[i]):  # stable: ties keep the given order
             best = int(candidates[i].argmax()) if label_names else -1
             hit = best >= 0 and candidates[i, best] >= 0
@@ -402,14 +402,14 @@ class DetMetric:
         return {"map_50": float(np.mean(precisions)) if precisions else math.nan, "samples": self.samples}
 
 
-class CaptionMetric:
+class TextMetric:
     """Token accuracy: position-wise equal ids over the label's length, ``[EOS]`` included.
 
     Both sides end at their first ``[EOS]`` (what follows it is not part of the caption, so it can
     neither score nor hide); a prediction shorter than the label misses the rest.
     """
 
-    name = "caption"
+    name = "text"
 
     def __init__(self, eos_id: int = EOS_ID) -> None:
         self.eos_id = eos_id
@@ -434,7 +434,7 @@ class EdgeMetric:
     """Edge F1 (``tokenize.maps.edge_counts``): precision and recall of edge pixels within a small
     distance of the other side's edges, pooled over all pixels of all samples."""
 
-    name = "canny_edge"
+    name = "edge_map"
 
     def __init__(self) -> None:
         self.samples = 0
@@ -487,7 +487,7 @@ class PaletteMetric:
     palette of the same length (CIEDE2000 after optimal matching, ``delta_e``, lower is better),
     averaged over the palettes predicted; ``well_formed`` is the share of predictions holding one."""
 
-    name = "color_palette"
+    name = "palette"
 
     def __init__(self) -> None:
         self.samples = 0
@@ -540,19 +540,19 @@ class MetadataMetric:
 
 METRIC_KINDS: Mapping[str, type[Metric]] = MappingProxyType(
     {
-        "continuous_map": DepthMetric,
-        "direction_map": NormalMetric,
-        "class_map": SemsegMetric,
-        "feature_map": ClipMetric,
-        "boxes": DetMetric,
-        "text": CaptionMetric,
+        "continuous_map": ContinuousMapMetric,
+        "direction_map": DirectionMapMetric,
+        "class_map": ClassMapMetric,
+        "feature_map": FeatureMapMetric,
+        "boxes": BoxesMetric,
+        "text": TextMetric,
         "edge_map": EdgeMetric,
         "palette": PaletteMetric,
         "metadata": MetadataMetric,
-        "image": RgbMetric,
+        "image": ImageMetric,
     }
 )
-"""Kind -> its metric class (named after 4M-7's modality of that kind, or 4M-21's)."""
+"""Kind -> its metric class."""
 
 
 # --- baselines ---------------------------------------------------------------------------------
@@ -592,27 +592,27 @@ class _MeanMapBaseline:
         return np.ones(label.shape[1:], dtype=bool)
 
 
-class RgbBaseline(_MeanMapBaseline):
+class ImageBaseline(_MeanMapBaseline):
     """The mean image of the labels: a caption -> rgb model must draw more than the average photo."""
 
-    name = "rgb"
+    name = "image"
     channels = 3
 
 
-class DepthBaseline(_MeanMapBaseline):
-    name = "depth"
+class ContinuousMapBaseline(_MeanMapBaseline):
+    name = "continuous_map"
     channels = 1
 
 
-class ClipBaseline(_MeanMapBaseline):
-    name = "clip"
+class FeatureMapBaseline(_MeanMapBaseline):
+    name = "feature_map"
     channels = None
 
 
-class NormalBaseline(_MeanMapBaseline):
+class DirectionMapBaseline(_MeanMapBaseline):
     """The per-pixel mean direction: the mean of the labels with a direction, normalised."""
 
-    name = "normal"
+    name = "direction_map"
     channels = 3
 
     def predict(self) -> np.ndarray:
@@ -620,13 +620,13 @@ class NormalBaseline(_MeanMapBaseline):
         return mean / np.maximum(np.linalg.norm(mean, axis=0), 1e-12)
 
     def _valid(self, label: np.ndarray) -> np.ndarray:
-        return np.linalg.norm(label, axis=0) > NORMAL_MIN_LENGTH
+        return np.linalg.norm(label, axis=0) > DIRECTION_MIN_LENGTH
 
 
-class SemsegBaseline:
+class ClassMapBaseline:
     """The per-pixel most frequent labelled class; pixels never labelled get the overall most frequent one."""
 
-    name = "semseg"
+    name = "class_map"
 
     def __init__(self, classes: int = len(COCO_PANOPTIC)) -> None:
         self.classes = classes
@@ -639,7 +639,7 @@ class SemsegBaseline:
             if self._counts is None:
                 self._counts = np.zeros((self.classes, *value.shape), dtype=np.int64)
             _same_shape(self.name, value, self._counts[0])
-            rows, columns = np.nonzero(value != SEMSEG_IGNORE)
+            rows, columns = np.nonzero(value != NO_CLASS)
             self._counts[value[rows, columns], rows, columns] += 1  # each pixel once: no repeated index
 
     def predict(self) -> np.ndarray:
@@ -651,14 +651,14 @@ class SemsegBaseline:
         return np.where(self._counts.any(axis=0), self._counts.argmax(axis=0), overall.argmax())
 
 
-class DetBaseline:
+class BoxesBaseline:
     """One box: the most frequent label class, at the mean corners of that class's label boxes, score 1.
 
     Predicting no boxes would score 0 by construction and say nothing; this box is what the labels
     alone suggest. Labels without any box give no boxes.
     """
 
-    name = "det"
+    name = "boxes"
 
     def __init__(self) -> None:
         self._boxes: dict[str, list[np.ndarray]] | None = None
@@ -667,7 +667,7 @@ class DetBaseline:
         boxes: dict[str, list[np.ndarray]] = {}
         samples = 0
         for label in labels:
-            corners, names, _ = _boxes(label, "label")
+            corners, names, _ = _boxes(self.name, label, "label")
             for box, name in zip(corners, names, strict=True):
                 boxes.setdefault(name, []).append(box)
             samples += 1
@@ -684,7 +684,7 @@ class DetBaseline:
         return [{**dict(zip(CORNERS, mean.tolist(), strict=True)), "class": name, "score": 1.0}]
 
 
-class CaptionBaseline:
+class TextBaseline:
     """At each position, the most frequent label token among the labels that reach it, to the first ``[EOS]``.
 
     Labels that ended earlier do not vote, and ``[EOS]`` is a token like any other, so the
@@ -692,7 +692,7 @@ class CaptionBaseline:
     most frequent caption would be no baseline: real captions are almost all distinct.
     """
 
-    name = "caption"
+    name = "text"
 
     def __init__(self, eos_id: int = EOS_ID) -> None:
         self.eos_id = eos_id
@@ -727,7 +727,7 @@ class EdgeBaseline:
     density: a fixed map with the right amount of edge where edges usually are (a per-pixel mean
     thresholded at one half would be blank, edges being rare everywhere)."""
 
-    name = "canny_edge"
+    name = "edge_map"
 
     def __init__(self) -> None:
         self._sum: np.ndarray | None = None
@@ -753,7 +753,7 @@ class PaletteBaseline:
     """Per palette length and rank, the mean colour (in CIELAB) of the labels' palettes: the
     average palette of each size."""
 
-    name = "color_palette"
+    name = "palette"
 
     def __init__(self) -> None:
         self._sums: dict[int, np.ndarray] = {}
@@ -800,16 +800,16 @@ class MetadataBaseline:
 
 BASELINE_KINDS: Mapping[str, type[Baseline]] = MappingProxyType(
     {
-        "continuous_map": DepthBaseline,
-        "direction_map": NormalBaseline,
-        "class_map": SemsegBaseline,
-        "feature_map": ClipBaseline,
-        "boxes": DetBaseline,
-        "text": CaptionBaseline,
+        "continuous_map": ContinuousMapBaseline,
+        "direction_map": DirectionMapBaseline,
+        "class_map": ClassMapBaseline,
+        "feature_map": FeatureMapBaseline,
+        "boxes": BoxesBaseline,
+        "text": TextBaseline,
         "edge_map": EdgeBaseline,
         "palette": PaletteBaseline,
         "metadata": MetadataBaseline,
-        "image": RgbBaseline,
+        "image": ImageBaseline,
     }
 )
 """Kind -> its baseline class."""

@@ -20,10 +20,10 @@ D width, H heads, M modalities, n_m the real target tokens of modality m in the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,9 @@ class ModelModality:
     (``MaskedBatch.input_modality``/``target_modality``) indexes that list."""
 
     name: str
-    kind: Literal["map", "sequence", "pixels"]
+    layout: Literal["map", "sequence", "pixels"]
+    """How its tokens lie: a grid of ``positions`` (a map; a pixel input's patches), or a sequence
+    (its spec's ``layout``, which a modality's *kind* decides)."""
     vocab_size: int
     """Size of the modality's token table and output head (0 for pixels: they have neither)."""
     positions: int
@@ -129,16 +131,16 @@ class ModelModality:
     def __post_init__(self) -> None:
         if not self.vocabulary:
             object.__setattr__(self, "vocabulary", self.name)
-        if self.kind == "pixels":
+        if self.layout == "pixels":
             object.__setattr__(self, "as_target", False)
         for name in ("mean", "std"):  # JSON gives lists back
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check(bool(self.name), "modality.name", "must not be empty")
-        check(self.kind in ("map", "sequence", "pixels"), f"modality {self.name}.kind", "map|sequence|pixels")
-        pixels = self.kind == "pixels"
+        check(self.layout in ("map", "sequence", "pixels"), f"modality {self.name}.layout", "map|sequence|pixels")
+        pixels = self.layout == "pixels"
         check(pixels or self.vocab_size >= 1, f"modality {self.name}.vocab_size", "must be >= 1")
         check(self.positions >= 1, f"modality {self.name}.positions", "must be >= 1")
-        if self.kind != "sequence":
+        if self.layout != "sequence":
             check(math.isqrt(self.positions) ** 2 == self.positions, f"modality {self.name}.positions", "a square")
         shaped = self.patch_size >= 1 and len(self.mean) == len(self.std) == 3
         check(shaped == pixels, f"modality {self.name}.patch_size", "pixels need patch_size, mean, std; tokens none")
@@ -147,12 +149,26 @@ class ModelModality:
     @property
     def grid(self) -> int:
         """Side of a map's token grid or a pixel input's patch grid (1 for sequences, where it is not used)."""
-        return math.isqrt(self.positions) if self.kind != "sequence" else 1
+        return math.isqrt(self.positions) if self.layout != "sequence" else 1
 
     @property
     def image_size(self) -> int:
         """Pixels: the side of the image (0 for token modalities)."""
         return self.grid * self.patch_size
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelModality:
+        """As ``asdict`` wrote it (a run's ``model.json``, a checkpoint's hyper-parameters); runs made
+        before ``layout`` had its name call it ``kind``, and still load."""
+        return cls(**cls.current_fields(data))
+
+    @staticmethod
+    def current_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+        """``data``'s fields under this version's names (``kind`` was ``layout``'s)."""
+        fields = dict(data)
+        if "kind" in fields:
+            fields["layout"] = fields.pop("kind")
+        return fields
 
     @classmethod
     def from_spec(cls, spec: ModalitySpec, vocab_size: int | None = None) -> ModelModality:
@@ -170,7 +186,7 @@ class ModelModality:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixed positional embeddings (not learned: the same for every modality of a kind, and they
+# Fixed positional embeddings (not learned: the same for every modality of a layout, and they
 # extend to positions never seen in training)
 
 
@@ -329,8 +345,8 @@ class FourM(nn.Module):
         check(len(set(names)) == len(names), "model.modalities", f"names repeat: {names}")
         self.config = config
         self.modalities = tuple(modalities)
-        tokens = [m for m in modalities if m.kind != "pixels"]
-        pixels = [m for m in modalities if m.kind == "pixels"]
+        tokens = [m for m in modalities if m.layout != "pixels"]
+        pixels = [m for m in modalities if m.layout == "pixels"]
         vocab_sizes: dict[str, int] = {}  # ordered by first use, sized by the first user
         for m in tokens:
             vocab_sizes.setdefault(m.vocabulary, m.vocab_size)
@@ -347,7 +363,7 @@ class FourM(nn.Module):
 
         # Per-modality lookups by modality index: is it on a grid (maps, pixels), its grid side, its
         # vocabulary's index (-1: pixels have none).
-        self.register_buffer("is_map", torch.tensor([m.kind != "sequence" for m in modalities]), persistent=False)
+        self.register_buffer("is_map", torch.tensor([m.layout != "sequence" for m in modalities]), persistent=False)
         self.register_buffer("grid", torch.tensor([m.grid for m in modalities]), persistent=False)
         self._vocabulary_of = [self._vocabularies.index(m.vocabulary) if m in tokens else -1 for m in modalities]
         self.register_buffer("vocabulary_of", torch.tensor(self._vocabulary_of), persistent=False)
@@ -360,7 +376,7 @@ class FourM(nn.Module):
             {v: nn.Embedding(n, D) for v, n in vocab_sizes.items() if v in read or not config.decoder_tables}
         )
         if config.decoder_tables:  # map targets read the mask token
-            sequences = {m.vocabulary for m in tokens if m.kind == "sequence" and m.as_target}
+            sequences = {m.vocabulary for m in tokens if m.layout == "sequence" and m.as_target}
             self.decoder_token_embeddings = nn.ModuleDict(
                 {v: nn.Embedding(n, D) for v, n in vocab_sizes.items() if v in sequences}
             )

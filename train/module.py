@@ -32,7 +32,7 @@ class FourMTraining(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model = FourM(ModelConfig(**model), [ModelModality(**m) for m in modalities])
+        self.model = FourM(ModelConfig(**model), [ModelModality.from_dict(m) for m in modalities])
         self.new_parameters: frozenset[str] = frozenset()
         """Names (as ``named_parameters`` gives them) of parameters a fine-tune adds; with ``new_learning_rate`` set,
         they train at that peak rate, the others at ``learning_rate``."""

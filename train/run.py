@@ -35,7 +35,7 @@ from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
 from four_m.train.data import PASSED_OVER, TokenDataModule, store_vocabularies
 from four_m.train.finetune import FinetuneStart
-from four_m.train.masking import Masker, MaskingConfig, ModalityInfo
+from four_m.train.masking import Masker, ModalityInfo
 from four_m.train.model import FourM, ModelConfig, ModelModality, check_weight_names
 from four_m.train.module import FourMTraining
 
@@ -111,12 +111,11 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
     resume = run_dir / "checkpoints" / LAST
     if resume.is_file():
         check_checkpoint(resume, modalities, cfg.run)
-    infos = [ModalityInfo(m.name, m.kind, m.positions, image_size=m.image_size) for m in modalities]
-    masking = MaskingConfig.from_train(cfg)
+    infos = [ModalityInfo(m.name, m.layout, m.positions, image_size=m.image_size) for m in modalities]
     data = TokenDataModule(
         root=root.path,
         modalities=[m.name for m in modalities],
-        masker=Masker(infos, masking),
+        masker=Masker(infos, cfg.masking, seed=cfg.seed),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         shuffle_buffer=cfg.shuffle_buffer,
@@ -167,7 +166,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
         described = {
             "model": asdict(module.model.config),
             "modalities": [asdict(m) for m in modalities],
-            "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities if m.kind != "pixels"},
+            "tokenizers": {m.name: tokenizer_id(root, m.name) for m in modalities if m.layout != "pixels"},
             **({"task": asdict(cfg.task)} if cfg.task.inputs else {}),
             **origin,
         }
@@ -211,10 +210,10 @@ def check_checkpoint(path: Path, modalities: list[ModelModality], run: str) -> N
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     hyper = checkpoint["hyper_parameters"]
     with torch.device("meta"):  # the checkpoint's own model, shapes only: the weights' names it should have
-        model = FourM(ModelConfig(**hyper["model"]), [ModelModality(**m) for m in hyper["modalities"]])
+        saved_modalities = [ModelModality.from_dict(m) for m in hyper["modalities"]]
+        model = FourM(ModelConfig(**hyper["model"]), saved_modalities)
     check_weight_names(model, [name.removeprefix("model.") for name in checkpoint["state_dict"]], run)
-    # Read back through the dataclass, so a checkpoint written before a field existed compares by its default.
-    saved, now = [asdict(ModelModality(**m)) for m in hyper["modalities"]], [asdict(m) for m in modalities]
+    saved, now = [asdict(m) for m in saved_modalities], [asdict(m) for m in modalities]
     if saved != now:
         raise TrainingMismatchError(
             f"checkpoint {path} was trained on {_describe(saved)}, the token store now has {_describe(now)}:"

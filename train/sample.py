@@ -228,10 +228,10 @@ def draw_grid(
     for t in targets:
         labels = rows.shown.get(t, [NO_LABEL] * len(rows.views))
         columns += [(f"{t} pseudo-label", labels), (f"{t} predicted", decoded[t])]
-    kinds = [*given, *(t for t in targets for _ in range(2))]
+    column_modalities = [*given, *(t for t in targets for _ in range(2))]
     grid = Image.new("RGB", (len(columns) * size, HEADER + len(rows.views) * size), "white")
     draw = ImageDraw.Draw(grid)
-    for c, ((title, values), modality) in enumerate(zip(columns, kinds, strict=True)):
+    for c, ((title, values), modality) in enumerate(zip(columns, column_modalities, strict=True)):
         draw.text((c * size + 4, 3), title, fill=(0, 0, 0))
         for r, (value, view) in enumerate(zip(values, rows.views, strict=True)):
             tile = text_tile(NO_LABEL, size) if value is NO_LABEL else render_value(modality, value, view, size)

@@ -79,7 +79,7 @@ def load_trained(config: Config) -> TrainedRun:
     description = read_description(described)
     spec, modalities = description.spec, description.modalities
     tokenizers = {}
-    for modality in (m for m in modalities if m.kind != "pixels"):  # pixels have no tokenizer
+    for modality in (m for m in modalities if m.layout != "pixels"):  # pixels have no tokenizer
         try:
             tokenizer = load_tokenizer(root, modality.name)
         except FileNotFoundError as err:
@@ -109,7 +109,12 @@ def read_description(file: RootPath) -> RunDescription:
     if not shaped or not isinstance(spec.get("tokenizers", {}), dict):
         raise RunFileError(f"{file}: not a run's model.json (an object of model, modalities and tokenizers)")
     model = _fields(ModelConfig, spec["model"], f"{file}: model")
-    modalities = [_fields(ModelModality, m, f"{file}: modalities[{i}]") for i, m in enumerate(spec["modalities"])]
+    modalities = [
+        _fields(
+            ModelModality, ModelModality.current_fields(m) if isinstance(m, dict) else m, f"{file}: modalities[{i}]"
+        )
+        for i, m in enumerate(spec["modalities"])
+    ]
     return RunDescription(model, modalities, spec)
 
 

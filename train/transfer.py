@@ -83,7 +83,7 @@ def transfer_weights(source: FourM, target: FourM) -> Transfer:
             f"{m.name} ({source_modalities[m.name].positions} -> {m.positions} positions)"
             for m in target.modalities
             if m.name in source_modalities
-            and m.kind != "sequence"
+            and m.layout != "sequence"
             and source_modalities[m.name].positions != m.positions
         ],
     )
@@ -106,9 +106,9 @@ def transfer_weights(source: FourM, target: FourM) -> Transfer:
 
 def _check_vocabularies(source: FourM, target: FourM) -> None:
     """Every vocabulary of both models has one size on both sides, else name its modalities."""
-    theirs = {m.vocabulary: m.vocab_size for m in source.modalities if m.kind != "pixels"}
+    theirs = {m.vocabulary: m.vocab_size for m in source.modalities if m.layout != "pixels"}
     resized = [
-        m for m in target.modalities if m.kind != "pixels" and theirs.get(m.vocabulary, m.vocab_size) != m.vocab_size
+        m for m in target.modalities if m.layout != "pixels" and theirs.get(m.vocabulary, m.vocab_size) != m.vocab_size
     ]
     if resized:
         listed = ", ".join(f"{m.name} ({theirs[m.vocabulary]} -> {m.vocab_size} ids)" for m in resized)

@@ -1,10 +1,11 @@
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from four_m.core.config import CONFIG_DIR, Config, ConfigError, load_config
+from four_m.core.config import CONFIG_DIR, Config, ConfigError, MaskingConfig, load_config
 from four_m.core.weights import COMMIT, is_hub_id
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -48,6 +49,10 @@ def _write(tmp_path: Path, data: dict) -> Path:
         ({"card": {"model_licenses": ["apache-2.0"]}}, "card.model_licenses: expected a mapping"),
         ({"card": {"model_licenses": {"m": 2}}}, "card.model_licenses.m: expected str"),
         ({"card": {"license": "other"}}, "card.license_name: needed with license: other"),
+        # the masking's settings are keys of the train section, checked at load, not when training starts
+        ({"train": {"mixtures": ["mine"]}}, "train.input_alphas.mine: needed: not a preset"),
+        ({"train": {"keep": {"all2all": {"caption": "some"}}}}, "train.keep.all2all.caption: 'some' is not one of"),
+        ({"train": {"min_target_tokens": {"depth": 999}}}, "train.min_target_tokens: sum above the target_budget"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):
@@ -105,6 +110,13 @@ def test_section_hash_ignores_speed_knobs_but_not_output_shape():
     assert faster.section_hash("download") == default.section_hash("download")
     assert bigger.section_hash("download") != default.section_hash("download")
     assert base.section_hash("download") == Config().section_hash("download")
+
+
+def test_the_masking_of_a_train_section_is_its_masking_fields_alone():
+    train = load_config("default", ["train.max_steps=70", "train.input_budget=20"]).train
+    assert isinstance(train, MaskingConfig) and type(train.masking) is MaskingConfig
+    assert train.masking.input_budget == 20 and train.masking.mixtures == train.mixtures
+    assert train.masking == dataclasses.replace(train, max_steps=80).masking  # a longer run masks the same
 
 
 def test_a_finetune_recipe_changes_the_train_section_and_is_checked_at_load():

@@ -10,8 +10,8 @@ from dataclasses import asdict, replace
 
 import pytest
 
+from four_m.cli import main
 from four_m.core import storage
-from four_m.core.cli import main
 from four_m.core.stage_lock import LockHolder, StageLocked, force_unlock, lock_path, stage_lock
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard
 
-from four_m.core.cli import main
+from four_m.cli import main
 from four_m.core.config import AlgorithmConfig, Config, DownloadConfig, RayConfig, SampleConfig, load_config
 from four_m.datasets_cards.card import TEMPLATES, render_card, write_card
 from four_m.datasets_cards.stats import planned_stats

@@ -166,7 +166,7 @@ def test_a_checkpoint_that_is_not_omnidatas_normal_model_stops_naming_the_weight
 
 @pytest.mark.parametrize(("task", "flag"), [("normal", "--omnidata"), ("depth", "--omnidata-depth")])
 def test_make_models_converts_only_into_a_configured_new_folder(tmp_path, capsys, task, flag):
-    from four_m.core.cli import main
+    from four_m.cli import main
 
     checkpoint = tmp_path / "omnidata.ckpt"
     torch.save({}, checkpoint)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from four_m.core.coco import COCO_PANOPTIC, SEMSEG_IGNORE
+from four_m.core.coco import COCO_PANOPTIC, NO_CLASS
 from four_m.core.config import LabelerConfig
 from four_m.core.label_codec import decode_png
 from four_m.core.provenance import RANDOM_INIT
@@ -33,7 +33,7 @@ def test_maps_follow_the_schema_and_ranges(tiny, batch):
     maps = [decode_png(row["semseg"]) for row in out]
     for classes in maps:
         assert classes.dtype == np.uint8 and classes.shape == (VIEW, VIEW)
-        assert np.all((classes < len(COCO_PANOPTIC)) | (classes == SEMSEG_IGNORE))
+        assert np.all((classes < len(COCO_PANOPTIC)) | (classes == NO_CLASS))
     assert not all(np.array_equal(maps[0], other) for other in maps[1:]), "maps should depend on the image"
 
 

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from four_m.core.cli import main
+from four_m.cli import main
 from four_m.core.config import LabelerConfig
 from four_m.core.provenance import RANDOM_INIT
 from four_m.core.weights import read_manifest

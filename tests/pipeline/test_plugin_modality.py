@@ -83,7 +83,7 @@ def site(tmp_path_factory) -> Path:
 VERBS = ("label", "tokenizers", "tokenize", "train", "preview", "preview-tokens", "eval", "card")
 RUN_VERBS = """
 import sys
-from four_m.core.cli import main
+from four_m.cli import main
 
 config, *verbs = sys.argv[1:]
 for verb in verbs:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from four_m.core.cli import main
+from four_m.cli import main
 from four_m.core.dataset_root import DatasetRoot, sha256_file
 from four_m.core.failures import failure_reason
 from four_m.pipeline.download import run_download, run_retry_failed

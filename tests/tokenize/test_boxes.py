@@ -119,18 +119,18 @@ def test_save_load_gives_identical_ids(boxes, tmp_path):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ([[_box(0.1, 0.1, 0.2, 0.2, "dragon")]], "det: unknown class 'dragon'"),
-        ([[_box(0.1, 0.1, 0.2, 0.2, None)]], "det: unknown class None"),
-        ([[_box(0.1, "0.1", 0.2, 0.2)]], "det: box 'y0' must be a finite number"),
-        ([[_box(0.1, 0.1, float("nan"), 0.2)]], "det: box 'x1' must be a finite number"),
-        ([[_box(0.1, 0.1, 0.2, 0.2, score="high")]], "det: box 'score' must be a finite number"),
-        ([[{"x0": 0.1, "class": "dog"}]], "det: box 'y0' must be a finite number"),
-        ([[("dog", 0.1, 0.1, 0.2, 0.2)]], "det: expected a dict per box"),
-        ([None], "det: expected a list of box dicts"),
-        ([_box(0.1, 0.1, 0.2, 0.2)], "det: expected a list of box dicts"),
-        (None, "det: expected a sequence of box lists"),
+        ([[_box(0.1, 0.1, 0.2, 0.2, "dragon")]], "boxes: unknown class 'dragon'"),
+        ([[_box(0.1, 0.1, 0.2, 0.2, None)]], "boxes: unknown class None"),
+        ([[_box(0.1, "0.1", 0.2, 0.2)]], "boxes: box 'y0' must be a finite number"),
+        ([[_box(0.1, 0.1, float("nan"), 0.2)]], "boxes: box 'x1' must be a finite number"),
+        ([[_box(0.1, 0.1, 0.2, 0.2, score="high")]], "boxes: box 'score' must be a finite number"),
+        ([[{"x0": 0.1, "class": "dog"}]], "boxes: box 'y0' must be a finite number"),
+        ([[("dog", 0.1, 0.1, 0.2, 0.2)]], "boxes: expected a dict per box"),
+        ([None], "boxes: expected a list of box dicts"),
+        ([_box(0.1, 0.1, 0.2, 0.2)], "boxes: expected a list of box dicts"),
+        (None, "boxes: expected a sequence of box lists"),
     ],
 )
-def test_bad_inputs_name_the_modality(boxes, values, message):
+def test_bad_inputs_name_the_kind(boxes, values, message):
     with pytest.raises(TokenizerInputError, match=message.replace("(", r"\(")):
         boxes.encode(values)

@@ -48,7 +48,7 @@ def test_a_generated_palette_is_read_only_when_well_formed(text):
 
 
 def test_palette_values_outside_rgb_are_refused(text):
-    with pytest.raises(TokenizerInputError, match="color_palette: a palette is 1-7 RGB colours"):
+    with pytest.raises(TokenizerInputError, match="palette: a palette is 1-7 RGB colours"):
         PaletteTokenizer(text).encode([[[0, 0, 256]]])
     with pytest.raises(TokenizerInputError, match="coordinate_bins >= 256"):
         PaletteTokenizer(TextTokenizer.train(["a b"], TextTokenizerConfig(vocab_size=16, coordinate_bins=100)))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from four_m.core.coco import SEMSEG_IGNORE
+from four_m.core.coco import NO_CLASS
 from four_m.tokenize.base import ML4MTokenizerError, TokenizerInputError
 from four_m.tokenize.maps import configured
 from four_m.tokenize.ml4m_tokenizer import ML4MTokenizer, is_imported
@@ -29,14 +29,14 @@ def semseg(tmp_path) -> ML4MTokenizer:
 def test_semseg_ids_round_trip_through_mlm4s_shifted_labels(semseg, tmp_path):
     rng = np.random.default_rng(0)
     values = [rng.integers(0, 133, (SIDE, SIDE)).astype(np.int64) for _ in range(3)]
-    values[0][:8] = SEMSEG_IGNORE  # "no class" is label 0 to ml-4m
+    values[0][:8] = NO_CLASS  # "no class" is label 0 to ml-4m
     ids = semseg.encode(values)
     assert [i.shape for i in ids] == [(16,)] * 3 and all(i.dtype == np.uint16 and i.max() < 32 for i in ids)
-    shifted = torch.from_numpy(np.where(values[0] == SEMSEG_IGNORE, 0, values[0] + 1))[None]
+    shifted = torch.from_numpy(np.where(values[0] == NO_CLASS, 0, values[0] + 1))[None]
     assert np.array_equal(ids[0], semseg.network.tokenize(shifted).flatten().numpy())
     decoded = semseg.decode(ids)
     assert decoded[0].shape == (SIDE, SIDE) and decoded[0].dtype == np.int64
-    assert set(np.unique(np.concatenate([d.ravel() for d in decoded]))) <= set(range(133)) | {SEMSEG_IGNORE}
+    assert set(np.unique(np.concatenate([d.ravel() for d in decoded]))) <= set(range(133)) | {NO_CLASS}
     semseg.save(tmp_path / "saved")
     assert is_imported(tmp_path / "saved")
     reloaded = ML4MTokenizer.load(tmp_path / "saved")

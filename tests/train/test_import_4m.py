@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
+from four_m.cli import main
 from four_m.core import storage
-from four_m.core.cli import main
 from four_m.core.config import load_config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
@@ -46,7 +46,7 @@ def test_every_key_is_used_and_each_weight_lands_where_ml4m_reads_it(imported):
     weights, result = imported
     model, ours = result.model, result.model.state_dict()
     assert [m.name for m in model.modalities] == ["rgb", "depth", "caption", "det", "rgb_pixels"]
-    assert {m.name: m.vocab_size for m in model.modalities if m.kind != "pixels"} == {
+    assert {m.name: m.vocab_size for m in model.modalities if m.layout != "pixels"} == {
         "rgb": 64,
         "depth": 48,
         "caption": 300,
@@ -134,7 +134,7 @@ def test_import_4m_writes_a_run_that_loads_as_any_run_and_names_the_tokenizers_i
     assert report.modalities["rgb_pixels"] == "rgb@224" and "import-4m: " in report.lines()[0]
     described = json.loads((tmp_path / "root/runs/imported/model.json").read_text())
     assert described["tokenizers"]["depth"] == "ml-4m:tok_depth@224" and described["imported_from"] == str(source)
-    model = FourM(ModelConfig(**described["model"]), [ModelModality(**m) for m in described["modalities"]])
+    model = FourM(ModelConfig(**described["model"]), [ModelModality.from_dict(m) for m in described["modalities"]])
     load_weights(model, tmp_path / "root/runs/imported/model.safetensors", "imported")
     _, result = imported
     for name, tensor in result.model.state_dict().items():

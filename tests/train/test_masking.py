@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from four_m.core.config import ConfigError, TextTokenizerConfig
+from four_m.core.config import ConfigError, MaskingConfig, TaskConfig, TextTokenizerConfig
 from four_m.tokenize.text import reserved_tokens
 from four_m.train.masking import (
     Masker,
-    MaskingConfig,
+    Mixtures,
     ModalityInfo,
     chunk_view,
     draw_keep_probability,
@@ -52,7 +52,7 @@ def random_sample(rng: np.random.Generator, infos, present_probability: float = 
         if rng.random() >= present_probability:
             if rng.random() < 0.5:
                 sample[info.name] = None
-        elif info.kind == "map":
+        elif info.layout == "map":
             sample[info.name] = rng.integers(0, 4096, size=info.num_tokens).astype(np.uint16)
         else:
             sample[info.name] = random_sequence(rng, info)
@@ -130,7 +130,7 @@ def test_map_inputs_and_targets_are_disjoint_in_range_and_carry_the_right_ids():
             ids_tgt, pos_tgt = tokens_of(out.target_ids, out.target_modality, out.target_position, index)
             for positions in (pos_in, pos_tgt):
                 assert ((positions >= 0) & (positions < info.num_tokens)).all()
-            if info.kind == "map":
+            if info.layout == "map":
                 assert len(set(pos_in)) == len(pos_in) and len(set(pos_tgt)) == len(pos_tgt)
                 assert not set(pos_in) & set(pos_tgt)
                 if len(pos_in) or len(pos_tgt):
@@ -143,7 +143,10 @@ def test_map_inputs_and_targets_are_disjoint_in_range_and_carry_the_right_ids():
 
 def test_absent_modalities_are_never_drawn():
     # rgb gets a huge concentration: if absent modalities were drawn, rgb would show up constantly
-    cfg = MaskingConfig(input_budget=16, target_budget=16, alphas={"rgb": 50.0})
+    steep = {info.name: 50.0 if info.name == "rgb" else 1.0 for info in RUN}
+    cfg = MaskingConfig(
+        input_budget=16, target_budget=16, input_alphas={"all2all": steep}, target_alphas={"all2all": steep}
+    )
     masker = Masker(RUN, cfg)
     rng = np.random.default_rng(3)
     seen = set()
@@ -158,7 +161,11 @@ def test_absent_modalities_are_never_drawn():
 
 
 def test_per_modality_alpha_steers_the_split():
-    masker = Masker(synthetic_maps(3), MaskingConfig(input_budget=12, target_budget=4, alphas={"m0": 200.0}))
+    steep = {"m0": 200.0, "m1": 1.0, "m2": 1.0}
+    cfg = MaskingConfig(
+        input_budget=12, target_budget=4, input_alphas={"all2all": steep}, target_alphas={"all2all": steep}
+    )
+    masker = Masker(synthetic_maps(3), cfg)
     sample = {f"m{i}": np.zeros(GRID, np.uint16) for i in range(3)}
     share = np.mean([(masked(masker, sample, seed).input_modality == 0).mean() for seed in range(50)])
     assert share > 0.9
@@ -295,7 +302,7 @@ BENCH_RUN = (*(ModalityInfo(n, "map", 196) for n in ("rgb", "depth", "normal", "
 
 def test_captions_and_boxes_are_targets_in_almost_every_all2all_sample():
     # issue 16: was 52-54 % with 16-token sequences, when the input allotment could cover a sequence
-    masker = Masker(BENCH_RUN, MaskingConfig(input_budget=128, target_budget=128, alphas=1.0))
+    masker = Masker(BENCH_RUN, MaskingConfig(input_budget=128, target_budget=128, alpha=1.0))
     assert min(share_with_target(masker, ("caption", "det"), 1000).values()) >= 0.95
 
 
@@ -349,7 +356,7 @@ def test_min_and_max_token_counts_are_respected_on_each_side():
 
 
 def test_same_seed_same_masks_also_after_pickling():
-    masker = Masker(RUN, MaskingConfig(input_budget=16, target_budget=16, mixtures=("all2all", "rgb2all"), seed=7))
+    masker = Masker(RUN, MaskingConfig(input_budget=16, target_budget=16, mixtures=("all2all", "rgb2all")), seed=7)
     in_worker = pickle.loads(pickle.dumps(masker))
     sample = random_sample(np.random.default_rng(10), RUN)
     first = masker.collate([masker(sample, masker.sample_rng(i, epoch=1)) for i in range(4)])
@@ -363,8 +370,8 @@ def test_same_seed_same_masks_also_after_pickling():
 def test_modality_infos_follow_the_registry_and_the_text_vocabulary():
     text = TextTokenizerConfig(sentinels=8, max_tokens=64)
     rgb, caption = modality_infos(["rgb", "caption"], text)
-    assert (rgb.kind, rgb.num_tokens) == ("map", 14 * 14)
-    assert (caption.kind, caption.num_tokens, caption.num_sentinels) == ("sequence", 64, 8)
+    assert (rgb.layout, rgb.num_tokens) == ("map", 14 * 14)
+    assert (caption.layout, caption.num_tokens, caption.num_sentinels) == ("sequence", 64, 8)
     vocabulary = reserved_tokens(text)
     assert [vocabulary[i] for i in (caption.pad_id, caption.sos_id, caption.eos_id)] == ["[PAD]", "[SOS]", "[EOS]"]
     assert [vocabulary[i] for i in caption.sentinel_ids] == [f"[S_{i}]" for i in range(8)]
@@ -375,18 +382,19 @@ def test_modality_infos_follow_the_registry_and_the_text_vocabulary():
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"input_budget": 0}, "train.masking.input_budget"),
-        ({"target_budget": 0}, "train.masking.target_budget"),
-        ({"alphas": 0.0}, "train.masking.alphas"),
-        ({"alphas": {"rgb": -1.0}}, "train.masking.alphas.rgb"),
-        ({"mixtures": ("rgb2depth",)}, "train.masking.input_alphas.rgb2depth"),
-        ({"mixtures": ()}, "train.masking.mixtures"),
-        ({"max_input_tokens": {"rgb": -1}}, "train.masking.max_input_tokens.rgb"),
-        ({"min_target_tokens": {"rgb": 200}}, "train.masking.min_target_tokens"),
-        ({"mixtures": ("mine",)}, "train.masking.input_alphas.mine"),
-        ({"mixture_weights": (1.0, 2.0)}, "train.masking.mixture_weights"),
-        ({"keep": {"all2all": {"caption": "some"}}}, "train.masking.keep.all2all.caption"),
-        ({"target_alphas": {"rgb2all": {"rgb": 1.0}}}, "train.masking.target_alphas"),
+        ({"input_budget": 0}, "train.input_budget"),
+        ({"target_budget": 0}, "train.target_budget"),
+        ({"alpha": 0.0}, "train.alpha"),
+        ({"min_input_budget": 0}, "train.min_input_budget"),
+        ({"unconditional_rate": 1.0}, "train.unconditional_rate"),
+        ({"mixtures": ("rgb2depth",)}, "train.input_alphas.rgb2depth"),
+        ({"mixtures": ()}, "train.mixtures"),
+        ({"max_input_tokens": {"rgb": -1}}, "train.max_input_tokens.rgb"),
+        ({"min_target_tokens": {"rgb": 200}}, "train.min_target_tokens"),
+        ({"mixtures": ("mine",)}, "train.input_alphas.mine"),
+        ({"mixture_weights": (1.0, 2.0)}, "train.mixture_weights"),
+        ({"keep": {"all2all": {"caption": "some"}}}, "train.keep.all2all.caption"),
+        ({"target_alphas": {"rgb2all": {"rgb": 1.0}}}, "train.target_alphas"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, key):
@@ -395,9 +403,7 @@ def test_config_errors_name_the_field(kwargs, key):
 
 
 def test_masker_rejects_settings_that_do_not_fit_the_run():
-    with pytest.raises(ConfigError, match="train.masking.alphas"):
-        Masker(synthetic_maps(2), MaskingConfig(alphas={"rgb": 2.0}))
-    with pytest.raises(ConfigError, match=r"train.masking.input_alphas.all2all: modalities \['sketch'\]"):
+    with pytest.raises(ConfigError, match=r"train.input_alphas.all2all: modalities \['sketch'\]"):
         Masker(synthetic_maps(2), MaskingConfig(input_alphas={"all2all": {"sketch": 1.0}}))
     with pytest.raises(ConfigError, match=r"max_target_tokens: modalities \['rgb'\]"):
         Masker(synthetic_maps(2), MaskingConfig(max_target_tokens={"rgb": 2}))
@@ -462,8 +468,8 @@ def test_unchunked_sequences_keep_their_random_stream():
 def test_a_task_shows_its_inputs_whole_and_asks_its_targets_whole():
     run = RUN[:3] + (CAPTION,)  # rgb, depth, normal, caption
     budget = GRID + CAPTION.num_tokens
-    task = {"task_inputs": ("rgb", "caption"), "task_targets": ("depth",)}
-    masker = Masker(run, MaskingConfig(input_budget=budget, target_budget=GRID, **task))
+    task = TaskConfig(inputs=("rgb", "caption"), targets=("depth",))
+    masker = Masker(run, MaskingConfig(input_budget=budget, target_budget=GRID, task=task))
     rng = np.random.default_rng(0)
     for seed in range(50):
         sample = random_sample(rng, run)
@@ -480,7 +486,7 @@ def test_a_task_shows_its_inputs_whole_and_asks_its_targets_whole():
 
 
 def test_a_task_sample_without_its_inputs_is_shown_nothing_rather_than_falling_back_to_all2all():
-    task = MaskingConfig(input_budget=GRID, target_budget=GRID, task_inputs=("rgb",), task_targets=("depth",))
+    task = MaskingConfig(input_budget=GRID, target_budget=GRID, task=TaskConfig(("rgb",), ("depth",)))
     masker = Masker(RUN[:2], task)
     sample = {"rgb": None, "depth": np.arange(GRID, dtype=np.uint16)}
     out = masked(masker, sample, 0)
@@ -490,12 +496,18 @@ def test_a_task_sample_without_its_inputs_is_shown_nothing_rather_than_falling_b
 
 def test_a_task_needs_budgets_that_hold_its_grids_and_replaces_the_mixtures():
     with pytest.raises(ConfigError, match=r"input_budget: 8 cannot hold the task's \['rgb'\] whole: 16"):
-        Masker(RUN[:2], MaskingConfig(input_budget=8, task_inputs=("rgb",), task_targets=("depth",)))
-    inherited = {"mixtures": ("rgb2all", "all2all"), "keep": {"all2all": {"caption": "binary"}}}
-    task = MaskingConfig(**inherited, task_inputs=("rgb",), task_targets=("depth",))  # a pre-training's settings
-    assert task.mixtures == ("task",) and task.keep == {"task": {"rgb": "all"}}
+        Masker(RUN[:2], MaskingConfig(input_budget=8, task=TaskConfig(("rgb",), ("depth",))))
+    inherited = {
+        "mixtures": ("rgb2all", "mine"),
+        "input_alphas": {"mine": {"det": 1.0}},
+        "target_alphas": {"mine": {"det": 1.0}},
+    }
+    task = MaskingConfig(**inherited, task=TaskConfig(("rgb",), ("depth",)))  # a pre-training's settings
+    drawn = Mixtures(("task",), (), {"task": {"rgb": 1.0}}, {"task": {"depth": 1.0}}, {"task": {"rgb": "all"}})
+    assert Mixtures.of(task) == drawn
+    assert Masker(RUN[:2], task).mixtures == drawn  # "mine" names det, which is not among the task's modalities
     with pytest.raises(ConfigError, match="needs both inputs and targets"):
-        MaskingConfig(task_inputs=("rgb",))
+        MaskingConfig(task=TaskConfig(inputs=("rgb",)))
 
 
 def test_token_count_ranges_draw_each_samples_budgets_uniformly_within_them():

@@ -4,22 +4,22 @@ import math
 import numpy as np
 import pytest
 
-from four_m.core.coco import SEMSEG_IGNORE
+from four_m.core.coco import NO_CLASS
 from four_m.train.metrics import (
     BASELINES,
     EOS_ID,
     METRICS,
-    CaptionBaseline,
-    CaptionMetric,
-    ClipMetric,
-    DepthMetric,
-    DetBaseline,
-    DetMetric,
+    BoxesBaseline,
+    BoxesMetric,
+    ClassMapBaseline,
+    ClassMapMetric,
+    ContinuousMapMetric,
+    DirectionMapBaseline,
+    DirectionMapMetric,
+    FeatureMapMetric,
     MetricInputError,
-    NormalBaseline,
-    NormalMetric,
-    SemsegBaseline,
-    SemsegMetric,
+    TextBaseline,
+    TextMetric,
     results_table,
 )
 
@@ -37,7 +37,7 @@ MODALITIES = (
     "metadata",
     "rgb",
 )
-MID_GREY = 128 / 127.5 - 1  # how a stored zero normal reads back (tokenize.maps.NormalAdapter.parse)
+MID_GREY = 128 / 127.5 - 1  # how a stored zero normal reads back (tokenize.maps.DirectionMapAdapter.parse)
 
 
 def unit_normals(rng: np.random.Generator, size: int = 8) -> np.ndarray:
@@ -133,9 +133,9 @@ def test_normal_by_hand():
 
 
 def test_semseg_by_hand():
-    label = np.array([[0, 0, 0, 0], [1, 1, SEMSEG_IGNORE, SEMSEG_IGNORE]])
+    label = np.array([[0, 0, 0, 0], [1, 1, NO_CLASS, NO_CLASS]])
     prediction = np.array([[0, 0, 0, 1], [1, 3, 4, 4]])  # class 4 only where nothing is labelled
-    metric = SemsegMetric(classes=5)
+    metric = ClassMapMetric(classes=5)
     metric.update(prediction, label)
     result = metric.result()
     # class 0: 3 hits / (4 labelled + 3 predicted - 3); class 1: 1 / (2 + 2 - 1); class 3: predicted, never
@@ -154,7 +154,7 @@ def test_det_false_positive_ranked_first_halves_the_precision():
 
 
 def test_det_interpolated_precision_over_two_images_and_classes():
-    metric = DetMetric()
+    metric = BoxesMetric()
     cat_a, cat_b, dog = box(0, 0, 0.5, 0.5), box(0.5, 0.5, 1, 1), box(0, 0.5, 0.5, 1, "dog")
     metric.update([box(0, 0, 0.5, 0.5, score=0.9), box(0, 0, 0.5, 0.5, score=0.8)], [cat_a])  # hit, duplicate
     metric.update([box(0.5, 0.5, 1, 1, score=0.7), box(0, 0.5, 0.5, 1, "cat", 0.95)], [cat_b, dog])
@@ -206,7 +206,7 @@ def test_map_metrics_pool_samples_like_one_concatenated_sample(modality):
 
 
 def test_caption_pools_tokens_over_samples():
-    metric = CaptionMetric()
+    metric = TextMetric()
     metric.update(np.array([10, 99, 12, 98]), np.array([10, 11, 12, EOS_ID]))  # 2 of 4
     metric.update(np.array([20, EOS_ID]), np.array([20, EOS_ID]))  # 2 of 2
     assert metric.result() == {"token_accuracy": 4 / 6, "samples": 2}
@@ -222,15 +222,15 @@ def test_empty_metrics_are_nan():
 @pytest.mark.parametrize(
     ("metric", "prediction", "label", "message"),
     [
-        (DepthMetric(), np.zeros((1, 4, 4)), np.zeros((1, 4, 5)), "differs from label shape"),
-        (DepthMetric(), np.full((1, 2, 2), np.nan), np.zeros((1, 2, 2)), "non-finite"),
-        (NormalMetric(), np.zeros((1, 4, 4)), np.zeros((1, 4, 4)), r"expected a \(3, H, W\) prediction"),
-        (SemsegMetric(classes=5), np.full((2, 2), 5), np.zeros((2, 2), int), r"prediction class ids \[5\]"),
-        (SemsegMetric(classes=5), np.zeros((2, 2)), np.zeros((2, 2), int), "integer prediction"),
-        (DetMetric(), [{"x0": 0, "class": "cat"}], [], "'y0' must be a finite number"),
-        (DetMetric(), {"x0": 0}, [], "list of box dicts"),
-        (CaptionMetric(), np.array([[1, 2]]), np.array([1]), "1-D integer token ids"),
-        (ClipMetric(), np.zeros((4, 2)), np.zeros((4, 2)), r"\(C, H, W\)"),
+        (ContinuousMapMetric(), np.zeros((1, 4, 4)), np.zeros((1, 4, 5)), "differs from label shape"),
+        (ContinuousMapMetric(), np.full((1, 2, 2), np.nan), np.zeros((1, 2, 2)), "non-finite"),
+        (DirectionMapMetric(), np.zeros((1, 4, 4)), np.zeros((1, 4, 4)), r"expected a \(3, H, W\) prediction"),
+        (ClassMapMetric(classes=5), np.full((2, 2), 5), np.zeros((2, 2), int), r"prediction class ids \[5\]"),
+        (ClassMapMetric(classes=5), np.zeros((2, 2)), np.zeros((2, 2), int), "integer prediction"),
+        (BoxesMetric(), [{"x0": 0, "class": "cat"}], [], "'y0' must be a finite number"),
+        (BoxesMetric(), {"x0": 0}, [], "list of box dicts"),
+        (TextMetric(), np.array([[1, 2]]), np.array([1]), "1-D integer token ids"),
+        (FeatureMapMetric(), np.zeros((4, 2)), np.zeros((4, 2)), r"\(C, H, W\)"),
     ],
 )
 def test_bad_input_is_a_one_line_error_naming_the_modality(metric, prediction, label, message):
@@ -282,23 +282,23 @@ def test_normal_baseline_is_the_mean_direction_of_labels_with_one():
     x, y = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
     first = np.stack([x, x], axis=1)[:, None, :]
     second = np.stack([y, [MID_GREY] * 3], axis=1)[:, None, :]  # the second pixel has no direction here
-    baseline = NormalBaseline()
+    baseline = DirectionMapBaseline()
     baseline.fit([first, second])
     expected = np.stack([(x + y) / math.sqrt(2), x], axis=1)[:, None, :]
     np.testing.assert_allclose(baseline.predict(), expected, atol=1e-6)
 
 
 def test_semseg_baseline_predicts_the_per_pixel_mode():
-    ignore = SEMSEG_IGNORE
+    ignore = NO_CLASS
     labels = [np.array([[1, 2, ignore]]), np.array([[1, 3, ignore]]), np.array([[0, 3, ignore]])]
-    baseline = SemsegBaseline(classes=5)
+    baseline = ClassMapBaseline(classes=5)
     baseline.fit(labels)
     # the never-labelled pixel gets the overall most frequent class (3, seen twice; 1 too: the smaller wins)
     np.testing.assert_array_equal(baseline.predict(), [[1, 3, 1]])
 
 
 def test_det_baseline_predicts_the_most_frequent_class_at_its_mean_box():
-    baseline = DetBaseline()
+    baseline = BoxesBaseline()
     baseline.fit([[box(0, 0, 0.2, 0.4, "dog"), box(0.5, 0.5, 1, 1)], [box(0.1, 0.2, 0.4, 0.6, "dog")], []])
     (predicted,) = baseline.predict()
     assert predicted == pytest.approx({"x0": 0.05, "y0": 0.1, "x1": 0.3, "y1": 0.5, "class": "dog", "score": 1.0})
@@ -307,7 +307,7 @@ def test_det_baseline_predicts_the_most_frequent_class_at_its_mean_box():
 
 
 def test_caption_baseline_predicts_the_per_position_mode_to_its_eos():
-    baseline = CaptionBaseline()
+    baseline = TextBaseline()
     baseline.fit([np.array([5, EOS_ID]), np.array([5, 6, 8, EOS_ID]), np.array([5, 6, 7, EOS_ID, 9])])
     np.testing.assert_array_equal(baseline.predict(), [5, 6, 7, EOS_ID])  # 6 outvotes [EOS]; 7 ties 8
     baseline.fit([np.array([5, EOS_ID])] * 3 + [np.array([5, 6, 7, 8, EOS_ID])])

@@ -451,6 +451,21 @@ def test_make_train_refuses_to_resume_a_checkpoint_of_an_older_model(tmp_path):
         check_checkpoint(tmp_path / "old.ckpt", list(MODALITIES_4), "old")
 
 
+def test_modalities_written_before_layout_had_its_name_still_load(tmp_path):
+    """Runs and checkpoints made before the trainer's ``kind`` became ``layout`` keep loading and resuming."""
+    written = [dataclasses.asdict(m) for m in MODALITIES_4]
+    older = [{("kind" if k == "layout" else k): v for k, v in m.items()} for m in written]
+    assert (
+        [ModelModality.from_dict(m) for m in older]
+        == [ModelModality.from_dict(m) for m in written]
+        == list(MODALITIES_4)
+    )
+    hyper = {"model": dataclasses.asdict(TINY), "modalities": older}
+    state = {f"model.{k}": v for k, v in make_model().state_dict().items()}
+    torch.save({"hyper_parameters": hyper, "state_dict": state}, tmp_path / "last.ckpt")
+    check_checkpoint(tmp_path / "last.ckpt", list(MODALITIES_4), "older")
+
+
 def test_sample_and_eval_refuse_the_final_weights_of_an_older_model(tmp_path):
     trained, fresh = make_model(seed=0), make_model(seed=1)
     save_model(trained, str(tmp_path / "model.safetensors"))

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from four_m.core.config import ConfigError
+from four_m.core.config import ConfigError, MaskingConfig
 from four_m.core.failures import SUCCESS
 from four_m.core.modalities import IMAGENET_MEAN, IMAGENET_STD, MODALITIES, pixel_inputs
 from four_m.core.views import label_view
 from four_m.train.data import TokenShards, TokenStoreError
 from four_m.train.generate import Decoding, GenerationError, Generator
-from four_m.train.masking import Masker, MaskingConfig, ModalityInfo, modality_infos
+from four_m.train.masking import Masker, ModalityInfo, modality_infos
 from four_m.train.model import FourM, ModelConfig, ModelModality
 
 GRID, PATCH = 16, 8  # a 4 x 4 grid of 8 px patches: 32 px images
@@ -38,9 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def sample(rng: np.random.Generator, infos=WITH_PIXELS) -> dict[str, np.ndarray]:
     out = {}
     for info in infos:
-        if info.kind == "pixels":
+        if info.layout == "pixels":
             out[info.name] = rng.integers(0, 256, (SIDE, SIDE, 3)).astype(np.uint8)
-        elif info.kind == "map":
+        elif info.layout == "map":
             out[info.name] = rng.integers(0, 16, GRID).astype(np.uint16)
         else:
             out[info.name] = np.array([*rng.integers(8, 20, 5), info.eos_id], np.uint16)
@@ -50,10 +50,10 @@ def sample(rng: np.random.Generator, infos=WITH_PIXELS) -> dict[str, np.ndarray]
 def model_modalities(infos) -> list[ModelModality]:
     out = []
     for info in infos:
-        if info.kind == "pixels":
+        if info.layout == "pixels":
             out.append(ModelModality(info.name, "pixels", 0, GRID, "", PATCH, IMAGENET_MEAN, IMAGENET_STD))
         else:
-            out.append(ModelModality(info.name, info.kind, 20 if info.kind == "sequence" else 16, info.num_tokens))
+            out.append(ModelModality(info.name, info.layout, 20 if info.layout == "sequence" else 16, info.num_tokens))
     return out
 
 
@@ -70,7 +70,7 @@ def test_rgb_declares_4ms_pixel_input_and_runs_include_it_by_default():
     image = pixel_inputs()["rgb_pixels"]
     assert image.name == "rgb" and image.pixel_input.patch_size == 16 and image.pixel_side == 224
     (info,) = modality_infos(["rgb_pixels"])
-    assert (info.kind, info.num_tokens, info.image_size) == ("pixels", 196, 224)
+    assert (info.layout, info.num_tokens, info.image_size) == ("pixels", 196, 224)
     assert "rgb_pixels" not in MODALITIES  # no tokenizer, no labeler, no folder of its own
 
 
@@ -92,7 +92,7 @@ def test_rgb2all_shows_the_pixels_alone_and_asks_for_everything_else_rgb_tokens_
 
 
 def test_all2all_may_show_pixels_but_never_targets_them_and_carries_images_only_when_shown():
-    masker = Masker(WITH_PIXELS, MaskingConfig(input_budget=8, target_budget=8, alphas=0.3))
+    masker = Masker(WITH_PIXELS, MaskingConfig(input_budget=8, target_budget=8, alpha=0.3))
     rng = np.random.default_rng(1)
     shown = 0
     for seed in range(200):
@@ -144,7 +144,7 @@ def test_nothing_outside_a_samples_inputs_reaches_the_model(infos):
     an input patch or token that changes does change them (the test can fail)."""
     torch.manual_seed(0)
     model = FourM(TINY, model_modalities(infos)).eval()
-    masker = Masker(infos, MaskingConfig(input_budget=10, target_budget=12, alphas=1.0))
+    masker = Masker(infos, MaskingConfig(input_budget=10, target_budget=12, alpha=1.0))
     rng = np.random.default_rng(3)
     samples = [sample(rng, infos) for _ in range(4)]
     batch = masker.collate([masker(s, masker.sample_rng(i)) for i, s in enumerate(samples)])
@@ -154,9 +154,9 @@ def test_nothing_outside_a_samples_inputs_reaches_the_model(infos):
         other = {k: v.copy() for k, v in s.items()}
         for m, info in enumerate(infos):
             hidden = sorted(set(range(GRID)) - inputs_of(batch, m)[b])
-            if info.kind == "map":
+            if info.layout == "map":
                 other[info.name][hidden] = (other[info.name][hidden] + 1) % 16
-            elif info.kind == "pixels":
+            elif info.layout == "pixels":
                 for p in hidden:
                     r, c = divmod(p, 4)
                     other[info.name][r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] ^= 0x5A
@@ -168,10 +168,10 @@ def test_nothing_outside_a_samples_inputs_reaches_the_model(infos):
     for m in before:
         torch.testing.assert_close(before[m], after[m], rtol=0, atol=0)
     # One real input changed: now the logits move.
-    grid_input = next(m for m, info in enumerate(infos) if info.kind != "sequence" and inputs_of(batch, m)[0])
+    grid_input = next(m for m, info in enumerate(infos) if info.layout != "sequence" and inputs_of(batch, m)[0])
     position = min(inputs_of(batch, grid_input)[0])
     name = names[grid_input]
-    if infos[grid_input].kind == "pixels":
+    if infos[grid_input].layout == "pixels":
         r, c = divmod(position, 4)
         changed_samples[0][name][r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] ^= 0x5A
     else:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from four_m.core.cli import main
+from four_m.cli import main
 from four_m.core.config import load_config
 from four_m.train.sample import user_image
 

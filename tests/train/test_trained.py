@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from four_m.core.cli import main
+from four_m.cli import main
 from four_m.core.config import load_config
 from four_m.train.backbone import load_backbone
 from four_m.train.finetune import FinetuneStart
@@ -24,7 +24,7 @@ def _edit(described: dict, change: str) -> object:
     model, modalities = described["model"], described["modalities"]
     return {
         "unknown model key": {**described, "model": {**model, "flash_attention": True}},
-        "unknown modality key": {**described, "modalities": [{**modalities[0], "layout": "map"}, *modalities[1:]]},
+        "unknown modality key": {**described, "modalities": [{**modalities[0], "shape": "map"}, *modalities[1:]]},
         "string dim": {**described, "model": {**model, "dim": "abc"}},
         "fractional dim": {**described, "model": {**model, "dim": 32.9}},
         "bool layers": {**described, "model": {**model, "encoder_layers": True}},
@@ -37,7 +37,7 @@ def _edit(described: dict, change: str) -> object:
     ("change", "message"),
     [
         ("unknown model key", r"model has \['flash_attention'\], which this version's ModelConfig does not have"),
-        ("unknown modality key", r"modalities\[0\] has \['layout'\], which this version's ModelModality"),
+        ("unknown modality key", r"modalities\[0\] has \['shape'\], which this version's ModelModality"),
         ("string dim", r"model.dim is 'abc', not int"),
         ("fractional dim", r"model.dim is 32.9, not int"),
         ("bool layers", r"model.encoder_layers is True, not int"),

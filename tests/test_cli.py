@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from four_m.core import cli
-from four_m.core.cli import main
+from four_m import cli
+from four_m.cli import main
 from four_m.core.config import load_config
 
 
