@@ -21,10 +21,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_model
 
-from four_m.core.config import Config
+from four_m.core.config import Config, shaping_hash
 from four_m.core.dataset_root import DatasetRoot, atomic_path, write_text_atomic
 from four_m.core.errors import UserError
-from four_m.core.runs import DESCRIPTION
+from four_m.core.runs import DESCRIPTION, mark_run
 from four_m.core.storage import RootPath
 from four_m.tokenize.ml4m_tokenizer import is_imported
 from four_m.tokenize.registry import TRAINED, tokenizer_dir, tokenizer_id
@@ -93,6 +93,7 @@ def run_import(config: Config, source: str, leave_out: Sequence[str] = ()) -> Im
         "left_out": list(imported.left_out),
     }
     write_text_atomic(run / DESCRIPTION, json.dumps(described, indent=1))
+    mark_run(root, config.train.run, run, shaping_hash(source, list(leave_out)))
     report = (imported.references, imported.left_behind, imported.left_out, model.parameter_count())
     return ImportReport(run, source, *report)
 
