@@ -232,7 +232,7 @@ DEMO: tuple[tuple[str, Callable[[Config], Config]], ...] = (
 )
 """The verbs ``demo`` runs, in this order, each with the config it reads: every stage of the
 pipeline, then the fine-tune of the trained run (``finetune``), scored, and its encoder probed;
-last, every file written checked against its marker (well under a second on the demo's root)."""
+last, every file written checked against its marker (about a second: docs/dataset-root.md)."""
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:
