@@ -12,6 +12,8 @@
 # released apple/ml-4m model into a run (LEAVE_OUT: its modalities this project lacks, left out; REPLACE=1: replace
 # the run if it exists, which is otherwise refused);
 # `make probe` trains a dense head on train.run's encoder (an RGB backbone) and scores it on the held-out shards;
+# `make verify` checks every file of the root against the size and sha256 its marker recorded (exit 1 naming each
+# file that does not hold: missing, truncated, altered, made from a remade input, or listed by no marker);
 # `make sample FROM=rgb TO=depth,normal [IMAGE=photo.jpg | CAPTION="a dog"] [KEEP=depth:0.5]` generates with the
 # trained run (KEEP: in-paint, half of depth's stored tokens given)
 # (`make demo` takes FROM= and TO= too: it runs sample).
@@ -62,7 +64,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
 .PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train finetune import-4m probe sample eval \
-        card preview preview-tokens models bad-input bench lint clean
+        card verify preview preview-tokens models bad-input bench lint clean
 
 install: $(STAMP)
 
@@ -94,7 +96,7 @@ crash-test: $(STAMP)
 cluster-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/pipeline/test_cluster.py
 
-sample-urls download label tokenizers tokenize train finetune import-4m probe sample eval card preview preview-tokens models bad-input: $(STAMP)
+sample-urls download label tokenizers tokenize train finetune import-4m probe sample eval card verify preview preview-tokens models bad-input: $(STAMP)
 	$(CLI) $@ $(ARGS) $($@_ARGS)
 
 # The production config's architectures at full size with random weights, on this CPU (docs/cc12m.md).

@@ -147,6 +147,15 @@ def _bad_input(config: Config, args: argparse.Namespace) -> int:
     return 1 if run.audit.problems or run.audit.lost else 0
 
 
+def _verify(config: Config, args: argparse.Namespace) -> int:
+    """Every file the root's markers record against them; exit 1 naming each one that does not hold."""
+    from four_m.core.verify import verify_root
+
+    verification = verify_root(config.root)
+    print("\n".join(verification.lines()))
+    return 0 if verification.ok else 1
+
+
 def _models(config: Config, args: argparse.Namespace) -> int:
     """Fetch production weights for the configured labelers (a hub id at its pinned commit: needs a
     reachable hub) and record each file's sha256 in ``<root>/models/<modality>.json``; with
@@ -222,9 +231,11 @@ DEMO: tuple[tuple[str, Callable[[Config], Config]], ...] = (
     ("eval", Config.finetuned),  # the fine-tuned run, on its task
     ("probe", _unchanged),
     ("card", _unchanged),
+    ("verify", _unchanged),
 )
 """The verbs ``demo`` runs, in this order, each with the config it reads: every stage of the
-pipeline, then the fine-tune of the trained run (``finetune``), scored, and its encoder probed."""
+pipeline, then the fine-tune of the trained run (``finetune``), scored, and its encoder probed;
+last, every file written checked against its marker (about a second: docs/dataset-root.md)."""
 
 
 def _demo(config: Config, args: argparse.Namespace) -> int:
@@ -335,6 +346,11 @@ VERBS: dict[str, Verb] = {
     "import-4m": Verb(_import_4m, "runs/<train.run>/ from a released apple/ml-4m model (--source)", (_source,)),
     "probe": Verb(_probe, "runs/<run>/probe/<target>.md: the run's encoder as a backbone, a dense head on a label"),
     "card": Verb(_card, "<root>/README.md: the Hugging Face dataset card of the root"),
+    "verify": Verb(
+        _verify,
+        "check every file of the root against its marker (size, sha256); exit 1 naming each one that does not",
+        writes_root=False,  # it only reads: a read-only root can be verified
+    ),
     "models": Verb(
         _models,
         "fetch the configured labelers' production weights (--omnidata[-depth]: convert Omnidata's)",

@@ -68,6 +68,7 @@ def write_text_atomic(final: RootPath, text: str) -> None:
 
 
 def sha256_file(path: RootPath, chunk: int = 1 << 20) -> str:
+    """Streamed in 1 MiB blocks: a shard of any size costs that much memory."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(chunk):
@@ -82,6 +83,26 @@ class FileDigest:
     bytes: int
     sha256: str
 
+    @classmethod
+    def of(cls, file: RootPath, path: str) -> FileDigest:
+        """``file``'s digest, recorded under the root-relative ``path``: ``file`` may be a local copy
+        of what was uploaded there (hashed here, not downloaded back)."""
+        return cls(path, file.stat().st_size, sha256_file(file))
+
+
+def file_problem(file: RootPath, digest: FileDigest, verify_checksums: bool) -> str | None:
+    """What is wrong with ``file`` against its recorded digest, in a few words (``missing``,
+    ``truncated: ...``, ``size changed: ...``, ``altered: ...``); None when it matches: its size
+    always, its sha256 too with ``verify_checksums``."""
+    if not file.is_file():
+        return "missing"
+    size = file.stat().st_size
+    if size != digest.bytes:
+        return f"{'truncated' if size < digest.bytes else 'size changed'}: {size} bytes, recorded {digest.bytes}"
+    if verify_checksums and sha256_file(file) != digest.sha256:
+        return "altered: its sha256 differs from the recorded one"
+    return None
+
 
 @dataclass(frozen=True)
 class ShardMarker:
@@ -93,6 +114,14 @@ class ShardMarker:
     inputs: tuple[FileDigest, ...] = ()
     """The upstream files the shard was made from, as their own stage's marker recorded them: when
     an upstream shard is remade (a download retried), this shard is no longer done."""
+
+    @classmethod
+    def parse(cls, text: str) -> ShardMarker:
+        """A marker from its JSON; ValueError, TypeError or KeyError if it is not one."""
+        raw = json.loads(text)
+        files = tuple(FileDigest(**f) for f in raw.pop("files"))
+        inputs = tuple(FileDigest(**f) for f in raw.pop("inputs", ()))
+        return cls(files=files, inputs=inputs, **raw)
 
 
 class DatasetRoot:
@@ -113,7 +142,11 @@ class DatasetRoot:
         return StageState(self, name)
 
     def digest(self, file: RootPath) -> FileDigest:
-        return FileDigest(file.relative_to(self.path).as_posix(), file.stat().st_size, sha256_file(file))
+        return FileDigest.of(file, self.relative(file))
+
+    def relative(self, file: RootPath) -> str:
+        """``file``'s path under the root, as markers record it."""
+        return file.relative_to(self.path).as_posix()
 
 
 class StageState:
@@ -129,10 +162,7 @@ class StageState:
 
     def read_marker(self, shard: int) -> ShardMarker | None:
         try:
-            raw = json.loads(self.marker_path(shard).read_text())
-            files = tuple(FileDigest(**f) for f in raw.pop("files"))
-            inputs = tuple(FileDigest(**f) for f in raw.pop("inputs", ()))
-            return ShardMarker(files=files, inputs=inputs, **raw)
+            return ShardMarker.parse(self.marker_path(shard).read_text())
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError):
@@ -144,13 +174,7 @@ class StageState:
         marker = self.read_marker(shard)
         if marker is None or (inputs is not None and marker.inputs != inputs):
             return False
-        for digest in marker.files:
-            file = self.root / digest.path
-            if not file.is_file() or file.stat().st_size != digest.bytes:
-                return False
-            if verify_checksums and sha256_file(file) != digest.sha256:
-                return False
-        return True
+        return not any(file_problem(self.root / d.path, d, verify_checksums) for d in marker.files)
 
     def mark_done(
         self, shard: int, rows: int, files: list[RootPath], config_hash: str, inputs: tuple[FileDigest, ...] = ()
@@ -159,17 +183,24 @@ class StageState:
 
         ``inputs``: the upstream digests it was made from (see ``recorded``), for ``is_done``.
         """
-        marker = ShardMarker(
-            shard=shard,
-            rows=rows,
-            files=tuple(self.root.digest(f) for f in files),
-            config_hash=config_hash,
-            finished_at=time.time(),
-            inputs=inputs,
-        )
+        digests = tuple(self.root.digest(f) for f in files)
         _halt_if_testing(first=True)
-        write_text_atomic(self.marker_path(shard), json.dumps(asdict(marker), indent=1))
+        marker = self.record(shard, rows, digests, config_hash, inputs)
         _halt_if_testing(first=False)
+        return marker
+
+    def record(
+        self,
+        shard: int,
+        rows: int,
+        files: tuple[FileDigest, ...],
+        config_hash: str,
+        inputs: tuple[FileDigest, ...] = (),
+    ) -> ShardMarker:
+        """Write the marker of files already digested (``FileDigest.of`` a local copy, before its
+        upload: a remote root's files are then not read back); call once they are in place."""
+        marker = ShardMarker(shard, rows, files, config_hash, time.time(), inputs)
+        write_text_atomic(self.marker_path(shard), json.dumps(asdict(marker), indent=1))
         return marker
 
     def recorded(self, shard: int, file: RootPath) -> FileDigest | None:
@@ -179,7 +210,7 @@ class StageState:
         without re-hashing large shards on every run.
         """
         marker = self.read_marker(shard)
-        relative = file.relative_to(self.root.path).as_posix()
+        relative = self.root.relative(file)
         return next((f for f in marker.files if f.path == relative), None) if marker else None
 
     def verified(self, shard: int, file: RootPath, verify_checksums: bool) -> FileDigest:
@@ -189,13 +220,7 @@ class StageState:
         digest = self.recorded(shard, file)
         if digest is None:
             raise UpstreamChanged(f"{file} has no finished {self.stage} marker: run that stage first")
-        problem = None
-        if not file.is_file():
-            problem = "it is missing"
-        elif (size := file.stat().st_size) != digest.bytes:
-            problem = f"{size} bytes, recorded {digest.bytes}"
-        elif verify_checksums and sha256_file(file) != digest.sha256:
-            problem = "its sha256 differs from the recorded one"
+        problem = file_problem(file, digest, verify_checksums)
         if problem:
             verb = self.stage.split("/")[0]
             raise UpstreamChanged(

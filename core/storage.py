@@ -153,6 +153,20 @@ def local_file(path: RootPath) -> Iterator[Path]:
         yield target
 
 
+def list_files(folder: RootPath) -> Iterator[str]:
+    """Every file under ``folder``, as a path relative to it (``logs/metrics.csv``), from one
+    listing: a remote folder's files are not asked about one by one. Nothing if it is not there."""
+    if is_remote(folder):
+        prefix = folder.path.rstrip("/") + "/"
+        for found in folder.fs.find(folder.path):
+            if found.startswith(prefix):
+                yield found[len(prefix) :]
+        return
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            yield (Path(parent) / name).relative_to(folder).as_posix()
+
+
 def download_folder(folder: RootPath, target: Path) -> None:
     """Copy every file under a remote ``folder`` into the local ``target`` folder."""
     for source in folder.rglob("*"):

@@ -18,7 +18,8 @@ from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
 from four_m.pipeline.executor import map_shards, ray_session
 from four_m.pipeline.stage import downloaded_shards, write_summary
-from four_m.tokenize.fit import fit_group, fit_hash, groups_of, members, trained_hash
+from four_m.tokenize.fit import TrainedFiles, fit_group, fit_hash, groups_of, members, trained_hash
+from four_m.tokenize.registry import tokenizer_state
 
 STAGE = "tokenizers"
 
@@ -63,6 +64,9 @@ def _train_tokenizers(root: DatasetRoot, config: Config) -> TrainingSummary:
             )
         if all(h is not None for h in done.values()):
             summary.skipped += list(done)
+            for modality in done:  # finished before markers were written, or killed between the two
+                if tokenizer_state(root, modality).read_marker(0) is None:
+                    TrainedFiles.read(root, modality).mark(root)
         else:
             todo.append(group)
     for folder in {root / "tokenizers", storage.scratch(root / "tokenizers")}:

@@ -78,6 +78,9 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
     run_name, task = DEMO.finetune.train["run"], "rgb_pixels -> canny_edge"
     assert f"train: 4 steps of task {task} (inputs whole, targets whole)" in run.stdout
     assert f"eval: 2 held-out rows with rgb_pixels, {task} (greedy decoding)" in run.stdout
+    # Last, every file the stages wrote holds against its marker, the fine-tuned run's model too.
+    assert f"verify: {root}: " in run.stdout and run.stdout.rstrip().endswith(": all hold"), run.stdout[-2000:]
+    assert f"verify: train/{run_name}: 1 marker, 2 files, " in run.stdout
     assert (root / f"runs/{run_name}/eval/metrics.json").is_file()
     assert "probe: semseg from run tiny's encoder (linear probe, frozen encoder, 5 steps)" in run.stdout
     assert (root / "runs/tiny/probe/semseg.json").is_file()

@@ -8,6 +8,7 @@ and ``metadata``. Every map modality gets its own VQ tokenizer, unless it shares
 copied into its folder once trained. Each tokenizer folder is written under a temporary name, completed
 with ``trained.json`` (config hash, samples, metrics) and renamed into place: a folder that
 exists is finished, and a killed run leaves only a temporary folder, cleared on the next start.
+Then its marker records every file's size and sha256 (``TrainedFiles``), for ``make verify``.
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config, TokenizeConfig, shaping_hash
 from four_m.core.crops import draw_crops
-from four_m.core.dataset_root import DatasetRoot, shard_name
+from four_m.core.dataset_root import DatasetRoot, FileDigest, shard_name
 from four_m.core.modalities import MODALITIES, map_modalities, of_kind, sequence_modalities
 from four_m.tokenize.maps import ADAPTERS
 from four_m.tokenize.ml4m_tokenizer import ML4MTokenizer
-from four_m.tokenize.registry import TRAINED, sequence_tokenizer, tokenizer_dir
+from four_m.tokenize.registry import TRAINED, sequence_tokenizer, tokenizer_dir, tokenizer_state
 from four_m.tokenize.sources import crop_adapter, cropper, read_rows, source_file
 from four_m.tokenize.text import TextTokenizer
 from four_m.tokenize.vq_training import train_vq
@@ -153,6 +155,7 @@ class _finished_folder:
     root), put in place if the block succeeds: renamed, or uploaded with ``trained.json`` last."""
 
     def __init__(self, root: DatasetRoot, modality: str):
+        self.root, self.modality = root, modality
         self.final = tokenizer_dir(root, modality)
         self.temp = storage.scratch(self.final.parent) / f".{modality}.{uuid.uuid4().hex[:8]}.tmp"
 
@@ -162,8 +165,34 @@ class _finished_folder:
 
     def __exit__(self, kind, *exc) -> None:
         if kind is None:  # what it replaces is only ever an unfinished or stale one
+            trained = TrainedFiles.read(self.root, self.modality, self.temp)  # hashed here, not read back
             storage.publish_folder(self.temp, self.final, last=TRAINED)
+            trained.mark(self.root)
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class TrainedFiles:
+    """A finished tokenizer folder's files as its marker records them (``tokenizer_state``)."""
+
+    modality: str
+    files: tuple[FileDigest, ...]
+    samples: int
+    config_hash: str
+
+    @classmethod
+    def read(cls, root: DatasetRoot, modality: str, folder: storage.RootPath | None = None) -> TrainedFiles:
+        """Hashed from ``folder``, the local folder about to be published, or else from its place."""
+        final = tokenizer_dir(root, modality)
+        folder = final if folder is None else folder
+        names = sorted(storage.list_files(folder))
+        files = tuple(FileDigest.of(folder / name, root.relative(final / name)) for name in names)
+        trained = json.loads((folder / TRAINED).read_text())
+        return cls(modality, files, trained["samples"], trained["config_hash"])
+
+    def mark(self, root: DatasetRoot) -> None:
+        """Write the marker; call once the folder is in place."""
+        tokenizer_state(root, self.modality).record(0, self.samples, self.files, self.config_hash)
 
 
 def _write_trained(folder: Path, modality: str, config_hash: str, samples: int, metrics: dict) -> None:

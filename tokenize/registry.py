@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from types import MappingProxyType
 
-from four_m.core.dataset_root import DatasetRoot
+from four_m.core.dataset_root import DatasetRoot, StageState
 from four_m.core.modalities import MAP_KINDS, MODALITIES
 from four_m.core.storage import RootPath, local_copy
 from four_m.tokenize.base import Tokenizer
@@ -35,6 +35,12 @@ def sequence_tokenizer(kind: str, text: TextTokenizer) -> Tokenizer:
 
 def tokenizer_dir(root: DatasetRoot, modality: str) -> RootPath:
     return root / f"tokenizers/{modality}"
+
+
+def tokenizer_state(root: DatasetRoot, modality: str) -> StageState:
+    """``_state/tokenizers/<modality>/``: one marker, shard 0 (a tokenizer is one unit), listing
+    every file of its folder with size and sha256, for ``make verify``."""
+    return root.stage(f"tokenizers/{modality}")
 
 
 def load_tokenizer(root: DatasetRoot, modality: str) -> Tokenizer:

@@ -37,10 +37,10 @@ from safetensors.torch import load_file, save_model
 from torch import Tensor
 
 from four_m.core import storage
-from four_m.core.config import Config
+from four_m.core.config import Config, shaping_hash
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
-from four_m.core.runs import DESCRIPTION, run_lock
+from four_m.core.runs import DESCRIPTION, run_digests, run_lock, run_state
 from four_m.core.storage import RootPath
 from four_m.tokenize.ml4m_tokenizer import is_imported
 from four_m.tokenize.registry import TRAINED, tokenizer_dir, tokenizer_id
@@ -129,7 +129,10 @@ def run_import(config: Config, source: str, leave_out: Sequence[str] = (), repla
         with _building(run) as built:
             save_model(model, str(built / WEIGHTS))
             (built / DESCRIPTION).write_text(json.dumps(described, indent=1))
+            digests = run_digests(root, config.train.run, built)
             _swap_in(built, run)
+        # After the run is in place, as every marker: ``make verify`` checks its model against it.
+        run_state(root, config.train.run).record(0, 0, digests, shaping_hash(source, list(leave_out)))
     report = (imported.references, imported.left_behind, imported.left_out, model.parameter_count())
     return ImportReport(run, source, *report, replaced=replaced)
 

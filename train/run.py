@@ -29,7 +29,7 @@ from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot, atomic_path, clear_temporaries, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES, pixel_inputs
-from four_m.core.runs import DESCRIPTION, LOGS, read_losses, run_lock
+from four_m.core.runs import DESCRIPTION, LOGS, mark_run, read_losses, run_lock
 from four_m.core.storage import RootPath
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
 from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
@@ -173,6 +173,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
         write_text_atomic(run_dir / DESCRIPTION, json.dumps(described, indent=1))
         plot_losses(losses, run_dir / "loss.png")
         mirror.push()
+        mark_run(root, cfg.run, run_dir, config.section_hash("train"))
     mirror.release()
     crops = data.shards.crops_per_sample if data.shards is not None else 1
     notes = tuple(start.notes) if start else ()

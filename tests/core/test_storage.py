@@ -92,6 +92,17 @@ def test_a_tree_copies_within_a_bucket_with_its_layout(object_store):
     assert (target / "caption/tokenizer.json").read_text() == '{"v": 1}'
 
 
+def test_files_are_listed_alike_in_a_folder_and_in_a_bucket_and_a_missing_folder_has_none(object_store, tmp_path):
+    for base in (tmp_path, storage.location(object_store.uri("listed"))):
+        for folder in ("depth/logs", "depth2"):
+            (base / folder).mkdir(parents=True, exist_ok=True)  # nothing on a bucket
+        (base / "depth/logs/metrics.csv").write_text("step\n")
+        (base / "depth/trained.json").write_text("{}")
+        (base / "depth2/other.json").write_text("{}")  # a sibling whose name starts alike: not listed
+        assert sorted(storage.list_files(base / "depth")) == ["logs/metrics.csv", "trained.json"], base
+        assert list(storage.list_files(base / "absent")) == []
+
+
 @pytest.fixture
 def temp_space(tmp_path, monkeypatch) -> Path:
     """The machine's temporary space, as ``tempfile`` reports it, moved into this test's folder."""

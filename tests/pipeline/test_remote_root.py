@@ -14,6 +14,7 @@ from four_m.core import storage
 from four_m.core.config import Config, load_config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.modalities import token_modalities
+from four_m.core.verify import Problem, verify_root
 from four_m.datasets_cards.card import write_card
 from four_m.pipeline.download import run_download
 from four_m.pipeline.label import run_label
@@ -119,6 +120,31 @@ def test_tokenizers_trained_and_tokens_made_on_an_object_store_equal_local_ones(
     assert not summary.shards_failed
     for name in (*MAPS, "caption", "det"):
         assert _digests(DatasetRoot(uri), f"tokenize/{name}") == _digests(DatasetRoot(config.root), f"tokenize/{name}")
+    # The uploaded tokenizers came without their markers: the run that skipped them wrote them.
+    assert verify_root(uri).ok
+
+
+def test_verify_names_a_flipped_bit_a_removed_shard_and_a_stray_file_in_a_bucket(object_store, tokenized):
+    config, _, _, _ = tokenized
+    uri = object_store.uri("verify")
+    remote_root = storage.location(uri)
+    stages = ["images", "labels/depth", "tokens/rgb", "_state/download", "_state/label/depth", "_state/tokenize/rgb"]
+    _upload(Path(config.root), remote_root, stages)  # three stages' shards: every check, few uploads
+    clean = verify_root(uri)
+    assert clean.ok and clean.stages["tokenize/rgb"].markers == 3
+    shard = remote_root / "tokens/rgb/00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    (remote_root / "labels/depth/00002.parquet").unlink()
+    (remote_root / "images/notes.txt").write_text("mine")
+    assert verify_root(uri).problems == [
+        Problem("labels/depth/00002.parquet", "missing"),
+        Problem("tokens/rgb/00001.parquet", "altered: its sha256 differs from the recorded one"),
+        Problem(
+            "images/notes.txt", "no marker lists it: a shard not finished (rerun its stage) or a file put there by hand"
+        ),
+    ]
 
 
 RUN = [
@@ -172,3 +198,6 @@ def test_a_run_trained_resumed_sampled_evaluated_and_carded_on_an_object_store(o
     assert "configs:" in text and "runs/tiny" in text
     assert (remote_root / "card/stats.json").is_file()
     assert (remote_root / "card/preview_labels.png").is_file() and (remote_root / "card/preview_tokens.png").is_file()
+    # The run's marker was hashed from the local mirror before it was released.
+    verified = verify_root(uri)
+    assert verified.stages["train/tiny"].markers == 1 and verified.ok, verified.lines()
