@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -83,7 +84,9 @@ def object_store() -> Iterator[ObjectStore]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     fsspec.config.set_conf_env(fsspec.config.conf)
-    store = ObjectStore("four-m-test", env)
+    # A bucket name of this run only: a remote root's local scratch folder is named after its url
+    # (storage.scratch), and test runs beside this one (another checkout's) must not share it.
+    store = ObjectStore(f"four-m-test-{secrets.token_hex(4)}", env)
     client = boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id="test-key", aws_secret_access_key="test-secret"
     )
