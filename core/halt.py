@@ -21,6 +21,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 HALT_AFTER = "FOUR_M_TEST_HALT_AFTER"
+HALTED = "halted"
 
 
 def halt_after(placements: int, matching: str, claims: Path) -> dict[str, str]:
@@ -28,7 +29,8 @@ def halt_after(placements: int, matching: str, claims: Path) -> dict[str, str]:
     (``PurePath.match``: absolute patterns match the whole path, relative ones its end).
 
     ``claims``: a folder of this run only, created here; each placement that may go through takes
-    one numbered file in it first, so the processes of a run (Ray's workers) share the count.
+    one numbered file in it first, so the processes of a run (Ray's workers) share the count. The
+    first process to block creates ``HALTED`` in it: the run can put nothing more in place.
     """
     claims.mkdir(parents=True, exist_ok=True)
     return {HALT_AFTER: json.dumps({"placements": placements, "matching": matching, "claims": str(claims)})}
@@ -49,5 +51,6 @@ def before_placing(final: str) -> None:
             return  # this placement is one of the allowed ones
         except FileExistsError:
             continue
+    Path(halt["claims"], HALTED).touch()
     while True:  # until the test kills the run
         time.sleep(60)

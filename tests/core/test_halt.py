@@ -34,7 +34,9 @@ def test_a_run_places_the_allowed_units_then_blocks_before_the_next_and_nothing_
     assert sorted(os.listdir(tmp_path / "claims")) == ["0", "1"]
 
     temp.write_text("{}")
+    assert not (tmp_path / "claims/halted").exists()
     assert _blocked(storage.replace, temp, markers / "00002.done.json"), "the third marker should wait for the kill"
+    assert (tmp_path / "claims/halted").is_file(), "the test's sign that the run can go no further"
     assert sorted(p.name for p in markers.iterdir()) == ["00000.done.json", "00001.done.json"]
 
 

@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 
 from four_m.core.config import Config, load_config
 from four_m.core.dataset_root import sha256_file
-from four_m.core.halt import halt_after
+from four_m.core.halt import HALTED, halt_after
 from four_m.core.runs import read_losses
 from four_m.pipeline.download import run_download
 from four_m.pipeline.tokenize import run_tokenize
@@ -120,7 +120,7 @@ class Launch:
 @dataclass(frozen=True)
 class KillPoint:
     """The run halts before putting more than ``units`` of the stage's units in place; it is killed
-    ``seconds`` after it has begun writing and those ``units`` are on disk."""
+    ``seconds`` after it has begun writing and those ``units`` are on disk (or it has halted)."""
 
     units: int
     seconds: float
@@ -175,8 +175,8 @@ def _launch(
     before = _snapshot(watched)
     units_before = stage.units(root)
     env = dict(os.environ)
+    claims = log.with_name(f"{stage.verb}-halt-{time.monotonic_ns()}")
     if kill is not None:
-        claims = log.with_name(f"{stage.verb}-halt-{time.monotonic_ns()}")
         env.update(halt_after(kill.units, f"{glob.escape(str(root))}/{stage.placed}", claims))
     command = [sys.executable, "-m", "four_m", stage.verb, "--config", str(config_file), "--root", str(root)]
     with log.open("ab") as out:
@@ -192,7 +192,9 @@ def _launch(
             if writing_since is None and _snapshot(watched) != before:
                 writing_since = now
             waiting = kill is not None and writing_since is not None and armed_since is None
-            if waiting and stage.units(root) >= units_before + kill.units:
+            # Its units on disk, or a halted run that is redoing a unit (a tokenizer group that a kill
+            # left half in place puts its finished members in place again, and they count as placements).
+            if waiting and (stage.units(root) >= units_before + kill.units or (claims / HALTED).exists()):
                 armed_since = now
             if armed_since is not None and now - armed_since >= kill.seconds:
                 sessions.kill(run)
