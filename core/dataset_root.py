@@ -24,9 +24,6 @@ from four_m.core.stage_lock import stage_lock
 from four_m.core.storage import RootPath, is_remote, location, remove_tree, replace, scratch
 
 SHARD_DIGITS = 5  # img2dataset's shard naming (00000.parquet), kept by every later stage
-HALT_AFTER_FIRST_MARKER = "FOUR_M_TEST_HALT_AFTER_FIRST_MARKER"
-"""Tests only: a flag file's path. The run that claims it writes its first marker, then every
-process of the run blocks before any further marker, so a test's kill lands mid-run for sure."""
 
 
 class UpstreamChanged(UserError):
@@ -184,9 +181,7 @@ class StageState:
         ``inputs``: the upstream digests it was made from (see ``recorded``), for ``is_done``.
         """
         digests = tuple(self.root.digest(f) for f in files)
-        _halt_if_testing(first=True)
         marker = self.record(shard, rows, digests, config_hash, inputs)
-        _halt_if_testing(first=False)
         return marker
 
     def record(
@@ -239,21 +234,6 @@ class StageState:
         path = self.folder / "config.yaml"
         write_text_atomic(path, config_yaml)
         return path
-
-
-def _halt_if_testing(first: bool) -> None:
-    """See ``HALT_AFTER_FIRST_MARKER``: only the run that set it is affected, and never in production."""
-    flag = os.environ.get(HALT_AFTER_FIRST_MARKER)
-    if not flag:
-        return
-    if first:
-        try:
-            os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return  # this process writes the run's one marker
-        except FileExistsError:
-            pass
-    while True:
-        time.sleep(60)
 
 
 class UnusableRootError(UserError):

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from upath import UPath
 
 from four_m.core.errors import UserError
+from four_m.core.halt import before_placing
 
 RootPath: TypeAlias = Path | UPath
 """A local path, or a remote one (``UPath``): both speak pathlib."""
@@ -59,6 +60,7 @@ def storage_env() -> dict[str, str]:
 def replace(source: RootPath, target: RootPath) -> None:
     """Move ``source`` over ``target``. Locally atomic; on an object store a copy then a delete,
     which is enough because readers trust a shard only through the marker written after it."""
+    before_placing(str(target))
     if is_remote(target):
         target.fs.mv(source.path, target.path)
     else:
@@ -179,6 +181,7 @@ def download_folder(folder: RootPath, target: Path) -> None:
 def publish_folder(local: Path, final: RootPath, last: str) -> None:
     """Put a finished local folder at ``final``, the file named ``last`` written last: readers
     take the folder as complete only once that file exists (an object store has no folder rename)."""
+    before_placing(str(final))
     remove_tree(final)
     if not is_remote(final):
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ import fsspec.config
 import pytest
 
 from four_m.core.config import RayConfig
-from four_m.core.dataset_root import HALT_AFTER_FIRST_MARKER
+from four_m.core.halt import halt_after
 from four_m.pipeline.executor import ray_session
 from four_m.pipeline.sample_site import QuietHandler, bundled_photo_paths, serve_directory
 
@@ -83,7 +84,9 @@ def object_store() -> Iterator[ObjectStore]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     fsspec.config.set_conf_env(fsspec.config.conf)
-    store = ObjectStore("four-m-test", env)
+    # A bucket name of this run only: a remote root's local scratch folder is named after its url
+    # (storage.scratch), and test runs beside this one (another checkout's) must not share it.
+    store = ObjectStore(f"four-m-test-{secrets.token_hex(4)}", env)
     client = boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id="test-key", aws_secret_access_key="test-secret"
     )
@@ -112,9 +115,23 @@ def _session_members(session: int) -> list[int]:
     return members
 
 
+def _ended(run: subprocess.Popen) -> bool:
+    """Whether ``run`` has ended, without reaping it as ``poll`` would: see ``_kill_session``."""
+    if run.returncode is not None:
+        return True
+    return os.waitid(os.P_PID, run.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def _kill_session(run: subprocess.Popen) -> None:
     """SIGKILL every process of a run started with ``start_new_session=True``, Ray's workers included
-    (a lost machine, not a shutdown), and wait until none is left."""
+    (a lost machine, not a shutdown), wait until none is left, then reap the run.
+
+    The session's id is the run's pid, which the kernel gives no other process while the run is
+    unreaped or any process of its session lives. Watch the run with ``run_ended``, never ``poll``
+    or ``wait``, until this is called: then no other job's session (under a reused pid, on a busy
+    machine) can be taken for the run's."""
+    if run.returncode is not None and Path(f"/proc/{run.pid}").exists():
+        return  # reaped already, and its pid is another process's: so nothing of its session is left
     deadline = time.monotonic() + 30
     while members := _session_members(run.pid):
         assert time.monotonic() < deadline, f"processes {members} survive SIGKILL"
@@ -130,25 +147,30 @@ def kill_session():
     return _kill_session
 
 
+@pytest.fixture(scope="session")
+def run_ended():
+    return _ended
+
+
 @contextlib.contextmanager
 def _halted_after_first_marker(verb: str, config_file: Path, markers: Path, limit_s: float = 300):
     """Run a stage's CLI until it has written exactly one shard marker and halted there (the
-    ``HALT_AFTER_FIRST_MARKER`` hook blocks every process of the run before any further marker),
-    yield the halted run, then SIGKILL all its processes, Ray's included. No race with the run's
-    pace: however fast or loaded the machine, the kill lands after one shard, never after the last."""
-    flag = config_file.with_name(f"{config_file.stem}.halt")
-    flag.unlink(missing_ok=True)
+    ``halt_after`` hook blocks every process of the run before any further marker), yield the
+    halted run, then SIGKILL all its processes, Ray's included. No race with the run's pace:
+    however fast or loaded the machine, the kill lands after one shard, never after the last."""
+    claims = config_file.with_name(f"{config_file.stem}.halt")
+    shutil.rmtree(claims, ignore_errors=True)
     run = subprocess.Popen(
         [sys.executable, "-m", "four_m", verb, "--config", str(config_file), "--no-progress"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env={**os.environ, HALT_AFTER_FIRST_MARKER: str(flag)},
+        env={**os.environ, **halt_after(1, "*.done.json", claims)},
     )
     try:
         deadline = time.monotonic() + limit_s
         while not list(markers.rglob("*.done.json")):
-            assert run.poll() is None, f"{verb} ended (exit {run.returncode}) before writing a marker"
+            assert not _ended(run), f"{verb} ended before writing a marker"
             assert time.monotonic() < deadline, f"{verb} wrote no marker in {limit_s} s"
             time.sleep(0.2)
         yield run

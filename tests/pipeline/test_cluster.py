@@ -154,6 +154,12 @@ def _submit(cluster: Cluster, verb: str, config_file: Path, log: Path, env: dict
     return run.returncode == 0 and f"Job '{_job_id(output)}' succeeded" in output, output
 
 
+def _finished_tasks(cluster: Cluster) -> list[dict]:
+    """The finished plain tasks Ray's state API knows of: the download stage's are one per shard."""
+    tasks = cluster.get("/api/v0/tasks?limit=1000")["data"]["result"]["result"]
+    return [t for t in tasks if t["type"] == "NORMAL_TASK" and t["state"] == "FINISHED"]
+
+
 def _job_id(output: str) -> str:
     return output.split("Job '", 1)[1].split("'", 1)[0] if "Job '" in output else ""
 
@@ -190,8 +196,10 @@ def test_download_and_label_run_as_jobs_on_a_two_node_cluster_into_an_object_sto
     assert ok and f"rows in {ROWS}, rows out 10, failed 4" in out and f"shards done {SHARDS}" in out, out[-3000:]
     images = _keys(root / "images")
     assert len(images) == ROWS and set(images.values()) == {1}
-    tasks = cluster.get("/api/v0/tasks?limit=1000")["data"]["result"]["result"]
-    shards = [t for t in tasks if t["type"] == "NORMAL_TASK" and t["state"] == "FINISHED"]  # one per shard
+    # Workers report their tasks' states to Ray's state API every second or so, not before the job
+    # ends: wait for every shard's report rather than read what has come in by now.
+    _wait_for(lambda: len(_finished_tasks(cluster)) >= SHARDS, "the shards' finished tasks", tmp_path / "download.log")
+    shards = _finished_tasks(cluster)
     assert len(shards) == SHARDS and len({t["node_id"] for t in shards}) == 2, "the shards should use both nodes"
 
     # 6 x 0.25 CPUs: the whole cluster has them, but no node can hold the actor. Refused, not hung.

@@ -1,8 +1,11 @@
 """Crash suite: SIGKILL a stage at random moments, rerun it, and compare with an uninterrupted run.
 
 For each stage an uninterrupted run is the reference. A second root starts from the same inputs;
-the stage's CLI is killed at seeded random moments of its work (every process of the run at once,
-Ray's workers included: a lost machine, not a shutdown), then rerun to completion. What must hold:
+the stage's CLI is killed at seeded random points of its work (every process of the run at once,
+Ray's workers included: a lost machine, not a shutdown), then rerun to completion. A kill point is
+a number of units the run may still put in place, fewer than it has left (the run halts before the
+next one: core/halt.py), and a delay after they are on disk, while the run's other processes work on
+up to that halt. So every kill lands mid-work, on an idle machine or a loaded one. What must hold:
 the outputs equal the reference's (table contents by checksum; Hugging Face's WordPiece training is
 not deterministic, so its vocabulary is held to size and reserved ids), every key is there exactly
 once, files a killed run had finished are kept rather than redone, no temporary file is left and
@@ -18,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
+import glob
 import hashlib
 import json
 import os
@@ -38,19 +43,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from four_m.core.config import Config
+from four_m.core.config import Config, load_config
 from four_m.core.dataset_root import sha256_file
+from four_m.core.halt import HALTED, halt_after
 from four_m.core.runs import read_losses
 from four_m.pipeline.download import run_download
 from four_m.pipeline.tokenize import run_tokenize
+from four_m.tokenize.fit import groups_of, members
 
 SEED = int(os.environ.get("CRASH_SEED", "0"))
 """Kill moments are drawn from this seed (``CRASH_SEED=7 make crash-test`` tries other moments)."""
 LONG_KILLS = 3
 POLL_S = 0.05
 RUN_LIMIT_S = 600
-MAX_REDRAWS = 6
 CHECKPOINT_EVERY = 3
+LAST_CHECKPOINT = "runs/*/checkpoints/last.ckpt"
 TRAIN = [
     "train.model=nano",
     "train.batch_size=4",
@@ -90,9 +97,11 @@ class Stage:
     work: str
     """The folder where the stage's work shows first: kill points count from the run's first write there."""
     units: Callable[[Path], int]
-    """Finished units of work on disk (shards, tokenizers, training steps up to the last checkpoint)."""
-    finished: Callable[[Path], list[Path]]
-    """Files of finished units: a rerun must keep them as they are (resume, not redo)."""
+    """Finished units of work on disk (shard markers, tokenizers, checkpoints): each one placement at ``placed``."""
+    placed: str
+    """Where putting a unit in place writes, relative to the root: the halt hook counts placements there."""
+    finished: Callable[[Path, Config], list[Path]]
+    """Files of finished units (of a root, with the run's config): a rerun must keep them as they are."""
     compare: Callable[[Path, Path], Comparison]
     redo_per_kill: int = 0
     """Units of work a kill may cost by design (training: the steps since the last checkpoint)."""
@@ -110,7 +119,8 @@ class Launch:
 
 @dataclass(frozen=True)
 class KillPoint:
-    """Once the run has begun writing and ``units`` of the stage's units are finished, ``seconds`` later."""
+    """The run halts before putting more than ``units`` of the stage's units in place; it is killed
+    ``seconds`` after it has begun writing and those ``units`` are on disk (or it has halted)."""
 
     units: int
     seconds: float
@@ -119,14 +129,25 @@ class KillPoint:
 @dataclass
 class CrashFigures:
     kills: int = 0
-    """Kills that landed mid-work: some of the stage's units unfinished."""
-    late: int = 0
-    """Draws that came after the run had finished its work: undone and drawn again."""
+    """Kills, each mid-work: some of the stage's units unfinished."""
     kept: int = 0
     """Finished files that were on disk at a kill and that the reruns kept untouched."""
 
 
 # --- killing a run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """How a launch is watched and killed: conftest's ``run_ended`` and ``kill_session``."""
+
+    ended: Callable[[subprocess.Popen], bool]
+    kill: Callable[[subprocess.Popen], None]
+
+
+@pytest.fixture(scope="session")
+def sessions(run_ended, kill_session) -> Sessions:
+    return Sessions(run_ended, kill_session)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -145,37 +166,43 @@ def _launch(
     config_file: Path,
     root: Path,
     log: Path,
-    kill_session: Callable[[subprocess.Popen], None],
+    sessions: Sessions,
     kill: KillPoint | None = None,
     total_units: int = 0,
 ) -> Launch:
-    """Run the stage's CLI to its end, or SIGKILL it at ``kill``."""
+    """Run the stage's CLI to its end, or halt it after ``kill.units`` more units and SIGKILL it."""
     watched = root / stage.work
     before = _snapshot(watched)
+    units_before = stage.units(root)
+    env = dict(os.environ)
+    claims = log.with_name(f"{stage.verb}-halt-{time.monotonic_ns()}")
+    if kill is not None:
+        env.update(halt_after(kill.units, f"{glob.escape(str(root))}/{stage.placed}", claims))
     command = [sys.executable, "-m", "four_m", stage.verb, "--config", str(config_file), "--root", str(root)]
     with log.open("ab") as out:
         run = subprocess.Popen(
-            [*command, "--no-progress"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [*command, "--no-progress"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
     started = time.monotonic()
     writing_since = armed_since = None
     try:
-        while run.poll() is None:
+        while not sessions.ended(run):
             now = time.monotonic()
             assert now - started < RUN_LIMIT_S, f"{stage.verb} ran past {RUN_LIMIT_S} s (log: {log})"
             if writing_since is None and _snapshot(watched) != before:
                 writing_since = now
             waiting = kill is not None and writing_since is not None and armed_since is None
-            if waiting and stage.units(root) >= kill.units:
+            # Its units on disk, or a halted run that is redoing a unit (a tokenizer group that a kill
+            # left half in place puts its finished members in place again, and they count as placements).
+            if waiting and (stage.units(root) >= units_before + kill.units or (claims / HALTED).exists()):
                 armed_since = now
             if armed_since is not None and now - armed_since >= kill.seconds:
-                kill_session(run)
+                sessions.kill(run)
                 return Launch(now - writing_since, True, stage.units(root) < total_units, None)
             time.sleep(POLL_S)
     finally:
-        if run.poll() is None:
-            kill_session(run)
-    kill_session(run)  # Ray's workers may outlive their driver by a moment
+        if run.returncode is None:  # not reaped: it ended (Ray's workers may outlive it a moment), or failed
+            sessions.kill(run)
     return Launch(time.monotonic() - (writing_since or started), False, False, run.returncode)
 
 
@@ -188,38 +215,29 @@ def crash_and_resume(
     reference_seconds: float,
     kills: int,
     resume: Callable[[], None],
-    kill_session: Callable[[subprocess.Popen], None],
+    sessions: Sessions,
 ) -> CrashFigures:
     """Kill the stage ``kills`` times at seeded random points of its work, then ``resume`` it to the end.
 
-    A kill point is a random count of finished units (from those already finished to all but one)
-    plus a random part of one unit's reference time. A draw that comes too late (the run finished
-    its work first: machines vary) is undone from a copy and drawn again with half the time.
+    A kill point is a random count of units the run may put in place, from none to all but one of
+    those it has left (it halts before the next), plus a random part of one unit's reference time:
+    only points the run reaches, whatever the pace of the machine, and every one mid-work.
     """
     rng = random.Random(f"{SEED}-{stage.verb}")
     figures = CrashFigures()
     log = root.parent / f"{stage.verb}.log"
-    before = root.parent / f"{stage.verb}-before-launch"
     kept: dict[Path, tuple[int, int]] = {}
+    config = load_config(config_file)
     total_units = stage.units(reference)
-    unit_seconds = _unit_seconds(stage, reference, reference_seconds, total_units)
+    unit_seconds = _unit_seconds(stage, config, reference, reference_seconds, total_units)
     root.mkdir(parents=True, exist_ok=True)
     while figures.kills < kills:
-        shutil.rmtree(before, ignore_errors=True)
-        shutil.copytree(root, before, symlinks=True)
-        while True:
-            point = KillPoint(rng.randrange(stage.units(root), total_units), rng.uniform(0, unit_seconds))
-            launch = _launch(stage, config_file, root, log, kill_session, point, total_units)
-            if launch.mid_work:
-                break
-            assert launch.killed or launch.returncode == 0, f"{stage.verb} failed, see {log}"
-            assert figures.late < MAX_REDRAWS, f"{stage.verb} kept finishing its work before the kill, see {log}"
-            figures.late += 1
-            unit_seconds /= 2
-            shutil.rmtree(root)
-            shutil.copytree(before, root, symlinks=True)
+        point = KillPoint(rng.randrange(total_units - stage.units(root)), rng.uniform(0, unit_seconds))
+        launch = _launch(stage, config_file, root, log, sessions, point, total_units)
+        assert launch.killed, f"{stage.verb} ended (exit {launch.returncode}) before its halt, see {log}"
+        assert launch.mid_work, f"{stage.verb} finished its work past its halt after {point.units} units"
         figures.kills += 1
-        for path in stage.finished(root):
+        for path in stage.finished(root, config):
             kept.setdefault(path, _size_and_time(path))
     resume()
     redone = [str(p) for p, seen in kept.items() if not p.is_file() or _size_and_time(p) != seen]
@@ -228,10 +246,10 @@ def crash_and_resume(
     return figures
 
 
-def _unit_seconds(stage: Stage, reference: Path, seconds: float, units: int) -> float:
+def _unit_seconds(stage: Stage, config: Config, reference: Path, seconds: float, units: int) -> float:
     """What one unit of work took in the reference: the span of its finished files over the units
     after the first, or, where finished files are replaced as the stage goes, its seconds per unit."""
-    times = [p.stat().st_mtime for p in stage.finished(reference)]
+    times = [p.stat().st_mtime for p in stage.finished(reference, config)]
     span = max(times) - min(times) if times else 0.0
     return span / (units - 1) if span > 0 and units > 1 else seconds / units
 
@@ -398,13 +416,13 @@ def _steps_logged(logs: Path) -> int:
     return steps
 
 
-def _shards(pattern: str) -> Callable[[Path], int]:
-    """Shards with a marker: the labelers (or modalities) of a shard are marked together."""
-    return lambda root: len({p.name for p in root.glob(pattern)})
+def _count(pattern: str) -> Callable[[Path], int]:
+    """Files of ``pattern``: the markers, one per shard of each output (labeler, modality)."""
+    return lambda root: len(list(root.glob(pattern)))
 
 
-def _marked_files(pattern: str) -> Callable[[Path], list[Path]]:
-    def files(root: Path) -> list[Path]:
+def _marked_files(pattern: str) -> Callable[[Path, Config], list[Path]]:
+    def files(root: Path, config: Config) -> list[Path]:
         listed = []
         for marker in root.glob(pattern):
             listed += [marker, *(root / f["path"] for f in json.loads(marker.read_text())["files"])]
@@ -413,14 +431,29 @@ def _marked_files(pattern: str) -> Callable[[Path], list[Path]]:
     return files
 
 
-def _trained_files(root: Path) -> list[Path]:
-    return [p for folder in _tokenizer_folders(root) for p in folder.rglob("*") if p.is_file()]
+def _trained_files(root: Path, config: Config) -> list[Path]:
+    """The files of every group whose tokenizers are all in place. A group (the text tokenizers, which
+    share one vocabulary; a map and the maps that share its tokenizer) trains as one and puts its
+    members in place one by one: a kill between two leaves the group to train again, whole."""
+    trained = set(_tokenizer_folders(root))
+    files = []
+    for group in groups_of(config.tokenize):
+        folders = [root / "tokenizers" / member for member in members(group, config.tokenize)]
+        if trained.issuperset(folders):
+            files += [p for folder in folders for p in folder.rglob("*") if p.is_file()]
+    return files
 
 
-def _checkpoint_step(root: Path) -> int:
-    """Steps that survive a kill: the latest numbered checkpoint's."""
-    steps = [int(p.stem.rsplit("step=", 1)[1]) for p in root.glob("runs/*/checkpoints/*step=*.ckpt")]
-    return max(steps, default=0)
+def _checkpoints(root: Path) -> int:
+    """Checkpoints put in place: ``last.ckpt``'s step over the interval (a rerun resumes from it)."""
+    last = list(root.glob(LAST_CHECKPOINT))
+    return _global_step(last[0], *_size_and_time(last[0])) // CHECKPOINT_EVERY if last else 0
+
+
+@functools.cache
+def _global_step(path: Path, size: int, mtime_ns: int) -> int:
+    """Read once per version of the file (size and time are the key): it is polled while the run goes."""
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 STAGES = {
@@ -428,7 +461,8 @@ STAGES = {
         "download",
         ("urls", "_sample_site", "images", "_state/download"),
         "images",
-        _shards("_state/download/*.done.json"),
+        _count("_state/download/*.done.json"),
+        "_state/download/*.done.json",
         _marked_files("_state/download/*.done.json"),
         _compare_download,
     ),
@@ -436,7 +470,8 @@ STAGES = {
         "label",
         ("_models", "labels", "_state/label"),
         "_state/label",  # labels/ sees a shard only when it is done: its run config is written first
-        _shards("_state/label/*/*.done.json"),
+        _count("_state/label/*/*.done.json"),
+        "_state/label/*/*.done.json",
         _marked_files("_state/label/*/*.done.json"),
         _compare_label,
     ),
@@ -445,6 +480,7 @@ STAGES = {
         ("tokenizers", "_state/tokenizers"),
         "tokenizers",
         lambda root: len(_tokenizer_folders(root)),
+        "tokenizers/*",  # a trained tokenizer's folder, put in place whole
         _trained_files,
         _compare_tokenizers,
     ),
@@ -452,11 +488,14 @@ STAGES = {
         "tokenize",
         ("tokens", "_state/tokenize"),
         "tokens",
-        _shards("_state/tokenize/*/*.done.json"),
+        _count("_state/tokenize/*/*.done.json"),
+        "_state/tokenize/*/*.done.json",
         _marked_files("_state/tokenize/*/*.done.json"),
         _compare_tokens,
     ),
-    "train": Stage("train", ("runs",), "runs", _checkpoint_step, lambda root: [], _compare_training, CHECKPOINT_EVERY),
+    "train": Stage(
+        "train", ("runs",), "runs", _checkpoints, LAST_CHECKPOINT, lambda *_: [], _compare_training, CHECKPOINT_EVERY
+    ),
 }
 
 
@@ -477,7 +516,7 @@ def _check(stage: Stage, reference: Path, crashed: Path, figures: CrashFigures, 
     assert result.redone <= figures.kills * stage.redo_per_kill, f"{stage.verb}: redone, not resumed: {result}"
     assert result.files > 0 and result.identical + result.loose == result.files, f"{stage.verb}: {result}"
     return (
-        f"crash {stage.verb}: kills {figures.kills}, mid-work {figures.kills} ({figures.late} later draws undone),"
+        f"crash {stage.verb}: kills {figures.kills}, all mid-work,"
         f" reruns {figures.kills},"
         f" files compared {result.files} (identical {result.identical}"
         f"{f', {result.loose} not deterministic by design: checked for what must hold' if result.loose else ''}),"
@@ -523,7 +562,7 @@ def _write_config(config: Config, path: Path) -> Path:
 
 @pytest.mark.slow  # make test kills each stage once through tests/pipeline/test_{download,label,tokenize}.py
 def test_a_download_killed_at_random_resumes_to_the_uninterrupted_output(
-    tmp_path, ray_local, small_config, free_ports, kill_session, figure_lines
+    tmp_path, ray_local, small_config, free_ports, sessions, figure_lines
 ):
     (port,) = free_ports(1)
     reference = small_config(tmp_path / "reference", f"sample.port={port}", "download.samples_per_shard=4")
@@ -538,14 +577,14 @@ def test_a_download_killed_at_random_resumes_to_the_uninterrupted_output(
         reference_seconds=seconds,
         kills=1,
         resume=lambda: run_download(crashed, progress=False),
-        kill_session=kill_session,
+        sessions=sessions,
     )
     seconds = time.perf_counter() - started
     figure_lines.append(_check(STAGES["download"], Path(reference.root), Path(crashed.root), figures, seconds))
 
 
 @pytest.mark.slow
-def test_tokenize_killed_at_random_resumes_to_the_uninterrupted_output(tmp_path, tokenized, kill_session, figure_lines):
+def test_tokenize_killed_at_random_resumes_to_the_uninterrupted_output(tmp_path, tokenized, sessions, figure_lines):
     reference, _, _, summary = tokenized
     started = time.perf_counter()
     root = tmp_path / "crashed"
@@ -559,7 +598,7 @@ def test_tokenize_killed_at_random_resumes_to_the_uninterrupted_output(tmp_path,
         reference_seconds=summary.seconds,
         kills=1,
         resume=lambda: run_tokenize(crashed, progress=False),
-        kill_session=kill_session,
+        sessions=sessions,
     )
     seconds = time.perf_counter() - started
     figure_lines.append(_check(STAGES["tokenize"], Path(reference.root), root, figures, seconds))
@@ -569,9 +608,7 @@ def test_tokenize_killed_at_random_resumes_to_the_uninterrupted_output(tmp_path,
 
 
 @pytest.fixture(scope="module")
-def chain(
-    tmp_path_factory, small_config, tiny_tokenizers, free_ports, kill_session
-) -> tuple[Path, Path, dict[str, float]]:
+def chain(tmp_path_factory, small_config, tiny_tokenizers, free_ports, sessions) -> tuple[Path, Path, dict[str, float]]:
     """The embedded sample through every stage, uninterrupted, by the CLI: the reference of every
     stage and the inputs of the next. Returns the config file, the root and each stage's work seconds."""
     base = tmp_path_factory.mktemp("crash")
@@ -581,7 +618,7 @@ def chain(
     seconds = {}
     for stage in STAGES.values():
         log = base / f"reference-{stage.verb}.log"
-        launch = _launch(stage, config_file, Path(config.root), log, kill_session)
+        launch = _launch(stage, config_file, Path(config.root), log, sessions)
         assert launch.returncode == 0, f"the uninterrupted {stage.verb} failed, see {log}"
         seconds[stage.verb] = launch.work_seconds
     return config_file, Path(config.root), seconds
@@ -599,7 +636,7 @@ def _inputs_of(reference: Path, root: Path, verb: str) -> None:
 @pytest.mark.timeout(3600)  # the first one builds the whole chain: minutes on a busy 2-core machine
 @pytest.mark.parametrize("verb", list(STAGES))
 def test_every_stage_killed_at_random_resumes_to_the_uninterrupted_output(
-    verb, chain, tmp_path, kill_session, figure_lines
+    verb, chain, tmp_path, sessions, figure_lines
 ):
     config_file, reference, seconds = chain
     stage = STAGES[verb]
@@ -608,7 +645,7 @@ def test_every_stage_killed_at_random_resumes_to_the_uninterrupted_output(
     started = time.perf_counter()
 
     def finish() -> None:
-        launch = _launch(stage, config_file, root, tmp_path / f"{verb}.log", kill_session)
+        launch = _launch(stage, config_file, root, tmp_path / f"{verb}.log", sessions)
         assert launch.returncode == 0, f"the rerun of {verb} failed, see {tmp_path / f'{verb}.log'}"
 
     figures = crash_and_resume(
@@ -619,7 +656,7 @@ def test_every_stage_killed_at_random_resumes_to_the_uninterrupted_output(
         reference_seconds=seconds[verb],
         kills=LONG_KILLS,
         resume=finish,
-        kill_session=kill_session,
+        sessions=sessions,
     )
     assert figures.kills >= 1, "no kill landed before the stage finished"
     figure_lines.append(_check(stage, reference, root, figures, time.perf_counter() - started))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +16,7 @@ import torch
 
 from four_m.core.config import load_config
 from four_m.core.errors import UserError
+from four_m.core.halt import halt_after
 from four_m.core.modalities import token_modalities
 from four_m.core.runs import read_losses
 from four_m.train.data import TokenStoreError
@@ -60,26 +61,31 @@ def test_training_lowers_the_loss_writes_the_curve_and_weights(root):
     assert (run / "loss.png").stat().st_size > 0 and (run / "model.safetensors").is_file()
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_with_the_uninterrupted_losses(root, tmp_path):
+def test_a_run_killed_after_a_checkpoint_resumes_with_the_uninterrupted_losses(root, tmp_path, run_ended, kill_session):
     """SIGKILL once the step-5 checkpoint exists; the rerun must continue exactly (same batches, same
-    optimiser and schedule state), so steps 5..7 have the losses of a run never interrupted."""
+    optimiser and schedule state), so steps 5..7 have the losses of a run never interrupted.
+
+    The run halts before its final weights (core/halt.py): however fast it trains, the kill lands
+    between the checkpoint and the end."""
     whole = run_train(_config(root, "train.max_steps=8", "train.run=whole"))
     config = _config(root, "train.max_steps=8", "train.run=split", "train.checkpoint_every_n_steps=5")
     config_file = tmp_path / "split.yaml"
     config_file.write_text(config.to_yaml())
+    run_dir = root / "runs/split"
+    halt = halt_after(0, f"{glob.escape(str(run_dir))}/model.safetensors", tmp_path / "halt")
     run = subprocess.Popen(
         [sys.executable, "-m", "four_m", "train", "--config", str(config_file)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **halt},
     )
-    checkpoints = root / "runs/split/checkpoints"
+    last = run_dir / "checkpoints/last.ckpt"  # what a rerun resumes from: the step-5 checkpoint's copy
     deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("*step=5.ckpt")) and run.poll() is None and time.monotonic() < deadline:
+    while not last.is_file() and not run_ended(run) and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    assert not list(checkpoints.glob("*step=8.ckpt")), "the kill should land before the end"
+    kill_session(run)
+    assert last.is_file() and not (run_dir / "model.safetensors").exists(), "the kill should land mid-run"
     resumed = run_train(config)
     assert resumed.steps == 8
     split = dict(read_losses(root / "runs/split/logs"))
