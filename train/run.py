@@ -156,7 +156,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
     )
     for folder in (run_dir, run_dir / "checkpoints"):
         clear_temporaries(folder)  # what a killed launch was writing
-    write_text_atomic(run_dir / "config.yaml", config.to_yaml())
+    write_text_atomic(run_dir / "config.yaml", config.recorded_yaml())
     # weights_only: a checkpoint is plain tensors and primitives; nothing in it may run code on load.
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
     losses = read_losses(run_dir / LOGS)
