@@ -793,6 +793,14 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(self), sort_keys=False)
 
+    def recorded_yaml(self) -> str:
+        """What a root records beside its outputs: ``to_yaml`` but ``root``, which is where the file
+        lies; the same work in another root (or a moved root) then records the same bytes.
+        ``load_config(file, root=...)`` reads it back."""
+        plain = _plain(self)
+        del plain["root"]
+        return yaml.safe_dump(plain, sort_keys=False)
+
 
 def shaping_hash(*parts: Any) -> str:
     """Hash the fields of ``parts`` that shape output (runtime-only fields left out, nested too)."""

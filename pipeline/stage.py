@@ -86,7 +86,7 @@ class StageRun(Generic[Summary]):
         for output in self.outputs.values():
             for folder in (self.root / output.folder, output.state.folder):
                 clear_temporaries(folder)
-            output.state.write_run_config(self.config.to_yaml())
+            output.state.write_run_config(self.config.recorded_yaml())
         for folder in also:
             clear_temporaries(folder)
 

@@ -36,6 +36,7 @@ class UrlListError(UserError):
 @dataclass(frozen=True)
 class InputFile:
     path: str
+    """Relative to the root for a list inside it (a copied or moved root plans the same), else where it lies."""
     bytes: int
     sha256: str
 
@@ -90,7 +91,10 @@ def make_plan(root: DatasetRoot, cfg: DownloadConfig) -> DownloadPlan:
     own_place = "://" in cfg.urls or Path(cfg.urls).is_absolute()
     location = storage.location(cfg.urls) if own_place else root / cfg.urls
     files = url_files(location, cfg.input_format)
-    inputs = tuple(InputFile(str(f), f.stat().st_size, sha256_file(f)) for f in files)
+    inputs = tuple(
+        InputFile(str(f) if own_place else f.relative_to(root.path).as_posix(), f.stat().st_size, sha256_file(f))
+        for f in files
+    )
     plan_file = root / "_state/download/plan.json"
     existing = _read_plan(plan_file)
     if existing is not None:

@@ -31,17 +31,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from four_m.core.coco import COCO_THINGS
 from four_m.core.config import TextTokenizerConfig
 from four_m.tokenize.base import TOKEN_DTYPE, Tokenizer, TokenizerInputError
+from four_m.tokenize.wordpiece import learn_pieces
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[SOS]", "[EOS]")
 PAD, UNK, SOS, EOS = SPECIAL_TOKENS
@@ -87,16 +89,17 @@ class TextTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], cfg: TextTokenizerConfig) -> TextTokenizer:
-        """WordPiece on ``texts`` (about ``cfg.vocab_size`` word pieces), then the reserved blocks in front."""
+        """WordPiece on ``texts`` (about ``cfg.vocab_size`` word pieces), then the reserved blocks in front.
+
+        The same captions give the same file byte for byte, in any process (``wordpiece.py``).
+        """
         probe = _empty_tokenizer(models.WordPiece(unk_token=UNK))
-        trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, special_tokens=[], show_progress=False)
-        probe.train_from_iterator(_checked_texts(texts), trainer)
-        trained = probe.get_vocab()
-        if not trained:
+        counts = Counter(word for text in _checked_texts(texts) for word in _words(probe, text))
+        if not counts:
             raise TokenizerInputError("caption: no words in the captions to train the text tokenizer on")
         reserved = reserved_tokens(cfg)
         taken = set(reserved)
-        words = [t for t in sorted(trained, key=trained.__getitem__) if t not in taken]
+        words = [t for t in learn_pieces(counts, cfg.vocab_size) if t not in taken]
         vocab = {token: i for i, token in enumerate(reserved + words)}
         hf = _empty_tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK))
         hf.add_tokens([AddedToken(name, single_word=True, normalized=True, special=False) for name in COCO_THINGS])
@@ -247,6 +250,11 @@ def _empty_tokenizer(model: models.Model) -> HFTokenizer:
     return hf
 
 
+def _words(hf: HFTokenizer, text: str) -> list[str]:
+    """``text`` split as ``hf`` splits it before its model runs: the words WordPiece learns from."""
+    return [word for word, _ in hf.pre_tokenizer.pre_tokenize_str(hf.normalizer.normalize_str(text))]
+
+
 def _read_hf(directory: Path) -> HFTokenizer:
     """A saved tokenizer folder's file, or a tokenizer file itself (ml-4m's text_tokenizer_4m_wordpiece_30k.json)."""
     path = directory if directory.is_file() else directory / HF_FILE
@@ -261,7 +269,7 @@ def _check_text(value: Any) -> None:
 
 
 def _checked_texts(texts: Iterable[str]) -> Iterator[str]:
-    """Type-check captions while the trainer streams them (the corpus may not fit in memory)."""
+    """Type-check captions while they are counted (streamed: only the word counts are kept)."""
     if isinstance(texts, str):
         raise TokenizerInputError("caption: expected an iterable of strings to train on, got one str")
     for text in texts:

@@ -6,6 +6,11 @@ move is a copy: a run killed mid-copy left a truncated ``last.ckpt`` that every 
 to load, and a full checkpoint behind in ``/tmp``. Here the file is written beside its final name
 and renamed, as every other file of the dataset root is.
 
+Lightning's ``ModelCheckpoint`` saves its folder and file names as absolute paths in every
+checkpoint, so the same run in another root (or a local mirror on another machine) wrote other
+bytes and, resumed elsewhere, forgot its last checkpoint; ``PortableModelCheckpoint`` saves them
+relative to its folder.
+
 On a remote root (an object store), Lightning, its CSV and TensorBoard loggers write a local copy
 of the run folder (``RunMirror``), which is uploaded after every checkpoint and at the end; a run
 resumed on any machine starts from the uploaded folder.
@@ -20,6 +25,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from four_m.core import storage
 from four_m.core.dataset_root import atomic_path
@@ -36,9 +42,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        with atomic_path(Path(path)) as temp:
-            torch.save(checkpoint, temp)
+        # A file object, not the path: torch names the archive's inner folder after the file it is
+        # given, and the temporary name is random (two runs wrote different bytes); "archive" here.
+        with atomic_path(Path(path)) as temp, temp.open("wb") as out:
+            torch.save(checkpoint, out)
         self.after_save()
+
+
+class PortableModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose saved state names its files relative to its folder (``dirpath: .``)."""
+
+    PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    @property
+    def state_key(self) -> str:
+        """``ModelCheckpoint``'s key, so a run checkpointed before this class existed resumes its state."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        for key in self.PATHS:
+            state[key] = self._relative(state[key])
+        state["best_k_models"] = {self._relative(k): v for k, v in state["best_k_models"].items()}
+        return {**state, "dirpath": "."}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath") == ".":  # saved by this class: names under this folder, wherever it is now
+            state_dict = {
+                **state_dict,
+                **{key: self._absolute(state_dict[key]) for key in self.PATHS},
+                "best_k_models": {self._absolute(k): v for k, v in state_dict["best_k_models"].items()},
+                "dirpath": self.dirpath,
+            }
+        super().load_state_dict(state_dict)
+
+    def _relative(self, path: str) -> str:
+        inside = self.dirpath and path and Path(path).is_relative_to(self.dirpath)
+        return Path(path).relative_to(self.dirpath).as_posix() if inside else path
+
+    def _absolute(self, path: str) -> str:
+        return str(Path(self.dirpath) / path) if path and not Path(path).is_absolute() else path
 
 
 class RunMirror:

@@ -114,7 +114,8 @@ def run_eval(config: Config) -> EvalReport:
     out = run.directory / "eval"
     markdown, figures = out / "metrics.md", out / "metrics.json"
     direction = f"{'+'.join(shown)} -> {', '.join(targets)}"
-    header = f"# {direction} on the held-out shards of {DatasetRoot(config.root).path}, run {run.directory.name}\n\n"
+    # The root is where this file lies: naming its path would make the same run differ in another root.
+    header = f"# {direction} on this root's held-out shards, run {run.directory.name}\n\n"
     write_text_atomic(markdown, header + table)
     write_text_atomic(figures, json.dumps({"rows": len(rows), **data}, indent=1) + "\n")
     return EvalReport(table, (markdown, figures), len(rows), shown, targets)

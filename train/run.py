@@ -20,7 +20,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_model
@@ -32,7 +31,7 @@ from four_m.core.modalities import MODALITIES, pixel_inputs
 from four_m.core.runs import DESCRIPTION, LOGS, mark_run, read_losses, run_lock
 from four_m.core.storage import RootPath
 from four_m.tokenize.registry import load_tokenizer, tokenizer_id
-from four_m.train.checkpoints import AtomicCheckpointIO, RunMirror
+from four_m.train.checkpoints import AtomicCheckpointIO, PortableModelCheckpoint, RunMirror
 from four_m.train.data import PASSED_OVER, TokenDataModule, store_vocabularies
 from four_m.train.finetune import FinetuneStart
 from four_m.train.masking import Masker, ModalityInfo
@@ -143,7 +142,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
         # A new log version per launch: a resumed run appends a segment instead of overwriting the curve.
         logger=[CSVLogger(run_dir, name=LOGS), TensorBoardLogger(run_dir, name="tensorboard")],
         callbacks=[
-            ModelCheckpoint(
+            PortableModelCheckpoint(
                 dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True
             ),
             *callbacks,
@@ -155,7 +154,7 @@ def _train(root: DatasetRoot, config: Config, start: FinetuneStart | None) -> Tr
     )
     for folder in (run_dir, run_dir / "checkpoints"):
         clear_temporaries(folder)  # what a killed launch was writing
-    write_text_atomic(run_dir / "config.yaml", config.to_yaml())
+    write_text_atomic(run_dir / "config.yaml", config.recorded_yaml())
     # weights_only: a checkpoint is plain tensors and primitives; nothing in it may run code on load.
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
     losses = read_losses(run_dir / LOGS)

@@ -23,6 +23,16 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     assert load_config(written) == config
 
 
+def test_the_config_a_root_records_leaves_the_root_out_and_reads_back_with_it(tmp_path):
+    config = load_config("default", root=str(tmp_path / "a"))
+    moved = load_config("default", root=str(tmp_path / "b"))
+    assert config.recorded_yaml() == moved.recorded_yaml()
+    assert "root" not in yaml.safe_load(config.recorded_yaml())
+    written = tmp_path / "recorded.yaml"
+    written.write_text(config.recorded_yaml())
+    assert load_config(written, root=config.root) == config
+
+
 def test_overrides_and_root(tmp_path):
     config = load_config("default", ["download.image_size=384", "ray.num_cpus=1"], root=str(tmp_path))
     assert config.download.image_size == 384

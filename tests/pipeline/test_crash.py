@@ -6,10 +6,10 @@ Ray's workers included: a lost machine, not a shutdown), then rerun to completio
 a number of units the run may still put in place, fewer than it has left (the run halts before the
 next one: core/halt.py), and a delay after they are on disk, while the run's other processes work on
 up to that halt. So every kill lands mid-work, on an idle machine or a loaded one. What must hold:
-the outputs equal the reference's (table contents by checksum; Hugging Face's WordPiece training is
-not deterministic, so its vocabulary is held to size and reserved ids), every key is there exactly
-once, files a killed run had finished are kept rather than redone, no temporary file is left and
-every marker matches its files. The figures of each stage are printed at the end of the pytest run.
+the outputs equal the reference's (table contents by checksum, tokenizer files byte for byte),
+every key is there exactly once, files a killed run had finished are kept rather than redone, no
+temporary file is left and every marker matches its files. The figures of each stage are printed
+at the end of the pytest run.
 
 Every test here is slow: ``make crash-test`` runs them (every stage of the embedded sample, several
 kills each, and a single download kill and a single tokenize kill). ``make test`` keeps the shorter
@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -81,8 +80,6 @@ class Comparison:
     """Rows (keys) of the reference, over the stage's output folders."""
     lost: int = 0
     duplicates: int = 0
-    loose: int = 0
-    """Files that differ from run to run by design, held to what must hold instead of a checksum."""
     redone: int = 0
     """Units of work done twice because a kill lost them (training steps since the last checkpoint)."""
     problems: list[str] = field(default_factory=list)
@@ -353,12 +350,7 @@ def _tokenizer_folders(root: Path) -> list[Path]:
 
 
 def _compare_tokenizers(reference: Path, crashed: Path) -> Comparison:
-    """Every tokenizer trained exactly once, file by file: weights, vocabulary, config, metrics, logs.
-
-    Hugging Face's WordPiece trainer breaks ties between equally frequent pairs in hash order, which
-    changes from one process to the next: the same captions give another vocabulary each run. Its
-    ``tokenizer.json`` is held to what must not change (size, reserved ids) instead of its checksum.
-    """
+    """Every tokenizer trained exactly once, file by file: weights, vocabulary, config, metrics, logs."""
     result = Comparison()
     for folder in _tokenizer_folders(reference):
         other = crashed / folder.relative_to(reference)
@@ -368,23 +360,10 @@ def _compare_tokenizers(reference: Path, crashed: Path) -> Comparison:
             continue
         for name in names:
             result.files += 1
-            if name.name == "tokenizer.json":
-                result.loose += 1
-                if _vocabulary_shape(folder / name) != _vocabulary_shape(other / name):
-                    result.problems.append(f"{other / name}: another size or other reserved ids")
-            else:
-                result.identical += sha256_file(folder / name) == sha256_file(other / name)
+            result.identical += sha256_file(folder / name) == sha256_file(other / name)
     result.rows = len(_tokenizer_folders(reference))
     result.lost = result.rows - len(_tokenizer_folders(crashed))
     return result
-
-
-def _vocabulary_shape(path: Path) -> tuple[int, dict[str, int], list[str]]:
-    """Size, the ids of special, sentinel and coordinate tokens, and the added class names."""
-    saved = json.loads(path.read_text())
-    vocab = saved["model"]["vocab"]
-    reserved = {t: i for t, i in vocab.items() if t.startswith("[") or re.fullmatch(r"v\d=\d+", t)}
-    return len(vocab), reserved, [t["content"] for t in saved["added_tokens"]]
 
 
 def _run_folder(root: Path) -> Path:
@@ -514,12 +493,11 @@ def _check(stage: Stage, reference: Path, crashed: Path, figures: CrashFigures, 
     assert not leftovers, f"{stage.verb}: temporary files left: {leftovers}"
     assert result.lost == 0 and result.duplicates == 0, f"{stage.verb}: {result}"
     assert result.redone <= figures.kills * stage.redo_per_kill, f"{stage.verb}: redone, not resumed: {result}"
-    assert result.files > 0 and result.identical + result.loose == result.files, f"{stage.verb}: {result}"
+    assert result.files > 0 and result.identical == result.files, f"{stage.verb}: {result}"
     return (
         f"crash {stage.verb}: kills {figures.kills}, all mid-work,"
         f" reruns {figures.kills},"
-        f" files compared {result.files} (identical {result.identical}"
-        f"{f', {result.loose} not deterministic by design: checked for what must hold' if result.loose else ''}),"
+        f" files compared {result.files} (identical {result.identical}),"
         f" rows {result.rows} each exactly once,"
         f" samples lost {result.lost}, finished files kept {figures.kept},"
         f"{f' steps redone {result.redone} (since the last checkpoint),' if stage.redo_per_kill else ''}"

@@ -81,6 +81,17 @@ def test_a_moved_root_keeps_its_plan(tmp_path):
     assert make_plan(DatasetRoot(tmp_path / "b"), cfg) == plan
 
 
+def test_two_roots_planned_from_the_same_list_write_the_same_plan(tmp_path):
+    plans = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        root = DatasetRoot(tmp_path / name)
+        _tsv(root / "urls.tsv", ROWS)
+        assert make_plan(root, DownloadConfig(urls="urls.tsv", samples_per_shard=2)).inputs[0].path == "urls.tsv"
+        plans.append((root / "_state/download/plan.json").read_bytes())
+    assert plans[0] == plans[1]
+
+
 def test_a_changed_list_after_finished_shards_stops(tmp_path):
     root = DatasetRoot(tmp_path)
     _tsv(root / "urls.tsv", ROWS)
