@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from four_m.core.dataset_root import sha256_file, write_text_atomic
+from four_m.core.dataset_root import FileDigest, sha256_file, write_text_atomic
 from four_m.core.errors import UserError
 from four_m.core.storage import RootPath
 
@@ -66,14 +66,6 @@ def hub_env() -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class WeightsFile:
-    path: str
-    """Relative to the weights folder, with ``/`` separators (the file's own name for a single file)."""
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
 class WeightsManifest:
     """What one labeler's weights were when ``make models`` recorded them."""
 
@@ -84,7 +76,9 @@ class WeightsManifest:
     """The commit fetched (a hub id), or None (local weights)."""
     location: str
     """Where this machine holds them (the hub cache's snapshot folder, or the local path)."""
-    files: tuple[WeightsFile, ...]
+    files: tuple[FileDigest, ...]
+    """Each file's digest, its path relative to the weights folder with ``/`` separators (the
+    file's own name for a single file)."""
 
     @property
     def weights_sha256(self) -> str:
@@ -128,7 +122,7 @@ def hash_weights(modality: str, model: str, revision: str | None, location: Path
         relative = path.relative_to(location).as_posix() if location.is_dir() else path.name
         digest = sha256_file(path)
         _check_blob(path, digest, model)
-        files.append(WeightsFile(relative, path.stat().st_size, digest))
+        files.append(FileDigest(relative, path.stat().st_size, digest))
     return WeightsManifest(modality, model, revision, str(location), tuple(files))
 
 
@@ -173,5 +167,5 @@ def read_manifest(root: RootPath, modality: str) -> WeightsManifest | None:
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    files = tuple(WeightsFile(**f) for f in record["files"])
+    files = tuple(FileDigest(**f) for f in record["files"])
     return WeightsManifest(record["modality"], record["model"], record["revision"], record["location"], files)
