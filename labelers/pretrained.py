@@ -73,7 +73,7 @@ class PretrainedLabeler(Labeler):
 
     @property
     def random_init(self) -> bool:
-        return self.cfg.model is None
+        return self.cfg.random_init
 
     def provenance(self) -> dict[str, str]:
         return {

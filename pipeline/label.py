@@ -28,7 +28,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 
 from four_m import __version__
 from four_m.core import storage
@@ -38,7 +37,6 @@ from four_m.core.errors import UserError
 from four_m.core.failures import ERROR, label_failure_reason, labeler_timeout
 from four_m.core.modalities import MODALITIES
 from four_m.core.provenance import RANDOM_INIT
-from four_m.core.storage import RootPath
 from four_m.labelers.base import DerivedLabeler, LabelBatch, Labeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.executor import ray_session, worker_options
@@ -70,31 +68,10 @@ class ShardTarget:
 
     folder: str
     """Relative to the root: ``labels/<name>``."""
-    schema: pa.Schema
+    config_hash: str
+    """The shaping hash of its config, which its files' metadata records."""
     shards: frozenset[int]
     """The shards this labeler writes in this run (the others are done or not in the chunk)."""
-
-
-@dataclass(frozen=True)
-class PartWriter:
-    """Writes a labelled batch, per shard and labeler, as a part of that labeler's shard file, and
-    returns only ``(shard, rows)`` per shard in the batch: what the driver needs to know."""
-
-    root: RootPath
-    targets: dict[str, ShardTarget]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        shards, rows = [], []
-        for path in sorted(set(batch["path"].to_pylist())):
-            part = batch.filter(pc.equal(batch["path"], path))
-            shard = _shard_of(path)
-            for name, target in self.targets.items():
-                if shard in target.shards:
-                    table = _modality_table(part, name, target.schema).append_column(ROW, part[ROW])
-                    write_part(self.root, target.folder, shard, table)
-            shards.append(shard)
-            rows.append(part.num_rows)
-        return pa.table({"shard": pa.array(shards, pa.int64()), "rows": pa.array(rows, pa.int64())})
 
 
 def _shard_of(path: str) -> int:
@@ -102,28 +79,62 @@ def _shard_of(path: str) -> int:
 
 
 class LabelerActor:
-    """One actor of a pool: loads its labelers' weights once, then labels batch after batch.
+    """One actor of a pool: loads its labelers' weights once, then labels batch after batch, and
+    writes what it labelled as parts of each labeler's shard files (``pipeline.shard_parts``).
 
     Usually one labeler per pool; ``label.actor_groups`` puts several in one actor where a
     machine is too small for a process per labeler (each process imports torch and friends).
-    The last pool's actors also write the labels (``writer``) and return only what they wrote.
+    Labeler classes are imported here, in the actor, never on the driver: a file's schema and
+    provenance come from the labeler that writes it. A pool hands the next one the batch without
+    its own labels; the last pool returns only ``(shard, rows)``, all the driver needs to know.
     """
 
-    def __init__(self, names: list[str], config: Config, models_dir: str, writer: PartWriter | None = None):
+    def __init__(
+        self,
+        names: list[str],
+        config: Config,
+        models_dir: str,
+        targets: dict[str, ShardTarget],
+        derived_from_random_init: frozenset[str],
+        last: bool,
+    ):
+        import torch  # the networks run here: the driver never imports them
+
         # As many threads as CPUs Ray reserved for this actor.
         torch.set_num_threads(max(1, math.ceil(config.label.pool_settings(names).num_cpus)))
-        self.labelers = []
-        root = storage.location(config.root)
+        self.root = storage.location(config.root)
+        self.labelers: list[tuple[Labeler, pa.Schema]] = []
+        self.targets: dict[str, tuple[ShardTarget, pa.Schema]] = {}
+        """Per labeler: where its parts go and its file schema (payload, provenance)."""
         for name in names:
-            labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name, root)
+            labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name, self.root)
+            if isinstance(labeler, DerivedLabeler):
+                labeler.derived_from_random_init = name in derived_from_random_init
             labeler.setup()
             self.labelers.append((labeler, labeler.schema()))
-        self.writer = writer
+            self.targets[name] = (targets[name], _file_schema(labeler, config, targets[name].config_hash))
+        self.last = last
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for labeler, schema in self.labelers:
             batch = _apply(labeler, schema, batch)
-        return self.writer(batch) if self.writer is not None else batch
+        # Only the written columns are split by shard: filtering the pixel views too would copy them.
+        own = [c for c in batch.column_names if c.split(".")[0] in self.targets]
+        written = batch.select(["key", "caption", "path", ROW, *own])
+        shards, rows = [], []
+        for path in sorted(set(written["path"].to_pylist())):
+            part = written.filter(pc.equal(written["path"], path))
+            shard = _shard_of(path)
+            for name, (target, schema) in self.targets.items():
+                if shard in target.shards:
+                    table = _modality_table(part, name, schema).append_column(ROW, part[ROW])
+                    write_part(self.root, target.folder, shard, table)
+            shards.append(shard)
+            rows.append(part.num_rows)
+        if self.last:
+            return pa.table({"shard": pa.array(shards, pa.int64()), "rows": pa.array(rows, pa.int64())})
+        # Its labels are written: the next pool needs only the views and the url-list columns.
+        return batch.drop_columns(own)
 
 
 def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
@@ -278,11 +289,8 @@ def label_levels(names: tuple[str, ...]) -> list[list[str]]:
 
 def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progress: bool) -> LabelSummary:
     started, cpu_started = time.perf_counter(), time.process_time()
-    labelers = {
-        n: LABELERS[n](config.label.labeler(n), config.label.size, models_dir(root) / n, root.path) for n in names
-    }
     images = downloaded_images(root, config.verify_checksums, LabelStageError)
-    summary = LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init])
+    summary = LabelSummary(random_init=[n for n in names if config.label.labeler(n).random_init])
     ray.data.DataContext.get_current().enable_progress_bars = progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown the summary
     with ExitStack() as stack:
@@ -296,7 +304,7 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
                 ray_started.append(True)
 
         for level in label_levels(names):
-            _label_level(root, config, {n: labelers[n] for n in level}, images, summary, start_ray)
+            _label_level(root, config, level, images, summary, start_ray)
     summary.seconds = time.perf_counter() - started
     summary.driver_cpu_seconds = time.process_time() - cpu_started
     write_summary(root, STAGE, _summary_dict(summary))
@@ -306,13 +314,14 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
 def _label_level(
     root: DatasetRoot,
     config: Config,
-    labelers: dict[str, Labeler],
+    names: list[str],
     images: dict[int, FileDigest],
     summary: LabelSummary,
     start_ray: Callable[[], None],
 ) -> None:
-    """Label the shards one level of labelers still owes, once the labels they read are final."""
-    names = list(labelers)
+    """Label the shards one level of labelers still owes, once the labels they read are final.
+
+    Only names, folders and configs here: the labelers themselves are built in the actors."""
     hashes = {n: shaping_hash(config.label.size, config.label.labeler(n)) for n in names}
     inputs = {n: _shard_inputs(root, config, n, images) for n in names}
     run = StageRun(
@@ -332,17 +341,14 @@ def _label_level(
     if not todo:
         return
     start_ray()
-    for name, labeler in labelers.items():
-        labeler.prepare()  # what labelers build (tiny variants) is built once here, not raced by actors
-        if isinstance(labeler, DerivedLabeler) and _reads_random_init(root, name, images):
-            labeler.derived_from_random_init = True
-            summary.random_init.append(name)
+    derived_from_random_init = frozenset(n for n in names if _reads_random_init(root, n, images))
+    summary.random_init += sorted(derived_from_random_init)
     for start in range(0, len(todo), config.label.shards_per_run):
         chunk = todo[start : start + config.label.shards_per_run]
         work = {n: set(pending[n]) & set(chunk) for n in names}
         active = [n for n in names if work[n]]
         reads = {s: {d: f for n in active for d, f in inputs[n][s][1].items()} for s in chunk}
-        _run_chunk(run, chunk, {n: labelers[n] for n in active}, work, reads)
+        _run_chunk(run, chunk, active, work, reads, derived_from_random_init)
 
 
 def _shard_inputs(
@@ -389,9 +395,10 @@ def models_dir(root: DatasetRoot) -> Path:
 def _run_chunk(
     run: StageRun[LabelSummary],
     chunk: list[int],
-    labelers: dict[str, Labeler],
+    names: list[str],
     work: dict[str, set[int]],
     reads: dict[int, dict[str, str]],
+    derived_from_random_init: frozenset[str],
 ) -> None:
     """Label one chunk of shards in one Ray Data execution; ``work`` = shards to write per labeler,
     ``reads`` = per shard, the label files (by modality) its labelers read beside the images."""
@@ -400,7 +407,7 @@ def _run_chunk(
     expected = {
         s: storage.parquet_file(storage.location(f)).metadata.num_rows for f, s in zip(files, chunk, strict=True)
     }
-    sizes = tuple(sorted({lab.cfg.input_size for lab in labelers.values()}))
+    sizes = tuple(sorted({config.label.labeler(n).input_size for n in names}))
     ray.data.DataContext.get_current().execution_options.preserve_order = False
     # The shards are read by our own small generator task rather than read_parquet, whose file
     # listing takes a whole CPU that six actor pools on two cores would never leave free.
@@ -412,15 +419,11 @@ def _run_chunk(
         .map_batches(read_images, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, **worker_options())
         .map_batches(add_views, fn_kwargs={"sizes": sizes}, batch_format="pyarrow", batch_size=32, num_cpus=TASK_CPUS)
     )
-    pools = config.label.pools(list(labelers))
+    pools = config.label.pools(names)
     _check_resources(config, pools)
-    targets = {
-        n: ShardTarget(run.outputs[n].folder, _file_schema(lab, config, run.outputs[n].config_hash), frozenset(work[n]))
-        for n, lab in labelers.items()
-    }
+    targets = {n: ShardTarget(run.outputs[n].folder, run.outputs[n].config_hash, frozenset(work[n])) for n in names}
     for index, group in enumerate(pools):
         pool = config.label.pool_settings(group)
-        writer = PartWriter(root.path, targets) if index == len(pools) - 1 else None
         dataset = dataset.map_batches(
             LabelerActor,
             # Tiny random-init variants are built where they run: on each node's disk for a remote root.
@@ -428,7 +431,9 @@ def _run_chunk(
                 "names": group,
                 "config": config,
                 "models_dir": str(models_dir(root)),
-                "writer": writer,
+                "targets": {n: targets[n] for n in group},
+                "derived_from_random_init": derived_from_random_init,
+                "last": index == len(pools) - 1,
             },
             batch_format="pyarrow",
             batch_size=pool.batch_size,
@@ -446,7 +451,7 @@ def _run_chunk(
             seen[shard] += rows
             if seen[shard] == expected[shard]:
                 merging[shard] = {
-                    n: merge.remote(root.path, t.folder, shard, t.schema, expected[shard], ROW_GROUP_ROWS)
+                    n: merge.remote(root.path, t.folder, shard, expected[shard], ROW_GROUP_ROWS)
                     for n, t in targets.items()
                     if shard in t.shards
                 }
@@ -515,9 +520,10 @@ def read_images(batch: pa.Table):
 
 
 def _modality_table(part: pa.Table, name: str, schema: pa.Schema) -> pa.Table:
-    """One labeler's file columns from the pipeline's: key, its payload, alt_text, its error."""
+    """One labeler's file columns from the pipeline's: key, its payload, alt_text, its error; with
+    the file's schema and metadata, which the merged shard file takes from its parts."""
     shared = {"key": "key", "alt_text": "caption"}
-    return pa.table({f.name: part[shared.get(f.name, column(name, f.name))] for f in schema})
+    return pa.table({f.name: part[shared.get(f.name, column(name, f.name))] for f in schema}, schema=schema)
 
 
 def _file_schema(labeler: Labeler, config: Config, config_hash: str) -> pa.Schema:
