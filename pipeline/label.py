@@ -3,14 +3,17 @@
 One Ray Data execution covers up to ``label.shards_per_run`` shards: a task pool decodes each
 image once and cuts its views (``core.views``, packed into batches by ``pipeline.views``), then one
 actor pool per labeler (batch size, concurrency, CPU and GPU share from config) adds that labeler's
-columns. The last pool's actors write what they labelled where they run, as parts of each
-labeler's shard files (``pipeline.shard_parts``), and hand the driver only (shard, rows). Order is
-not preserved, so no pool waits for the slowest block; once a shard's rows are all written, a
-remote task merges its parts into the shard file in ``images/`` row order, and the driver checks
-its keys and writes its marker. The driver never holds a label byte. Markers are per labeler and shard
-(``_state/label/<modality>/``) and record the digest of the ``images/`` shard they were made from:
-a rerun, or ``--only depth,det``, redoes exactly what is missing or was made from images that
-changed since (a retried download), and never touches the other folders.
+columns. Each pool's actors write what they labelled where they run, as parts of each of their
+labelers' shard files (``pipeline.shard_parts``), and the last pool hands the driver only (shard,
+rows). Order is not preserved, so no pool waits for the slowest block; once a shard's rows are all
+written, one remote task merges its parts into the shard files in ``images/`` row order, and the
+driver checks their keys and writes their markers. The labelers are imported, built and asked for
+their files' schema and provenance in the actors only: the driver plans from names and configs and
+never imports a network library (torch, transformers, ultralytics), and never holds a label byte.
+Markers are per labeler and shard (``_state/label/<modality>/``) and record the digest of the
+``images/`` shard they were made from: a rerun, or ``--only depth,det``, redoes exactly what is
+missing or was made from images that changed since (a retried download), and never touches the
+other folders.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from four_m.core.provenance import RANDOM_INIT
 from four_m.labelers.base import DerivedLabeler, LabelBatch, Labeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.executor import ray_session, worker_options
-from four_m.pipeline.shard_parts import ROW, merge_parts, remove_parts, write_part
+from four_m.pipeline.shard_parts import ROW, merge_shard, remove_parts, write_part
 from four_m.pipeline.stage import Output, StageRun, downloaded_images, image_keys, images_file, write_summary
 from four_m.pipeline.time_limit import TimeLimitExceeded, within
 from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_of
@@ -51,6 +54,8 @@ ROW_GROUP_ROWS = 256
 ORIGINAL_SIZE = ("original_width", "original_height")
 TASK_CPUS = 0.25
 """CPUs of a read or decode task: small, so tasks still fit beside the labelers' actor pools."""
+Merging = dict[int, tuple[list[str], ray.ObjectRef]]
+"""Shard -> the labelers whose files one task is merging, and that task."""
 
 
 class LabelStageError(UserError):
@@ -119,7 +124,7 @@ class LabelerActor:
         for labeler, schema in self.labelers:
             batch = _apply(labeler, schema, batch)
         # Only the written columns are split by shard: filtering the pixel views too would copy them.
-        own = [c for c in batch.column_names if c.split(".")[0] in self.targets]
+        own = [c for c in batch.column_names if any(c.startswith(column(n, "")) for n in self.targets)]
         written = batch.select(["key", "caption", "path", ROW, *own])
         shards, rows = [], []
         for path in sorted(set(written["path"].to_pylist())):
@@ -443,33 +448,30 @@ def _run_chunk(
             **worker_options(),
         )
     seen: Counter = Counter()
-    merging: dict[int, dict[str, ray.ObjectRef]] = {}  # shard -> labeler -> its merge
-    merge = ray.remote(merge_parts).options(num_cpus=TASK_CPUS, **worker_options())
+    merging: Merging = {}
+    merge = ray.remote(merge_shard).options(num_cpus=TASK_CPUS, **worker_options())
     for written in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         run.summary.driver_bytes += written.nbytes
         for shard, rows in zip(written["shard"].to_pylist(), written["rows"].to_pylist(), strict=True):
             seen[shard] += rows
             if seen[shard] == expected[shard]:
-                merging[shard] = {
-                    n: merge.remote(root.path, t.folder, shard, expected[shard], ROW_GROUP_ROWS)
-                    for n, t in targets.items()
-                    if shard in t.shards
-                }
+                merged = [n for n, t in targets.items() if shard in t.shards]
+                folders = [targets[n].folder for n in merged]
+                merging[shard] = (merged, merge.remote(root.path, folders, shard, expected[shard], ROW_GROUP_ROWS))
         _finish_merged(run, merging, wait=False)
     _finish_merged(run, merging, wait=True)
     for target in targets.values():
         remove_parts(root.path, target.folder)
 
 
-def _finish_merged(run: StageRun[LabelSummary], merging: dict[int, dict[str, ray.ObjectRef]], wait: bool) -> None:
+def _finish_merged(run: StageRun[LabelSummary], merging: Merging, wait: bool) -> None:
     """Mark done the shards whose merges have ended (all of them with ``wait``); a failed merge raises."""
-    for shard, merges in list(merging.items()):
-        refs = list(merges.values())
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
-        if len(ready) == len(refs):
-            ray.get(refs)
+    for shard, (names, ref) in list(merging.items()):
+        ready, _ = ray.wait([ref], timeout=None if wait else 0)
+        if ready:
+            ray.get(ref)
             del merging[shard]
-            _finish_shard(run, shard, list(merges))
+            _finish_shard(run, shard, names)
 
 
 def _check_resources(config: Config, pools: list[list[str]]) -> None:
