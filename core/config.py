@@ -181,6 +181,12 @@ class LabelerConfig:
         check(self.num_cpus > 0, "label.*.num_cpus", "must be > 0")
         check(self.num_gpus >= 0, "label.*.num_gpus", "must be >= 0")
 
+    @property
+    def random_init(self) -> bool:
+        """A network without configured weights labels with random ones (its tiny or full-size
+        variant): known from the config alone, so the stage's driver says so without loading it."""
+        return self.model is None
+
 
 @dataclass(frozen=True)
 class LabelConfig:
@@ -244,6 +250,11 @@ class AlgorithmConfig(LabelerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.model is None, "label.<algorithm>.model", "an algorithm has no weights: leave model unset")
+
+    @property
+    def random_init(self) -> bool:
+        """Its own labels are real; one that reads random-init labels is flagged by the label stage."""
+        return False
 
 
 @dataclass(frozen=True)

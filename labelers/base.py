@@ -70,8 +70,8 @@ class Labeler(ABC):
 
     Subclasses set ``name`` (the modality key) and implement ``schema``, ``label`` and
     ``provenance``. Maps are returned at ``view_size`` (the label view's side), whatever the
-    labeler's input size. The stage constructs every labeler the same way, calls ``prepare`` once
-    on the driver, ``setup`` once per worker, then ``label`` batch after batch.
+    labeler's input size. The stage constructs every labeler the same way, in the actors only (its
+    driver never imports a labeler), calls ``setup`` once per actor, then ``label`` batch after batch.
     """
 
     name: ClassVar[str]
@@ -94,7 +94,8 @@ class Labeler(ABC):
         return False
 
     def prepare(self) -> None:  # noqa: B027 - an optional hook: an algorithm builds nothing
-        """Build, once and before any worker, what ``setup`` will load; nothing by default."""
+        """Build what ``setup`` will load, if it is missing; nothing by default. Called by ``setup``
+        where it needs it, so actors that race here must be safe (build aside, then rename)."""
 
     def setup(self) -> None:  # noqa: B027 - an optional hook: an algorithm may need nothing loaded
         """Load what labelling needs, once per worker; nothing by default."""

@@ -73,7 +73,7 @@ class PretrainedLabeler(Labeler):
 
     @property
     def random_init(self) -> bool:
-        return self.cfg.model is None
+        return self.cfg.random_init
 
     def provenance(self) -> dict[str, str]:
         return {
@@ -107,9 +107,9 @@ class PretrainedLabeler(Labeler):
         return self.random_init and self.cfg.random_size == "production"
 
     def prepare(self) -> None:
-        """Build the tiny variant's folder if it is needed and missing: before any worker, and again
-        by the workers of a node that lacks it. Built under a temporary name and renamed, so actors
-        of one node that race here never load a half-written folder."""
+        """Build the tiny variant's folder if it is needed and missing: by the first actor of each
+        node that loads it (``setup``). Built under a temporary name and renamed, so actors of one
+        node that race here never load a half-written folder."""
         if not self.random_init:
             return
         tiny = self.random_folder

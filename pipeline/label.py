@@ -3,14 +3,17 @@
 One Ray Data execution covers up to ``label.shards_per_run`` shards: a task pool decodes each
 image once and cuts its views (``core.views``, packed into batches by ``pipeline.views``), then one
 actor pool per labeler (batch size, concurrency, CPU and GPU share from config) adds that labeler's
-columns. The last pool's actors write what they labelled where they run, as parts of each
-labeler's shard files (``pipeline.shard_parts``), and hand the driver only (shard, rows). Order is
-not preserved, so no pool waits for the slowest block; once a shard's rows are all written, a
-remote task merges its parts into the shard file in ``images/`` row order, and the driver checks
-its keys and writes its marker. The driver never holds a label byte. Markers are per labeler and shard
-(``_state/label/<modality>/``) and record the digest of the ``images/`` shard they were made from:
-a rerun, or ``--only depth,det``, redoes exactly what is missing or was made from images that
-changed since (a retried download), and never touches the other folders.
+columns. Each pool's actors write what they labelled where they run, as parts of each of their
+labelers' shard files (``pipeline.shard_parts``), and the last pool hands the driver only (shard,
+rows). Order is not preserved, so no pool waits for the slowest block; once a shard's rows are all
+written, one remote task merges its parts into the shard files in ``images/`` row order, and the
+driver checks their keys and writes their markers. The labelers are imported, built and asked for
+their files' schema and provenance in the actors only: the driver plans from names and configs and
+never imports a network library (torch, transformers, ultralytics), and never holds a label byte.
+Markers are per labeler and shard (``_state/label/<modality>/``) and record the digest of the
+``images/`` shard they were made from: a rerun, or ``--only depth,det``, redoes exactly what is
+missing or was made from images that changed since (a retried download), and never touches the
+other folders.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 
 from four_m import __version__
 from four_m.core import storage
@@ -38,11 +40,10 @@ from four_m.core.errors import UserError
 from four_m.core.failures import ERROR, label_failure_reason, labeler_timeout
 from four_m.core.modalities import MODALITIES
 from four_m.core.provenance import RANDOM_INIT
-from four_m.core.storage import RootPath
 from four_m.labelers.base import DerivedLabeler, LabelBatch, Labeler
 from four_m.labelers.registry import LABELERS
 from four_m.pipeline.executor import ray_session, worker_options
-from four_m.pipeline.shard_parts import ROW, merge_parts, remove_parts, write_part
+from four_m.pipeline.shard_parts import ROW, merge_shard, remove_parts, write_part
 from four_m.pipeline.stage import Output, StageRun, downloaded_images, image_keys, images_file, write_summary
 from four_m.pipeline.time_limit import TimeLimitExceeded, within
 from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_of
@@ -53,6 +54,8 @@ ROW_GROUP_ROWS = 256
 ORIGINAL_SIZE = ("original_width", "original_height")
 TASK_CPUS = 0.25
 """CPUs of a read or decode task: small, so tasks still fit beside the labelers' actor pools."""
+Merging = dict[int, tuple[list[str], ray.ObjectRef]]
+"""Shard -> the labelers whose files one task is merging, and that task."""
 
 
 class LabelStageError(UserError):
@@ -70,31 +73,10 @@ class ShardTarget:
 
     folder: str
     """Relative to the root: ``labels/<name>``."""
-    schema: pa.Schema
+    config_hash: str
+    """The shaping hash of its config, which its files' metadata records."""
     shards: frozenset[int]
     """The shards this labeler writes in this run (the others are done or not in the chunk)."""
-
-
-@dataclass(frozen=True)
-class PartWriter:
-    """Writes a labelled batch, per shard and labeler, as a part of that labeler's shard file, and
-    returns only ``(shard, rows)`` per shard in the batch: what the driver needs to know."""
-
-    root: RootPath
-    targets: dict[str, ShardTarget]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        shards, rows = [], []
-        for path in sorted(set(batch["path"].to_pylist())):
-            part = batch.filter(pc.equal(batch["path"], path))
-            shard = _shard_of(path)
-            for name, target in self.targets.items():
-                if shard in target.shards:
-                    table = _modality_table(part, name, target.schema).append_column(ROW, part[ROW])
-                    write_part(self.root, target.folder, shard, table)
-            shards.append(shard)
-            rows.append(part.num_rows)
-        return pa.table({"shard": pa.array(shards, pa.int64()), "rows": pa.array(rows, pa.int64())})
 
 
 def _shard_of(path: str) -> int:
@@ -102,28 +84,62 @@ def _shard_of(path: str) -> int:
 
 
 class LabelerActor:
-    """One actor of a pool: loads its labelers' weights once, then labels batch after batch.
+    """One actor of a pool: loads its labelers' weights once, then labels batch after batch, and
+    writes what it labelled as parts of each labeler's shard files (``pipeline.shard_parts``).
 
     Usually one labeler per pool; ``label.actor_groups`` puts several in one actor where a
     machine is too small for a process per labeler (each process imports torch and friends).
-    The last pool's actors also write the labels (``writer``) and return only what they wrote.
+    Labeler classes are imported here, in the actor, never on the driver: a file's schema and
+    provenance come from the labeler that writes it. A pool hands the next one the batch without
+    its own labels; the last pool returns only ``(shard, rows)``, all the driver needs to know.
     """
 
-    def __init__(self, names: list[str], config: Config, models_dir: str, writer: PartWriter | None = None):
+    def __init__(
+        self,
+        names: list[str],
+        config: Config,
+        models_dir: str,
+        targets: dict[str, ShardTarget],
+        derived_from_random_init: frozenset[str],
+        last: bool,
+    ):
+        import torch  # the networks run here: the driver never imports them
+
         # As many threads as CPUs Ray reserved for this actor.
         torch.set_num_threads(max(1, math.ceil(config.label.pool_settings(names).num_cpus)))
-        self.labelers = []
-        root = storage.location(config.root)
+        self.root = storage.location(config.root)
+        self.labelers: list[tuple[Labeler, pa.Schema]] = []
+        self.targets: dict[str, tuple[ShardTarget, pa.Schema]] = {}
+        """Per labeler: where its parts go and its file schema (payload, provenance)."""
         for name in names:
-            labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name, root)
+            labeler = LABELERS[name](config.label.labeler(name), config.label.size, Path(models_dir) / name, self.root)
+            if isinstance(labeler, DerivedLabeler):
+                labeler.derived_from_random_init = name in derived_from_random_init
             labeler.setup()
             self.labelers.append((labeler, labeler.schema()))
-        self.writer = writer
+            self.targets[name] = (targets[name], _file_schema(labeler, config, targets[name].config_hash))
+        self.last = last
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for labeler, schema in self.labelers:
             batch = _apply(labeler, schema, batch)
-        return self.writer(batch) if self.writer is not None else batch
+        # Only the written columns are split by shard: filtering the pixel views too would copy them.
+        own = [c for c in batch.column_names if any(c.startswith(column(n, "")) for n in self.targets)]
+        written = batch.select(["key", "caption", "path", ROW, *own])
+        shards, rows = [], []
+        for path in sorted(set(written["path"].to_pylist())):
+            part = written.filter(pc.equal(written["path"], path))
+            shard = _shard_of(path)
+            for name, (target, schema) in self.targets.items():
+                if shard in target.shards:
+                    table = _modality_table(part, name, schema).append_column(ROW, part[ROW])
+                    write_part(self.root, target.folder, shard, table)
+            shards.append(shard)
+            rows.append(part.num_rows)
+        if self.last:
+            return pa.table({"shard": pa.array(shards, pa.int64()), "rows": pa.array(rows, pa.int64())})
+        # Its labels are written: the next pool needs only the views and the url-list columns.
+        return batch.drop_columns(own)
 
 
 def _apply(labeler: Labeler, schema: pa.Schema, batch: pa.Table) -> pa.Table:
@@ -278,11 +294,8 @@ def label_levels(names: tuple[str, ...]) -> list[list[str]]:
 
 def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progress: bool) -> LabelSummary:
     started, cpu_started = time.perf_counter(), time.process_time()
-    labelers = {
-        n: LABELERS[n](config.label.labeler(n), config.label.size, models_dir(root) / n, root.path) for n in names
-    }
     images = downloaded_images(root, config.verify_checksums, LabelStageError)
-    summary = LabelSummary(random_init=[n for n, lab in labelers.items() if lab.random_init])
+    summary = LabelSummary(random_init=[n for n in names if config.label.labeler(n).random_init])
     ray.data.DataContext.get_current().enable_progress_bars = progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines drown the summary
     with ExitStack() as stack:
@@ -296,7 +309,7 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
                 ray_started.append(True)
 
         for level in label_levels(names):
-            _label_level(root, config, {n: labelers[n] for n in level}, images, summary, start_ray)
+            _label_level(root, config, level, images, summary, start_ray)
     summary.seconds = time.perf_counter() - started
     summary.driver_cpu_seconds = time.process_time() - cpu_started
     write_summary(root, STAGE, _summary_dict(summary))
@@ -306,13 +319,14 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
 def _label_level(
     root: DatasetRoot,
     config: Config,
-    labelers: dict[str, Labeler],
+    names: list[str],
     images: dict[int, FileDigest],
     summary: LabelSummary,
     start_ray: Callable[[], None],
 ) -> None:
-    """Label the shards one level of labelers still owes, once the labels they read are final."""
-    names = list(labelers)
+    """Label the shards one level of labelers still owes, once the labels they read are final.
+
+    Only names, folders and configs here: the labelers themselves are built in the actors."""
     hashes = {n: shaping_hash(config.label.size, config.label.labeler(n)) for n in names}
     inputs = {n: _shard_inputs(root, config, n, images) for n in names}
     run = StageRun(
@@ -332,17 +346,14 @@ def _label_level(
     if not todo:
         return
     start_ray()
-    for name, labeler in labelers.items():
-        labeler.prepare()  # what labelers build (tiny variants) is built once here, not raced by actors
-        if isinstance(labeler, DerivedLabeler) and _reads_random_init(root, name, images):
-            labeler.derived_from_random_init = True
-            summary.random_init.append(name)
+    derived_from_random_init = frozenset(n for n in names if _reads_random_init(root, n, images))
+    summary.random_init += sorted(derived_from_random_init)
     for start in range(0, len(todo), config.label.shards_per_run):
         chunk = todo[start : start + config.label.shards_per_run]
         work = {n: set(pending[n]) & set(chunk) for n in names}
         active = [n for n in names if work[n]]
         reads = {s: {d: f for n in active for d, f in inputs[n][s][1].items()} for s in chunk}
-        _run_chunk(run, chunk, {n: labelers[n] for n in active}, work, reads)
+        _run_chunk(run, chunk, active, work, reads, derived_from_random_init)
 
 
 def _shard_inputs(
@@ -389,9 +400,10 @@ def models_dir(root: DatasetRoot) -> Path:
 def _run_chunk(
     run: StageRun[LabelSummary],
     chunk: list[int],
-    labelers: dict[str, Labeler],
+    names: list[str],
     work: dict[str, set[int]],
     reads: dict[int, dict[str, str]],
+    derived_from_random_init: frozenset[str],
 ) -> None:
     """Label one chunk of shards in one Ray Data execution; ``work`` = shards to write per labeler,
     ``reads`` = per shard, the label files (by modality) its labelers read beside the images."""
@@ -400,7 +412,7 @@ def _run_chunk(
     expected = {
         s: storage.parquet_file(storage.location(f)).metadata.num_rows for f, s in zip(files, chunk, strict=True)
     }
-    sizes = tuple(sorted({lab.cfg.input_size for lab in labelers.values()}))
+    sizes = tuple(sorted({config.label.labeler(n).input_size for n in names}))
     ray.data.DataContext.get_current().execution_options.preserve_order = False
     # The shards are read by our own small generator task rather than read_parquet, whose file
     # listing takes a whole CPU that six actor pools on two cores would never leave free.
@@ -412,15 +424,11 @@ def _run_chunk(
         .map_batches(read_images, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, **worker_options())
         .map_batches(add_views, fn_kwargs={"sizes": sizes}, batch_format="pyarrow", batch_size=32, num_cpus=TASK_CPUS)
     )
-    pools = config.label.pools(list(labelers))
+    pools = config.label.pools(names)
     _check_resources(config, pools)
-    targets = {
-        n: ShardTarget(run.outputs[n].folder, _file_schema(lab, config, run.outputs[n].config_hash), frozenset(work[n]))
-        for n, lab in labelers.items()
-    }
+    targets = {n: ShardTarget(run.outputs[n].folder, run.outputs[n].config_hash, frozenset(work[n])) for n in names}
     for index, group in enumerate(pools):
         pool = config.label.pool_settings(group)
-        writer = PartWriter(root.path, targets) if index == len(pools) - 1 else None
         dataset = dataset.map_batches(
             LabelerActor,
             # Tiny random-init variants are built where they run: on each node's disk for a remote root.
@@ -428,7 +436,9 @@ def _run_chunk(
                 "names": group,
                 "config": config,
                 "models_dir": str(models_dir(root)),
-                "writer": writer,
+                "targets": {n: targets[n] for n in group},
+                "derived_from_random_init": derived_from_random_init,
+                "last": index == len(pools) - 1,
             },
             batch_format="pyarrow",
             batch_size=pool.batch_size,
@@ -438,33 +448,30 @@ def _run_chunk(
             **worker_options(),
         )
     seen: Counter = Counter()
-    merging: dict[int, dict[str, ray.ObjectRef]] = {}  # shard -> labeler -> its merge
-    merge = ray.remote(merge_parts).options(num_cpus=TASK_CPUS, **worker_options())
+    merging: Merging = {}
+    merge = ray.remote(merge_shard).options(num_cpus=TASK_CPUS, **worker_options())
     for written in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         run.summary.driver_bytes += written.nbytes
         for shard, rows in zip(written["shard"].to_pylist(), written["rows"].to_pylist(), strict=True):
             seen[shard] += rows
             if seen[shard] == expected[shard]:
-                merging[shard] = {
-                    n: merge.remote(root.path, t.folder, shard, t.schema, expected[shard], ROW_GROUP_ROWS)
-                    for n, t in targets.items()
-                    if shard in t.shards
-                }
+                merged = [n for n, t in targets.items() if shard in t.shards]
+                folders = [targets[n].folder for n in merged]
+                merging[shard] = (merged, merge.remote(root.path, folders, shard, expected[shard], ROW_GROUP_ROWS))
         _finish_merged(run, merging, wait=False)
     _finish_merged(run, merging, wait=True)
     for target in targets.values():
         remove_parts(root.path, target.folder)
 
 
-def _finish_merged(run: StageRun[LabelSummary], merging: dict[int, dict[str, ray.ObjectRef]], wait: bool) -> None:
+def _finish_merged(run: StageRun[LabelSummary], merging: Merging, wait: bool) -> None:
     """Mark done the shards whose merges have ended (all of them with ``wait``); a failed merge raises."""
-    for shard, merges in list(merging.items()):
-        refs = list(merges.values())
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
-        if len(ready) == len(refs):
-            ray.get(refs)
+    for shard, (names, ref) in list(merging.items()):
+        ready, _ = ray.wait([ref], timeout=None if wait else 0)
+        if ready:
+            ray.get(ref)
             del merging[shard]
-            _finish_shard(run, shard, list(merges))
+            _finish_shard(run, shard, names)
 
 
 def _check_resources(config: Config, pools: list[list[str]]) -> None:
@@ -515,9 +522,10 @@ def read_images(batch: pa.Table):
 
 
 def _modality_table(part: pa.Table, name: str, schema: pa.Schema) -> pa.Table:
-    """One labeler's file columns from the pipeline's: key, its payload, alt_text, its error."""
+    """One labeler's file columns from the pipeline's: key, its payload, alt_text, its error; with
+    the file's schema and metadata, which the merged shard file takes from its parts."""
     shared = {"key": "key", "alt_text": "caption"}
-    return pa.table({f.name: part[shared.get(f.name, column(name, f.name))] for f in schema})
+    return pa.table({f.name: part[shared.get(f.name, column(name, f.name))] for f in schema}, schema=schema)
 
 
 def _file_schema(labeler: Labeler, config: Config, config_hash: str) -> pa.Schema:

@@ -13,14 +13,16 @@ SCHEMA = pa.schema([("key", pa.string()), ("value", pa.int64())], metadata={b"fo
 
 
 def _part(rows: list[int]) -> pa.Table:
-    return pa.table({"key": [f"k{r}" for r in rows], "value": [r * r for r in rows], ROW: pa.array(rows, pa.int64())})
+    """A part as the label stage's writers make it: the file's schema and metadata, plus the row index."""
+    table = pa.table({"key": [f"k{r}" for r in rows], "value": [r * r for r in rows]}, schema=SCHEMA)
+    return table.append_column(ROW, pa.array(rows, pa.int64()))
 
 
 def test_parts_in_any_order_merge_into_row_order_with_fixed_row_groups(tmp_path):
     root = storage.location(tmp_path)
     for rows in ([5, 3, 9], [0, 8], [1, 2, 4, 6, 7]):  # as batches finish: unordered within and across
         write_part(root, "labels/x", 3, _part(rows))
-    path = merge_parts(root, "labels/x", 3, SCHEMA, rows=10, row_group_rows=4)
+    path = merge_parts(root, "labels/x", 3, rows=10, row_group_rows=4)
     table = pq.read_table(path)
     assert table.schema == SCHEMA and table.schema.metadata == SCHEMA.metadata
     assert table["key"].to_pylist() == [f"k{r}" for r in range(10)]
@@ -36,5 +38,5 @@ def test_parts_that_do_not_hold_every_row_once_are_never_a_shard(tmp_path, parts
     for rows in parts:
         write_part(root, "labels/x", 0, _part(rows))
     with pytest.raises(PartsError, match="not each of the shard's 4 once"):
-        merge_parts(root, "labels/x", 0, SCHEMA, rows=4, row_group_rows=4)
+        merge_parts(root, "labels/x", 0, rows=4, row_group_rows=4)
     assert not (tmp_path / "labels/x/00000.parquet").exists()
