@@ -312,6 +312,16 @@ RATIOS = ("s / 1k images", "driver CPU s / 1k images", "driver peak MB")
 """The figures whose largest-N / smallest-N ratio has a goal (<= 1.2)."""
 
 
+def marginal(results: dict[int, dict], stage: str) -> list[float | None]:
+    """Seconds per 1,000 images added from the size before (none for the smallest): the stage's
+    fixed cost (Ray actors, model loads, tokenizer fits) cancels, so this is what each further
+    image costs, and what rises if a cost grows faster than the corpus."""
+    sizes = sorted(results)
+    seconds = [results[n]["stages"][stage]["seconds"] for n in sizes]
+    steps = zip(sizes, sizes[1:], seconds, seconds[1:], strict=False)
+    return [None, *((t2 - t1) * 1000 / (n2 - n1) for n1, n2, t1, t2 in steps)]
+
+
 def table(results: dict[int, dict]) -> list[str]:
     """A Markdown table: a row per stage and figure, a column per size, then the ratio of the
     largest size's value to the smallest's where it has a goal."""
@@ -319,7 +329,8 @@ def table(results: dict[int, dict]) -> list[str]:
 
     def row(stage: str, figure: str, values: list[float | None], ratio: bool) -> str:
         shown = ["–" if v is None else f"{v:,.2f}" if v % 1 else f"{v:,.0f}" for v in values]
-        last = f"{values[-1] / values[0]:.2f}" if ratio and values[0] else ""
+        present = [v for v in values if v is not None]  # the marginal cost has none at the smallest size
+        last = f"{present[-1] / present[0]:.2f}" if ratio and len(present) > 1 and present[0] else ""
         return f"| {stage} | {figure} | {' | '.join(shown)} | {last} |"
 
     lines = [
@@ -330,6 +341,8 @@ def table(results: dict[int, dict]) -> list[str]:
         for figure, value in FIGURES.items():
             values = [value(results[n]["stages"][stage], n) for n in sizes]
             lines.append(row(stage, figure, values, figure in RATIOS))
+            if figure == "s / 1k images":
+                lines.append(row(stage, "marginal s / 1k images", marginal(results, stage), True))
     total = [sum(results[n]["stages"][s]["seconds"] for s in STAGES) * 1000 / n for n in sizes]
     lines.append(row("all stages", "s / 1k images", total, True))
     lines.append(row("driver", "max RSS MB (getrusage)", [results[n]["driver_maxrss_mb"] for n in sizes], True))
