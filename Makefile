@@ -29,6 +29,7 @@ STAMP  := $(VENV)/.installed
 CLI    := $(BIN)/python -m four_m
 SET    ?=
 ONLY   ?=
+SIZES  ?=
 RETRY_FAILED ?=
 FROM   ?=
 TO     ?=
@@ -64,7 +65,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
 .PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train finetune import-4m probe sample eval \
-        card verify preview preview-tokens models bad-input bench lint clean
+        card verify preview preview-tokens models bad-input bench bench-scale lint clean
 
 install: $(STAMP)
 
@@ -109,6 +110,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/label_view.py
 	$(BIN)/python bench/tokens.py
 	$(BIN)/python bench/train.py
+
+# Not in `bench` nor `test`: hours at the default sizes. SIZES=1000,10000 (100000 is an option).
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py $(if $(SIZES),--sizes $(SIZES))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

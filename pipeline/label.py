@@ -348,9 +348,11 @@ def _label_level(
     start_ray()
     derived_from_random_init = frozenset(n for n in names if _reads_random_init(root, n, images))
     summary.random_init += sorted(derived_from_random_init)
+    # Sets made once: rebuilt per chunk, they cost O(shards) a chunk, O(shards^2 / shards_per_run) a run.
+    owed = {n: set(pending[n]) for n in names}
     for start in range(0, len(todo), config.label.shards_per_run):
         chunk = todo[start : start + config.label.shards_per_run]
-        work = {n: set(pending[n]) & set(chunk) for n in names}
+        work = {n: owed[n].intersection(chunk) for n in names}
         active = [n for n in names if work[n]]
         reads = {s: {d: f for n in active for d, f in inputs[n][s][1].items()} for s in chunk}
         _run_chunk(run, chunk, active, work, reads, derived_from_random_init)
