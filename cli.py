@@ -208,7 +208,7 @@ def _dryrun(config: Config, args: argparse.Namespace) -> int:
     dry = dry_run_config(config, args.root or DRY_ROOT)
     check_root_writable(dry.root)
     status = max(VERBS[verb].run(dry, _with_defaults(verb, args)) for verb in DRY_RUN)
-    table = report(measure(dry))
+    table = report(measure(dry, config))
     out = location(dry.root) / "dryrun.md"
     write_text_atomic(out, f"# Dry run of {args.config}: production architectures, random weights\n\n{table}\n")
     print(table.replace(FORMULA, f"({FORMULA})"))

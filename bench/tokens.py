@@ -29,14 +29,19 @@ the root's own run.
 
 By default the tokens are made in this run by the real stages: ``--images`` generated photos go
 through the label stage (the configured, by default tiny, labelers), tokenizer training (a few
-steps: quality does not change speed) and the tokenize stage, twice; (a)-(c) measure the tokens of
-``--crops`` crops. ``--root`` measures an existing root instead (e.g. after ``make demo``).
-``--synthetic N`` writes N samples of ``--crops`` crops with the store's own writer instead, for
-(a)-(c) at scale: maps of 196 ids (256 for DINOv2) from a 1024-code book, sequences of 5-60 ids from
-a ~5000-word vocabulary, Zipf-like and i.i.d. (real VQ maps repeat neighbouring codes and compress
-better), ~2% absent rows per modality, each sample's crops drawn as the tokenize stage draws them.
+steps: quality does not change speed) and the tokenize stage, twice; (a) measures the tokens of
+``--crops`` crops. (b) and (c) then read a synthetic store of ``--read-samples`` samples in shards
+of ``--read-per-shard`` (``--read-samples 0``: the stages' own tokens): a training run reads shards
+of thousands of samples (CC12M's hold 10,000), where a few dozen photos would make shards so small
+that opening 12 files per shard, not reading samples, is what gets timed. ``--root`` measures an
+existing root instead (e.g. after ``make demo``). ``--synthetic N`` writes N samples of
+``--crops`` crops with the store's own writer instead, for (a)-(c) at scale. Synthetic stores hold
+maps of 196 ids (256 for DINOv2) from a 1024-code book, sequences of 5-60 ids from a ~5000-word
+vocabulary, Zipf-like and i.i.d. (real VQ maps repeat neighbouring codes and compress better), ~2%
+absent rows per modality, each sample's crops drawn as the tokenize stage draws them.
 
-    .venv/bin/python bench/tokens.py [--images 512] [--crops 4] [--root DATASET_ROOT] [--synthetic 20000]
+    .venv/bin/python bench/tokens.py [--images 32] [--crops 4] [--read-samples 2000] [--root DATASET_ROOT]
+        [--synthetic 20000]
 """
 
 from __future__ import annotations
@@ -228,7 +233,8 @@ def read_columns(files: dict[str, Path]) -> tuple[list[str], dict[str, TokenColu
     """One shard's keys and each modality's column; the modalities must share their keys, in order."""
     columns, keys = {}, None
     for name, path in files.items():
-        with pq.ParquetFile(path) as file:
+        # A memory map of the file: no filesystem to resolve per file, no copy of its bytes.
+        with pa.memory_map(str(path)) as source, pq.ParquetFile(source) as file:
             file_keys, columns[name] = token_column(file)
         assert keys is None or file_keys.equals(keys), f"{path}: keys differ from the other modalities'"
         keys = file_keys
@@ -519,10 +525,10 @@ def print_layouts(shards: Shards, payload: dict[str, int]) -> None:
         print(f"  {mark} {layout:12s} {codec:6s} {'on' if dictionary else 'off':4s} {ratios} {total:7.2f}")
 
 
-def print_read_rates(rates: dict[str, float], draws: float, modalities: int, repeats: int) -> None:
+def print_read_rates(rates: dict[str, float], draws: float, modalities: int, repeats: int, samples: str) -> None:
     """Figures (b): the store against 4M's tars, one core, one crop drawn per sample."""
     where = f"one core, page cache warm, best of {repeats}"
-    print(f"(b) reading all {modalities} modalities, one crop drawn per sample, {where}")
+    print(f"(b) reading all {modalities} modalities, one crop drawn per sample, {where}; {samples}")
     labels = {
         "store": "store (pyarrow, rows zipped by key, drawn crop picked)",
         "trainer": "store through the trainer's TokenShards.read + view",
@@ -552,14 +558,20 @@ def print_crop_layouts(
         print(f"  {mark} {label:45s} {figures}")
 
 
-def measure_store(tokens_dir: Path, work: Path, repeats: int) -> None:
-    """(a), (b) and (c) for one ``tokens/`` folder; ``work`` receives the tars and the other layout."""
+def measure_bytes(tokens_dir: Path, work: Path) -> None:
+    """(a) for one ``tokens/`` folder, its layouts included; ``work`` receives the tars."""
+    shards = store_shards(tokens_dir)
+    _, tar_sizes = write_webdataset(tokens_dir, work / "webdataset")
+    print_layouts(shards, print_sizes(shards, tar_sizes, store_crops(shards)))
+
+
+def measure_reads(tokens_dir: Path, work: Path, repeats: int) -> None:
+    """(b) and (c) for one ``tokens/`` folder; ``work`` receives the tars and the other layout."""
     shards = store_shards(tokens_dir)
     modalities = list(shards[0][1])
     n_crops = store_crops(shards)
-    urls, tar_sizes = write_webdataset(tokens_dir, work / "webdataset")
-    payload = print_sizes(shards, tar_sizes, n_crops)
-    print_layouts(shards, payload)
+    urls, _ = write_webdataset(tokens_dir, work / "webdataset")
+    payload = {name: sum(payload_bytes(files[name]) for _, files in shards) for name in modalities}
     crop_rows = write_crop_rows(shards, work / "crop-column" / "tokens", n_crops)
     readers: dict[str, Reader] = {
         "store": lambda: iter_store(tokens_dir),
@@ -570,13 +582,14 @@ def measure_store(tokens_dir: Path, work: Path, repeats: int) -> None:
     check_same_tokens(readers)
     rates = {name: best_rate(read, repeats) for name, read in readers.items()}
     keys = [key for key, _ in iter_store(tokens_dir)]
-    print_read_rates(rates, draw_rate(keys, n_crops, repeats), len(modalities), repeats)
+    samples = f"{len(keys)} samples in {len(shards)} shards of {n_crops} crops"
+    print_read_rates(rates, draw_rate(keys, n_crops, repeats), len(modalities), repeats, samples)
     print_crop_layouts({"store": tokens_dir, "crop column": crop_rows}, rates, payload, n_crops)
 
 
 def stage_config(root: Path, overrides: list[str]) -> Config:
-    # Tokenizers train only a few steps: the tokenize stage's speed does not depend on their quality.
-    quick = [f"tokenize.{m}.steps=5" for m in map_modalities()]
+    # Tokenizers train one step: the tokenize stage's speed does not depend on their quality.
+    quick = [f"tokenize.{m}.steps=1" for m in map_modalities()]
     return load_config("default", [*quick, *overrides], root=str(root))
 
 
@@ -591,8 +604,11 @@ def pipeline_root(work: Path, images: int, per_shard: int, overrides: list[str],
     write_images_root(root, [photos / n for n in names], per_shard)
     config = stage_config(root, overrides)
     ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level="warning")
+    started = time.perf_counter()
     run_label(config, progress=False)
+    labelled = time.perf_counter()
     run_tokenizer_training(config)
+    print(f"stages: label {labelled - started:.0f} s, tokenizer training {time.perf_counter() - labelled:.0f} s")
     summaries = {}
     for crops in dict.fromkeys((1, n_crops)):
         if summaries:  # another crop setting: the tokens of the last one would be stale
@@ -628,10 +644,17 @@ def print_tokenize_rates(summaries: dict[int, dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, help="measure an existing dataset root's tokens/")
-    parser.add_argument("--images", type=int, default=512, help="photos through the real stages (no --root)")
+    parser.add_argument("--images", type=int, default=32, help="photos through the real stages (no --root)")
     parser.add_argument("--crops", type=int, default=4, help="crops per sample: synthetic store, tokenize run")
     parser.add_argument("--per-shard", type=int, default=64)
     parser.add_argument("--synthetic", type=int, metavar="SAMPLES", help="a synthetic store instead, for (a)-(c)")
+    parser.add_argument(
+        "--read-samples",
+        type=int,
+        default=2000,
+        help="with the real stages: (b)-(c) read a synthetic store of this many samples (0: the stages' tokens)",
+    )
+    parser.add_argument("--read-per-shard", type=int, default=2000, help="samples per shard of that store")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -645,10 +668,16 @@ def main() -> None:
             root, summaries = pipeline_root(work, args.images, args.per_shard, args.overrides, args.crops)
         else:
             summaries = {store_crops(store_shards(root / "tokens")): tokenize_summary(root)}
+        read_root = root
+        if root == work / "root" and args.read_samples:
+            # Training reads shards of thousands of samples: per-file costs then weigh as they will.
+            read_root = work / "read"
+            write_synthetic_store(read_root / "tokens", args.read_samples, args.crops, args.read_per_shard)
         # One core from here: Arrow would otherwise decode columns and row groups on its thread pools.
         pa.set_cpu_count(1)
         pa.set_io_thread_count(1)
-        measure_store(root / "tokens", work, args.repeats)
+        measure_bytes(root / "tokens", work / "bytes")
+        measure_reads(read_root / "tokens", work / "reads", args.repeats)
         if summaries:
             print_tokenize_rates(summaries)
 

@@ -134,9 +134,13 @@ class SampleConfig:
     """A folder of the user's own photos to add to the sample."""
     plant_failures: bool = True
     """Add a 404, a non-image body, a truncated JPEG and a file:// url, to show failure accounting."""
+    photos: int | None = field(default=None, metadata=SHAPING_IF_SET)
+    """At most this many photos, the first ones (bundled, then ``extra_images``); null: all. The dry
+    run takes a few: each costs production's networks minutes of CPU."""
 
     def __post_init__(self) -> None:
         check(0 < self.port < 65536, "sample.port", "must be in 1..65535")
+        check(self.photos is None or self.photos >= 1, "sample.photos", "must be >= 1 (or null: all)")
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,12 @@ class LabelerConfig:
         """A network without configured weights labels with random ones (its tiny or full-size
         variant): known from the config alone, so the stage's driver says so without loading it."""
         return self.model is None
+
+    def at_dry_run_scale(self) -> LabelerConfig:
+        """These settings at ``make dryrun``'s scale: the same architecture and input size, less of the
+        work a labeler repeats within one image (prompts), so that a CPU finishes; the dry run's cost
+        table projects production's cost from it. Unchanged unless a labeler's modality says otherwise."""
+        return self
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ import os
 import shutil
 import uuid
 from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +39,20 @@ from four_m.labelers.base import LabelBatch, Labeler
 
 class MissingWeightsError(UserError):
     """A labeler's weights cannot be loaded; the message names the model and how to get it."""
+
+
+@dataclass(frozen=True)
+class CostPart:
+    """One part of a labeler's work on one image, as the dry run measures it, and how production's
+    differs from it: the dry run's cost table counts ``run``'s FLOPs ``flops_times`` over and its
+    peak memory ``memory_times`` over (1 and 1: production does exactly this)."""
+
+    what: str
+    run: Callable[[], object]
+    flops_times: float = 1.0
+    """How many such runs production makes per image."""
+    memory_times: float = 1.0
+    """How much larger production's one pass of it is (memory grows with it linearly)."""
 
 
 class PretrainedLabeler(Labeler):
@@ -153,6 +169,11 @@ class PretrainedLabeler(Labeler):
         dtype = self.autocast_dtype()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self.label_batch(batch)
+
+    def cost_parts(self, batch: LabelBatch, production: LabelerConfig) -> list[CostPart]:
+        """Labelling ``batch`` (one image), split where the configured work differs from
+        ``production``'s (``LabelerConfig.at_dry_run_scale``); by default it does not: all of it, once."""
+        return [CostPart("", lambda: self.labelled(batch))]
 
     def fetch(self) -> Path:
         """Where the configured weights are, fetched first if they are a hub id: its commit's

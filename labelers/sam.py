@@ -24,17 +24,19 @@ exact. No crops (``crop_n_layers = 0``, SAM's default) and no small-region clean
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
 import torch
 from transformers import SamConfig, SamImageProcessor, SamModel
 
+from four_m.core.config import LabelerConfig
 from four_m.core.errors import UserError
 from four_m.core.label_codec import encode_rle
+from four_m.labelers.base import LabelBatch
 from four_m.labelers.hf import load_model, normalisation, normalised
-from four_m.labelers.pretrained import PretrainedLabeler
+from four_m.labelers.pretrained import CostPart, PretrainedLabeler
 from four_m.labelers.resize import resize_maps
 from four_m.modalities.sam_instance import SamInstanceConfig
 
@@ -149,6 +151,38 @@ class SamInstanceLabeler(PretrainedLabeler):
         found = [self._candidates(embeddings, chunk) for chunk in self.grid.split(self.cfg.points_per_batch)]
         images, scores, masks = (torch.cat(parts) for parts in zip(*found, strict=True))
         return [{"sam_instance": self._instances(scores[images == b], masks[images == b])} for b in range(len(pixels))]
+
+    def cost_parts(self, batch: LabelBatch, production: LabelerConfig) -> list[CostPart]:
+        """The image encoder once, then one decoder pass over this grid's first ``points_per_batch``
+        prompts, scaled to production's grid: every prompt is decoded on its own, so the decoder's
+        FLOPs grow linearly with the prompts, and its memory with the prompts of one pass. The
+        encoder's run keeps its embeddings for the decoder's (the parts run in order). Left out: the
+        mask NMS, whose size depends on how many masks pass the filters, which random weights say
+        nothing about."""
+        wanted = cast(SamInstanceConfig, production)
+        pixels = normalised(batch.pixels, self.mean, self.std, self.device)
+        prompts = self.grid[: self.cfg.points_per_batch]
+        grid = wanted.points_per_side**2
+        embedded: list[torch.Tensor] = []
+
+        @torch.inference_mode()
+        def encode() -> None:
+            embedded[:] = [self.model.get_image_embeddings(pixels)]
+
+        @torch.inference_mode()
+        def decode() -> None:
+            self._candidates(embedded[0], prompts)
+
+        side = wanted.points_per_side
+        return [
+            CostPart("image encoder", encode),
+            CostPart(
+                f"mask decoder: {len(prompts)} prompts measured, x{grid / len(prompts):g} for {side}x{side}",
+                decode,
+                flops_times=grid / len(prompts),
+                memory_times=min(wanted.points_per_batch, grid) / len(prompts),
+            ),
+        ]
 
     def _candidates(self, embeddings: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One decoder pass over ``points`` (P, 2) for every image -> the masks that pass the

@@ -1,10 +1,15 @@
 """sam_instance: 4M-21's SAM instances, masks from SAM's automatic generator on a regular point grid,
 stored as run-length encoded masks of the label view (``core.label_codec.encode_rle``)."""
 
-from dataclasses import dataclass, field
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
 
 from four_m.core.config import RUNTIME_ONLY, LabelerConfig, check
 from four_m.core.modalities import ModalitySpec
+
+DRY_RUN_POINTS_PER_SIDE = 4
+"""The prompt grid's side in ``make dryrun`` (production: 32)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,14 @@ class SamInstanceConfig(LabelerConfig):
         check(0.0 < self.mask_nms_thresh <= 1.0, f"{key}.mask_nms_thresh", "must be in (0, 1]")
         check(self.min_area >= 0, f"{key}.min_area", "must be >= 0")
         check(self.max_instances >= 1, f"{key}.max_instances", "must be >= 1")
+
+    def at_dry_run_scale(self) -> SamInstanceConfig:
+        """A grid of ``DRY_RUN_POINTS_PER_SIDE``² prompts, decoded in one pass: SAM-H's decoder costs the
+        same for every prompt, so the dry run measures one pass and scales it to production's grid
+        (``SamInstanceLabeler.cost_parts``); at 32 x 32 the decoder alone would keep a CPU busy for
+        minutes per image."""
+        side = min(self.points_per_side, DRY_RUN_POINTS_PER_SIDE)
+        return replace(self, points_per_side=side, points_per_batch=side * side)
 
 
 MODALITY = ModalitySpec(

@@ -70,6 +70,7 @@ def build_sample(root: DatasetRoot, cfg: SampleConfig) -> RootPath:
     if cfg.extra_images:
         extra = sorted(p for p in Path(cfg.extra_images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         photos += [(p, p.stem.replace("_", " ")) for p in extra]
+    photos = photos[: cfg.photos]
     if not photos:
         raise FileNotFoundError("no sample photos found: install scikit-image, matplotlib or ultralytics")
     base = f"http://{cfg.host}:{cfg.port}"

@@ -195,3 +195,37 @@ def test_a_checkpoint_of_another_input_size_is_refused(folder):
 def test_missing_weights_name_the_path(tmp_path):
     with pytest.raises(MissingWeightsError, match="no-such-sam"):
         labeler(None, model=str(tmp_path / "no-such-sam"))
+
+
+def test_the_dry_run_scale_keeps_the_model_and_cuts_only_the_prompt_grid():
+    production = SamInstanceConfig()
+    dry = production.at_dry_run_scale()
+    assert dry.points_per_side < production.points_per_side
+    assert dry.points_per_batch == dry.points_per_side**2  # the whole small grid in one decoder pass
+    unchanged = {"points_per_side", "points_per_batch"}
+    for field in dataclasses.fields(SamInstanceConfig):
+        if field.name not in unchanged:
+            assert getattr(dry, field.name) == getattr(production, field.name), field.name
+
+
+def test_cost_parts_add_up_to_the_labelling_and_scale_the_decoder_to_production_grid(folder, pixels):
+    """Measured at this grid, the parts' FLOPs are the whole labelling's but the mask NMS (a product
+    of the surviving masks, left out); production's 32 x 32 grid repeats the decoder pass (16
+    prompts) 64 times and makes each of its passes 4x larger."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    small = labeler(folder, points_per_batch=16)
+    batch = LabelBatch(pixels[:1])
+
+    def flops(run) -> int:
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return counter.get_total_flops()
+
+    parts = small.cost_parts(batch, small.cfg)
+    assert [(p.flops_times, p.memory_times) for p in parts] == [(1.0, 1.0), (1.0, 1.0)]
+    whole = flops(lambda: small.labelled(batch))
+    assert 0.9 * whole <= sum(flops(p.run) for p in parts) <= whole
+    production = dataclasses.replace(OPEN, points_per_side=32, points_per_batch=64)
+    encoder, decoder = small.cost_parts(batch, production)
+    assert (encoder.flops_times, decoder.flops_times, decoder.memory_times) == (1.0, 64.0, 4.0)

@@ -28,6 +28,13 @@ def test_extra_images_folder_is_added(tmp_path, photos):
     assert len(lines) == len(photos) + 1
 
 
+def test_photos_keeps_the_first_ones_and_the_planted_failures(tmp_path, photos):
+    everything = build_sample(DatasetRoot(tmp_path / "all"), SampleConfig()).read_text().splitlines()
+    two = build_sample(DatasetRoot(tmp_path / "two"), SampleConfig(photos=2)).read_text().splitlines()
+    failures = len(everything) - len(photos)
+    assert len(photos) > 2 and two == everything[:2] + everything[-failures:]
+
+
 def test_server_serves_the_site_bytes(tmp_path, photos):
     root = DatasetRoot(tmp_path)
     build_sample(root, SampleConfig(plant_failures=False))

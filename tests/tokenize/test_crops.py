@@ -108,3 +108,14 @@ def test_a_mirrored_normal_map_is_the_mirrored_geometry():
     assert np.allclose(mirrored[0], -plain[0][:, ::-1]) and np.allclose(mirrored[1:], plain[1:, :, ::-1])
     depth = configured("depth", 32, {}).crop(normals[2:], Crop(0.0, 0.0, 1.0, 1.0, flip=True))
     assert np.allclose(depth, configured("depth", 32, {}).crop(normals[2:], WHOLE)[:, :, ::-1])  # only mirrored
+
+
+def test_a_white_region_stays_within_the_rgb_range_after_resizing():
+    """OpenCV's area weights sum to 1 only up to rounding: a white crop came out at 1 + 1 ulp."""
+    rgb = configured("rgb", SIDE, {})
+    view = np.ones((3, 580, 580), np.float32)
+    view[:, :, :50] = 0.0
+    for crop in draw_crops("white", CropConfig(n_crops=10, min_scale=0.2)):
+        cut = rgb.crop(view, crop)
+        rgb.check(cut)  # raises on values outside [0, 1]
+        assert cut.dtype == np.float32 and cut.max() == 1.0
