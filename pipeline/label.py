@@ -310,6 +310,9 @@ def _label_root(root: DatasetRoot, config: Config, names: tuple[str, ...], progr
 
         for level in label_levels(names):
             _label_level(root, config, level, images, summary, start_ray)
+    # The config flags every network without weights; an algorithm declared with a plain
+    # LabelerConfig (a plugin's) is flagged too, until its files say its labels are real.
+    summary.random_init = [n for n in summary.random_init if _written_by_random_init(root, n, images) is not False]
     summary.seconds = time.perf_counter() - started
     summary.driver_cpu_seconds = time.process_time() - cpu_started
     write_summary(root, STAGE, _summary_dict(summary))
@@ -385,12 +388,17 @@ def _shard_inputs(
 def _reads_random_init(root: DatasetRoot, name: str, images: dict[int, FileDigest]) -> bool:
     """Whether a label that labeler ``name`` cannot do without was made by random weights: what it
     derives from noise is noise, and says so like its source."""
-    for source in MODALITIES[name].requires:
-        files = [root / f"labels/{source}/{shard_name(s)}.parquet" for s in images]
-        present = next((f for f in files if f.is_file()), None)
-        if present is not None and storage.read_schema(present).metadata.get(b"four_m.model") == RANDOM_INIT.encode():
-            return True
-    return False
+    return any(_written_by_random_init(root, source, images) for source in MODALITIES[name].requires)
+
+
+def _written_by_random_init(root: DatasetRoot, name: str, images: dict[int, FileDigest]) -> bool | None:
+    """What the provenance of ``name``'s first label file says (None where none is written): the
+    labeler's own word, which the driver, holding configs and not labeler classes, cannot know."""
+    files = (root / f"labels/{name}/{shard_name(s)}.parquet" for s in images)
+    present = next((f for f in files if f.is_file()), None)
+    if present is None:
+        return None
+    return storage.read_schema(present).metadata.get(b"four_m.model") == RANDOM_INIT.encode()
 
 
 def models_dir(root: DatasetRoot) -> Path:
