@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import ray
 from common import make_images, write_images_root
 
 from four_m.core.config import load_config
@@ -38,6 +37,7 @@ from four_m.core.modalities import MODALITIES
 from four_m.core.views import centre_square, decode_rgb, resize_square
 from four_m.labelers.base import LabelBatch
 from four_m.labelers.registry import LABELERS
+from four_m.pipeline.executor import ray_session
 from four_m.pipeline.label import LabelSummary, run_label
 
 
@@ -140,15 +140,15 @@ def main() -> None:
         reading = [n for n in config.label.labelers if MODALITIES[n].label_inputs]
         pixel_labelers = tuple(n for n in config.label.labelers if n not in reading)
         config = replace(config, label=replace(config.label, labelers=pixel_labelers))
+        # Ray started as the stage starts it (its workers inherit this environment), timed apart.
         started = time.perf_counter()
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level="warning")
-        ray_start = time.perf_counter() - started
-        # One shard alone costs what every run pays once (actor start, imports, model loads);
-        # the difference to the full run is what each further image costs.
-        startup, _, _, _ = stage_seconds(config, tmp / "startup", photos[: args.per_shard], args.per_shard)
-        stage, jpegs, peak, summary = stage_seconds(config, tmp / "root", photos, args.per_shard)
+        with ray_session(config.ray):
+            ray_start = time.perf_counter() - started
+            # One shard alone costs what every run pays once (actor start, imports, model loads);
+            # the difference to the full run is what each further image costs.
+            startup, _, _, _ = stage_seconds(config, tmp / "startup", photos[: args.per_shard], args.per_shard)
+            stage, jpegs, peak, summary = stage_seconds(config, tmp / "root", photos, args.per_shard)
         payload = sum(p.stat().st_size for p in (tmp / "root").glob("labels/*/*.parquet"))
-        ray.shutdown()
         # What an actor's start costs besides Ray's: importing the labelers, then building the tiny
         # variants and loading them, timed here in a process that has not imported them yet.
         started = time.perf_counter()

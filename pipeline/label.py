@@ -23,8 +23,8 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -422,53 +422,58 @@ def _run_chunk(
     expected = {
         s: storage.parquet_file(storage.location(f)).metadata.num_rows for f, s in zip(files, chunk, strict=True)
     }
-    sizes = tuple(sorted({config.label.labeler(n).input_size for n in names}))
-    ray.data.DataContext.get_current().execution_options.preserve_order = False
-    # The shards are read by our own small generator task rather than read_parquet, whose file
-    # listing takes a whole CPU that six actor pools on two cores would never leave free.
-    dataset = (
-        ray.data.from_items(
-            [{"path": f, "reads": json.dumps(reads[s])} for f, s in zip(files, chunk, strict=True)],
-            override_num_blocks=len(files),
-        )
-        .map_batches(read_images, batch_size=1, batch_format="pyarrow", num_cpus=TASK_CPUS, **worker_options())
-        .map_batches(add_views, fn_kwargs={"sizes": sizes}, batch_format="pyarrow", batch_size=32, num_cpus=TASK_CPUS)
-    )
     pools = config.label.pools(names)
     _check_resources(config, pools)
     targets = {n: ShardTarget(run.outputs[n].folder, run.outputs[n].config_hash, frozenset(work[n])) for n in names}
-    for index, group in enumerate(pools):
-        pool = config.label.pool_settings(group)
-        dataset = dataset.map_batches(
-            LabelerActor,
-            # Tiny random-init variants are built where they run: on each node's disk for a remote root.
-            fn_constructor_kwargs={
-                "names": group,
-                "config": config,
-                "models_dir": str(models_dir(root)),
-                "targets": {n: targets[n] for n in group},
-                "derived_from_random_init": derived_from_random_init,
-                "last": index == len(pools) - 1,
-            },
-            batch_format="pyarrow",
-            batch_size=pool.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus or None,
-            **worker_options(),
-        )
+    sizes = tuple(sorted({config.label.labeler(n).input_size for n in names}))
+    block_rows = min(config.label.pool_settings(p).batch_size for p in pools)
+    ray.data.DataContext.get_current().execution_options.preserve_order = False
     seen: Counter = Counter()
     merging: Merging = {}
     merge = ray.remote(merge_shard).options(num_cpus=TASK_CPUS, **worker_options())
-    for written in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        run.summary.driver_bytes += written.nbytes
-        for shard, rows in zip(written["shard"].to_pylist(), written["rows"].to_pylist(), strict=True):
-            seen[shard] += rows
-            if seen[shard] == expected[shard]:
-                merged = [n for n, t in targets.items() if shard in t.shards]
-                folders = [targets[n].folder for n in merged]
-                merging[shard] = (merged, merge.remote(root.path, folders, shard, expected[shard], ROW_GROUP_ROWS))
-        _finish_merged(run, merging, wait=False)
+    with block_bytes(block_rows * sum(3 * size * size for size in sizes)):
+        # The shards are read by our own small generator task rather than read_parquet, whose file
+        # listing takes a whole CPU that six actor pools on two cores would never leave free.
+        dataset = ray.data.from_items(
+            [{"path": f, "reads": json.dumps(reads[s])} for f, s in zip(files, chunk, strict=True)],
+            override_num_blocks=len(files),
+        ).map_batches(
+            read_views,
+            fn_kwargs={"sizes": sizes, "block_rows": block_rows},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=TASK_CPUS,
+            **worker_options(),
+        )
+        for index, group in enumerate(pools):
+            pool = config.label.pool_settings(group)
+            dataset = dataset.map_batches(
+                LabelerActor,
+                # Tiny random-init variants are built where they run: on each node's disk for a remote root.
+                fn_constructor_kwargs={
+                    "names": group,
+                    "config": config,
+                    "models_dir": str(models_dir(root)),
+                    "targets": {n: targets[n] for n in group},
+                    "derived_from_random_init": derived_from_random_init,
+                    "last": index == len(pools) - 1,
+                },
+                batch_format="pyarrow",
+                batch_size=pool.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
+                num_cpus=pool.num_cpus,
+                num_gpus=pool.num_gpus or None,
+                **worker_options(),
+            )
+        for written in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            run.summary.driver_bytes += written.nbytes
+            for shard, rows in zip(written["shard"].to_pylist(), written["rows"].to_pylist(), strict=True):
+                seen[shard] += rows
+                if seen[shard] == expected[shard]:
+                    merged = [n for n, t in targets.items() if shard in t.shards]
+                    folders = [targets[n].folder for n in merged]
+                    merging[shard] = (merged, merge.remote(root.path, folders, shard, expected[shard], ROW_GROUP_ROWS))
+            _finish_merged(run, merging, wait=False)
     _finish_merged(run, merging, wait=True)
     for target in targets.values():
         remove_parts(root.path, target.folder)
@@ -507,10 +512,36 @@ def _check_resources(config: Config, pools: list[list[str]]) -> None:
             )
 
 
-def read_images(batch: pa.Table):
+@contextmanager
+def block_bytes(limit: int) -> Iterator[None]:
+    """Ray Data blocks of at most ``limit`` bytes (one actor batch of pixel views) while a chunk is
+    labelled. With its default, 128 MiB, a read task's tables were merged into one block, which one
+    actor of a pool then labelled alone while the others idled. The context is the process's (a
+    dataset takes it when made), so the next stage gets its own setting back."""
+    context = ray.data.DataContext.get_current()
+    before = context.target_max_block_size
+    context.target_max_block_size = limit
+    try:
+        yield
+    finally:
+        context.target_max_block_size = before
+
+
+def read_views(batch: pa.Table, sizes: tuple[int, ...], block_rows: int) -> Iterator[pa.Table]:
+    """One images/ shard (see :func:`read_images`) in tables of ``block_rows`` rows with the pixel
+    views of ``sizes`` cut from their decoded photos (:func:`four_m.pipeline.views.add_views`).
+
+    Read and decode are one task per shard: as two operators, Ray Data fused them and bundled the
+    decode's batch of 32 *shards* into one task, so one task read and decoded a whole chunk."""
+    for table in read_images(batch, block_rows):
+        yield add_views(table, sizes)
+
+
+def read_images(batch: pa.Table, block_rows: int) -> Iterator[pa.Table]:
     """Stream one images/ shard (a one-row batch naming it and the label files its labelers read)
-    in row groups, each row tagged with its path and its index in the shard (:data:`ROW`), which the
-    shard's parts are merged by, and carrying the read labels' columns (``<modality>.<column>``)."""
+    in tables of ``block_rows`` rows, each row tagged with its path and its index in the shard
+    (:data:`ROW`), which the shard's parts are merged by, and carrying the read labels' columns
+    (``<modality>.<column>``)."""
     (path,) = batch["path"].to_pylist()
     (reads,) = batch["reads"].to_pylist()
     labels = {source: storage.read_table(storage.location(file)) for source, file in json.loads(reads).items()}
@@ -519,7 +550,7 @@ def read_images(batch: pa.Table):
     sizes = [c for c in ORIGINAL_SIZE if c in file.schema_arrow.names]
     columns = ["key", "jpg", "status", "error_message", "caption", *sizes]
     first = 0
-    for part in file.iter_batches(batch_size=64, columns=columns):
+    for part in file.iter_batches(batch_size=block_rows, columns=columns):
         table = pa.Table.from_batches([part]).append_column("path", pa.array([path] * part.num_rows))
         for source, stored in labels.items():
             rows = stored.slice(first, part.num_rows)
