@@ -11,11 +11,11 @@ start-up once per many thousand images. Its parts are timed apart too: Ray's sta
 runs, not in them), and the labelers' imports and model builds in this process after the stage,
 which has not imported them before, as a fresh actor has not (the stage's driver never does).
 The steady state is compared with the ceiling measured in the same run: the same models labelling
-the same images in batches in one process, nothing else (``efficiency``, goal >= 0.9). Last, what
+the same images in batches in one process, nothing else, best of two (``efficiency``, goal >= 0.9). Last, what
 crossed into the driver: bytes received from the workers against the bytes of labels they wrote,
 and the driver's CPU time per 1,000 images.
 
-    .venv/bin/python bench/label.py [--images 144] [--config default] [--set label.actor_groups=...]
+    .venv/bin/python bench/label.py [--images 288] [--config default] [--set label.actor_groups=...]
         [--device cpu|cuda] [--production]    # e.g. --device cuda --production on a GPU machine
 """
 
@@ -109,7 +109,9 @@ def stage_seconds(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=144)
+    # 288: the steady state is the full run less the one-shard run, so the full run must be long
+    # enough that the start-up's jitter (a second or two) moves it by a few percent, not ten.
+    parser.add_argument("--images", type=int, default=288)
     parser.add_argument("--per-shard", type=int, default=16)
     parser.add_argument("--config", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -162,7 +164,8 @@ def main() -> None:
         models = time.perf_counter() - started
         naive(labelers, jpegs[:2])  # warm-up, not timed
         baseline = naive(labelers, jpegs)
-        shares = batched_shares(labelers, jpegs)
+        # Best of two: a ceiling lowered by a noisy moment would flatter the stage.
+        shares = min((batched_shares(labelers, jpegs) for _ in range(2)), key=lambda s: sum(s.values()))
     total = sum(shares.values())
     print(f"images: {args.images} ({args.per_shard} per shard), config {args.config}, labelers: {', '.join(labelers)}")
     if reading:
