@@ -35,10 +35,13 @@ Result = TypeVar("Result")
 Key = TypeVar("Key", bound=Hashable)
 
 
-LOCAL_RAY_ENV = {"REPORTER_UPDATE_INTERVAL_MS": "60000"}
-"""Set (unless set already) before a Ray is started here: its node agent gathers every process's
-metrics for the dashboard every 5 s, which a Ray started without a dashboard never shows; on two
-cores that took 4 % of one (1.4 CPU s in a 32 s label run), beside the labelling actors."""
+LOCAL_RAY_ENV = {"RAY_worker_niceness": "0", "REPORTER_UPDATE_INTERVAL_MS": "60000"}
+"""Set (unless set already) before a Ray is started here. Ray runs its workers at nice 15, so that
+a head node's own processes stay responsive; on a machine shared with other jobs that starves them
+(a label stage of 20 s took 371 s beside three busy loops at nice 0), so they run at the driver's
+priority. Its node agent gathers every process's metrics for the dashboard every 5 s, which a Ray
+started without a dashboard never shows; on two cores that took 4 % of one (1.4 CPU s in a 32 s
+label run), beside the labelling actors."""
 _LOCAL_WORKER_ENV: dict[str, str] | None = None
 """The environment that the workers of a Ray started here by :func:`ray_session` inherit (its
 driver's, at the start); None while no such Ray runs."""
