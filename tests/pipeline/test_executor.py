@@ -1,4 +1,5 @@
-"""The executor's locally started Ray: reachable from this machine only."""
+"""The executor's locally started Ray: reachable from this machine only, its workers at the driver's
+priority with the driver's environment."""
 
 from __future__ import annotations
 
@@ -71,3 +72,33 @@ def test_a_locally_started_ray_listens_on_127_0_0_1_only(tmp_path):
     assert decoy_pid not in {pid for _, _, pid in found["ray"]}, "only Ray's processes are looked at"
     exposed = sorted({(name, ip) for name, ip, _ in found["ray"] if ip not in LOOPBACK})
     assert not exposed, f"listening beyond this machine: {exposed}"
+
+
+# A Ray started here: what its workers inherit, and at which priority they run.
+LOCAL_WORKERS = """
+import json, os, sys, ray
+from four_m.core.config import RayConfig
+from four_m.pipeline.executor import ray_session, worker_options
+
+os.environ.pop("RAY_worker_niceness", None)  # Ray's own default, nice 15, unless the session sets it
+with ray_session(RayConfig(num_cpus=1)):
+    niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    inherited = worker_options()
+    os.environ["HF_HOME"] = "/set/after/ray/started"
+    changed = worker_options()
+with open(sys.argv[1], "w") as handle:
+    json.dump({"niceness": niceness, "inherited": inherited, "changed": changed}, handle)
+"""
+
+
+def test_a_locally_started_ray_runs_workers_at_the_drivers_priority_with_its_environment(tmp_path):
+    """Workers at Ray's nice 15 starve beside any other job on the machine; a runtime environment
+    that only repeats what they inherit keeps them off the prestarted workers. One set since Ray
+    started is still handed on."""
+    out = tmp_path / "workers.json"
+    run = subprocess.run([sys.executable, "-c", LOCAL_WORKERS, str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(out.read_text())
+    assert found["niceness"] == 0
+    assert found["inherited"] == {}
+    assert found["changed"]["runtime_env"]["env_vars"]["HF_HOME"] == "/set/after/ray/started"
