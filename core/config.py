@@ -207,9 +207,9 @@ class LabelConfig:
     shards_per_run: int | None = field(default=None, metadata=RUNTIME_ONLY)
     """Shards labelled by one Ray Data execution; None (the default): every shard a level owes, so
     its actors start and load their models once a run. Each execution starts its actor pools anew:
-    in chunks of 8 shards of 10,000 images, a 64-GPU cluster would label a chunk in about 30 s and
-    load SAM-H, Mask2Former, BLIP and the rest again for every one. Memory does not need chunks:
-    Ray Data streams, and the driver holds a counter per shard in flight."""
+    in chunks of 8 shards of 10,000 images, a 64-GPU cluster would label a chunk in about 30 s (the
+    dry run's projection) and load SAM-H, Mask2Former, BLIP and the rest again for every one.
+    Memory does not need chunks: Ray Data streams, and the driver holds a counter per shard in flight."""
     actor_groups: tuple[tuple[str, ...], ...] = field(default=(), metadata=RUNTIME_ONLY)
     """Labelers that share one actor pool (e.g. all six on a 2-core machine); others get a pool each.
 

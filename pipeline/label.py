@@ -481,7 +481,8 @@ def _run_chunk(
 
 class ShardRows:
     """Each shard's row count, read from its file's footer when its first rows come back: read all
-    before the run, a run over CC12M's 1,200 shards on an object store would wait a minute for them."""
+    before the run, a run over CC12M's 1,200 shards on an object store would wait for every footer
+    before labelling its first image."""
 
     def __init__(self, files: list[str], shards: list[int]):
         self._files = dict(zip(shards, files, strict=True))
