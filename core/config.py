@@ -204,12 +204,6 @@ class LabelConfig:
     """Side of the canonical view (centred square of the shorter side) that every label is defined on."""
     labelers: tuple[str, ...] = field(default_factory=lambda: labelled_modalities())
     """Which labelers run (default: every registered modality that has one)."""
-    shards_per_run: int | None = field(default=None, metadata=RUNTIME_ONLY)
-    """Shards labelled by one Ray Data execution; None (the default): every shard a level owes, so
-    its actors start and load their models once a run. Each execution starts its actor pools anew:
-    in chunks of 8 shards of 10,000 images, a 64-GPU cluster would label a chunk in about 30 s (the
-    dry run's projection) and load SAM-H, Mask2Former, BLIP and the rest again for every one.
-    Memory does not need chunks: Ray Data streams, and the driver holds a counter per shard in flight."""
     actor_groups: tuple[tuple[str, ...], ...] = field(default=(), metadata=RUNTIME_ONLY)
     """Labelers that share one actor pool (e.g. all six on a 2-core machine); others get a pool each.
 
@@ -226,7 +220,6 @@ class LabelConfig:
         known = labelled_modalities()
         unknown = sorted(set(self.labelers) - set(known))
         check(not unknown, "label.labelers", f"unknown {unknown}; known: {', '.join(known)}")
-        check(self.shards_per_run is None or self.shards_per_run >= 1, "label.shards_per_run", "must be >= 1")
         grouped = [n for group in self.actor_groups for n in group]
         check(set(grouped) <= set(known), "label.actor_groups", f"names must be among {known}")
         check(len(grouped) == len(set(grouped)), "label.actor_groups", "a labeler may be in one group only")

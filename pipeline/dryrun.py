@@ -34,7 +34,7 @@ from four_m.core.modalities import MODALITIES, map_modalities
 from four_m.labelers.base import LabelBatch, Labeler
 from four_m.labelers.pretrained import CostPart, PretrainedLabeler
 from four_m.labelers.registry import LABELERS
-from four_m.pipeline.label import TASK_CPUS, models_dir
+from four_m.pipeline.label import models_dir
 from four_m.tokenize.registry import load_tokenizer
 from four_m.tokenize.sources import read_whole_view
 from four_m.train.data import TokenShards
@@ -67,12 +67,12 @@ def dry_run_config(production: Config, root: str = DRY_ROOT) -> Config:
     and takes its ``at_dry_run_scale`` settings (SAM: a 4 x 4 prompt grid instead of 32 x 32, and
     the cost table scales the measured decoder pass to production's grid: ``cost_parts``);
     ``PHOTOS`` photos, ``CROPS`` crops, ``VQ_STEPS`` tokenizer steps and 3 steps of 4M on batches
-    of 2. One actor holds the labelers of a level: their CPU shares add up to what the read and
-    decode tasks leave, so its torch threads (that sum, rounded up) are this machine's cores.
+    of 2. One actor holds the labelers of a level: their CPU shares add up to this machine's cores,
+    and so do its torch threads (that sum, rounded up).
     """
     embedded = load_config("default")
     label = production.label
-    share = (embedded.ray.num_cpus - 2 * TASK_CPUS) / max(len(label.labelers), 1)
+    share = embedded.ray.num_cpus / max(len(label.labelers), 1)
     sections = {
         n: dataclasses.replace(
             cfg.at_dry_run_scale(),
@@ -94,7 +94,7 @@ def dry_run_config(production: Config, root: str = DRY_ROOT) -> Config:
         ray=embedded.ray,
         sample=dataclasses.replace(embedded.sample, photos=PHOTOS),
         download=embedded.download,
-        label=dataclasses.replace(label, sections=sections, actor_groups=(tuple(label.labelers),), shards_per_run=2),
+        label=dataclasses.replace(label, sections=sections, actor_groups=(tuple(label.labelers),)),
         tokenize=dataclasses.replace(
             production.tokenize, sections=vq, crops=crops, num_gpus=0.0, num_cpus=1.0, concurrency=1, batch_size=4
         ),

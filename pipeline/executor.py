@@ -35,13 +35,17 @@ Result = TypeVar("Result")
 Key = TypeVar("Key", bound=Hashable)
 
 
-LOCAL_RAY_ENV = {"RAY_worker_niceness": "0", "REPORTER_UPDATE_INTERVAL_MS": "60000"}
+LOCAL_RAY_ENV = {"RAY_worker_niceness": "0", "REPORTER_UPDATE_INTERVAL_MS": "60000", "MALLOC_ARENA_MAX": "1"}
 """Set (unless set already) before a Ray is started here. Ray runs its workers at nice 15, so that
 a head node's own processes stay responsive; on a machine shared with other jobs that starves them
 (a label stage of 20 s took 371 s beside three busy loops at nice 0), so they run at the driver's
 priority. Its node agent gathers every process's metrics for the dashboard every 5 s, which a Ray
 started without a dashboard never shows; on two cores that took 4 % of one (1.4 CPU s in a 32 s
-label run), beside the labelling actors."""
+label run), beside the labelling actors. One malloc arena per worker process: a label actor runs its
+models in a thread of its own (``pipeline.time_limit``), and in a thread's own arena glibc maps
+and unmaps every block over 64 MiB (SAM's masks of a batch) whatever ``pipeline.allocator`` sets;
+that cost the models a tenth of their speed. Glibc reads this only when a process starts, so a
+cluster's workers need it in their environment (docs/cluster.md)."""
 _LOCAL_WORKER_ENV: dict[str, str] | None = None
 """The environment that the workers of a Ray started here by :func:`ray_session` inherit (its
 driver's, at the start); None while no such Ray runs."""
@@ -172,15 +176,15 @@ def map_shards(
             try:
                 results[key] = ray.get(ready[0])
             except ray.exceptions.RayTaskError as err:
-                failed[key] = _first_line(err)
+                failed[key] = error_line(err)
                 name = f"shard {key:05d}" if isinstance(key, int) else key
                 log.warning("%s: %s failed, the others go on: %s", desc, name, failed[key])
             bar.update(1)
     return results, failed
 
 
-def _first_line(err: ray.exceptions.RayTaskError) -> str:
-    """The task's own exception in one line, not Ray's traceback wall."""
-    cause = err.cause if err.cause is not None else err
+def error_line(err: ray.exceptions.RayError) -> str:
+    """The task's own exception in one line, not Ray's traceback wall (a dead actor's: Ray's first line)."""
+    cause = getattr(err, "cause", None) or err
     lines = str(cause).strip().splitlines() or [""]
     return f"{type(cause).__name__}: {lines[0]}"

@@ -23,7 +23,6 @@ SMALL = [
     *(f"label.{n}.input_size=64" for n in labelled_modalities()),
     "label.det.input_size=96",  # after the line above: YOLO needs a larger input
     "label.caption.max_new_tokens=5",
-    "label.shards_per_run=1",
     # One actor per pool: a few images do not repay a second process importing torch.
     *(f"label.{n}.concurrency=1" for n in labelled_modalities()),
     "ray.num_cpus=2",

@@ -36,7 +36,6 @@ def corpus(tmp_path_factory, ray_local, small_config, tiny_tokenizers, tokenized
         "download.samples_per_shard=13",  # two shards: a retry rewrites one, leaves the other
         "download.threads_per_shard=8",
         "download.cpus_per_shard=0.5",
-        "label.shards_per_run=16",
         f"label.labelers={LABELERS}",
         f"tokenize.modalities={MODALITIES}",
     )

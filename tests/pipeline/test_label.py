@@ -1,4 +1,4 @@
-"""The label stage for real: the tiny labelers and the algorithms on Ray Data over images/ shards."""
+"""The label stage for real: the tiny labelers and the algorithms on Ray actors over images/ shards."""
 
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ def test_every_labeler_writes_every_row_and_counts_failures(labelled):
 
 
 def test_workers_write_the_labels_and_the_driver_receives_no_payload(labelled):
-    """The driver gets (shard, rows) per written batch: 16 bytes each, however large the labels."""
+    """The driver gets a shard's row count per task: 8 bytes a shard, however large the labels."""
     config, keys, summary = labelled
     root = Path(config.root)
     payload = sum(p.stat().st_size for p in root.glob("labels/*/*.parquet"))
     rows = sum(len(k) for k in keys)
     assert 0 < summary.driver_bytes <= 16 * rows < payload / 100
-    assert not list(root.glob("labels/*/_tmp"))  # every part merged and removed
+    assert not list(root.glob("labels/*/.*.tmp"))  # every shard file renamed into place
 
 
 def test_all_modalities_align_with_images_row_by_row(labelled):
@@ -141,7 +141,7 @@ def test_a_changed_images_shard_stops_the_run_naming_it_before_any_skip_is_trust
 def test_a_failing_batch_is_retried_row_by_row_and_logged_with_its_keys(caplog):
     import numpy as np
 
-    from four_m.pipeline.label import _label_isolated
+    from four_m.pipeline.label_actor import _label_isolated
 
     class Picky:
         """Fails on any batch holding a 0, as a labeler fails on one image it cannot read."""
@@ -174,7 +174,7 @@ def test_a_row_that_hangs_the_labeler_is_quarantined_and_the_others_labelled(cap
     import numpy as np
 
     from four_m.core.failures import label_failure_reason
-    from four_m.pipeline.label import _label_isolated
+    from four_m.pipeline.label_actor import _label_isolated
 
     released = threading.Event()
 

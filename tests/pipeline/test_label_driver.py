@@ -14,18 +14,17 @@ NETWORK_LIBRARIES = ("torch", "transformers", "ultralytics")
 
 DRIVER = """
 import json, sys
-import ray.data
 from four_m.core.config import load_config
 from four_m.pipeline import label
 
 planned = []
 
-def plan_only(dataset, **kwargs):
-    # The whole execution is planned (pools, targets, resources checked on a running Ray); no actor starts.
-    planned.append(repr(dataset))
-    return iter(())
+def plan_only(group, config, root, targets, derived_from_random_init):
+    # The whole level is planned (pools, targets, resources checked on a running Ray); no actor starts.
+    planned.append(sorted(targets[n].folder for n in group))
+    return []
 
-ray.data.Dataset.iter_batches = plan_only
+label._start_actors = plan_only
 root, names, overrides = sys.argv[1], tuple(sys.argv[2].split(",")), sys.argv[3:]
 summary = label.run_label(load_config("default", overrides, root=root), only=names, progress=False)
 imported = sorted(m for m in {NETWORK_LIBRARIES} if m in sys.modules)
@@ -52,6 +51,6 @@ def test_the_driver_plans_every_labeler_without_importing_a_network_library(
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["imported"] == []
-    assert found["planned"] and all("LabelerActor" in plan for plan in found["planned"])
+    assert sorted(f for pool in found["planned"] for f in pool) == sorted(f"labels/{n}" for n in names)
     # Random-init weights are known from the config alone, without a labeler to ask.
     assert set(found["random_init"]) == {n for n in names if small_config(tmp_path).label.labeler(n).random_init}

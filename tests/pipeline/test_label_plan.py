@@ -1,26 +1,24 @@
-"""How the label stage plans its work: a task per shard, in blocks of one actor batch, and one Ray Data
-execution for every shard a level owes (so a pool's actors share the work, and start once a run)."""
+"""How the label stage plans its work: an actor reads a shard in batches of its pool's batch size,
+writes row groups that do not depend on that size, and a level's actors start once for all its shards."""
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
-import ray.data
+import pyarrow.parquet as pq
+import pytest
 
 from four_m.core.config import load_config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.pipeline import label
-from four_m.pipeline.shard_parts import ROW
-from four_m.pipeline.views import VIEW_ERROR, pixels_of
+from four_m.pipeline.label_actor import read_images
+from four_m.pipeline.shard_writer import shard_file
+from four_m.pipeline.views import VIEW_ERROR, add_views, pixels_of
 
 
-def test_a_shard_is_read_in_tables_of_one_actor_batch_with_its_views(tmp_path, photos, make_images_root):
+def test_a_shard_is_read_in_batches_of_the_pool_and_cut_into_views(tmp_path, photos, make_images_root):
     make_images_root(tmp_path, photos, per_shard=10)
-    batch = pa.table({"path": [str(tmp_path / "images/00000.parquet")], "reads": [json.dumps({})]})
-    tables = list(label.read_views(batch, (32, 48), block_rows=4))
+    tables = [add_views(t, (32, 48)) for t in read_images(str(tmp_path / "images/00000.parquet"), {}, 4)]
     assert [t.num_rows for t in tables] == [4, 4, 2]
-    assert [r for t in tables for r in t[ROW].to_pylist()] == list(range(10))
     for table in tables:
         assert pixels_of(table, 32).shape == (table.num_rows, 32, 32, 3)
         assert pixels_of(table, 48).shape == (table.num_rows, 48, 48, 3)
@@ -28,34 +26,69 @@ def test_a_shard_is_read_in_tables_of_one_actor_batch_with_its_views(tmp_path, p
     assert sum(e is not None for e in errors) == 2  # the corrupt image and the failed download
 
 
-def test_the_block_size_holds_only_while_a_chunk_is_labelled():
-    context = ray.data.DataContext.get_current()
-    before = context.target_max_block_size
-    with label.block_bytes(12_345):
-        assert ray.data.DataContext.get_current().target_max_block_size == 12_345
-    assert context.target_max_block_size == before
+def _written(path, batch_rows: int) -> bytes:
+    table = pa.table({"key": [f"{i:04d}" for i in range(23)], "value": list(range(23))})
+    with shard_file(path, table.schema, row_group_rows=10) as writer:
+        for start in range(0, table.num_rows, batch_rows):
+            writer.write(table.slice(start, batch_rows))
+    return path.read_bytes()
 
 
-def test_every_shard_a_level_owes_is_labelled_in_one_execution(
+def test_a_shard_file_has_the_same_row_groups_and_bytes_whatever_the_batch_size(tmp_path):
+    assert _written(tmp_path / "a.parquet", 3) == _written(tmp_path / "b.parquet", 7)
+    metadata = pq.ParquetFile(tmp_path / "a.parquet").metadata
+    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [10, 10, 3]
+
+
+def test_a_shard_that_fails_midway_leaves_no_file(tmp_path):
+    final = tmp_path / "00000.parquet"
+    with pytest.raises(RuntimeError, match="labeller broke"), shard_file(final, pa.schema([("x", pa.int64())]), 4) as w:
+        w.write(pa.table({"x": list(range(9))}))
+        raise RuntimeError("labeller broke")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_levels_actors_start_once_and_label_every_shard_it_owes(
     tmp_path, ray_local, photos, make_images_root, monkeypatch
 ):
     make_images_root(tmp_path, photos, per_shard=3)  # 10 rows: 4 shards
-    chunks = []
-    real = label._run_chunk
+    started = []
+    real = label._start_actors
 
-    def counted(run, chunk, *args):
-        chunks.append(list(chunk))
-        return real(run, chunk, *args)
+    def counted(group, *args):
+        actors = real(group, *args)
+        started.append((list(group), len(actors)))
+        return actors
 
-    monkeypatch.setattr(label, "_run_chunk", counted)
+    monkeypatch.setattr(label, "_start_actors", counted)
     config = load_config(
-        "default", ["label.size=64", "label.labelers=[canny_edge,color_palette]", "ray.num_cpus=2"], root=str(tmp_path)
+        "default",
+        ["label.size=64", "label.labelers=[canny_edge,color_palette]", "label.actor_groups=[]", "ray.num_cpus=2"],
+        root=str(tmp_path),
     )
-    assert config.label.shards_per_run is None
     summary = label.run_label(config, progress=False)
-    assert chunks == [[0, 1, 2, 3]]
+    assert started == [(["canny_edge"], 2), (["color_palette"], 2)]  # the default's two actors per pool, once
     root = DatasetRoot(tmp_path)
     for name in ("canny_edge", "color_palette"):
         assert summary.shards_done[name] == 4
         assert summary.rows[name] == 10
         assert all(root.stage(f"label/{name}").read_marker(s) is not None for s in range(4))
+
+
+def test_a_shard_whose_task_fails_is_reported_with_its_reason_and_the_others_are_labelled(
+    tmp_path, ray_local, photos, make_images_root
+):
+    make_images_root(tmp_path, photos, per_shard=3)  # 10 rows: 4 shards
+    (tmp_path / "labels/canny_edge/00002.parquet").mkdir(parents=True)  # its file cannot be renamed into place
+    config = load_config(
+        "default", ["label.size=64", "label.labelers=[canny_edge]", "ray.num_cpus=2"], root=str(tmp_path)
+    )
+    summary = label.run_label(config, progress=False)
+    assert summary.shards_done["canny_edge"] == 3
+    assert list(summary.shards_failed["canny_edge"]) == [2]
+    assert "Error" in summary.shards_failed["canny_edge"][2]
+    line = next(line for line in summary.lines() if line.startswith("label/canny_edge:"))
+    assert "shards done 3, skipped 0, failed 1 (shard 00002: " in line
+    stage = DatasetRoot(tmp_path).stage("label/canny_edge")
+    assert [stage.read_marker(s) is not None for s in range(4)] == [True, True, False, True]
+    assert not list((tmp_path / "labels/canny_edge").glob(".*.tmp"))  # the failed shard's temp file is gone
