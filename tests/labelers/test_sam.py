@@ -168,6 +168,7 @@ def test_labels_are_sam_automatic_generation_recomputed(folder, pixels):
 def test_tiny_is_flagged_and_rebuilds_to_the_same_labels(tiny, folder, pixels, tmp_path):
     assert tiny.random_init and tiny.provenance()["model"] == RANDOM_INIT
     assert tiny.provenance()["mask_size"] == f"{VIEW}x{VIEW}" and tiny.provenance()["point_grid"] == "4x4"
+
     def labels(sam) -> list[list[dict]]:
         return [[stored(i) for i in payload["sam_instance"]] for payload in sam.label(pixels)]
 
