@@ -92,3 +92,30 @@ def test_a_shard_whose_task_fails_is_reported_with_its_reason_and_the_others_are
     stage = DatasetRoot(tmp_path).stage("label/canny_edge")
     assert [stage.read_marker(s) is not None for s in range(4)] == [True, True, False, True]
     assert not list((tmp_path / "labels/canny_edge").glob(".*.tmp"))  # the failed shard's temp file is gone
+
+
+def test_a_shard_labelled_in_pieces_by_two_actors_is_byte_for_byte_the_shard_one_actor_writes(
+    tmp_path, ray_local, photos, make_images_root, monkeypatch
+):
+    planned = []
+    plan = label.Pool.plan
+
+    def recorded(pool, *args):
+        plan(pool, *args)
+        planned.append({shard: [(p.start, p.stop) for p in pieces] for shard, pieces in pool.pieces.items()})
+
+    monkeypatch.setattr(label.Pool, "plan", recorded)
+    files = {}
+    for actors in (1, 2):
+        root = tmp_path / f"actors-{actors}"
+        make_images_root(root, photos, per_shard=10)  # one shard: two actors label 8 and 2 rows of it
+        overrides = ["label.size=64", "label.labelers=[canny_edge,color_palette]", "label.actor_groups=[]"]
+        overrides += [f"label.{n}.concurrency={actors}" for n in ("canny_edge", "color_palette")]
+        summary = label.run_label(
+            load_config("default", [*overrides, "ray.num_cpus=2"], root=str(root)), progress=False
+        )
+        assert summary.shards_done == {"canny_edge": 1, "color_palette": 1}
+        assert not list(root.glob("labels/*/_tmp/*"))  # the parts merged and removed
+        files[actors] = {n: (root / f"labels/{n}/00000.parquet").read_bytes() for n in ("canny_edge", "color_palette")}
+    assert planned == [{}, {}, {0: [(0, 8), (8, 10)]}, {0: [(0, 8), (8, 10)]}]  # whole, then in pieces of batches
+    assert files[1] == files[2]
