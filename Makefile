@@ -64,7 +64,7 @@ import-4m_ARGS      = $(if $(SOURCE),--source '$(SOURCE)') $(if $(LEAVE_OUT),--l
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OPENCV_HEADLESS := $(shell grep -E '^opencv-python-headless==' constraints.txt)
 
-.PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls label tokenizers tokenize train finetune import-4m probe sample eval \
+.PHONY: install demo dryrun test test-all crash-test cluster-test download sample-urls curate curate-report label tokenizers tokenize train finetune import-4m probe sample eval \
         card verify preview preview-tokens models bad-input bench bench-scale lint clean
 
 install: $(STAMP)
@@ -97,7 +97,7 @@ crash-test: $(STAMP)
 cluster-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests/pipeline/test_cluster.py
 
-sample-urls download label tokenizers tokenize train finetune import-4m probe sample eval card verify preview preview-tokens models bad-input: $(STAMP)
+sample-urls download curate curate-report label tokenizers tokenize train finetune import-4m probe sample eval card verify preview preview-tokens models bad-input: $(STAMP)
 	$(CLI) $@ $(ARGS) $($@_ARGS)
 
 # The production config's architectures at full size with random weights, on this CPU (docs/cc12m.md).

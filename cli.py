@@ -52,6 +52,22 @@ def _label(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _curate(config: Config, args: argparse.Namespace) -> int:
+    from four_m.pipeline.curate import run_curate
+
+    summary = run_curate(config, progress=not args.no_progress)
+    print("\n".join(summary.lines()))
+    return 1 if summary.shards_failed else 0
+
+
+def _curate_report(config: Config, args: argparse.Namespace) -> int:
+    from four_m.pipeline.curate_report import write_curate_report
+
+    for path in write_curate_report(config):
+        print(f"curate-report: wrote {path}")
+    return 0
+
+
 def _preview(config: Config, args: argparse.Namespace) -> int:
     from four_m.tokenize.label_preview import write_label_preview
 
@@ -224,7 +240,20 @@ def _unchanged(config: Config) -> Config:
     return config
 
 
-PIPELINE = ("download", "label", "preview", "tokenizers", "tokenize", "preview-tokens", "train", "sample", "eval")
+PIPELINE = (
+    "download",
+    "curate",
+    "label",
+    "curate",
+    "curate-report",
+    "preview",
+    "tokenizers",
+    "tokenize",
+    "preview-tokens",
+    "train",
+    "sample",
+    "eval",
+)
 DEMO: tuple[tuple[str, Callable[[Config], Config]], ...] = (
     *((verb, _unchanged) for verb in PIPELINE),
     ("finetune", _unchanged),
@@ -332,6 +361,10 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "sample-urls": Verb(_sample_urls, "write the embedded sample's url list (<root>/urls/sample.tsv)"),
     "download": Verb(_download, "url lists -> images/ with img2dataset on Ray", (_retry_failed,)),
+    "curate": Verb(
+        _curate, "dedup and filter -> curation/decisions/ (image filters before labelling, label filters after)"
+    ),
+    "curate-report": Verb(_curate_report, "<root>/curation/report/: each score's histogram and the removed rows"),
     "label": Verb(_label, "pseudo-labels -> labels/<modality>/", (_only,)),
     "preview": Verb(_preview, "<root>/preview/labels.png: a few images with every label", (_samples,)),
     "tokenizers": Verb(_tokenizers, "train one tokenizer per modality -> tokenizers/<modality>/"),

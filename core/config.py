@@ -33,6 +33,7 @@ from four_m.core.weights import pin_problem
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = "sections"
+FILTER_CONFIG = "filter_config"
 """Field metadata: the field holds one config section per modality, keyed by modality name, written
 in YAML as keys of the enclosing section (``label.depth``, ``tokenize.rgb``); the value names the
 ``ModalitySpec`` attribute that holds a modality's defaults (and so its section's class)."""
@@ -134,6 +135,9 @@ class SampleConfig:
     """A folder of the user's own photos to add to the sample."""
     plant_failures: bool = True
     """Add a 404, a non-image body, a truncated JPEG and a file:// url, to show failure accounting."""
+    plant_duplicates: bool = False
+    """Add copies of the first photos at other urls (the same bytes, re-encoded, resized, cropped
+    by a few pixels), for the curate stage to find: the demo shows what it removes."""
     photos: int | None = field(default=None, metadata=SHAPING_IF_SET)
     """At most this many photos, the first ones (bundled, then ``extra_images``); null: all. The dry
     run takes a few: each costs production's networks minutes of CPU."""
@@ -262,6 +266,34 @@ class AlgorithmConfig(LabelerConfig):
     def random_init(self) -> bool:
         """Its own labels are real; one that reads random-init labels is flagged by the label stage."""
         return False
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    """``make curate``: the filters that run, and how (see docs/curation.md)."""
+
+    filters: tuple[str, ...] = ()
+    """Which filters decide, in order (a row removed by several counts under the first); the
+    ``image`` ones run before labelling, the ``label`` ones once their labels exist. Empty: no
+    curation, every row goes on."""
+    partitions: int = field(default=16, metadata=RUNTIME_ONLY)
+    """Buckets of the duplicate searches' shuffle: a reduce task each, so a cluster shares them."""
+    num_cpus: float = field(default=1.0, metadata=RUNTIME_ONLY)
+    """Ray CPUs of one curate task (a shard's scores, a shuffle partition, a shard's decisions)."""
+    sections: dict[str, Any] = field(
+        default_factory=lambda: _defaults(FILTER_CONFIG), metadata={SECTIONS: FILTER_CONFIG}
+    )
+    """``curate.<filter>``: each filter's threshold and settings, its declared defaults where not set."""
+
+    def __post_init__(self) -> None:
+        known = sorted(self.sections)
+        unknown = sorted(set(self.filters) - set(known))
+        check(not unknown, "curate.filters", f"unknown {unknown}; known: {', '.join(known)}")
+        check(len(set(self.filters)) == len(self.filters), "curate.filters", "names repeat")
+        check(self.partitions >= 1, "curate.partitions", "must be >= 1")
+
+    def filter(self, name: str) -> Any:
+        return self.sections[name]
 
 
 @dataclass(frozen=True)
@@ -782,6 +814,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -907,7 +940,12 @@ def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
 
 
 def _defaults(attribute: str) -> dict[str, Any]:
-    """Per registered modality that declares one, its default section (``ModalitySpec.<attribute>``)."""
+    """Per registered modality that declares one, its default section (``ModalitySpec.<attribute>``);
+    for ``filter_config``, per registered curation filter its declared section."""
+    if attribute == FILTER_CONFIG:
+        from four_m.core.curation import FILTERS  # the filters' registry reads the dataset layout
+
+        return {n: s.config for n, s in FILTERS.items()}
     return {n: getattr(s, attribute) for n, s in MODALITIES.items() if getattr(s, attribute) is not None}
 
 

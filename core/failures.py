@@ -18,7 +18,9 @@ NO_IMAGE = "no image"
 LABELER_TIMEOUT = "labeler timeout"
 """How a label error starts when the labeler took longer than its time limit on that row alone."""
 ABSENT = "absent_upstream"
-"""The one reason tokens fail: the image or label of that row failed in an earlier stage."""
+"""The reason tokens fail when the image or label of that row failed in an earlier stage."""
+CURATED = "curated"
+"""How the error of a row that curation removed starts, in every later stage's ``error`` column."""
 
 UNSUPPORTED_SCHEME = "unsupported_scheme"
 EMPTY_URL = "empty_url"
@@ -71,8 +73,10 @@ def download_failed(error_message: str | None) -> str:
 
 
 def label_failure_reason(error: str) -> str:
-    """The reason for one failed label row: no image to label, the labeler hung on it (past its
-    time limit), or the labeler failed on it."""
+    """The reason for one failed label row: curation removed it before labelling, no image to
+    label, the labeler hung on it (past its time limit), or the labeler failed on it."""
+    if is_curated(error):
+        return curated_reason(error)
     if error.startswith(NO_IMAGE):
         return "no_image"
     return "labeler_timeout" if error.startswith(LABELER_TIMEOUT) else "labeler_error"
@@ -86,3 +90,17 @@ def labeler_timeout(labeler: str, seconds: float) -> str:
 def absent(upstream_error: str | None) -> str:
     """The error of a row without tokens, carrying the upstream error that made it absent."""
     return f"absent: {upstream_error}"
+
+
+def curated(filter_name: str, duplicate_of: str | None = None) -> str:
+    """The error of a row removed by curation's ``filter_name`` (naming the copy kept, for a duplicate)."""
+    return f"{CURATED}: removed by {filter_name}" + (f" (duplicate of {duplicate_of})" if duplicate_of else "")
+
+
+def is_curated(error: str | None) -> bool:
+    return bool(error) and error.startswith(f"{CURATED}:")
+
+
+def curated_reason(error: str) -> str:
+    """``curated_<filter>``: the reason summaries and cards count a removed row by."""
+    return f"{CURATED}_{error.removeprefix(f'{CURATED}: removed by ').split(' ', 1)[0]}"

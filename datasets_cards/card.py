@@ -148,7 +148,17 @@ def _body(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -> It
         " shards and 4M training, one folder per stage, row-aligned and joined on `key`. Each folder is one"
         ' config of this dataset: `load_dataset("<this folder or repo>", "labels-depth", split="train")`.\n'
     )
-    for section in (_stages, _failures, _labelers, _label_statistics, _tokenizers, _token_store, _previews, _runs):
+    for section in (
+        _stages,
+        _curation,
+        _failures,
+        _labelers,
+        _label_statistics,
+        _tokenizers,
+        _token_store,
+        _previews,
+        _runs,
+    ):
         yield from section(stats, config, figures)
     yield from _files(stats)
     yield from _licensing(stats, card)
@@ -193,6 +203,37 @@ def _stages(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -> 
     )
 
 
+def _curation(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -> Iterator[str]:
+    yield "## Curation\n"
+    curation = stats.curation
+    if curation is None:
+        filters = ", ".join(f"`{n}`" for n in config.curate.filters) or "none configured"
+        yield f"{NOT_RUN.capitalize()}: `make curate` (filters: {filters}; docs/curation.md).\n"
+        return
+    rows = [
+        (
+            f"`{name}`",
+            tally["phase"],
+            f"{tally['threshold']:g}",
+            f"{tally['scored']:,}",
+            f"{sum(tally['unscored'].values()):,}",
+            f"{tally['removed']:,}",
+        )
+        for name, tally in curation["filters"].items()
+        if name not in curation["waiting"]
+    ]
+    yield from _table(("filter", "phase", "threshold", "scored", "not scored (kept)", "removed"), rows)
+    removed = curation["removed"]
+    yield (
+        f"{removed:,} of {curation['rows']:,} rows removed, {curation['removed_before_label']:,} of them before"
+        " labelling (never labelled). Every decision is recorded per row and filter in `curation/decisions/`"
+        " (score, threshold, kept, and the copy a duplicate duplicates); removed rows keep their place in every"
+        " folder, counted below as `curated_<filter>`.\n"
+    )
+    if curation["waiting"]:
+        yield f"Not yet run (waiting for their labels): {', '.join(curation['waiting'])}.\n"
+
+
 def _failures(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -> Iterator[str]:
     yield "## Failures by reason\n"
     present = [f for f in _folders(stats) if f.files is not None]
@@ -205,7 +246,7 @@ def _failures(stats: DatasetStats, config: Config, figures: dict[str, Figure]) -
             "Download reasons classify img2dataset's messages (`core/failures.py`); labels fail with"
             " `no_image` (the download failed), `labeler_error` or `labeler_timeout` (the labeler hung on that"
             " image alone); tokens are `absent_upstream` where the image"
-            " or label is missing.\n"
+            " or label is missing; `curated_<filter>` rows were removed by curation.\n"
         )
     else:
         yield "No row failed.\n"

@@ -31,7 +31,15 @@ from four_m.core.coco import NO_CLASS
 from four_m.core.config import Config
 from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
-from four_m.core.failures import ABSENT, ERROR, SUCCESS, failure_reason, label_failure_reason
+from four_m.core.failures import (
+    ABSENT,
+    ERROR,
+    SUCCESS,
+    curated_reason,
+    failure_reason,
+    is_curated,
+    label_failure_reason,
+)
 from four_m.core.label_codec import decode_png
 from four_m.core.modalities import MODALITIES, ModalitySpec
 from four_m.core.provenance import RANDOM_INIT
@@ -145,6 +153,8 @@ class DatasetStats:
     runs: tuple[RunStats, ...]
     previews: tuple[str, ...]
     """Preview grids under the root (``preview/*.png``), relative paths."""
+    curation: dict[str, Any] | None = None
+    """The curate stage's last summary (``_state/curate/summary.json``); None where it has not run."""
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -182,7 +192,13 @@ def collect_stats(root: DatasetRoot, config: Config) -> DatasetStats:
         tokens={m: _tokens(root, m, cap) for m in modalities},
         runs=tuple(_run(folder) for folder in _finished_runs(root / "runs")),
         previews=tuple(str(p.relative_to(root.path)) for p in sorted((root / "preview").glob("*.png"))),
+        curation=_curation(root),
     )
+
+
+def _curation(root: DatasetRoot) -> dict[str, Any] | None:
+    summary = root / "_state/curate/summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else None
 
 
 def _names(configured: Iterable[str], *folders: Path) -> list[str]:
@@ -259,10 +275,9 @@ def _label_failures(path: Path) -> Counter:
 
 
 def _token_failures(path: Path) -> Counter:
-    """Tokens fail for one reason only: the row's image or label failed upstream."""
-    errors = storage.read_table(path, columns=[ERROR])[ERROR]
-    absent = len(errors) - errors.null_count
-    return Counter({ABSENT: absent} if absent else {})
+    """Tokens fail because the row's image or label failed upstream, or curation removed the row."""
+    errors = storage.read_table(path, columns=[ERROR])[ERROR].to_pylist()
+    return Counter(curated_reason(e) if is_curated(e) else ABSENT for e in errors if e)
 
 
 def _sample(folder: Path, columns: list[str], cap: int, present: str) -> pa.Table:

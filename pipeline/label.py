@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
+from four_m.core.curation import DECISIONS, owes_rows
 from four_m.core.dataset_root import DatasetRoot, FileDigest, shard_name
 from four_m.core.errors import UserError
 from four_m.core.failures import ERROR, label_failure_reason
@@ -184,7 +185,7 @@ def _label_level(
     )
     run.check_not_stale(sorted(images), LabelStageError, "label config")
     run.begin()
-    pending = {n: run.pending(n) for n in names}
+    pending = {n: _with_owed(root, n, run.pending(n), images) for n in names}
     for n in names:
         summary.shards_skipped[n] = len(images) - len(pending[n])
     todo = sorted({s for p in pending.values() for s in p})
@@ -196,6 +197,16 @@ def _label_level(
     work = {n: set(pending[n]) for n in names}
     reads = {s: {d: f for n in names if s in work[n] for d, f in inputs[n][s][1].items()} for s in todo}
     _label_shards(run, todo, work, reads, derived_from_random_init, progress)
+
+
+def _with_owed(root: DatasetRoot, name: str, pending: list[int], images: dict[int, FileDigest]) -> list[int]:
+    """``pending`` plus the finished shards of labeler ``name`` that skipped rows curation now keeps
+    (a loosened filter): only where curation has decided anything, one small column per shard."""
+    if not (root / DECISIONS).exists():
+        return pending
+    done = [s for s in images if s not in set(pending)]
+    owed = [s for s in done if owes_rows(root, root / f"labels/{name}/{shard_name(s)}.parquet", s)]
+    return sorted([*pending, *owed])
 
 
 def _shard_inputs(

@@ -22,7 +22,8 @@ import pyarrow as pa
 from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config
-from four_m.core.dataset_root import shard_name
+from four_m.core.curation import IMAGE, removed_rows
+from four_m.core.dataset_root import DatasetRoot, shard_name
 from four_m.core.failures import ERROR, labeler_timeout
 from four_m.core.modalities import MODALITIES
 from four_m.labelers.base import DerivedLabeler, LabelBatch, Labeler
@@ -78,6 +79,7 @@ class LabelerActor:
         # As many threads as CPUs Ray reserved for this actor.
         torch.set_num_threads(max(1, math.ceil(settings.num_cpus)))
         self.root = storage.location(config.root)
+        self.dataset = DatasetRoot(config.root)
         self.batch_size = settings.batch_size
         self.sizes = tuple(sorted({config.label.labeler(n).input_size for n in names}))
         self.labelers: list[tuple[Labeler, pa.Schema]] = []
@@ -96,6 +98,7 @@ class LabelerActor:
         modality), or only its ``rows``, with the labelers that owe it; write their shard files (for
         a piece: parts, see :meth:`merge`) and return how many rows were labelled."""
         owing = self._owing(shard)
+        removed = removed_rows(self.dataset, shard, (IMAGE,))  # curation's, before labelling
         done = 0
         with ExitStack() as files:
             writers = {}
@@ -104,7 +107,7 @@ class LabelerActor:
                 file = _part_file(target, shard, rows.start) if rows else _shard_file(target, shard)
                 writers[labeler.name] = files.enter_context(shard_file(self.root / file, schema, ROW_GROUP_ROWS))
             for table in read_images(path, reads, self.batch_size, rows):
-                batch = add_views(table, self.sizes)
+                batch = add_views(table, self.sizes, removed)
                 for labeler, schema in owing:
                     batch = _apply(labeler, schema, batch)
                 for name, writer in writers.items():

@@ -79,11 +79,48 @@ def build_sample(root: DatasetRoot, cfg: SampleConfig) -> RootPath:
         name = f"{number:03d}_{path.name}"
         shutil.copyfile(path, site / name)
         lines.append(f"{base}/{name}\t{caption}")
+    if cfg.plant_duplicates:
+        # Among the photos, before the last two: the last shard, which training holds out, keeps
+        # two photos to evaluate on (copies removed by curation would leave it nothing).
+        lines[-2:-2] = _plant_duplicates(site, photos, base)
     if cfg.plant_failures:
         lines += _plant_failures(site, photos[0][0], base)
     url_list = root / URL_LIST
     write_text_atomic(url_list, "\n".join(lines) + "\n")
     return url_list
+
+
+DUPLICATES: tuple[tuple[str, str], ...] = (
+    ("exact", "the same file"),
+    ("reencoded", "re-encoded as JPEG at quality 60"),
+    ("resized", "resized to 70 %"),
+    ("cropped", "cropped by 3 % on every side"),
+)
+"""The planted copies, one per photo from the first on: what curation's duplicate filters must find."""
+
+
+def _plant_duplicates(site: Path, photos: list[tuple[Path, str]], base: str) -> list[str]:
+    """Copies of the first photos at other urls, each changed as :data:`DUPLICATES` says, with the
+    original's caption: the same bytes always (PIL's encoders are deterministic)."""
+    from PIL import Image
+
+    lines = []
+    for (how, what), (path, caption) in zip(DUPLICATES, photos, strict=False):
+        name = f"copy_{how}_{path.stem}.jpg" if how != "exact" else f"copy_{how}_{path.name}"
+        if how == "exact":
+            shutil.copyfile(path, site / name)
+        else:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+            width, height = image.size
+            if how == "resized":
+                image = image.resize((width * 7 // 10, height * 7 // 10), Image.Resampling.LANCZOS)
+            elif how == "cropped":
+                dx, dy = width * 3 // 100, height * 3 // 100
+                image = image.crop((dx, dy, width - dx, height - dy))
+            image.save(site / name, "JPEG", quality=60 if how == "reencoded" else 90)
+        lines.append(f"{base}/{name}\t{caption} (planted duplicate: {what})")
+    return lines
 
 
 def _plant_failures(site: Path, photo: Path, base: str) -> list[str]:

@@ -25,6 +25,7 @@ from four_m import __version__
 from four_m.core import storage
 from four_m.core.config import Config, shaping_hash
 from four_m.core.crops import smallest_side
+from four_m.core.curation import decisions_file
 from four_m.core.dataset_root import DatasetRoot, FileDigest, shard_name
 from four_m.core.errors import UserError
 from four_m.core.modalities import MODALITIES
@@ -200,10 +201,13 @@ def _inputs(
     root: DatasetRoot, modality: str, shard: int, images: FileDigest, verify_checksums: bool
 ) -> tuple[FileDigest, ...]:
     """What one shard's tokens are made from: the images/ shard, plus the label shard for labelled
-    modalities, which must itself have been made from exactly those images."""
+    modalities, which must itself have been made from exactly those images, plus curation's
+    decisions where it has decided (a new decision retokenizes the shard, without labelling)."""
     folder = MODALITIES[modality].folder
+    decisions = decisions_file(root, shard)
+    curated = (root.digest(decisions),) if decisions.is_file() else ()
     if folder == "images":
-        return (images,)
+        return (images, *curated)
     label_state = root.stage(f"label/{folder.removeprefix('labels/')}")
     file = root / f"{folder}/{shard_name(shard)}.parquet"
     marker = label_state.read_marker(shard)
@@ -214,7 +218,7 @@ def _inputs(
             f"{file} was not made from the current images/{shard_name(shard)}.parquet (a retried download,"
             " or labels older than input tracking, or from labels relabelled since): run the label stage first"
         )
-    return (images, label_state.verified(shard, file, verify_checksums))
+    return (images, label_state.verified(shard, file, verify_checksums), *curated)
 
 
 def _current(root: DatasetRoot, shard: int, read: FileDigest) -> bool:

@@ -1,4 +1,4 @@
-"""Ray Data side of the label views: decode each downloaded image once, cut it once per input size.
+"""The label stage's side of the label views: decode each downloaded image once, cut it once per input size.
 
 The views themselves (``core.views``) are the on-disk contract; this module only packs them into
 pipeline batches as tensor columns. Rows without a usable image keep their place with an error
@@ -6,6 +6,9 @@ string and zero pixels, which labelers skip.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import cv2
 import numpy as np
@@ -30,15 +33,20 @@ def pixels_of(batch: pa.Table, size: int) -> np.ndarray:
     )
 
 
-def add_views(batch: pa.Table, sizes: tuple[int, ...]) -> pa.Table:
-    """Ray Data batch function: images/ columns in, one pixel tensor column per input size out."""
+def add_views(batch: pa.Table, sizes: tuple[int, ...], removed: Mapping[str, str] = MappingProxyType({})) -> pa.Table:
+    """images/ columns in, one pixel tensor column per input size out; a row that curation
+    ``removed`` (key -> its error) is neither decoded nor labelled."""
     count = batch.num_rows
     views = {size: np.zeros((count, size, size, 3), np.uint8) for size in sizes}
     errors: list[str | None] = [None] * count
     images = batch["jpg"].to_pylist()
     statuses = batch["status"].to_pylist()
     messages = batch["error_message"].to_pylist()
+    keys = batch["key"].to_pylist() if removed else [None] * count
     for row, (data, status) in enumerate(zip(images, statuses, strict=True)):
+        if keys[row] in removed:
+            errors[row] = removed[keys[row]]
+            continue
         if status != SUCCESS or data is None:
             errors[row] = download_failed(messages[row])
             continue

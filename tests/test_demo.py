@@ -46,17 +46,25 @@ def test_demo_runs_every_stage_on_the_embedded_sample(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "download: rows in 14, rows out 10, failed 4" in run.stdout
+    # Ten photos, four planted copies of them, four planted failures.
+    assert "download: rows in 18, rows out 14, failed 4" in run.stdout
+    # Curation, before labelling: the four copies found, one of them by its bytes.
+    removed = "removed 4 (exact_duplicate: 1, near_duplicate: 3); 4 removed before labelling"
+    assert f"curate: rows 18, kept 14, {removed}" in run.stdout
+    assert "curate/clip_score: waiting for its labels" in run.stdout  # the first run
+    assert "curate/clip_score: scored 10, not scored 8" in run.stdout  # the second, after label
+    assert (root / "curation/report/removed.png").is_file()
     images = [pq.read_table(p) for p in sorted((root / "images").glob("*.parquet"))]
+    curated = "curated_exact_duplicate: 1, curated_near_duplicate: 3"
     for name in labelled_modalities():
-        assert f"label/{name}: rows 14, labelled 10, failed 4 (no_image: 4)" in run.stdout
+        assert f"label/{name}: rows 18, labelled 10, failed 8 ({curated}, no_image: 4)" in run.stdout
         labels = [pq.read_table(root / f"labels/{name}/{p.name}") for p in sorted((root / "images").glob("*.parquet"))]
         assert [t["key"].to_pylist() for t in labels] == [t["key"].to_pylist() for t in images]
     preview = Image.open(root / "preview/labels.png")
     assert preview.width == VIEW * (1 + len(labelled_modalities())) and preview.height > VIEW * 8
     for name in token_modalities():
         absent = 0 if name == "caption" else 4  # the alt-text of a failed download still exists
-        assert f"tokenize/{name}: rows in 14, rows out {14 - absent}" in run.stdout
+        assert f"tokenize/{name}: rows in 18, rows out {18 - 4 - absent}" in run.stdout
         tokens = [pq.read_table(root / f"tokens/{name}/{p.name}") for p in sorted((root / "images").glob("*.parquet"))]
         assert [t["key"].to_pylist() for t in tokens] == [t["key"].to_pylist() for t in images]
         if MODALITIES[name].cropped:  # 4 crops per image (a demo setting), every map and the boxes

@@ -52,20 +52,22 @@ def test_cv2_is_the_pinned_headless_build():
 # Layers: what each package must not import. ``core/`` is the on-disk contract and imports nothing
 # else of ours; ``modalities/`` are declarations that ``make card`` loads, so they import only core
 # and the torch-free labeler protocol (an algorithmic labeler lives in its modality's one module);
+# ``filters/`` (curation's declarations and scorers) import only core, and no stage library them;
 # the stages' libraries never import ``pipeline/`` (the only Ray user) nor each other sideways;
 # ``train/`` imports ``tokenize/`` (vocabularies, decoders) but not ``labelers/``; the card reads
 # files through core only, so that it loads neither torch nor Ray. ``pipeline/`` may import every
 # package. The CLI (``cli.py``, beside ``__main__.py``) sits above them all, and none imports it.
-OURS = ("core", "modalities", "labelers", "tokenize", "train", "datasets_cards", "pipeline")
+OURS = ("core", "modalities", "filters", "labelers", "tokenize", "train", "datasets_cards", "pipeline")
 TOP = ("cli", "__main__")
 """The root's modules above every package: the verbs, each importing its stage when it runs."""
 FORBIDDEN: dict[str, frozenset[str]] = {
     "core": frozenset(OURS + TOP) - {"core"},
     "modalities": frozenset(OURS + TOP) - {"core", "modalities"},
-    "labelers": frozenset({"pipeline", "tokenize", "train", "datasets_cards", *TOP}),
-    "tokenize": frozenset({"pipeline", "labelers", "train", "datasets_cards", *TOP}),
-    "train": frozenset({"pipeline", "labelers", "datasets_cards", *TOP}),
-    "datasets_cards": frozenset({"pipeline", "labelers", "tokenize", "train", *TOP}),
+    "filters": frozenset(OURS + TOP) - {"core", "filters"},
+    "labelers": frozenset({"pipeline", "filters", "tokenize", "train", "datasets_cards", *TOP}),
+    "tokenize": frozenset({"pipeline", "filters", "labelers", "train", "datasets_cards", *TOP}),
+    "train": frozenset({"pipeline", "filters", "labelers", "datasets_cards", *TOP}),
+    "datasets_cards": frozenset({"pipeline", "filters", "labelers", "tokenize", "train", *TOP}),
     "pipeline": frozenset(TOP),
 }
 ALLOWED: dict[str, frozenset[str]] = {"modalities": frozenset({f"{PACKAGE}.labelers.base"})}

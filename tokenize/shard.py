@@ -9,7 +9,9 @@ A pure function of the dataset root and the loaded tokenizers (no Ray here): the
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +20,9 @@ import numpy as np
 from four_m.core import storage
 from four_m.core.config import Config
 from four_m.core.crops import Crop, crops_array, draw_crops
+from four_m.core.curation import removed_rows
 from four_m.core.dataset_root import DatasetRoot, shard_name
-from four_m.core.failures import ABSENT, absent
+from four_m.core.failures import ABSENT, absent, curated_reason, is_curated
 from four_m.core.modalities import MODALITIES
 from four_m.core.summary import ShardReport
 from four_m.tokenize.base import Tokenizer, TokenizerInputError
@@ -41,9 +44,10 @@ def tokenize_shard(
     """Write the shard's token file of every modality in ``tokenizers``; one report per modality."""
     image_keys = storage.read_table(root / f"images/{shard_name(shard)}.parquet", columns=["key"])["key"].to_pylist()
     reports = {}
+    removed = removed_rows(root, shard)  # curation's decisions, every phase
     for modality, tokenizer in tokenizers.items():
         started = time.perf_counter()
-        rows = read_rows(root, modality, shard, config)
+        rows = _without(read_rows(root, modality, shard, config), removed)
         if rows.keys != image_keys:
             raise ValueError(f"{source_file(root, modality, shard)}: keys are not those of images/ (row order broken)")
         where = str(source_file(root, modality, shard))
@@ -55,18 +59,31 @@ def tokenize_shard(
         else:
             ids, stored = _encode(tokenizer, rows.values, config.tokenize.batch_size, where), None
         schema = token_schema(fixed, provenance[modality], cropped=stored is not None)
-        errors = [None if i is not None else absent(e) for i, e in zip(ids, rows.errors, strict=True)]
+        errors = [
+            None if i is not None else (e if is_curated(e) else absent(e))
+            for i, e in zip(ids, rows.errors, strict=True)
+        ]
         table = token_table(rows.keys, ids, errors, schema, stored)
         write_tokens(token_file(root, modality, shard), table, config.tokenize.row_group_rows)
-        missing = sum(i is None for i in ids)
+        failures = Counter(curated_reason(e) if is_curated(e) else ABSENT for e in errors if e is not None)
         reports[modality] = ShardReport(
             shard=shard,
             rows_in=len(ids),
-            rows_out=len(ids) - missing,
-            failures={ABSENT: missing} if missing else {},
+            rows_out=len(ids) - sum(failures.values()),
+            failures=dict(failures),
             seconds=time.perf_counter() - started,
         )
     return reports
+
+
+def _without(rows, removed: dict[str, str]):
+    """``rows`` with the values of the rows curation removed taken out, their error saying why."""
+    if not removed:
+        return rows
+    chosen = [key in removed for key in rows.keys]
+    values = [None if out else v for v, out in zip(rows.values, chosen, strict=True)]
+    errors = [removed[k] if out else e for k, e, out in zip(rows.keys, rows.errors, chosen, strict=True)]
+    return dataclasses.replace(rows, values=values, errors=errors)
 
 
 def _encode_crops(

@@ -70,6 +70,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from four_m.core import storage
 from four_m.core.crops import FIELDS, WHOLE, Crop, crops_array
+from four_m.core.curation import removed_rows
+from four_m.core.dataset_root import DatasetRoot
 from four_m.core.errors import UserError
 from four_m.core.failures import SUCCESS
 from four_m.core.modalities import pixel_inputs
@@ -125,6 +127,7 @@ PASSED_OVER: Mapping[str, str] = MappingProxyType(
         "empty_rows": "rows with no modality",
         "incomplete_rows": "rows lacking a task modality",
         "undecodable_images": "images that did not decode (absent inputs)",
+        "curated_rows": "rows curation removed (its current decisions, curation/decisions/)",
     }
 )
 """The counters of what :class:`TokenShards` passes over while reading (each time it reads it), in words."""
@@ -190,6 +193,8 @@ class TokenShards:
         """Pixel input name -> the side of its decoded images."""
         self.undecodable_images = 0
         """Pixel inputs left absent because their stored image did not decode (in this process)."""
+        self.curated_rows = 0
+        """Rows skipped because curation removed them (in this process)."""
         self.crop_settings = _crop_settings(complete[0], self.modalities)
         """The ``tokenize.crops`` the cropped modalities were tokenized under (from the first shard's
         metadata; rows are checked as they are read), None for a store without crops."""
@@ -212,6 +217,7 @@ class TokenShards:
         naming the files when their row counts or keys (row by row) differ, or naming the file and
         row of an id at or past the ``four_m.vocab_size`` its file declares.
         """
+        removed = removed_rows(DatasetRoot(self.root), int(shard.name)) if shard.name.isdigit() else {}
         with ExitStack() as stack:
             files = [stack.enter_context(storage.parquet_file(shard.files[m])) for m in self.modalities]
             rows = {shard.files[m]: f.metadata.num_rows for m, f in zip(self.modalities, files, strict=True)}
@@ -230,6 +236,9 @@ class TokenShards:
                     listed = ", ".join(f"{shard.files[m]}: {k!r}" for m, k in zip(self.modalities, keys, strict=True))
                     raise TokenStoreError(f"shard {shard.name}, row {index}: keys differ ({listed})")
                 if index % parts != part:
+                    continue
+                if key in removed:
+                    self.curated_rows += 1
                     continue
                 if all(ids is None for _, ids, _ in row):
                     self.empty_rows += 1

@@ -58,7 +58,7 @@ def built(tmp_path) -> Callable[[type[Labeler], int, int], Built]:
         folder = tmp_path / f"tiny-{cls.name}"
         random_init = cls(LabelerConfig(model=None, input_size=input_size), view_size, folder)
         random_init.setup()
-        assert (folder / "done").exists() and (folder / "config.json").exists()
+        assert (folder / cls.tiny_marker).exists() and (folder / "config.json").exists()
         production = cls(LabelerConfig(model=str(folder), input_size=input_size), view_size, None)
         production.setup()
 

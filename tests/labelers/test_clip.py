@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import pyarrow as pa
 import torch
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -15,7 +16,7 @@ def _reference(labeler: ClipLabeler, pixels: np.ndarray) -> np.ndarray:
     values = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
     model = labeler.model
     with torch.inference_mode():
-        tokens = model(pixel_values=values).last_hidden_state[:, 1:]  # (B, N, hidden), CLS dropped
+        tokens = model.vision_model(pixel_values=values).last_hidden_state[:, 1:]  # (B, N, hidden), CLS dropped
         features = model.visual_projection(model.vision_model.post_layernorm(tokens))  # (B, N, D)
     return features.flatten(1).numpy()
 
@@ -45,3 +46,29 @@ def test_another_input_size_interpolates_the_position_embeddings(built):
 
 def test_missing_weights_name_the_path(missing_weights):
     missing_weights(ClipLabeler)
+
+
+def test_the_image_embedding_and_its_similarity_to_the_caption_are_clips_own(built):
+    """What curation reads: the unit image embedding and its cosine with the caption's embedding,
+    as CLIP's own ``get_image_features`` and ``get_text_features`` give them; none without a caption."""
+    from four_m.labelers.base import LabelBatch
+
+    labeler = built(ClipLabeler, INPUT, VIEW).random_init
+    pixels = np.random.default_rng(2).integers(0, 256, size=(2, INPUT, INPUT, 3), dtype=np.uint8)
+    captions = ["a cat on a mat", None]
+    batch = LabelBatch(pixels=pixels, keys=["a", "b"], alt_texts=captions, original_sizes=[None, None], labels={})
+    payloads = labeler.labelled(batch)
+    assert labeler.schema().field("clip_embedding").type == pa.list_(pa.float16(), DIM)
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    values = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.inference_mode():
+        image = labeler.model.get_image_features(pixel_values=values)
+        text = labeler.model.get_text_features(**labeler.tokenizer([captions[0]], return_tensors="pt"))
+    image = getattr(image, "pooler_output", image)
+    text = getattr(text, "pooler_output", text)
+    image = image / image.norm(dim=-1, keepdim=True)
+    text = text / text.norm(dim=-1, keepdim=True)
+    for payload, expected in zip(payloads, image.numpy(), strict=True):
+        np.testing.assert_allclose(payload["clip_embedding"].astype(np.float32), expected, atol=2e-3)
+    assert payloads[0]["caption_similarity"] == pytest.approx(float(image[0] @ text[0]), abs=1e-4)
+    assert payloads[1]["caption_similarity"] is None

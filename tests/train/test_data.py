@@ -288,7 +288,7 @@ def test_what_reading_passes_over_travels_with_the_next_batch_and_the_data_modul
     assert all(isinstance(batch, MaskedBatch) for batch in handed) and data.batches_consumed == 2 * kept
     # Counted in the workers, summed here: worker 0 reads shards 0 and 2 (13 rows kept), delivers
     # every other batch, and so passed shard 0's empty row in both of its epochs begun.
-    assert data.passed_over == {"empty_rows": 2, "incomplete_rows": 0, "undecodable_images": 0}
+    assert data.passed_over == {"empty_rows": 2, "incomplete_rows": 0, "undecodable_images": 0, "curated_rows": 0}
     summary = TrainSummary(root, 1, [], 1.0, passed_over=data.passed_over)
     assert (
         summary.lines()[-1] == "train: passed over while reading, each time an epoch read them: 2 rows with no modality"
