@@ -1,6 +1,6 @@
 import numpy as np
-import pytest
 import pyarrow as pa
+import pytest
 import torch
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
