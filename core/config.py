@@ -291,6 +291,10 @@ class CurateConfig:
         check(not unknown, "curate.filters", f"unknown {unknown}; known: {', '.join(known)}")
         check(len(set(self.filters)) == len(self.filters), "curate.filters", "names repeat")
         check(self.partitions >= 1, "curate.partitions", "must be >= 1")
+        for name, section in self.sections.items():
+            if hasattr(section, "model"):  # a head's weights: a hub id must name its commit
+                problem = pin_problem(section.model, section.revision)
+                check(problem is None, f"curate.{name}.revision", problem or "")
 
     def filter(self, name: str) -> Any:
         return self.sections[name]

@@ -20,7 +20,7 @@ import importlib
 import logging
 import pkgutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
@@ -60,13 +60,20 @@ class FilterError(UserError):
     """A filter declaration that cannot be used; the message names the filter and its origin."""
 
 
+DECIDES = {"decides": True}
+"""Field metadata: a setting that shapes decisions (a threshold, a search's buckets), not the stored
+scores, so changing it never scores a row again (``score_settings``)."""
+RUNTIME = {"runtime_only": True}
+"""Field metadata: a setting that changes neither scores nor decisions (a batch size)."""
+
+
 @dataclass(frozen=True)
 class FilterConfig:
     """``curate.<filter>``: the threshold a decision is made against (the score is stored, so a
     new threshold re-decides without computing anything again)."""
 
-    threshold: float = 0.0
-    batch_size: int = 64
+    threshold: float = field(default=0.0, metadata=DECIDES)
+    batch_size: int = field(default=64, metadata=RUNTIME)
     """Rows scored together (the embedding heads and image hashing batch their rows)."""
 
 
@@ -81,13 +88,13 @@ class SemanticConfig(DuplicateConfig):
     """SemDeDup's search: k-means on the embeddings, then pairs within ``threshold`` (cosine
     distance) inside each cluster."""
 
-    clusters: int = 8
+    clusters: int = field(default=8, metadata=DECIDES)
     """k of the k-means; SemDeDup used 50,000 for LAION-440M (about 10,000 images a cluster)."""
-    fit_sample: int = 100_000
+    fit_sample: int = field(default=100_000, metadata=DECIDES)
     """At most this many embeddings fit the centroids, sampled evenly across shards: the driver
     holds only these, never every row's."""
-    iterations: int = 25
-    seed: int = 0
+    iterations: int = field(default=25, metadata=DECIDES)
+    seed: int = field(default=0, metadata=DECIDES)
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,11 @@ class FilterSpec:
             raise FilterError(f"filter {self.name!r}: an image filter runs before labelling and reads no labels")
         if self.kind == "duplicate" and not isinstance(self.config, DuplicateConfig):
             raise FilterError(f"filter {self.name!r}: a duplicate search takes a DuplicateConfig")
+
+
+def score_settings(cfg: FilterConfig) -> dict[str, Any]:
+    """The settings of a filter that shape its stored scores: what a score shard's hash covers."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if not f.metadata}
 
 
 def decide_threshold(spec: FilterSpec, score: float, threshold: float) -> bool:

@@ -17,18 +17,18 @@ of 16 bits hold about 180 images a bucket.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from four_m.core.curation import DuplicateConfig, FilterSpec
+from four_m.core.curation import DECIDES, DuplicateConfig, FilterSpec
 from four_m.filters.base import DuplicateScorer, Rows
 
 
 @dataclass(frozen=True)
 class PerceptualHashConfig(DuplicateConfig):
-    bands: int = 4
+    bands: int = field(default=4, metadata=DECIDES)
     """Equal bands a pair must share to be compared: 1, 2, 4, 8 or 16 (64 bits split evenly)."""
     method: str = "dhash"
     """``dhash``, ``phash``, ``whash`` or ``average_hash``: the imagehash function, at 64 bits."""

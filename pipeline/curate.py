@@ -53,6 +53,7 @@ from four_m.core.curation import (
     FilterSpec,
     decide_threshold,
     decisions_file,
+    score_settings,
 )
 from four_m.core.dataset_root import DatasetRoot, FileDigest, atomic_path, clear_temporaries, shard_name
 from four_m.core.errors import UserError
@@ -121,7 +122,7 @@ class CurateSummary:
         for step, failed in self.shards_failed.items():
             first = min(failed)
             lines.append(f"curate {step}: {len(failed)} tasks failed (first {first}: {failed[first]})")
-        removed = ", ".join(f"{n}: {c}" for n, c in self.removed_by.items())
+        removed = ", ".join(f"{n}: {self.removed_by[n]}" for n in self.filters if self.removed_by[n])
         speed = ", ".join(
             f"{phase} filters {self.scored_rows[phase] / max(s, 1e-9):.1f} images/s"
             for phase, s in self.score_seconds.items()
@@ -138,7 +139,7 @@ class CurateSummary:
             "rows": self.rows,
             "kept": self.kept,
             "removed": self.rows - self.kept,
-            "removed_by": dict(self.removed_by),
+            "removed_by": {n: self.removed_by[n] for n in self.filters if self.removed_by[n]},
             "removed_before_label": self.removed_before_label,
             "filters": {n: {**dataclasses.asdict(t), "unscored": dict(t.unscored)} for n, t in self.filters.items()},
             "waiting": self.waiting,
@@ -208,8 +209,9 @@ def _scores_file(root: DatasetRoot, phase: str, shard: int) -> storage.RootPath:
 
 
 def _score_hash(config: Config, specs: list[FilterSpec]) -> str:
-    """What shapes a phase's scores: its filters and their settings, thresholds left out."""
-    return shaping_hash(*[(s.name, dataclasses.replace(config.curate.filter(s.name), threshold=0.0)) for s in specs])
+    """What shapes a phase's scores: its filters and their scoring settings (not thresholds, not a
+    search's buckets, not batch sizes)."""
+    return shaping_hash(*[(s.name, score_settings(config.curate.filter(s.name))) for s in specs])
 
 
 def _score(
@@ -567,6 +569,11 @@ def _decide(
     )
     if failed:
         summary.shards_failed["decisions"] = failed
+    state, made_with = root.stage(f"{STAGE}/decisions"), shaping_hash(config.curate)
+    for shard, report in sorted(reports.items()):
+        # Rewritten each run, marked like any stage's file: what tokenize records it made tokens
+        # from, and what make verify checks.
+        state.mark_done(shard, report["rows"], [decisions_file(root, shard)], made_with, (images[shard],))
     for report in reports.values():
         summary.rows += report["rows"]
         summary.kept += report["kept"]
