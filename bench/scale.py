@@ -115,9 +115,11 @@ def _candidates(seed: int, chunk: int) -> list[tuple[bytes, int, str]]:
     return found
 
 
-def make_corpus(folder: Path, count: int, seed: int = CORPUS_SEED) -> list[tuple[str, str]]:
-    """``count`` JPEGs, distinct by sha256 and by dHash (a candidate that repeats either is dropped),
-    drawn in seeded chunks on every core; (file name, caption) per image. Kept in ``folder`` with a
+def make_corpus(folder: Path, count: int, seed: int = CORPUS_SEED, apart: int = 1) -> list[tuple[str, str]]:
+    """``count`` JPEGs, distinct by sha256 and by dHash (a candidate that repeats either is dropped;
+    with ``apart`` > 1, one whose dHash is fewer than ``apart`` bits from a kept one's: a corpus a
+    near-duplicate search must find nothing in), drawn in seeded chunks on every core; (file name,
+    caption) per image. Kept in ``folder`` with a
     list, and reused when it has enough (the same seed draws the same corpus)."""
     listing = folder / "corpus.json"
     if listing.is_file():
@@ -136,6 +138,8 @@ def make_corpus(folder: Path, count: int, seed: int = CORPUS_SEED) -> list[tuple
                 digest = hashlib.sha256(data).digest()
                 if len(rows) == count or digest in digests or phash in hashes:
                     continue
+                if apart > 1 and _too_close(phash, hashes, apart):
+                    continue
                 digests.add(digest)
                 hashes.add(phash)
                 name = f"{len(rows):06d}.jpg"
@@ -147,6 +151,14 @@ def make_corpus(folder: Path, count: int, seed: int = CORPUS_SEED) -> list[tuple
         raise RuntimeError(f"only {len(rows)} distinct images among the candidates drawn for {count}")
     listing.write_text(json.dumps(rows))
     return rows
+
+
+def _too_close(candidate: int, kept: set[int], apart: int) -> bool:
+    """Whether ``candidate`` is fewer than ``apart`` bits from any kept hash."""
+    if not kept:
+        return False
+    xor = np.bitwise_xor(np.fromiter(kept, np.uint64, len(kept)), np.uint64(candidate))
+    return bool((np.unpackbits(xor.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1) < apart).any())
 
 
 def count_chunks(count: int) -> range:
