@@ -105,6 +105,7 @@ def _run_verbs(site: Path, config_file: Path) -> dict[str, str]:
     return {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in parts}
 
 
+@pytest.mark.slow  # a minute: make test-all (make test keeps the plugin registry and config tests)
 def test_a_modality_from_a_users_package_runs_through_every_stage(site, labelled, tokenized, tmp_path):
     sample_config, keys, _, _ = tokenized
     root = tmp_path / "root"

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from four_m.core import storage
@@ -99,6 +100,7 @@ def test_labels_made_on_an_object_store_match_those_made_locally(object_store, l
     assert run_label(remote, only=("depth",), progress=False).shards_skipped["depth"] == 3
 
 
+@pytest.mark.slow  # half a minute: make test-all (make test keeps the download and label ones)
 def test_tokenizers_trained_and_tokens_made_on_an_object_store_equal_local_ones(object_store, tokenized):
     config, _, _, _ = tokenized
     modality = "depth"
@@ -161,6 +163,7 @@ RUN = [
 ]
 
 
+@pytest.mark.slow  # half a minute: make test-all (make test keeps the download and label ones)
 def test_a_run_trained_resumed_sampled_evaluated_and_carded_on_an_object_store(object_store, tokenized, tmp_path):
     """What a researcher does with a remote token store: the weights equal a local run's, a resume
     on a machine without the local mirror continues the remote run, and sample, eval and card
