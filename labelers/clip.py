@@ -133,7 +133,8 @@ class ClipLabeler(FeatureMapLabeler):
 
     def label_batch(self, batch) -> list[dict[str, Any]]:
         payloads, embeddings = self._image(batch.pixels)
-        similarities = self._similarities(embeddings, batch.alt_texts)
+        # A batch built from pixels alone (a bench, a caller without a url list) has no captions.
+        similarities = self._similarities(embeddings, batch.alt_texts or [None] * len(payloads))
         for payload, embedding, similarity in zip(payloads, embeddings, similarities, strict=True):
             payload[EMBEDDING] = embedding.to(torch.float16).cpu().numpy()
             payload[SIMILARITY] = similarity

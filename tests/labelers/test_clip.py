@@ -72,3 +72,6 @@ def test_the_image_embedding_and_its_similarity_to_the_caption_are_clips_own(bui
         np.testing.assert_allclose(payload["clip_embedding"].astype(np.float32), expected, atol=2e-3)
     assert payloads[0]["caption_similarity"] == pytest.approx(float(image[0] @ text[0]), abs=1e-4)
     assert payloads[1]["caption_similarity"] is None
+    alone = labeler.labelled(LabelBatch(pixels=pixels))  # no url-list row: no similarity, same embedding
+    assert [p["caption_similarity"] for p in alone] == [None, None]
+    np.testing.assert_array_equal(alone[0]["clip_embedding"], payloads[0]["clip_embedding"])
